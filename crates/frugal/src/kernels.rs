@@ -1,0 +1,246 @@
+//! Fused CPU passes. Each pass reads every tensor it needs once and writes the weight (and the
+//! moments) in the same sweep, in parallel chunks over the available cores.
+
+use crate::error::{Error, Result};
+use crate::projection::Selection;
+use crate::rules::{FreeRule, FullRule};
+use candle_core::{CpuStorage, InplaceOp2, Layout, Storage, Tensor};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Elements per parallel work item: large enough to amortise scheduling, small enough to balance.
+const CHUNK: usize = 1 << 15;
+
+fn contiguous_range(layout: &Layout, name: &str) -> Result<(usize, usize)> {
+    layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::UnsupportedTensor {
+            name: name.to_string(),
+            reason: "tensor is not contiguous".into(),
+        })
+}
+
+fn unsupported(name: &str) -> Error {
+    Error::UnsupportedTensor {
+        name: name.to_string(),
+        reason: "the optimizer steps f32 tensors on the CPU; keep fp32 master weights on the CPU device"
+            .into(),
+    }
+}
+
+/// Runs `f` on the f32 contents of a CPU tensor.
+pub fn with_slice<T>(name: &str, t: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Result<T> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(data)) => {
+            let (a, b) = contiguous_range(layout, name)?;
+            Ok(f(&data[a..b]))
+        }
+        _ => Err(unsupported(name)),
+    }
+}
+
+/// In-place op that lends the weight's storage (mutable) and the gradient's (shared) to a closure.
+struct Lend<'n, F> {
+    name: &'n str,
+    f: RefCell<Option<F>>,
+    result: RefCell<Option<Result<()>>>,
+}
+
+impl<F: FnOnce(&mut [f32], &[f32]) -> Result<()>> InplaceOp2 for Lend<'_, F> {
+    fn name(&self) -> &'static str {
+        "frugal-fused-step"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let run = || -> Result<()> {
+            let (CpuStorage::F32(w), CpuStorage::F32(g)) = (s1, s2) else {
+                return Err(unsupported(self.name));
+            };
+            let (wa, wb) = contiguous_range(l1, self.name)?;
+            let (ga, gb) = contiguous_range(l2, self.name)?;
+            let f = self.f.borrow_mut().take().expect("closure runs once");
+            f(&mut w[wa..wb], &g[ga..gb])
+        };
+        *self.result.borrow_mut() = Some(run());
+        Ok(())
+    }
+}
+
+/// Runs `f` with the weight's data (mutable, in place) and the gradient's data.
+pub fn with_weight_and_grad(
+    name: &str,
+    w: &Tensor,
+    g: &Tensor,
+    f: impl FnOnce(&mut [f32], &[f32]) -> Result<()>,
+) -> Result<()> {
+    if !w.device().is_cpu() || !g.device().is_cpu() {
+        return Err(unsupported(name));
+    }
+    let op = Lend {
+        name,
+        f: RefCell::new(Some(f)),
+        result: RefCell::new(None),
+    };
+    w.inplace_op2(g, &op)?;
+    op.result.into_inner().unwrap_or_else(|| Err(unsupported(name)))
+}
+
+/// True if every value is finite.
+pub fn all_finite(g: &[f32]) -> bool {
+    g.par_chunks(CHUNK)
+        .all(|c| c.iter().fold(true, |ok, x| ok & x.is_finite()))
+}
+
+/// Splits `s` into pieces of the given lengths (an empty `s` gives empty pieces).
+fn split_lengths<'a>(mut s: &'a mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&'a mut [f32]> {
+    lens.map(|len| {
+        let take = len.min(s.len());
+        let (head, tail) = std::mem::take(&mut s).split_at_mut(take);
+        s = tail;
+        head
+    })
+    .collect()
+}
+
+fn chunk_lens(total: usize) -> impl Iterator<Item = usize> {
+    (0..total.div_ceil(CHUNK)).map(move |i| CHUNK.min(total - i * CHUNK))
+}
+
+/// One element of a state-full update applied to `w`; unused moments point at a dummy.
+#[inline(always)]
+fn full_at<R: FullRule>(rule: R, g: f32, m: &mut [f32], v: &mut [f32], r: usize) -> f32 {
+    let mut dm = 0.0;
+    let mut dv = 0.0;
+    let mi = if R::SLOTS >= 1 { &mut m[r] } else { &mut dm };
+    let vi = if R::SLOTS >= 2 { &mut v[r] } else { &mut dv };
+    rule.update(g, mi, vi)
+}
+
+/// w ← keep·w + R(g) over the whole tensor (state-full parameters, active blocks).
+pub fn dense_full<R: FullRule>(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], rule: R, keep: f32) {
+    let ms = split_lengths(m, chunk_lens(w.len()));
+    let vs = split_lengths(v, chunk_lens(w.len()));
+    w.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(ms.into_par_iter().zip(vs.into_par_iter()))
+        .for_each(|((w, g), (m, v))| match R::SLOTS {
+            2 => {
+                for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    *w = *w * keep + rule.update(g, m, v);
+                }
+            }
+            1 => {
+                let mut dv = 0.0;
+                for ((w, &g), m) in w.iter_mut().zip(g).zip(m.iter_mut()) {
+                    *w = *w * keep + rule.update(g, m, &mut dv);
+                }
+            }
+            _ => {
+                let (mut dm, mut dv) = (0.0, 0.0);
+                for (w, &g) in w.iter_mut().zip(g) {
+                    *w = *w * keep + rule.update(g, &mut dm, &mut dv);
+                }
+            }
+        });
+}
+
+/// w ← keep·w + F(g) over the whole tensor (inactive blocks, zero-rank subspaces).
+pub fn dense_free<F: FreeRule>(w: &mut [f32], g: &[f32], rule: F, keep: f32) {
+    w.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .for_each(|(w, g)| {
+            for (w, &g) in w.iter_mut().zip(g) {
+                *w = *w * keep + rule.update(g);
+            }
+        });
+}
+
+/// Coordinate split in one pass: selected entries get R (moments at their rank), the others F.
+pub fn selected<R: FullRule, F: FreeRule>(
+    w: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    sel: &Selection,
+    full: R,
+    free: F,
+    keep: f32,
+) {
+    let bounds: Vec<usize> = (0..=w.len().div_ceil(CHUNK))
+        .map(|i| sel.rank_before((i * CHUNK).min(w.len())))
+        .collect();
+    let state_lens = bounds.windows(2).map(|b| b[1] - b[0]);
+    let ms = split_lengths(m, state_lens.clone());
+    let vs = split_lengths(v, state_lens);
+    w.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(ms.into_par_iter().zip(vs.into_par_iter()))
+        .enumerate()
+        .for_each(|(c, ((w, g), (m, v)))| {
+            let start = c * CHUNK;
+            let (r0, r1) = (bounds[c], bounds[c + 1]);
+            let next_at = |r: usize| {
+                if r < r1 {
+                    sel.pos_of_rank(r) - start
+                } else {
+                    usize::MAX
+                }
+            };
+            let mut r = r0;
+            let mut next = next_at(r);
+            for (i, (w, &g)) in w.iter_mut().zip(g).enumerate() {
+                let u = if i == next {
+                    let u = full_at(full, g, m, v, r - r0);
+                    r += 1;
+                    next = next_at(r);
+                    u
+                } else {
+                    free.update(g)
+                };
+                *w = *w * keep + u;
+            }
+        });
+}
+
+/// x ← R(x) in place: turns the low-dimensional gradient into the low-dimensional update.
+pub fn full_in_place<R: FullRule>(x: &mut [f32], m: &mut [f32], v: &mut [f32], rule: R) {
+    let ms = split_lengths(m, chunk_lens(x.len()));
+    let vs = split_lengths(v, chunk_lens(x.len()));
+    x.par_chunks_mut(CHUNK)
+        .zip(ms.into_par_iter().zip(vs.into_par_iter()))
+        .for_each(|(x, (m, v))| {
+            for (i, x) in x.iter_mut().enumerate() {
+                *x = full_at(rule, *x, m, v, i);
+            }
+        });
+}
+
+/// Matrix split: w ← keep·w + up(u) + F(g − up(down(g))). `projected_g` is up(down(g)), only
+/// needed when F updates.
+pub fn projected<F: FreeRule>(w: &mut [f32], g: &[f32], up_u: &[f32], projected_g: &[f32], free: F, keep: f32) {
+    if F::UPDATES {
+        w.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(up_u.par_chunks(CHUNK).zip(projected_g.par_chunks(CHUNK)))
+            .for_each(|((w, g), (u, p))| {
+                for (((w, &g), &u), &p) in w.iter_mut().zip(g).zip(u).zip(p) {
+                    *w = *w * keep + u + free.update(g - p);
+                }
+            });
+    } else {
+        w.par_chunks_mut(CHUNK)
+            .zip(up_u.par_chunks(CHUNK))
+            .for_each(|(w, u)| {
+                for (w, &u) in w.iter_mut().zip(u) {
+                    *w = *w * keep + u;
+                }
+            });
+    }
+}

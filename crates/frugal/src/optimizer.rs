@@ -1,0 +1,322 @@
+//! The FRUGAL optimizer: routes each parameter to the state-full rule, or splits its gradient
+//! with a projection into a state-full part and a state-free residual, in one fused pass.
+
+use crate::config::{OptimizerConfig, ProjSide, ProjectionKind, StateFreeRule};
+use crate::error::{Error, Result};
+use crate::kernels;
+use crate::memory::StateBytes;
+use crate::params::{classify, ParamClass, ParamInfo};
+use crate::projection::{self, assign_blocks, BlockSchedule, Subspace};
+use crate::rules::{moment_slots, Free, Full};
+use crate::with_rules;
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use candle_nn::VarMap;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+/// Per-parameter optimizer state.
+pub(crate) struct Slot {
+    pub info: ParamInfo,
+    pub var: Var,
+    pub subspace: Subspace,
+    /// First moment (AdamW m, SGDM/Lion momentum); empty when unused.
+    pub m: Vec<f32>,
+    /// Second moment (AdamW v); empty when unused.
+    pub v: Vec<f32>,
+    /// Steps since the statistics were last reset (bias-correction count).
+    pub t: u64,
+    /// Block id for the blockwise projection.
+    pub block: Option<usize>,
+}
+
+/// Reusable buffers of the matrix projections (not optimizer state: sized by the largest tensor).
+#[derive(Default)]
+struct Workspace {
+    low: Vec<f32>,
+    up_u: Vec<f32>,
+    projected_g: Vec<f32>,
+    tmp: Vec<f32>,
+}
+
+impl Workspace {
+    fn bytes(&self) -> usize {
+        4 * (self.low.capacity() + self.up_u.capacity() + self.projected_g.capacity() + self.tmp.capacity())
+    }
+}
+
+/// FRUGAL and its baselines (AdamW, GaLore, BAdam, signSGD, SGD) as one configurable optimizer.
+pub struct Frugal {
+    pub(crate) config: OptimizerConfig,
+    pub(crate) slots: Vec<Slot>,
+    /// Completed steps.
+    pub(crate) step: u64,
+    pub(crate) rng: ChaCha8Rng,
+    pub(crate) schedule: Option<BlockSchedule>,
+    workspace: Workspace,
+}
+
+fn zeros(len: usize) -> Vec<f32> {
+    vec![0.0; len]
+}
+
+impl Frugal {
+    /// Builds the optimizer over named parameters (names select the classes via the patterns).
+    pub fn from_named(params: Vec<(String, Var)>, config: OptimizerConfig) -> Result<Self> {
+        config.validate()?;
+        if config.projection == ProjectionKind::RandPerm && config.proj_side == ProjSide::Full {
+            return Err(Error::setting(
+                "proj_side",
+                "randperm selects rows or columns: use std, reverse-std, left or right",
+            ));
+        }
+        let shapes: Vec<(String, Vec<usize>)> =
+            params.iter().map(|(n, v)| (n.clone(), v.dims().to_vec())).collect();
+        let infos = classify(&shapes, &config)?;
+        let (blocks, block_count) = assign_blocks(&infos, config.block_unit);
+        let mut vars: std::collections::HashMap<String, Var> = params.into_iter().collect();
+        let slots: Vec<Slot> = infos
+            .into_iter()
+            .zip(blocks)
+            .map(|(info, block)| Slot {
+                var: vars.remove(&info.name).expect("classified names come from the input"),
+                // Projectable tensors get their subspace from their first gradient.
+                subspace: if info.class == ParamClass::Projectable {
+                    Subspace::Nothing
+                } else {
+                    Subspace::All
+                },
+                m: Vec::new(),
+                v: Vec::new(),
+                t: 0,
+                block: (config.projection == ProjectionKind::Blocks).then_some(block).flatten(),
+                info,
+            })
+            .collect();
+        let schedule = (config.projection == ProjectionKind::Blocks)
+            .then(|| BlockSchedule::for_config(&config, block_count));
+        Ok(Frugal {
+            rng: ChaCha8Rng::seed_from_u64(config.seed),
+            config,
+            slots,
+            step: 0,
+            schedule,
+            workspace: Workspace::default(),
+        })
+    }
+
+    /// Builds the optimizer over every variable of a `VarMap`, using its names.
+    pub fn from_varmap(varmap: &VarMap, config: OptimizerConfig) -> Result<Self> {
+        let params = varmap
+            .data()
+            .lock()
+            .expect("VarMap lock poisoned")
+            .iter()
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        Self::from_named(params, config)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &OptimizerConfig {
+        &self.config
+    }
+
+    /// Number of completed steps.
+    pub fn steps_done(&self) -> u64 {
+        self.step
+    }
+
+    /// The classified parameters, in model order.
+    pub fn params(&self) -> impl Iterator<Item = &ParamInfo> {
+        self.slots.iter().map(|s| &s.info)
+    }
+
+    /// Names of the parameters whose whole tensor is currently state-full (including active blocks).
+    pub fn state_full_now(&self) -> Vec<&str> {
+        self.slots
+            .iter()
+            .filter(|s| s.subspace == Subspace::All)
+            .map(|s| s.info.name.as_str())
+            .collect()
+    }
+
+    /// Bytes of optimizer state held now: moments, projection matrices and indices.
+    pub fn state_bytes(&self) -> StateBytes {
+        let mut b = StateBytes::default();
+        for s in &self.slots {
+            b.moments += 4 * (s.m.capacity() + s.v.capacity());
+            b.projections += s.subspace.projection_bytes();
+            b.indices += s.subspace.index_bytes();
+        }
+        b
+    }
+
+    /// Bytes of reusable scratch buffers of the matrix projections (not state: kept between steps
+    /// only to avoid re-allocation).
+    pub fn workspace_bytes(&self) -> usize {
+        self.workspace.bytes()
+    }
+
+    /// One optimizer step from the gradients in `grads`. Parameters without a gradient are skipped.
+    /// Nothing is updated if any gradient is non-finite (with `check_finite`).
+    pub fn step_grads(&mut self, grads: &GradStore) -> Result<()> {
+        let mut work: Vec<(usize, Tensor)> = Vec::with_capacity(self.slots.len());
+        for (i, slot) in self.slots.iter().enumerate() {
+            if slot.var.dims() != slot.info.shape.as_slice() {
+                return Err(Error::ShapeChanged {
+                    name: slot.info.name.clone(),
+                    expected: slot.info.shape.clone(),
+                    found: slot.var.dims().to_vec(),
+                });
+            }
+            if let Some(g) = grads.get(&slot.var) {
+                let g = g.contiguous()?;
+                if self.config.check_finite && !kernels::with_slice(&slot.info.name, &g, kernels::all_finite)? {
+                    return Err(Error::NonFiniteGradient { name: slot.info.name.clone() });
+                }
+                work.push((i, g));
+            }
+        }
+        if self.step % self.config.update_gap as u64 == 0 {
+            self.refresh(&work)?;
+        }
+        for (i, g) in &work {
+            self.update_slot(*i, g)?;
+        }
+        self.step += 1;
+        Ok(())
+    }
+
+    /// Re-chooses the subspaces (every T steps) and resets statistics where configured.
+    fn refresh(&mut self, work: &[(usize, Tensor)]) -> Result<()> {
+        let slots_count = moment_slots(self.config.state_full);
+        if let Some(schedule) = self.schedule.as_mut() {
+            let active = schedule.next(&mut self.rng);
+            let new: Vec<Option<Subspace>> = self
+                .slots
+                .iter()
+                .map(|s| {
+                    s.block.map(|b| {
+                        if active.binary_search(&b).is_ok() {
+                            Subspace::All
+                        } else {
+                            Subspace::Nothing
+                        }
+                    })
+                })
+                .collect();
+            let changed = self.slots.iter().zip(&new).any(|(s, n)| n.as_ref().is_some_and(|n| *n != s.subspace))
+                || self.step == 0;
+            for (slot, sub) in self.slots.iter_mut().zip(new) {
+                if let Some(sub) = sub {
+                    let keep = !changed || (!self.config.reset && sub == slot.subspace);
+                    install(slot, sub, keep, slots_count);
+                }
+            }
+        } else {
+            for (i, g) in work {
+                let slot = &mut self.slots[*i];
+                if slot.info.class != ParamClass::Projectable {
+                    continue;
+                }
+                let sub = kernels::with_slice(&slot.info.name, g, |g| {
+                    projection::choose(&self.config, &slot.info, g, &mut self.rng)
+                })??;
+                let same_len = sub.state_len(slot.info.numel()) == slot.subspace.state_len(slot.info.numel());
+                let keep = self.step > 0 && (sub == slot.subspace || (!self.config.reset && same_len));
+                install(slot, sub, keep, slots_count);
+            }
+        }
+        // Parameters that are state-full as a whole allocate their moments on first use.
+        for slot in self.slots.iter_mut() {
+            if slot.info.class != ParamClass::Projectable && self.step == 0 {
+                install(slot, Subspace::All, false, slots_count);
+            }
+        }
+        Ok(())
+    }
+
+    fn update_slot(&mut self, i: usize, g: &Tensor) -> Result<()> {
+        let config = &self.config;
+        let slot = &mut self.slots[i];
+        let lr = config.lr;
+        let keep = (1.0 - lr * config.weight_decay) as f32;
+        let projectable = slot.info.class == ParamClass::Projectable;
+        let (lr_full, lr_free) = if projectable {
+            (lr * config.proj_lr_scale, lr * config.proj_lr_scale * config.state_free_lr_scale)
+        } else {
+            (lr, 0.0)
+        };
+        if slot.subspace == Subspace::Nothing && config.state_free == StateFreeRule::None {
+            return Ok(()); // frozen (BAdam's inactive blocks)
+        }
+        if slot.subspace != Subspace::Nothing {
+            slot.t += 1;
+        }
+        let full = Full::new(config, lr_full, slot.t);
+        let free = Free::new(config.state_free, lr_free);
+        let Slot { info, var, subspace, m, v, .. } = slot;
+        let ws = &mut self.workspace;
+        kernels::with_weight_and_grad(&info.name, var.as_tensor(), g, |w, g| {
+            with_rules!(full, free, |r, f| match subspace {
+                Subspace::All => kernels::dense_full(w, g, m, v, r, keep),
+                Subspace::Nothing => kernels::dense_free(w, g, f, keep),
+                Subspace::Coords(sel) => kernels::selected(w, g, m, v, sel, r, f, keep),
+                Subspace::Basis(basis) => {
+                    let (lr_rows, lr_cols) = basis.low_shape();
+                    let Workspace { low, up_u, projected_g, tmp } = ws;
+                    low.resize(lr_rows * lr_cols, 0.0);
+                    up_u.resize(w.len(), 0.0);
+                    basis.down(g, low, tmp);
+                    let free_updates = config.state_free != StateFreeRule::None;
+                    if free_updates {
+                        projected_g.resize(w.len(), 0.0);
+                        basis.up(low, projected_g, tmp);
+                    }
+                    kernels::full_in_place(low, m, v, r);
+                    basis.up(low, up_u, tmp);
+                    kernels::projected(w, g, up_u, if free_updates { projected_g } else { &[] }, f, keep);
+                }
+            });
+            Ok(())
+        })
+    }
+}
+
+/// Installs a new subspace; `keep` retains the moments and the step count, otherwise they restart.
+fn install(slot: &mut Slot, sub: Subspace, keep: bool, moment_buffers: usize) {
+    let len = sub.state_len(slot.info.numel());
+    slot.subspace = sub;
+    if keep && slot.m.len() == if moment_buffers >= 1 { len } else { 0 } {
+        return;
+    }
+    slot.m = zeros(if moment_buffers >= 1 { len } else { 0 });
+    slot.v = zeros(if moment_buffers >= 2 { len } else { 0 });
+    slot.t = 0;
+}
+
+impl candle_nn::Optimizer for Frugal {
+    type Config = OptimizerConfig;
+
+    /// Without names every parameter is projectable (for matrix projections: every ≥2-D one)
+    /// and none is forced state-full; use [`Frugal::from_named`] to route by name.
+    fn new(vars: Vec<Var>, mut config: OptimizerConfig) -> candle_core::Result<Self> {
+        config.projectable_modules = ".".into();
+        config.state_full_modules = String::new();
+        let named = vars.into_iter().enumerate().map(|(i, v)| (format!("param.{i}"), v)).collect();
+        Frugal::from_named(named, config).map_err(candle_core::Error::wrap)
+    }
+
+    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        self.step_grads(grads).map_err(candle_core::Error::wrap)
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.config.lr
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.config.lr = lr;
+    }
+}

@@ -23,8 +23,17 @@ const META_KEY: &str = "frugal";
 enum SubspaceMeta {
     All,
     Nothing,
-    Coords { axis: String, m: usize, n: usize },
-    Basis { m: usize, n: usize, left_rank: Option<usize>, right_rank: Option<usize> },
+    Coords {
+        axis: String,
+        m: usize,
+        n: usize,
+    },
+    Basis {
+        m: usize,
+        n: usize,
+        left_rank: Option<usize>,
+        right_rank: Option<usize>,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -62,7 +71,10 @@ fn u32_bytes(x: &[u32]) -> Vec<u8> {
 }
 
 fn file_err(path: &Path, reason: impl ToString) -> Error {
-    Error::StateFile { path: path.display().to_string(), reason: reason.to_string() }
+    Error::StateFile {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
 }
 
 /// Settings that may differ between the saving and the resuming run.
@@ -84,20 +96,39 @@ impl Frugal {
             let name = &s.info.name;
             for (suffix, data) in [("m", &s.m), ("v", &s.v)] {
                 if !data.is_empty() {
-                    arrays.push((format!("{name}::{suffix}"), Dtype::F32, vec![data.len()], f32_bytes(data)));
+                    arrays.push((
+                        format!("{name}::{suffix}"),
+                        Dtype::F32,
+                        vec![data.len()],
+                        f32_bytes(data),
+                    ));
                 }
             }
             let subspace = match &s.subspace {
                 Subspace::All => SubspaceMeta::All,
                 Subspace::Nothing => SubspaceMeta::Nothing,
                 Subspace::Coords(sel) => {
-                    arrays.push((format!("{name}::idx"), Dtype::U32, vec![sel.idx.len()], u32_bytes(&sel.idx)));
-                    SubspaceMeta::Coords { axis: axis_name(sel.axis).into(), m: sel.m, n: sel.n }
+                    arrays.push((
+                        format!("{name}::idx"),
+                        Dtype::U32,
+                        vec![sel.idx.len()],
+                        u32_bytes(&sel.idx),
+                    ));
+                    SubspaceMeta::Coords {
+                        axis: axis_name(sel.axis).into(),
+                        m: sel.m,
+                        n: sel.n,
+                    }
                 }
                 Subspace::Basis(b) => {
                     for (suffix, part) in [("left", &b.left), ("right", &b.right)] {
                         if let Some((data, _)) = part {
-                            arrays.push((format!("{name}::{suffix}"), Dtype::F32, vec![data.len()], f32_bytes(data)));
+                            arrays.push((
+                                format!("{name}::{suffix}"),
+                                Dtype::F32,
+                                vec![data.len()],
+                                f32_bytes(data),
+                            ));
                         }
                     }
                     SubspaceMeta::Basis {
@@ -108,7 +139,12 @@ impl Frugal {
                     }
                 }
             };
-            params.push(ParamMeta { name: name.clone(), shape: s.info.shape.clone(), t: s.t, subspace });
+            params.push(ParamMeta {
+                name: name.clone(),
+                shape: s.info.shape.clone(),
+                t: s.t,
+                subspace,
+            });
         }
         let meta = StateMeta {
             format: FORMAT,
@@ -118,10 +154,18 @@ impl Frugal {
             schedule: self.schedule.clone(),
             params,
         };
-        let header = HashMap::from([(META_KEY.to_string(), serde_json::to_string(&meta).expect("metadata serialises"))]);
+        let header = HashMap::from([(
+            META_KEY.to_string(),
+            serde_json::to_string(&meta).expect("metadata serialises"),
+        )]);
         let views = arrays
             .iter()
-            .map(|(n, dt, shape, bytes)| Ok((n.clone(), TensorView::new(*dt, shape.clone(), bytes).map_err(|e| file_err(path, e))?)))
+            .map(|(n, dt, shape, bytes)| {
+                Ok((
+                    n.clone(),
+                    TensorView::new(*dt, shape.clone(), bytes).map_err(|e| file_err(path, e))?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         let bytes = safetensors::serialize(views, Some(header)).map_err(|e| file_err(path, e))?;
         write_atomically(path, &bytes)
@@ -131,16 +175,24 @@ impl Frugal {
     /// parameters with the same configuration (the learning rate may differ).
     pub fn load_state(&mut self, path: &Path) -> Result<()> {
         let bytes = std::fs::read(path).map_err(|e| file_err(path, e))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| file_err(path, format!("not a safetensors file ({e})")))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| file_err(path, format!("not a safetensors file ({e})")))?;
         let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| file_err(path, e))?;
         let json = header
             .metadata()
             .as_ref()
             .and_then(|m| m.get(META_KEY))
             .ok_or_else(|| file_err(path, "no optimizer metadata in the header"))?;
-        let meta: StateMeta = serde_json::from_str(json).map_err(|e| file_err(path, format!("bad metadata: {e}")))?;
+        let meta: StateMeta =
+            serde_json::from_str(json).map_err(|e| file_err(path, format!("bad metadata: {e}")))?;
         if meta.format != FORMAT {
-            return Err(file_err(path, format!("format {} is not supported (expected {FORMAT})", meta.format)));
+            return Err(file_err(
+                path,
+                format!(
+                    "format {} is not supported (expected {FORMAT})",
+                    meta.format
+                ),
+            ));
         }
         if structural(&meta.config) != structural(&self.config) {
             return Err(Error::StateMismatch(format!(
@@ -156,10 +208,25 @@ impl Frugal {
                 self.slots.len()
             )));
         }
-        let f32s = |key: &str| -> Result<Option<Vec<f32>>> { read_array(&st, key, Dtype::F32, path) .map(|o| o.map(|b| b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())) };
+        let f32s = |key: &str| -> Result<Option<Vec<f32>>> {
+            read_array(&st, key, Dtype::F32, path).map(|o| {
+                o.map(|b| {
+                    b.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                        .collect()
+                })
+            })
+        };
         let mut restored = Vec::with_capacity(self.slots.len());
         for (slot, p) in self.slots.iter().zip(&meta.params) {
-            if slot.info.name != p.name || slot.info.shape != p.shape {
+            if slot.info.name == p.name && slot.info.shape != p.shape {
+                return Err(Error::ShapeChanged {
+                    name: p.name.clone(),
+                    expected: p.shape.clone(),
+                    found: slot.info.shape.clone(),
+                });
+            }
+            if slot.info.name != p.name {
                 return Err(Error::StateMismatch(format!(
                     "parameter `{}` {:?} in the state, `{}` {:?} in the model",
                     p.name, p.shape, slot.info.name, slot.info.shape
@@ -181,32 +248,61 @@ impl Frugal {
                         .chunks_exact(4)
                         .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
                         .collect();
-                    Subspace::Coords(Selection { axis, idx, m: *m, n: *n })
+                    Subspace::Coords(Selection {
+                        axis,
+                        idx,
+                        m: *m,
+                        n: *n,
+                    })
                 }
-                SubspaceMeta::Basis { m, n, left_rank, right_rank } => {
-                    let part = |suffix: &str, rank: &Option<usize>| -> Result<Option<(Vec<f32>, usize)>> {
+                SubspaceMeta::Basis {
+                    m,
+                    n,
+                    left_rank,
+                    right_rank,
+                } => {
+                    let part = |suffix: &str,
+                                rank: &Option<usize>|
+                     -> Result<Option<(Vec<f32>, usize)>> {
                         match rank {
                             None => Ok(None),
                             Some(r) => Ok(Some((
-                                f32s(&format!("{name}::{suffix}"))?.ok_or_else(|| file_err(path, format!("missing {suffix} basis of `{name}`")))?,
+                                f32s(&format!("{name}::{suffix}"))?.ok_or_else(|| {
+                                    file_err(path, format!("missing {suffix} basis of `{name}`"))
+                                })?,
                                 *r,
                             ))),
                         }
                     };
-                    Subspace::Basis(Basis { m: *m, n: *n, left: part("left", left_rank)?, right: part("right", right_rank)? })
+                    Subspace::Basis(Basis {
+                        m: *m,
+                        n: *n,
+                        left: part("left", left_rank)?,
+                        right: part("right", right_rank)?,
+                    })
                 }
             };
             let m = f32s(&format!("{name}::m"))?.unwrap_or_default();
             let v = f32s(&format!("{name}::v"))?.unwrap_or_default();
             let expect = subspace.state_len(slot.info.numel());
             let slots = crate::rules::moment_slots(self.config.state_full);
-            if m.len() != if slots >= 1 { expect } else { 0 } || v.len() != if slots >= 2 { expect } else { 0 } {
-                return Err(Error::StateMismatch(format!("moments of `{name}` have the wrong length")));
+            if m.len() != if slots >= 1 { expect } else { 0 }
+                || v.len() != if slots >= 2 { expect } else { 0 }
+            {
+                return Err(Error::StateMismatch(format!(
+                    "moments of `{name}` have the wrong length"
+                )));
             }
             restored.push((subspace, m, v, p.t));
         }
         for (slot, (subspace, m, v, t)) in self.slots.iter_mut().zip(restored) {
-            let Slot { subspace: s, m: sm, v: sv, t: st, .. } = slot;
+            let Slot {
+                subspace: s,
+                m: sm,
+                v: sv,
+                t: st,
+                ..
+            } = slot;
             (*s, *sm, *sv, *st) = (subspace, m, v, t);
         }
         self.step = meta.step;
@@ -216,10 +312,18 @@ impl Frugal {
     }
 }
 
-fn read_array(st: &SafeTensors<'_>, key: &str, dtype: Dtype, path: &Path) -> Result<Option<Vec<u8>>> {
+fn read_array(
+    st: &SafeTensors<'_>,
+    key: &str,
+    dtype: Dtype,
+    path: &Path,
+) -> Result<Option<Vec<u8>>> {
     match st.tensor(key) {
         Ok(view) if view.dtype() == dtype => Ok(Some(view.data().to_vec())),
-        Ok(view) => Err(file_err(path, format!("`{key}` has dtype {:?}, expected {dtype:?}", view.dtype()))),
+        Ok(view) => Err(file_err(
+            path,
+            format!("`{key}` has dtype {:?}, expected {dtype:?}", view.dtype()),
+        )),
         Err(_) => Ok(None),
     }
 }

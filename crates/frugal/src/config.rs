@@ -289,9 +289,9 @@ impl OptimizerConfig {
         let (name, overrides) = spec.split_once(':').unwrap_or((spec, ""));
         let mut c = Self::preset(name.trim())?;
         for kv in overrides.split(',').filter(|s| !s.trim().is_empty()) {
-            let (k, v) = kv.split_once('=').ok_or_else(|| {
-                Error::setting(kv, "expected key=value (e.g. density=0.125)")
-            })?;
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| Error::setting(kv, "expected key=value (e.g. density=0.125)"))?;
             c.set(k.trim(), v.trim())?;
         }
         Ok(c)
@@ -387,7 +387,10 @@ impl OptimizerConfig {
             ("state_free_lr_scale", self.state_free_lr_scale),
         ] {
             if !(x.is_finite() && x >= 0.0) {
-                return Err(Error::setting(field, format!("{x} must be a finite number ≥ 0")));
+                return Err(Error::setting(
+                    field,
+                    format!("{x} must be a finite number ≥ 0"),
+                ));
             }
         }
         Ok(())

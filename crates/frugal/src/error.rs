@@ -33,8 +33,8 @@ pub enum Error {
         example: String,
     },
 
-    /// A parameter's shape differs from the one the optimizer was built with.
-    #[error("parameter `{name}` changed shape from {expected:?} to {found:?}; rebuild the optimizer for the new model")]
+    /// A parameter's shape differs from the one in the saved state.
+    #[error("parameter `{name}` has shape {found:?} but the saved state has {expected:?}; the state belongs to a different model configuration")]
     ShapeChanged {
         name: String,
         expected: Vec<usize>,

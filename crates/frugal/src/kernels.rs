@@ -2,7 +2,7 @@
 //! moments) in the same sweep, in parallel chunks over the available cores.
 
 use crate::error::{Error, Result};
-use crate::projection::Selection;
+use crate::projection::{Axis, Selection};
 use crate::rules::{FreeRule, FullRule};
 use candle_core::{CpuStorage, InplaceOp2, Layout, Storage, Tensor};
 use rayon::prelude::*;
@@ -23,8 +23,9 @@ fn contiguous_range(layout: &Layout, name: &str) -> Result<(usize, usize)> {
 fn unsupported(name: &str) -> Error {
     Error::UnsupportedTensor {
         name: name.to_string(),
-        reason: "the optimizer steps f32 tensors on the CPU; keep fp32 master weights on the CPU device"
-            .into(),
+        reason:
+            "the optimizer steps f32 tensors on the CPU; keep fp32 master weights on the CPU device"
+                .into(),
     }
 }
 
@@ -89,7 +90,9 @@ pub fn with_weight_and_grad(
         result: RefCell::new(None),
     };
     w.inplace_op2(g, &op)?;
-    op.result.into_inner().unwrap_or_else(|| Err(unsupported(name)))
+    op.result
+        .into_inner()
+        .unwrap_or_else(|| Err(unsupported(name)))
 }
 
 /// True if every value is finite.
@@ -99,7 +102,7 @@ pub fn all_finite(g: &[f32]) -> bool {
 }
 
 /// Splits `s` into pieces of the given lengths (an empty `s` gives empty pieces).
-fn split_lengths<'a>(mut s: &'a mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&'a mut [f32]> {
+fn split_lengths(mut s: &mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
     lens.map(|len| {
         let take = len.min(s.len());
         let (head, tail) = std::mem::take(&mut s).split_at_mut(take);
@@ -124,7 +127,14 @@ fn full_at<R: FullRule>(rule: R, g: f32, m: &mut [f32], v: &mut [f32], r: usize)
 }
 
 /// w ← keep·w + R(g) over the whole tensor (state-full parameters, active blocks).
-pub fn dense_full<R: FullRule>(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], rule: R, keep: f32) {
+pub fn dense_full<R: FullRule>(
+    w: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    rule: R,
+    keep: f32,
+) {
     let ms = split_lengths(m, chunk_lens(w.len()));
     let vs = split_lengths(v, chunk_lens(w.len()));
     w.par_chunks_mut(CHUNK)
@@ -163,48 +173,80 @@ pub fn dense_free<F: FreeRule>(w: &mut [f32], g: &[f32], rule: F, keep: f32) {
 }
 
 /// Coordinate split in one pass: selected entries get R (moments at their rank), the others F.
+/// Work is split into chunks of whole rows (columns, rows) or flat ranges (entries).
 pub fn selected<R: FullRule, F: FreeRule>(
     w: &mut [f32],
     g: &[f32],
     m: &mut [f32],
     v: &mut [f32],
     sel: &Selection,
-    full: R,
-    free: F,
+    (full, free): (R, F),
     keep: f32,
 ) {
-    let bounds: Vec<usize> = (0..=w.len().div_ceil(CHUNK))
-        .map(|i| sel.rank_before((i * CHUNK).min(w.len())))
+    let step = match sel.axis {
+        Axis::Entries => CHUNK,
+        Axis::Columns | Axis::Rows => sel.n * (CHUNK / sel.n).max(1),
+    };
+    let starts: Vec<usize> = (0..=w.len().div_ceil(step))
+        .map(|i| (i * step).min(w.len()))
         .collect();
-    let state_lens = bounds.windows(2).map(|b| b[1] - b[0]);
+    let ranks: Vec<usize> = starts.iter().map(|&p| sel.rank_before(p)).collect();
+    let state_lens = ranks.windows(2).map(|b| b[1] - b[0]);
     let ms = split_lengths(m, state_lens.clone());
     let vs = split_lengths(v, state_lens);
-    w.par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK))
+    w.par_chunks_mut(step)
+        .zip(g.par_chunks(step))
         .zip(ms.into_par_iter().zip(vs.into_par_iter()))
         .enumerate()
         .for_each(|(c, ((w, g), (m, v)))| {
-            let start = c * CHUNK;
-            let (r0, r1) = (bounds[c], bounds[c + 1]);
-            let next_at = |r: usize| {
-                if r < r1 {
-                    sel.pos_of_rank(r) - start
-                } else {
-                    usize::MAX
+            let start = starts[c];
+            let free_span = |w: &mut [f32], g: &[f32]| {
+                for (w, &g) in w.iter_mut().zip(g) {
+                    *w = *w * keep + free.update(g);
                 }
             };
-            let mut r = r0;
-            let mut next = next_at(r);
-            for (i, (w, &g)) in w.iter_mut().zip(g).enumerate() {
-                let u = if i == next {
-                    let u = full_at(full, g, m, v, r - r0);
-                    r += 1;
-                    next = next_at(r);
-                    u
-                } else {
-                    free.update(g)
-                };
-                *w = *w * keep + u;
+            match sel.axis {
+                Axis::Columns => {
+                    let k = sel.idx.len();
+                    for (row, (w, g)) in w.chunks_mut(sel.n).zip(g.chunks(sel.n)).enumerate() {
+                        let mut from = 0;
+                        for (p, &col) in sel.idx.iter().enumerate() {
+                            let col = col as usize;
+                            free_span(&mut w[from..col], &g[from..col]);
+                            w[col] = w[col] * keep + full_at(full, g[col], m, v, row * k + p);
+                            from = col + 1;
+                        }
+                        free_span(&mut w[from..], &g[from..]);
+                    }
+                }
+                Axis::Rows => {
+                    let mut r = 0;
+                    for (row, (w, g)) in w.chunks_mut(sel.n).zip(g.chunks(sel.n)).enumerate() {
+                        if sel
+                            .idx
+                            .binary_search(&((start / sel.n + row) as u32))
+                            .is_ok()
+                        {
+                            for (j, (w, &g)) in w.iter_mut().zip(g).enumerate() {
+                                *w = *w * keep + full_at(full, g, m, v, r + j);
+                            }
+                            r += sel.n;
+                        } else {
+                            free_span(w, g);
+                        }
+                    }
+                }
+                Axis::Entries => {
+                    let (r0, r1) = (ranks[c], ranks[c + 1]);
+                    let mut from = 0;
+                    for (r, &pos) in sel.idx[r0..r1].iter().enumerate() {
+                        let at = pos as usize - start;
+                        free_span(&mut w[from..at], &g[from..at]);
+                        w[at] = w[at] * keep + full_at(full, g[at], m, v, r);
+                        from = at + 1;
+                    }
+                    free_span(&mut w[from..], &g[from..]);
+                }
             }
         });
 }
@@ -224,7 +266,14 @@ pub fn full_in_place<R: FullRule>(x: &mut [f32], m: &mut [f32], v: &mut [f32], r
 
 /// Matrix split: w ← keep·w + up(u) + F(g − up(down(g))). `projected_g` is up(down(g)), only
 /// needed when F updates.
-pub fn projected<F: FreeRule>(w: &mut [f32], g: &[f32], up_u: &[f32], projected_g: &[f32], free: F, keep: f32) {
+pub fn projected<F: FreeRule>(
+    w: &mut [f32],
+    g: &[f32],
+    up_u: &[f32],
+    projected_g: &[f32],
+    free: F,
+    keep: f32,
+) {
     if F::UPDATES {
         w.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))

@@ -29,5 +29,5 @@ pub mod rules;
 pub use config::OptimizerConfig;
 pub use error::{Error, Result};
 pub use memory::StateBytes;
-pub use optimizer::Frugal;
+pub use optimizer::{Frugal, ParamStateView};
 pub use params::{ParamClass, ParamInfo};

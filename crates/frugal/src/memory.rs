@@ -42,16 +42,29 @@ fn planned(config: &OptimizerConfig, info: &ParamInfo, active_block: bool) -> St
     let moments = |elems: usize| 4 * buffers * elems;
     let numel = info.numel();
     if info.class != ParamClass::Projectable {
-        return StateBytes { moments: moments(numel), ..Default::default() };
+        return StateBytes {
+            moments: moments(numel),
+            ..Default::default()
+        };
     }
     let (m, n) = info.matrix_dims();
     let coords = |count: usize, total: usize, per_index: usize| match count {
         0 => StateBytes::default(),
-        c if c >= total => StateBytes { moments: moments(numel), ..Default::default() },
-        c => StateBytes { moments: moments(c * per_index), projections: 0, indices: 4 * c },
+        c if c >= total => StateBytes {
+            moments: moments(numel),
+            ..Default::default()
+        },
+        c => StateBytes {
+            moments: moments(c * per_index),
+            projections: 0,
+            indices: 4 * c,
+        },
     };
     match config.projection {
-        ProjectionKind::Blocks if active_block => StateBytes { moments: moments(numel), ..Default::default() },
+        ProjectionKind::Blocks if active_block => StateBytes {
+            moments: moments(numel),
+            ..Default::default()
+        },
         ProjectionKind::Blocks => StateBytes::default(),
         ProjectionKind::Coordinates => {
             let count = coordinate_count(config.coordinates, m, n, config.density);
@@ -84,7 +97,10 @@ fn planned(config: &OptimizerConfig, info: &ParamInfo, active_block: bool) -> St
 
 /// State each parameter will hold after the first step, computed from shapes alone (no
 /// allocation), in model order. Equals [`crate::Frugal::state_bytes`] after the first step.
-pub fn plan(config: &OptimizerConfig, shapes: &[(String, Vec<usize>)]) -> Result<Vec<(ParamInfo, StateBytes)>> {
+pub fn plan(
+    config: &OptimizerConfig,
+    shapes: &[(String, Vec<usize>)],
+) -> Result<Vec<(ParamInfo, StateBytes)>> {
     config.validate()?;
     let infos = classify(shapes, config)?;
     let (blocks, count) = assign_blocks(&infos, config.block_unit);

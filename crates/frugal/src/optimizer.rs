@@ -30,6 +30,20 @@ pub(crate) struct Slot {
     pub block: Option<usize>,
 }
 
+/// Read-only view of one parameter's optimizer state.
+#[derive(Debug)]
+pub struct ParamStateView<'a> {
+    pub info: &'a ParamInfo,
+    /// Current subspace.
+    pub subspace: &'a Subspace,
+    /// First moment (empty when the rule keeps none).
+    pub m: &'a [f32],
+    /// Second moment (empty when the rule keeps none).
+    pub v: &'a [f32],
+    /// Steps since the last reset.
+    pub t: u64,
+}
+
 /// Reusable buffers of the matrix projections (not optimizer state: sized by the largest tensor).
 #[derive(Default)]
 struct Workspace {
@@ -41,7 +55,10 @@ struct Workspace {
 
 impl Workspace {
     fn bytes(&self) -> usize {
-        4 * (self.low.capacity() + self.up_u.capacity() + self.projected_g.capacity() + self.tmp.capacity())
+        4 * (self.low.capacity()
+            + self.up_u.capacity()
+            + self.projected_g.capacity()
+            + self.tmp.capacity())
     }
 }
 
@@ -70,8 +87,10 @@ impl Frugal {
                 "randperm selects rows or columns: use std, reverse-std, left or right",
             ));
         }
-        let shapes: Vec<(String, Vec<usize>)> =
-            params.iter().map(|(n, v)| (n.clone(), v.dims().to_vec())).collect();
+        let shapes: Vec<(String, Vec<usize>)> = params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+            .collect();
         let infos = classify(&shapes, &config)?;
         let (blocks, block_count) = assign_blocks(&infos, config.block_unit);
         let mut vars: std::collections::HashMap<String, Var> = params.into_iter().collect();
@@ -79,7 +98,9 @@ impl Frugal {
             .into_iter()
             .zip(blocks)
             .map(|(info, block)| Slot {
-                var: vars.remove(&info.name).expect("classified names come from the input"),
+                var: vars
+                    .remove(&info.name)
+                    .expect("classified names come from the input"),
                 // Projectable tensors get their subspace from their first gradient.
                 subspace: if info.class == ParamClass::Projectable {
                     Subspace::Nothing
@@ -89,7 +110,9 @@ impl Frugal {
                 m: Vec::new(),
                 v: Vec::new(),
                 t: 0,
-                block: (config.projection == ProjectionKind::Blocks).then_some(block).flatten(),
+                block: (config.projection == ProjectionKind::Blocks)
+                    .then_some(block)
+                    .flatten(),
                 info,
             })
             .collect();
@@ -141,6 +164,28 @@ impl Frugal {
             .collect()
     }
 
+    /// The variable of a parameter, by name.
+    pub fn var(&self, name: &str) -> Option<&Var> {
+        self.slots
+            .iter()
+            .find(|s| s.info.name == name)
+            .map(|s| &s.var)
+    }
+
+    /// Read-only view of one parameter's state, for inspection and tests.
+    pub fn param_state(&self, name: &str) -> Option<ParamStateView<'_>> {
+        self.slots
+            .iter()
+            .find(|s| s.info.name == name)
+            .map(|s| ParamStateView {
+                info: &s.info,
+                subspace: &s.subspace,
+                m: &s.m,
+                v: &s.v,
+                t: s.t,
+            })
+    }
+
     /// Bytes of optimizer state held now: moments, projection matrices and indices.
     pub fn state_bytes(&self) -> StateBytes {
         let mut b = StateBytes::default();
@@ -163,22 +208,19 @@ impl Frugal {
     pub fn step_grads(&mut self, grads: &GradStore) -> Result<()> {
         let mut work: Vec<(usize, Tensor)> = Vec::with_capacity(self.slots.len());
         for (i, slot) in self.slots.iter().enumerate() {
-            if slot.var.dims() != slot.info.shape.as_slice() {
-                return Err(Error::ShapeChanged {
-                    name: slot.info.name.clone(),
-                    expected: slot.info.shape.clone(),
-                    found: slot.var.dims().to_vec(),
-                });
-            }
             if let Some(g) = grads.get(&slot.var) {
                 let g = g.contiguous()?;
-                if self.config.check_finite && !kernels::with_slice(&slot.info.name, &g, kernels::all_finite)? {
-                    return Err(Error::NonFiniteGradient { name: slot.info.name.clone() });
+                if self.config.check_finite
+                    && !kernels::with_slice(&slot.info.name, &g, kernels::all_finite)?
+                {
+                    return Err(Error::NonFiniteGradient {
+                        name: slot.info.name.clone(),
+                    });
                 }
                 work.push((i, g));
             }
         }
-        if self.step % self.config.update_gap as u64 == 0 {
+        if self.step.is_multiple_of(self.config.update_gap as u64) {
             self.refresh(&work)?;
         }
         for (i, g) in &work {
@@ -206,7 +248,11 @@ impl Frugal {
                     })
                 })
                 .collect();
-            let changed = self.slots.iter().zip(&new).any(|(s, n)| n.as_ref().is_some_and(|n| *n != s.subspace))
+            let changed = self
+                .slots
+                .iter()
+                .zip(&new)
+                .any(|(s, n)| n.as_ref().is_some_and(|n| *n != s.subspace))
                 || self.step == 0;
             for (slot, sub) in self.slots.iter_mut().zip(new) {
                 if let Some(sub) = sub {
@@ -223,8 +269,10 @@ impl Frugal {
                 let sub = kernels::with_slice(&slot.info.name, g, |g| {
                     projection::choose(&self.config, &slot.info, g, &mut self.rng)
                 })??;
-                let same_len = sub.state_len(slot.info.numel()) == slot.subspace.state_len(slot.info.numel());
-                let keep = self.step > 0 && (sub == slot.subspace || (!self.config.reset && same_len));
+                let same_len =
+                    sub.state_len(slot.info.numel()) == slot.subspace.state_len(slot.info.numel());
+                let keep =
+                    self.step > 0 && (sub == slot.subspace || (!self.config.reset && same_len));
                 install(slot, sub, keep, slots_count);
             }
         }
@@ -244,7 +292,10 @@ impl Frugal {
         let keep = (1.0 - lr * config.weight_decay) as f32;
         let projectable = slot.info.class == ParamClass::Projectable;
         let (lr_full, lr_free) = if projectable {
-            (lr * config.proj_lr_scale, lr * config.proj_lr_scale * config.state_free_lr_scale)
+            (
+                lr * config.proj_lr_scale,
+                lr * config.proj_lr_scale * config.state_free_lr_scale,
+            )
         } else {
             (lr, 0.0)
         };
@@ -256,16 +307,28 @@ impl Frugal {
         }
         let full = Full::new(config, lr_full, slot.t);
         let free = Free::new(config.state_free, lr_free);
-        let Slot { info, var, subspace, m, v, .. } = slot;
+        let Slot {
+            info,
+            var,
+            subspace,
+            m,
+            v,
+            ..
+        } = slot;
         let ws = &mut self.workspace;
         kernels::with_weight_and_grad(&info.name, var.as_tensor(), g, |w, g| {
             with_rules!(full, free, |r, f| match subspace {
                 Subspace::All => kernels::dense_full(w, g, m, v, r, keep),
                 Subspace::Nothing => kernels::dense_free(w, g, f, keep),
-                Subspace::Coords(sel) => kernels::selected(w, g, m, v, sel, r, f, keep),
+                Subspace::Coords(sel) => kernels::selected(w, g, m, v, sel, (r, f), keep),
                 Subspace::Basis(basis) => {
                     let (lr_rows, lr_cols) = basis.low_shape();
-                    let Workspace { low, up_u, projected_g, tmp } = ws;
+                    let Workspace {
+                        low,
+                        up_u,
+                        projected_g,
+                        tmp,
+                    } = ws;
                     low.resize(lr_rows * lr_cols, 0.0);
                     up_u.resize(w.len(), 0.0);
                     basis.down(g, low, tmp);
@@ -276,7 +339,14 @@ impl Frugal {
                     }
                     kernels::full_in_place(low, m, v, r);
                     basis.up(low, up_u, tmp);
-                    kernels::projected(w, g, up_u, if free_updates { projected_g } else { &[] }, f, keep);
+                    kernels::projected(
+                        w,
+                        g,
+                        up_u,
+                        if free_updates { projected_g } else { &[] },
+                        f,
+                        keep,
+                    );
                 }
             });
             Ok(())
@@ -304,7 +374,11 @@ impl candle_nn::Optimizer for Frugal {
     fn new(vars: Vec<Var>, mut config: OptimizerConfig) -> candle_core::Result<Self> {
         config.projectable_modules = ".".into();
         config.state_full_modules = String::new();
-        let named = vars.into_iter().enumerate().map(|(i, v)| (format!("param.{i}"), v)).collect();
+        let named = vars
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (format!("param.{i}"), v))
+            .collect();
         Frugal::from_named(named, config).map_err(candle_core::Error::wrap)
     }
 

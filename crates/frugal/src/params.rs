@@ -91,11 +91,13 @@ fn compile(which: &'static str, pattern: &str) -> Result<Option<Regex>> {
     if pattern.is_empty() {
         return Ok(None);
     }
-    Regex::new(pattern).map(Some).map_err(|e| Error::BadPattern {
-        which,
-        pattern: pattern.to_string(),
-        reason: e.to_string(),
-    })
+    Regex::new(pattern)
+        .map(Some)
+        .map_err(|e| Error::BadPattern {
+            which,
+            pattern: pattern.to_string(),
+            reason: e.to_string(),
+        })
 }
 
 /// Classifies `(name, shape)` pairs and returns them sorted in model order. With a matrix
@@ -165,6 +167,48 @@ pub fn class_counts(infos: &[ParamInfo]) -> ClassCounts {
         }
     }
     c
+}
+
+/// Names and shapes of a Hugging Face LLaMA model's parameters (untied head), for planning memory
+/// without building the model.
+pub fn llama_shapes(
+    vocab: usize,
+    hidden: usize,
+    intermediate: usize,
+    layers: usize,
+) -> Vec<(String, Vec<usize>)> {
+    let mut p = vec![("model.embed_tokens.weight".to_string(), vec![vocab, hidden])];
+    for l in 0..layers {
+        for m in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            p.push((
+                format!("model.layers.{l}.self_attn.{m}.weight"),
+                vec![hidden, hidden],
+            ));
+        }
+        p.push((
+            format!("model.layers.{l}.mlp.gate_proj.weight"),
+            vec![intermediate, hidden],
+        ));
+        p.push((
+            format!("model.layers.{l}.mlp.up_proj.weight"),
+            vec![intermediate, hidden],
+        ));
+        p.push((
+            format!("model.layers.{l}.mlp.down_proj.weight"),
+            vec![hidden, intermediate],
+        ));
+        p.push((
+            format!("model.layers.{l}.input_layernorm.weight"),
+            vec![hidden],
+        ));
+        p.push((
+            format!("model.layers.{l}.post_attention_layernorm.weight"),
+            vec![hidden],
+        ));
+    }
+    p.push(("model.norm.weight".to_string(), vec![hidden]));
+    p.push(("lm_head.weight".to_string(), vec![vocab, hidden]));
+    p
 }
 
 #[cfg(test)]

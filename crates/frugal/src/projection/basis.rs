@@ -54,21 +54,35 @@ impl Basis {
 
     /// Number of stored projection values.
     pub fn numel(&self) -> usize {
-        self.left.as_ref().map_or(0, |(a, _)| a.len()) + self.right.as_ref().map_or(0, |(b, _)| b.len())
+        self.left.as_ref().map_or(0, |(a, _)| a.len())
+            + self.right.as_ref().map_or(0, |(b, _)| b.len())
     }
 
     /// Top singular subspace of `g` (m×n): A = U[:, :r_left], B = Vᵀ[:r_right].
-    pub fn svd(g: &[f32], m: usize, n: usize, r_left: Option<usize>, r_right: Option<usize>, name: &str) -> Result<Self> {
-        let svd = view(g, m, n)
-            .thin_svd()
-            .map_err(|_| Error::SvdFailed { name: name.to_string() })?;
+    pub fn svd(
+        g: &[f32],
+        m: usize,
+        n: usize,
+        r_left: Option<usize>,
+        r_right: Option<usize>,
+        name: &str,
+    ) -> Result<Self> {
+        let svd = view(g, m, n).thin_svd().map_err(|_| Error::SvdFailed {
+            name: name.to_string(),
+        })?;
         let left = r_left.map(|r| (to_row_major(svd.U().subcols(0, r)), r));
         let right = r_right.map(|r| (to_row_major(svd.V().subcols(0, r).transpose()), r));
         Ok(Basis { m, n, left, right })
     }
 
     /// Random semi-orthogonal factors of the same shapes (thin Q of a Gaussian matrix).
-    pub fn random(m: usize, n: usize, r_left: Option<usize>, r_right: Option<usize>, rng: &mut impl Rng) -> Self {
+    pub fn random(
+        m: usize,
+        n: usize,
+        r_left: Option<usize>,
+        r_right: Option<usize>,
+        rng: &mut impl Rng,
+    ) -> Self {
         let mut q = |dim: usize, r: usize| -> Mat<f32> {
             let gauss = Mat::<f32>::from_fn(dim, r, |_, _| rng.sample::<f32, _>(StandardNormal));
             gauss.qr().compute_thin_Q()
@@ -83,15 +97,43 @@ impl Basis {
         let (m, n) = (self.m, self.n);
         match (&self.left, &self.right) {
             (Some((a, r)), None) => {
-                matmul(view_mut(low, *r, n), Accum::Replace, view(a, m, *r).transpose(), view(g, m, n), 1.0, par(m * n * r));
+                matmul(
+                    view_mut(low, *r, n),
+                    Accum::Replace,
+                    view(a, m, *r).transpose(),
+                    view(g, m, n),
+                    1.0,
+                    par(m * n * r),
+                );
             }
             (None, Some((b, r))) => {
-                matmul(view_mut(low, m, *r), Accum::Replace, view(g, m, n), view(b, *r, n).transpose(), 1.0, par(m * n * r));
+                matmul(
+                    view_mut(low, m, *r),
+                    Accum::Replace,
+                    view(g, m, n),
+                    view(b, *r, n).transpose(),
+                    1.0,
+                    par(m * n * r),
+                );
             }
             (Some((a, rl)), Some((b, rr))) => {
                 tmp.resize(rl * n, 0.0);
-                matmul(view_mut(tmp, *rl, n), Accum::Replace, view(a, m, *rl).transpose(), view(g, m, n), 1.0, par(m * n * rl));
-                matmul(view_mut(low, *rl, *rr), Accum::Replace, view(tmp, *rl, n), view(b, *rr, n).transpose(), 1.0, par(n * rl * rr));
+                matmul(
+                    view_mut(tmp, *rl, n),
+                    Accum::Replace,
+                    view(a, m, *rl).transpose(),
+                    view(g, m, n),
+                    1.0,
+                    par(m * n * rl),
+                );
+                matmul(
+                    view_mut(low, *rl, *rr),
+                    Accum::Replace,
+                    view(tmp, *rl, n),
+                    view(b, *rr, n).transpose(),
+                    1.0,
+                    par(n * rl * rr),
+                );
             }
             (None, None) => low.copy_from_slice(g),
         }
@@ -102,15 +144,43 @@ impl Basis {
         let (m, n) = (self.m, self.n);
         match (&self.left, &self.right) {
             (Some((a, r)), None) => {
-                matmul(view_mut(full, m, n), Accum::Replace, view(a, m, *r), view(low, *r, n), 1.0, par(m * n * r));
+                matmul(
+                    view_mut(full, m, n),
+                    Accum::Replace,
+                    view(a, m, *r),
+                    view(low, *r, n),
+                    1.0,
+                    par(m * n * r),
+                );
             }
             (None, Some((b, r))) => {
-                matmul(view_mut(full, m, n), Accum::Replace, view(low, m, *r), view(b, *r, n), 1.0, par(m * n * r));
+                matmul(
+                    view_mut(full, m, n),
+                    Accum::Replace,
+                    view(low, m, *r),
+                    view(b, *r, n),
+                    1.0,
+                    par(m * n * r),
+                );
             }
             (Some((a, rl)), Some((b, rr))) => {
                 tmp.resize(m * rr, 0.0);
-                matmul(view_mut(tmp, m, *rr), Accum::Replace, view(a, m, *rl), view(low, *rl, *rr), 1.0, par(m * rl * rr));
-                matmul(view_mut(full, m, n), Accum::Replace, view(tmp, m, *rr), view(b, *rr, n), 1.0, par(m * n * rr));
+                matmul(
+                    view_mut(tmp, m, *rr),
+                    Accum::Replace,
+                    view(a, m, *rl),
+                    view(low, *rl, *rr),
+                    1.0,
+                    par(m * rl * rr),
+                );
+                matmul(
+                    view_mut(full, m, n),
+                    Accum::Replace,
+                    view(tmp, m, *rr),
+                    view(b, *rr, n),
+                    1.0,
+                    par(m * n * rr),
+                );
             }
             (None, None) => full.copy_from_slice(low),
         }

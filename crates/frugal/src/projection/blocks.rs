@@ -82,7 +82,9 @@ impl BlockSchedule {
 
     fn walk_back(&mut self, count: usize) -> Vec<usize> {
         let n = self.blocks;
-        let out = (0..count).map(|i| (self.back + n * count - i) % n).collect();
+        let out = (0..count)
+            .map(|i| (self.back + n * count - i) % n)
+            .collect();
         self.back = (self.back + n * count - count) % n;
         out
     }
@@ -99,7 +101,8 @@ pub fn assign_blocks(infos: &[ParamInfo], unit: BlockUnit) -> (Vec<Option<usize>
             if info.class != ParamClass::Projectable {
                 return None;
             }
-            let same_layer = unit == BlockUnit::Layer && info.layer.is_some() && info.layer == last_layer;
+            let same_layer =
+                unit == BlockUnit::Layer && info.layer.is_some() && info.layer == last_layer;
             if !same_layer {
                 count += 1;
             }
@@ -139,7 +142,13 @@ mod tests {
             assert_eq!(set.len(), 4);
             assert!(set.windows(2).all(|w| w[0] < w[1]) && set[3] < 10);
         }
-        assert_eq!(periods(BlockOrder::Descending, 5, 0, 2), [Vec::<usize>::new(), vec![]]);
-        assert_eq!(periods(BlockOrder::Descending, 3, 3, 2), [vec![0, 1, 2], vec![0, 1, 2]]);
+        assert_eq!(
+            periods(BlockOrder::Descending, 5, 0, 2),
+            [Vec::<usize>::new(), vec![]]
+        );
+        assert_eq!(
+            periods(BlockOrder::Descending, 3, 3, 2),
+            [vec![0, 1, 2], vec![0, 1, 2]]
+        );
     }
 }

@@ -59,7 +59,12 @@ impl Subspace {
 }
 
 /// Ranks (left, right) of a matrix projection of an m×n matrix.
-pub fn matrix_ranks(side: ProjSide, m: usize, n: usize, density: f64) -> (Option<usize>, Option<usize>) {
+pub fn matrix_ranks(
+    side: ProjSide,
+    m: usize,
+    n: usize,
+    density: f64,
+) -> (Option<usize>, Option<usize>) {
     let left = || Some(round_half_even(m as f64 * density));
     let right = || Some(round_half_even(n as f64 * density));
     match side {
@@ -104,7 +109,12 @@ fn random_selection(axis: Axis, count: usize, m: usize, n: usize, rng: &mut impl
 
 /// Chooses a new subspace for one projectable tensor from its current gradient `g`.
 /// Blockwise projections are chosen for all tensors at once by [`BlockSchedule`] instead.
-pub fn choose(config: &OptimizerConfig, info: &ParamInfo, g: &[f32], rng: &mut impl Rng) -> Result<Subspace> {
+pub fn choose(
+    config: &OptimizerConfig,
+    info: &ParamInfo,
+    g: &[f32],
+    rng: &mut impl Rng,
+) -> Result<Subspace> {
     let (m, n) = info.matrix_dims();
     let rho = config.density;
     Ok(match config.projection {

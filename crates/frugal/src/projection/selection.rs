@@ -75,7 +75,6 @@ impl Selection {
     }
 
     /// Flat position of the selected entry of rank `r` (r < count()).
-    #[inline]
     pub fn pos_of_rank(&self, r: usize) -> usize {
         match self.axis {
             Axis::Entries => self.idx[r] as usize,

@@ -1,0 +1,115 @@
+//! Helpers shared by the integration tests: deterministic tensors, gradients and references.
+#![allow(dead_code)]
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+use frugal::{Frugal, OptimizerConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+pub fn randn(n: usize, scale: f32, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            // Box–Muller from two uniforms.
+            let (u1, u2): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
+            scale * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        })
+        .collect()
+}
+
+pub fn tensor(data: Vec<f32>, shape: &[usize]) -> Tensor {
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+/// Named variables with N(0, 0.5²) entries.
+pub fn named_vars(specs: &[(&str, &[usize])], seed: u64) -> Vec<(String, Var)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    specs
+        .iter()
+        .map(|(name, shape)| {
+            let n = shape.iter().product();
+            let t = tensor(randn(n, 0.5, &mut rng), shape);
+            (name.to_string(), Var::from_tensor(&t).unwrap())
+        })
+        .collect()
+}
+
+/// Copies of the variables (fresh storage), for running two optimizers from the same start.
+pub fn clone_vars(vars: &[(String, Var)]) -> Vec<(String, Var)> {
+    vars.iter()
+        .map(|(n, v)| {
+            (
+                n.clone(),
+                Var::from_tensor(&v.as_tensor().copy().unwrap()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Random gradients for every variable, as flat vectors and as a `GradStore`.
+pub fn random_grads(vars: &[(String, Var)], rng: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, GradStore) {
+    let mut store = GradStore::default();
+    let flat = vars
+        .iter()
+        .map(|(_, v)| {
+            let g = randn(v.elem_count(), 1.0, rng);
+            store.insert(v.as_tensor(), tensor(g.clone(), v.dims()));
+            g
+        })
+        .collect();
+    (flat, store)
+}
+
+/// A store holding the given gradients for the given variables.
+pub fn grads_from(vars: &[(String, Var)], flat: &[Vec<f32>]) -> GradStore {
+    let mut store = GradStore::default();
+    for ((_, v), g) in vars.iter().zip(flat) {
+        store.insert(v.as_tensor(), tensor(g.clone(), v.dims()));
+    }
+    store
+}
+
+pub fn values(v: &Var) -> Vec<f32> {
+    v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+pub fn max_rel_err(a: &[f32], b: &[f64]) -> f64 {
+    let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-12);
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((*x as f64 - y).abs()))
+        / scale
+}
+
+pub fn config(spec: &str) -> OptimizerConfig {
+    OptimizerConfig::parse_spec(spec).unwrap()
+}
+
+/// A small LLaMA-like parameter set covering every class.
+pub const LLAMA_LIKE: &[(&str, &[usize])] = &[
+    ("model.embed_tokens.weight", &[32, 12]),
+    ("model.layers.0.self_attn.q_proj.weight", &[12, 12]),
+    ("model.layers.0.mlp.up_proj.weight", &[20, 12]),
+    ("model.layers.0.mlp.down_proj.weight", &[12, 20]),
+    ("model.layers.0.input_layernorm.weight", &[12]),
+    ("model.layers.1.self_attn.v_proj.weight", &[12, 12]),
+    ("model.layers.1.mlp.gate_proj.weight", &[20, 12]),
+    ("model.norm.weight", &[12]),
+    ("lm_head.weight", &[32, 12]),
+];
+
+/// Runs `steps` steps of random gradients (seeded) and returns the final parameter values.
+pub fn run(
+    spec: &OptimizerConfig,
+    vars: &[(String, Var)],
+    steps: usize,
+    seed: u64,
+) -> (Frugal, Vec<Vec<f32>>) {
+    let mut opt = Frugal::from_named(vars.to_vec(), spec.clone()).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for _ in 0..steps {
+        let (_, g) = random_grads(vars, &mut rng);
+        opt.step_grads(&g).unwrap();
+    }
+    (opt, vars.iter().map(|(_, v)| values(v)).collect())
+}

@@ -1,0 +1,159 @@
+//! Projection properties: idempotence, orthogonal residuals, the SVD subspace, rounding rules.
+
+mod common;
+
+use common::*;
+use faer::MatRef;
+use frugal::config::{CoordinateAxis, ProjSide};
+use frugal::projection::{coordinate_count, matrix_ranks, Basis};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+}
+
+fn project(b: &Basis, g: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (r, c) = b.low_shape();
+    let mut low = vec![0.0; r * c];
+    let mut full = vec![0.0; g.len()];
+    let mut tmp = Vec::new();
+    b.down(g, &mut low, &mut tmp);
+    b.up(&low, &mut full, &mut tmp);
+    (low, full)
+}
+
+#[test]
+fn matrix_projections_are_idempotent_with_orthogonal_residual() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for (m, n) in [(24, 10), (10, 24)] {
+        let g = randn(m * n, 1.0, &mut rng);
+        for side in [ProjSide::Std, ProjSide::ReverseStd, ProjSide::Full] {
+            let (l, r) = matrix_ranks(side, m, n, 0.3);
+            for basis in [
+                Basis::svd(&g, m, n, l, r, "g").unwrap(),
+                Basis::random(m, n, l, r, &mut rng),
+            ] {
+                let (_, p) = project(&basis, &g);
+                let (_, pp) = project(&basis, &p);
+                let diff = p
+                    .iter()
+                    .zip(&pp)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(diff < 1e-5, "P(P(G)) ≠ P(G) by {diff} ({m}x{n}, {side})");
+                let resid: Vec<f32> = g.iter().zip(&p).map(|(a, b)| a - b).collect();
+                let cos = dot(&resid, &p) / (dot(&g, &g));
+                assert!(cos.abs() < 1e-5, "residual not orthogonal: {cos}");
+                let (low_r, _) = project(&basis, &resid);
+                assert!(low_r.iter().all(|x| x.abs() < 1e-4), "down(residual) ≠ 0");
+            }
+        }
+    }
+}
+
+#[test]
+fn svd_subspace_holds_the_top_singular_energy() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let (m, n) = (30, 12);
+    let g = randn(m * n, 1.0, &mut rng);
+    let sv = MatRef::from_row_major_slice(&g, m, n)
+        .singular_values()
+        .unwrap();
+    for r in [1, 3, 6] {
+        let basis = Basis::svd(&g, m, n, None, Some(r), "g").unwrap();
+        let (low, _) = project(&basis, &g);
+        let energy = dot(&low, &low);
+        let top: f64 = sv.iter().take(r).map(|s| (*s as f64).powi(2)).sum();
+        assert!(
+            (energy - top).abs() / top < 1e-4,
+            "rank {r}: {energy} vs {top}"
+        );
+        // Any random subspace of the same rank captures no more.
+        let random = Basis::random(m, n, None, Some(r), &mut rng);
+        let (low_rand, _) = project(&random, &g);
+        assert!(dot(&low_rand, &low_rand) <= energy * (1.0 + 1e-5));
+    }
+}
+
+#[test]
+fn ranks_and_counts_follow_the_rounding_rules() {
+    // SVD ranks: Python round (half to even) of dim·ρ on the reduced side.
+    assert_eq!(
+        matrix_ranks(ProjSide::Std, 512, 512, 0.25),
+        (None, Some(128))
+    );
+    assert_eq!(
+        matrix_ranks(ProjSide::Std, 1376, 512, 0.25),
+        (None, Some(128))
+    );
+    assert_eq!(
+        matrix_ranks(ProjSide::Std, 512, 1376, 0.25),
+        (Some(128), None)
+    );
+    assert_eq!(matrix_ranks(ProjSide::Std, 10, 6, 0.25), (None, Some(2))); // 1.5 → 2
+    assert_eq!(matrix_ranks(ProjSide::Std, 10, 10, 0.25), (None, Some(2))); // 2.5 → 2
+    assert_eq!(
+        matrix_ranks(ProjSide::ReverseStd, 10, 6, 0.25),
+        (Some(2), None)
+    ); // 2.5 → 2
+    assert_eq!(
+        matrix_ranks(ProjSide::Full, 14, 6, 0.25),
+        (Some(4), Some(2))
+    ); // 3.5 → 4
+       // Coordinates: int(N·ρ).
+    assert_eq!(coordinate_count(CoordinateAxis::Columns, 10, 6, 0.25), 1);
+    assert_eq!(coordinate_count(CoordinateAxis::Rows, 10, 6, 0.25), 2);
+    assert_eq!(coordinate_count(CoordinateAxis::RandK, 10, 6, 0.25), 15);
+    // Blocks: round half to even of #blocks·ρ, seen through the optimizer.
+    let specs: Vec<(String, Vec<usize>)> = (0..2)
+        .flat_map(|l| {
+            [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(|p| (format!("model.layers.{l}.{p}.weight"), vec![4, 4]))
+        })
+        .collect();
+    let plan = frugal::memory::plan(&config("frugal:state_full_modules="), &specs).unwrap();
+    let active = plan.iter().filter(|(_, b)| b.moments > 0).count();
+    assert_eq!(active, 4, "14 blocks · 0.25 = 3.5 → 4");
+}
+
+#[test]
+fn optimizer_subspaces_have_the_configured_sizes() {
+    use frugal::projection::Subspace;
+    let vars = named_vars(
+        &[
+            ("layers.0.mlp.up_proj.weight", &[20, 8]),
+            ("layers.0.mlp.down_proj.weight", &[8, 20]),
+        ],
+        3,
+    );
+    for (spec, expect_up, expect_down) in [
+        ("frugal:projection=columns,density=0.3", 20 * 2, 8 * 6),
+        ("frugal:projection=rows,density=0.3", 6 * 8, 2 * 20),
+        ("frugal:projection=randk,density=0.3", 48, 48),
+        ("frugal:projection=randperm,density=0.3", 20 * 2, 2 * 20),
+        ("frugal-svd:density=0.3", 20 * 2, 2 * 20),
+    ] {
+        let cfg = config(&format!("{spec},state_full_modules="));
+        let (opt, _) = run(&cfg, &clone_vars(&vars), 1, 4);
+        for (name, expect) in [
+            ("layers.0.mlp.up_proj.weight", expect_up),
+            ("layers.0.mlp.down_proj.weight", expect_down),
+        ] {
+            let st = opt.param_state(name).unwrap();
+            assert_eq!(st.m.len(), expect, "{spec}: {name}");
+            assert!(matches!(
+                st.subspace,
+                Subspace::Coords(_) | Subspace::Basis(_)
+            ));
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! Optimizer state: resets, frozen blocks, exact byte accounting, save/load, and bad input.
+
+mod common;
+
+use common::*;
+use frugal::projection::Subspace;
+use frugal::{Error, Frugal, StateBytes};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+#[test]
+fn reset_restarts_statistics_and_galore_keeps_them() {
+    let name = "model.layers.0.mlp.up_proj.weight";
+    for (spec, reset) in [
+        ("frugal-svd:update_gap=3", true),
+        ("galore:update_gap=3", false),
+    ] {
+        let vars = named_vars(&[(name, &[12, 6])], 1);
+        let cfg = config(&format!("{spec},state_full_modules="));
+        let mut opt = Frugal::from_named(vars.clone(), cfg).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let mut before = Vec::new();
+        for step in 0..4 {
+            let (flat, g) = random_grads(&vars, &mut rng);
+            opt.step_grads(&g).unwrap();
+            let st = opt.param_state(name).unwrap();
+            if step == 2 {
+                assert_eq!(st.t, 3);
+                before = st.m.to_vec();
+            }
+            if step == 3 {
+                // Step 3 chose a new subspace: m = keep·m_before + (1 − β1)·down(G).
+                let Subspace::Basis(b) = st.subspace else {
+                    panic!("expected a basis")
+                };
+                let (r, c) = b.low_shape();
+                let mut low = vec![0.0; r * c];
+                b.down(&flat[0], &mut low, &mut Vec::new());
+                let keep = if reset { 0.0 } else { 0.9 };
+                assert_eq!(st.t, if reset { 1 } else { 4 });
+                for ((m, l), old) in st.m.iter().zip(&low).zip(&before) {
+                    let want = keep * old + 0.1 * l;
+                    assert!((m - want).abs() < 1e-5, "{spec}: {m} vs {want}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn blockwise_reset_clears_state_when_the_active_set_changes() {
+    let vars = named_vars(LLAMA_LIKE, 3);
+    let cfg = config("frugal:density=0.4,update_gap=2,block_order=ascending");
+    let mut opt = Frugal::from_named(vars.clone(), cfg).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let mut active_sets = Vec::new();
+    for _ in 0..4 {
+        let (_, g) = random_grads(&vars, &mut rng);
+        opt.step_grads(&g).unwrap();
+        let mut active: Vec<String> = opt
+            .params()
+            .filter(|p| p.class == frugal::ParamClass::Projectable)
+            .filter(|p| *opt.param_state(&p.name).unwrap().subspace == Subspace::All)
+            .map(|p| p.name.clone())
+            .collect();
+        active.sort();
+        let t: Vec<u64> = active
+            .iter()
+            .map(|n| opt.param_state(n).unwrap().t)
+            .collect();
+        active_sets.push((active, t));
+    }
+    // 5 blocks · 0.4 = 2 active; ascending: blocks {0,1} for two steps, then {2,3}.
+    assert_eq!(active_sets[0].0, active_sets[1].0);
+    assert_ne!(active_sets[1].0, active_sets[2].0);
+    assert_eq!(active_sets[0].0.len(), 2);
+    assert_eq!(active_sets[1].1, [2, 2]);
+    assert_eq!(
+        active_sets[2].1,
+        [1, 1],
+        "statistics restart with the new set"
+    );
+    // Inactive blocks hold no state at all.
+    for p in opt
+        .params()
+        .filter(|p| p.class == frugal::ParamClass::Projectable)
+    {
+        let st = opt.param_state(&p.name).unwrap();
+        if *st.subspace == Subspace::Nothing {
+            assert!(st.m.is_empty() && st.v.is_empty());
+        }
+    }
+}
+
+#[test]
+fn badam_freezes_inactive_layers() {
+    let vars = named_vars(LLAMA_LIKE, 5);
+    let start: Vec<Vec<f32>> = vars.iter().map(|(_, v)| values(v)).collect();
+    // Two layers, ρ = 0.5 → one active layer; descending starts with the last layer.
+    let (_, end) = run(&config("badam:density=0.5,lr=0.01"), &vars, 3, 6);
+    for (((name, _), a), b) in vars.iter().zip(&start).zip(&end) {
+        let projectable = ["q_proj", "up_proj", "down_proj", "v_proj", "gate_proj"]
+            .iter()
+            .any(|p| name.contains(p));
+        let frozen = projectable && name.contains("layers.0.");
+        assert_eq!(a == b, frozen, "{name}: frozen={frozen}");
+    }
+}
+
+/// The paper's 60M LLaMA parameter set: vocab 32000, hidden 512, intermediate 1376, 8 layers.
+fn llama_60m() -> Vec<(String, Vec<usize>)> {
+    frugal::params::llama_shapes(32000, 512, 1376, 8)
+}
+
+#[test]
+fn state_bytes_match_closed_forms_at_60m() {
+    let (v, h, i) = (32000usize, 512usize, 1376usize);
+    let non_projectable = 2 * v * h + 17 * h;
+    let layer = 4 * h * h + 3 * i * h;
+    let total = non_projectable + 8 * layer;
+    // SVD at ρ = 0.25 (rank 128 on the smaller side): per layer, q/k/v/o keep 512×128 moments and
+    // a 128×512 basis; gate/up 1376×128 and 128×512; down (512×1376, left) 128×1376 and 512×128.
+    let r = 128;
+    let svd_moments = 8 * (4 * h * r + 2 * i * r + r * i);
+    let svd_basis = 4 * (4 * r * h + 2 * r * h + h * r);
+    let expect: &[(&str, StateBytes)] = &[
+        (
+            "adamw",
+            StateBytes {
+                moments: 8 * total,
+                ..Default::default()
+            },
+        ),
+        // 56 blocks · 0.25 = 14 active, descending: layers 6 and 7.
+        (
+            "frugal",
+            StateBytes {
+                moments: 8 * (non_projectable + 2 * layer),
+                ..Default::default()
+            },
+        ),
+        (
+            "badam",
+            StateBytes {
+                moments: 8 * (non_projectable + 2 * layer),
+                ..Default::default()
+            },
+        ),
+        (
+            "frugal-svd",
+            StateBytes {
+                moments: 8 * non_projectable + 8 * svd_moments,
+                projections: 8 * svd_basis,
+                indices: 0,
+            },
+        ),
+        (
+            "galore",
+            StateBytes {
+                moments: 8 * non_projectable + 8 * svd_moments,
+                projections: 8 * svd_basis,
+                indices: 0,
+            },
+        ),
+        // Columns: int(n·ρ) = 128 of 512 (q,k,v,o,gate,up) and 344 of 1376 (down).
+        (
+            "frugal:projection=columns",
+            StateBytes {
+                moments: 8 * non_projectable + 8 * 8 * (4 * h * 128 + 2 * i * 128 + h * 344),
+                projections: 0,
+                indices: 8 * 4 * (6 * 128 + 344),
+            },
+        ),
+        ("signsgd", StateBytes::default()),
+        ("sgd", StateBytes::default()),
+    ];
+    let shapes = llama_60m();
+    assert_eq!(
+        shapes
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum::<usize>(),
+        total
+    );
+    for (spec, want) in expect {
+        let cfg = config(spec);
+        let planned = frugal::memory::plan(&cfg, &shapes).unwrap();
+        let mut sum = StateBytes::default();
+        for (_, b) in &planned {
+            sum += *b;
+        }
+        assert_eq!(sum, *want, "plan for {spec}");
+    }
+    // The optimizer's own count after a real step agrees (zero gradients keep this fast).
+    let vars: Vec<(String, candle_core::Var)> = shapes
+        .iter()
+        .map(|(n, s)| {
+            (
+                n.clone(),
+                candle_core::Var::zeros(
+                    s.as_slice(),
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                )
+                .unwrap(),
+            )
+        })
+        .collect();
+    let mut store = candle_core::backprop::GradStore::default();
+    for (_, v) in &vars {
+        store.insert(v.as_tensor(), v.as_tensor().ones_like().unwrap());
+    }
+    for (spec, want) in expect
+        .iter()
+        .filter(|(s, _)| ["adamw", "frugal", "frugal:projection=columns"].contains(s))
+    {
+        let mut opt = Frugal::from_named(vars.clone(), config(spec)).unwrap();
+        opt.step_grads(&store).unwrap();
+        assert_eq!(opt.state_bytes(), *want, "held by {spec}");
+    }
+}
+
+#[test]
+fn resumed_run_is_bit_identical() {
+    let dir = std::env::temp_dir().join(format!("frugal-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for spec in [
+        "frugal:block_order=random,update_gap=2",
+        "frugal-svd:update_gap=2",
+        "frugal:projection=randk,update_gap=2",
+        "galore:update_gap=2",
+        "frugal:state_full=lion,projection=columns,update_gap=2",
+    ] {
+        let vars = named_vars(LLAMA_LIKE, 7);
+        let cfg = config(spec);
+        let (_, straight) = run(&cfg, &clone_vars(&vars), 7, 8);
+
+        let first = clone_vars(&vars);
+        let mut opt = Frugal::from_named(first.clone(), cfg.clone()).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        for _ in 0..3 {
+            let (_, g) = random_grads(&first, &mut rng);
+            opt.step_grads(&g).unwrap();
+        }
+        let path = dir.join("opt.safetensors");
+        opt.save_state(&path).unwrap();
+        let resumed = clone_vars(&first);
+        drop(opt);
+        let mut opt = Frugal::from_named(resumed.clone(), cfg.clone()).unwrap();
+        opt.load_state(&path).unwrap();
+        assert_eq!(opt.steps_done(), 3);
+        for _ in 3..7 {
+            let (_, g) = random_grads(&resumed, &mut rng);
+            opt.step_grads(&g).unwrap();
+        }
+        let got: Vec<Vec<f32>> = resumed.iter().map(|(_, v)| values(v)).collect();
+        assert_eq!(got, straight, "{spec}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() {
+    let dir = std::env::temp_dir().join(format!("frugal-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let vars = named_vars(LLAMA_LIKE, 9);
+
+    let mut cfg = config("frugal");
+    cfg.density = -0.1;
+    assert!(matches!(
+        Frugal::from_named(vars.clone(), cfg),
+        Err(Error::InvalidSetting { .. })
+    ));
+
+    // A NaN gradient names the parameter and leaves every parameter untouched.
+    let before: Vec<Vec<f32>> = vars.iter().map(|(_, v)| values(v)).collect();
+    let mut opt = Frugal::from_named(vars.clone(), config("frugal")).unwrap();
+    let mut flat: Vec<Vec<f32>> = vars
+        .iter()
+        .map(|(_, v)| vec![0.5; v.elem_count()])
+        .collect();
+    flat[5][3] = f32::NAN;
+    match opt.step_grads(&grads_from(&vars, &flat)) {
+        Err(Error::NonFiniteGradient { name }) => assert_eq!(name, vars[5].0),
+        other => panic!("expected a non-finite error, got {other:?}"),
+    }
+    assert_eq!(
+        before,
+        vars.iter().map(|(_, v)| values(v)).collect::<Vec<_>>()
+    );
+
+    // State from another model: renamed parameter, changed shape, corrupt file, other settings.
+    flat[5][3] = 0.1;
+    opt.step_grads(&grads_from(&vars, &flat)).unwrap();
+    let path = dir.join("s.safetensors");
+    opt.save_state(&path).unwrap();
+    let mut renamed = clone_vars(&vars);
+    renamed[0].0 = "model.embed.weight".into();
+    let mut other = Frugal::from_named(renamed, config("frugal")).unwrap();
+    assert!(matches!(
+        other.load_state(&path),
+        Err(Error::StateMismatch(_))
+    ));
+    let mut reshaped = named_vars(LLAMA_LIKE, 9);
+    reshaped[1].1 =
+        candle_core::Var::zeros((12, 13), candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+    let mut other = Frugal::from_named(reshaped, config("frugal")).unwrap();
+    assert!(matches!(
+        other.load_state(&path),
+        Err(Error::ShapeChanged { .. })
+    ));
+    let mut other = Frugal::from_named(clone_vars(&vars), config("frugal:density=0.5")).unwrap();
+    assert!(matches!(
+        other.load_state(&path),
+        Err(Error::StateMismatch(_))
+    ));
+    std::fs::write(&path, b"not a state").unwrap();
+    let mut other = Frugal::from_named(clone_vars(&vars), config("frugal")).unwrap();
+    assert!(matches!(
+        other.load_state(&path),
+        Err(Error::StateFile { .. })
+    ));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,1 +1,135 @@
-fn main() {}
+//! The `frugal` command-line tool.
+
+mod cli;
+mod data;
+mod eval;
+mod model;
+mod plot;
+mod train;
+
+use anyhow::{bail, Context, Result};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches};
+use cli::{Cli, Command, TrainArgs};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Uses `threads` worker threads for candle, faer and the optimizer (before any pool starts).
+fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .ok();
+    }
+    Ok(())
+}
+
+/// Names of the flags given explicitly on the command line.
+fn explicit(m: &ArgMatches) -> Vec<String> {
+    m.ids()
+        .filter(|id| m.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+        .map(|id| id.to_string())
+        .collect()
+}
+
+/// Applies `--config` (flags win) and, for `--resume`, the saved settings of the run (flags that
+/// contradict them are an error).
+fn merge_train_args(args: TrainArgs, given: &[String]) -> Result<TrainArgs> {
+    let mut value = serde_json::to_value(&args)?;
+    let fields: Vec<String> = value.as_object().expect("object").keys().cloned().collect();
+    let opt_fields: Vec<String> = value["opt"]
+        .as_object()
+        .expect("object")
+        .keys()
+        .cloned()
+        .collect();
+    let slot = |v: &mut serde_json::Value, key: &str| -> Option<*mut serde_json::Value> {
+        if fields.iter().any(|f| f == key) {
+            Some(&mut v[key] as *mut _)
+        } else if opt_fields.iter().any(|f| f == key) {
+            Some(&mut v["opt"][key] as *mut _)
+        } else {
+            None
+        }
+    };
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!("config file {} is not valid TOML: {e}", path.display())
+        })?;
+        for (key, v) in table {
+            let key = key.replace('-', "_");
+            let Some(target) = slot(&mut value, &key) else {
+                bail!("config file {}: unknown setting `{key}`", path.display());
+            };
+            if !given.contains(&key) {
+                // SAFETY: `target` points into `value`, which is alive and not otherwise borrowed.
+                unsafe { *target = serde_json::to_value(v)? };
+            }
+        }
+    }
+    if let Some(dir) = &args.resume {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("{} is not a run directory (no config.json)", dir.display())
+        })?;
+        let saved: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))?;
+        let mut saved_args = saved["args"].clone();
+        for key in given {
+            let (Some(now), Some(then)) = (slot(&mut value, key), slot(&mut saved_args, key))
+            else {
+                continue;
+            };
+            // SAFETY: both point into live, separate values.
+            let (now, then) = unsafe { (&*now, &*then) };
+            if now != then {
+                bail!("--{} {now} differs from the run in {} ({then}); resume with the run's settings", key.replace('_', "-"), dir.display());
+            }
+        }
+        value = saved_args;
+    }
+    let mut merged: TrainArgs = serde_json::from_value(value).context("invalid settings")?;
+    merged.config = args.config;
+    merged.resume = args.resume;
+    merged.threads = args.threads;
+    merged.cache_dir = args.cache_dir;
+    Ok(merged)
+}
+
+fn main() {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let result = match cli.command {
+        Command::Train(args) => {
+            let sub = matches
+                .subcommand_matches("train")
+                .expect("train subcommand");
+            set_threads(args.threads).and_then(|_| {
+                let merged = merge_train_args(*args, &explicit(sub))?;
+                let cache = merged
+                    .cache_dir
+                    .clone()
+                    .unwrap_or_else(data::default_cache_dir);
+                let resume = merged.resume.clone();
+                let run = train::resolve(merged)?;
+                train::run(run, resume.as_deref(), &cache).map(|_| ())
+            })
+        }
+        Command::Eval(args) => set_threads(args.threads).and_then(|_| eval::run(&args)),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -140,6 +140,16 @@ impl Frugal {
         Self::from_named(params, config)
     }
 
+    /// Sets the learning rate of the next steps (schedules call this every step).
+    pub fn set_learning_rate(&mut self, lr: f64) {
+        self.config.lr = lr;
+    }
+
+    /// The learning rate in force.
+    pub fn learning_rate(&self) -> f64 {
+        self.config.lr
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> &OptimizerConfig {
         &self.config

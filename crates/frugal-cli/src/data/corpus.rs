@@ -1,0 +1,241 @@
+//! Reading documents from text corpora: `.txt` (paragraphs separated by blank lines), `.jsonl` /
+//! `.json` (one JSON object per line with a `text` field, like C4's shards, or a JSON array of
+//! such objects), each optionally gzip-compressed; a file or a directory tree of them.
+
+use anyhow::{bail, Context, Result};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// The corpus shipped inside the binary: Moby-Dick (public domain), one chapter per line.
+pub const EMBEDDED_NAME: &str = "embedded:moby-dick";
+const EMBEDDED: &str = include_str!("../../../../data/embedded/moby-dick.jsonl");
+
+/// A corpus source: the embedded corpus or files on disk.
+#[derive(Clone, Debug)]
+pub enum Source {
+    Embedded,
+    Files(Vec<PathBuf>),
+}
+
+const EXTENSIONS: &[&str] = &[
+    ".txt",
+    ".jsonl",
+    ".json",
+    ".txt.gz",
+    ".jsonl.gz",
+    ".json.gz",
+];
+
+fn is_corpus_file(p: &Path) -> bool {
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    EXTENSIONS.iter().any(|e| name.ends_with(e))
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read directory {}", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            walk(&p, out)?;
+        } else if is_corpus_file(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+impl Source {
+    /// Resolves `--data`: the embedded corpus name, a file, or a directory.
+    pub fn resolve(data: &str) -> Result<Self> {
+        if data == EMBEDDED_NAME {
+            return Ok(Source::Embedded);
+        }
+        let path = Path::new(data);
+        if !path.exists() {
+            bail!(
+                "data path {} does not exist (use a file, a directory, or `{EMBEDDED_NAME}`)",
+                path.display()
+            );
+        }
+        let mut files = Vec::new();
+        if path.is_dir() {
+            walk(path, &mut files)?;
+            if files.is_empty() {
+                bail!(
+                    "directory {} holds no corpus files ({})",
+                    path.display(),
+                    EXTENSIONS.join(", ")
+                );
+            }
+        } else {
+            if !is_corpus_file(path) {
+                bail!(
+                    "data file {} is not one of {}",
+                    path.display(),
+                    EXTENSIONS.join(", ")
+                );
+            }
+            files.push(path.to_path_buf());
+        }
+        Ok(Source::Files(files))
+    }
+
+    /// The raw bytes of every file, in order, with a label for messages.
+    pub fn contents(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        match self {
+            Source::Embedded => Ok(vec![(
+                format!("{EMBEDDED_NAME}.jsonl"),
+                EMBEDDED.as_bytes().to_vec(),
+            )]),
+            Source::Files(files) => files
+                .iter()
+                .map(|p| {
+                    let raw = std::fs::read(p)
+                        .with_context(|| format!("cannot read data file {}", p.display()))?;
+                    let bytes = if p.to_string_lossy().ends_with(".gz") {
+                        let mut out = Vec::new();
+                        flate2::read::MultiGzDecoder::new(raw.as_slice())
+                            .read_to_end(&mut out)
+                            .with_context(|| {
+                                format!("data file {} is not valid gzip", p.display())
+                            })?;
+                        out
+                    } else {
+                        raw
+                    };
+                    let label = p.display().to_string().trim_end_matches(".gz").to_string();
+                    Ok((label, bytes))
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Splits one file's contents into documents.
+pub fn documents(label: &str, bytes: &[u8]) -> Result<Vec<String>> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        let line = bytes[..e.valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1;
+        anyhow::anyhow!(
+            "data file {label} is not valid UTF-8 (line {line}, byte {}); convert it to UTF-8",
+            e.valid_up_to()
+        )
+    })?;
+    if label.ends_with(".txt") {
+        return Ok(text
+            .replace("\r\n", "\n")
+            .split("\n\n")
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect());
+    }
+    let field = |v: &serde_json::Value, place: &str| -> Result<String> {
+        match v.get("text") {
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            _ => bail!("{label}{place}: expected a JSON object with a string field `text`"),
+        }
+    };
+    if text.trim_start().starts_with('[') {
+        let items: Vec<serde_json::Value> = serde_json::from_str(text)
+            .map_err(|e| anyhow::anyhow!("{label} is not a valid JSON array: {e}"))?;
+        return items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| field(v, &format!(" item {i}")))
+            .collect();
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let v: serde_json::Value = serde_json::from_str(l)
+                .map_err(|e| anyhow::anyhow!("{label} line {}: not valid JSON ({e})", i + 1))?;
+            field(&v, &format!(" line {}", i + 1))
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(|docs| docs.into_iter().filter(|d| !d.trim().is_empty()).collect())
+}
+
+/// True if document `index` belongs to the validation split (deterministic, ~`fraction` of them).
+pub fn is_validation(index: usize, fraction: f64) -> bool {
+    // SplitMix64 of the index: a fixed, well-mixed assignment independent of the content.
+    let mut z = (index as u64).wrapping_add(0x9E3779B97F4A7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+    z ^= z >> 31;
+    (z % 1_000_000) as f64 / 1_000_000.0 < fraction
+}
+
+/// All documents of a source, split into (train, validation).
+pub fn load_split(source: &Source, val_fraction: f64) -> Result<(Vec<String>, Vec<String>)> {
+    let mut docs = Vec::new();
+    for (label, bytes) in source.contents()? {
+        docs.extend(documents(&label, &bytes)?);
+    }
+    if docs.is_empty() {
+        bail!("the corpus holds no text (every file is empty)");
+    }
+    if docs.len() < 2 {
+        bail!("the corpus holds a single document; at least two are needed for a training and a validation split");
+    }
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (i, d) in docs.into_iter().enumerate() {
+        if is_validation(i, val_fraction) {
+            val.push(d);
+        } else {
+            train.push(d);
+        }
+    }
+    // Tiny corpora: guarantee one document on each side.
+    if val.is_empty() {
+        val.push(train.pop().expect("two documents"));
+    }
+    if train.is_empty() {
+        train.push(val.pop().expect("two documents"));
+    }
+    Ok((train, val))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_and_errors() {
+        let docs = documents("a.txt", b"first para\nline two\n\n\nsecond\r\n\r\nthird\n").unwrap();
+        assert_eq!(docs, ["first para\nline two", "second", "third"]);
+        let docs = documents(
+            "a.jsonl",
+            b"{\"text\": \"x\", \"url\": 1}\n\n{\"text\": \"y\"}\n",
+        )
+        .unwrap();
+        assert_eq!(docs, ["x", "y"]);
+        let docs = documents("a.json", br#"[{"text": "x"}, {"text": "z"}]"#).unwrap();
+        assert_eq!(docs, ["x", "z"]);
+        let err = documents("a.jsonl", b"{\"text\": \"x\"}\n{\"body\": 1}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2") && err.contains("text"), "{err}");
+        let err = documents("a.txt", b"ok\n\xff\xfe bad")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("UTF-8") && err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn validation_split_is_deterministic_and_disjoint() {
+        let (train, val) = load_split(&Source::Embedded, 0.05).unwrap();
+        let (train2, val2) = load_split(&Source::Embedded, 0.05).unwrap();
+        assert_eq!((train.len(), val.len()), (train2.len(), val2.len()));
+        assert_eq!(val, val2);
+        assert!(!val.is_empty() && train.len() > 10 * val.len());
+        assert!(val.iter().all(|v| !train.contains(v)));
+    }
+}

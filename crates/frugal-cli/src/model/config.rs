@@ -1,0 +1,236 @@
+//! LLaMA model configurations: built-in sizes and Hugging Face `config.json` files.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The fields of a Hugging Face `LlamaConfig` that define the architecture.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub num_hidden_layers: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10000.0
+}
+fn default_max_pos() -> usize {
+    2048
+}
+
+/// Names of the built-in configurations.
+pub const BUILTIN: &[&str] = &[
+    "tiny", "9m", "20m", "35m", "60m", "130m", "350m", "1b", "3b", "7b",
+];
+
+impl LlamaConfig {
+    fn shape(
+        vocab: usize,
+        hidden: usize,
+        inter: usize,
+        heads: usize,
+        layers: usize,
+        max_pos: usize,
+    ) -> Self {
+        LlamaConfig {
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: inter,
+            num_attention_heads: heads,
+            num_hidden_layers: layers,
+            num_key_value_heads: None,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            max_position_embeddings: max_pos,
+        }
+    }
+
+    /// A built-in configuration by name (the paper's sizes; `tiny` is the embedded default).
+    pub fn builtin(name: &str) -> Option<Self> {
+        let v = 32000;
+        Some(match name.to_ascii_lowercase().as_str() {
+            "tiny" => Self::shape(4096, 256, 688, 4, 2, 128),
+            "9m" => Self::shape(v, 128, 352, 4, 4, 1024),
+            "20m" => Self::shape(v, 256, 688, 4, 4, 1024),
+            "35m" => Self::shape(v, 384, 1024, 8, 6, 1024),
+            "60m" => Self::shape(v, 512, 1376, 8, 8, 1024),
+            "130m" => Self::shape(v, 768, 2048, 12, 12, 1024),
+            "350m" => Self::shape(v, 1024, 2736, 16, 24, 1024),
+            "1b" => Self::shape(v, 2048, 5461, 32, 24, 1024),
+            "3b" => Self::shape(v, 2560, 6848, 32, 32, 1024),
+            "7b" => Self::shape(v, 4096, 11008, 32, 32, 2048),
+            _ => return None,
+        })
+    }
+
+    /// A built-in name or a path to a Hugging Face `config.json` (unknown keys are ignored).
+    pub fn resolve(name_or_path: &str) -> Result<Self> {
+        if let Some(c) = Self::builtin(name_or_path) {
+            return Ok(c);
+        }
+        let path = Path::new(name_or_path);
+        if !path.exists() {
+            bail!(
+                "model `{name_or_path}` is neither a built-in configuration ({}) nor an existing config.json file",
+                BUILTIN.join(", ")
+            );
+        }
+        Self::from_file(path)
+    }
+
+    /// Reads a Hugging Face `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read model config {}", path.display()))?;
+        let c: LlamaConfig = serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "model config {} is not a valid LlamaConfig: {e}",
+                path.display()
+            )
+        })?;
+        c.validate()
+            .with_context(|| format!("model config {}", path.display()))?;
+        Ok(c)
+    }
+
+    /// Checks that the shapes fit together.
+    pub fn validate(&self) -> Result<()> {
+        if self.vocab_size == 0
+            || self.hidden_size == 0
+            || self.num_hidden_layers == 0
+            || self.intermediate_size == 0
+        {
+            bail!("sizes must be positive");
+        }
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            bail!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size,
+                self.num_attention_heads
+            );
+        }
+        if (self.hidden_size / self.num_attention_heads) % 2 != 0 {
+            bail!("the head dimension must be even for rotary embeddings");
+        }
+        let kv = self.kv_heads();
+        if kv == 0 || self.num_attention_heads % kv != 0 {
+            bail!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {kv}",
+                self.num_attention_heads
+            );
+        }
+        Ok(())
+    }
+
+    /// Key/value heads (grouped-query attention), defaulting to the attention heads.
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Dimension of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Parameter names and shapes in Hugging Face's layout.
+    pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, kv) = (self.hidden_size, self.kv_heads() * self.head_dim());
+        let mut p = frugal::params::llama_shapes(
+            self.vocab_size,
+            h,
+            self.intermediate_size,
+            self.num_hidden_layers,
+        );
+        for (name, shape) in p.iter_mut() {
+            if name.ends_with("k_proj.weight") || name.ends_with("v_proj.weight") {
+                *shape = vec![kv, h];
+            }
+        }
+        p
+    }
+
+    /// Total number of parameters.
+    pub fn num_params(&self) -> usize {
+        self.parameter_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+
+    /// The Hugging Face `config.json` for this model.
+    pub fn to_hf_json(&self, eos_token_id: u32) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_key_value_heads": self.kv_heads(),
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": false,
+            "attention_bias": false,
+            "mlp_bias": false,
+            "bos_token_id": eos_token_id,
+            "eos_token_id": eos_token_id,
+            "torch_dtype": "float32",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_sizes_match_the_paper() {
+        // The paper's "60M" has 58.1M parameters with a 32k vocabulary; "tiny" is 3.7M.
+        assert_eq!(
+            LlamaConfig::builtin("60m").unwrap().num_params(),
+            58_073_600
+        );
+        let tiny = LlamaConfig::builtin("tiny").unwrap().num_params();
+        assert!((3_600_000..3_800_000).contains(&tiny), "{tiny}");
+    }
+
+    #[test]
+    fn hf_config_files_parse_and_fail_clearly() {
+        let dir = std::env::temp_dir().join(format!("frugal-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = dir.join("ok.json");
+        let mut json = LlamaConfig::builtin("20m").unwrap().to_hf_json(0);
+        json["some_unknown_key"] = serde_json::json!(3);
+        std::fs::write(&ok, json.to_string()).unwrap();
+        assert_eq!(
+            LlamaConfig::resolve(ok.to_str().unwrap()).unwrap(),
+            LlamaConfig::builtin("20m").unwrap()
+        );
+        let bad = dir.join("bad.json");
+        std::fs::write(&bad, r#"{"vocab_size": 10, "hidden_size": 8}"#).unwrap();
+        let err = format!(
+            "{:#}",
+            LlamaConfig::resolve(bad.to_str().unwrap()).unwrap_err()
+        );
+        assert!(err.contains("intermediate_size"), "{err}");
+        assert!(LlamaConfig::resolve("13m").is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -1,0 +1,7 @@
+//! The LLaMA model: configurations and the differentiable decoder.
+
+pub mod config;
+pub mod llama;
+
+pub use config::LlamaConfig;
+pub use llama::Llama;

@@ -104,7 +104,17 @@ fn merge_train_args(args: TrainArgs, given: &[String]) -> Result<TrainArgs> {
     Ok(merged)
 }
 
+/// Keeps freed memory mapped: a training step frees and re-allocates the same large buffers,
+/// and returning them to the OS makes every step pay for page faults and zeroing.
+fn keep_freed_memory() {
+    // `mi_option_purge_delay` (index 15 in mimalloc 3's option enum, pinned by the crate version).
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: called once at start-up before other threads exist; -1 disables purging.
+    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
+}
+
 fn main() {
+    keep_freed_memory();
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,

@@ -52,7 +52,7 @@ impl LlamaConfig {
             intermediate_size: inter,
             num_attention_heads: heads,
             num_hidden_layers: layers,
-            num_key_value_heads: None,
+            num_key_value_heads: Some(heads),
             rms_norm_eps: 1e-6,
             rope_theta: 10000.0,
             max_position_embeddings: max_pos,

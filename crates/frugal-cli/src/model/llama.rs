@@ -3,6 +3,7 @@
 //! Parameter names follow Hugging Face's `LlamaForCausalLM`.
 
 use super::config::LlamaConfig;
+use super::ops::{causal_softmax, cross_entropy, rms_norm};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
@@ -32,8 +33,8 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Tensor,
     head: Tensor,
-    /// Per sequence length: (cos, sin, causal mask).
-    tables: std::sync::Mutex<HashMap<usize, (Tensor, Tensor, Tensor)>>,
+    /// Rotary tables (cos, sin) per sequence length.
+    tables: std::sync::Mutex<HashMap<usize, (Tensor, Tensor)>>,
 }
 
 /// x·Wᵀ for x of shape (..., in) and W of shape (out, in).
@@ -45,13 +46,6 @@ fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let mut out = lead.to_vec();
     out.push(w.dim(0)?);
     Ok(y.reshape(out)?)
-}
-
-/// RMSNorm: x / sqrt(mean(x²) + eps) · w.
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (ms + eps)?.sqrt()?.recip()?;
-    Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
 }
 
 /// Rotary embedding in Hugging Face's rotate-half convention: x·cos + rotate_half(x)·sin.
@@ -149,7 +143,7 @@ impl Llama {
             .with_context(|| format!("cannot write {}", path.display()))
     }
 
-    fn tables(&self, t: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    fn tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
         let mut cache = self.tables.lock().expect("tables lock");
         if let Some(x) = cache.get(&t) {
             return Ok(x.clone());
@@ -167,20 +161,10 @@ impl Llama {
                 sin.push(angle.sin());
             }
         }
-        let mask: Vec<f32> = (0..t * t)
-            .map(|i| {
-                if i % t > i / t {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
         let dev = &Device::Cpu;
         let entry = (
             Tensor::from_vec(cos, (t, d), dev)?,
             Tensor::from_vec(sin, (t, d), dev)?,
-            Tensor::from_vec(mask, (t, t), dev)?,
         );
         cache.insert(t, entry.clone());
         Ok(entry)
@@ -197,7 +181,7 @@ impl Llama {
         }
         let c = &self.config;
         let (heads, kv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let (cos, sin, mask) = self.tables(t)?;
+        let (cos, sin) = self.tables(t)?;
         let scale = 1.0 / (d as f64).sqrt();
         let mut x = self
             .embed
@@ -225,8 +209,7 @@ impl Llama {
                 };
                 (expand(k)?, expand(v)?)
             };
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let probs = causal_softmax(&q.matmul(&k.t()?)?, scale)?;
             let att = probs
                 .matmul(&v)?
                 .transpose(1, 2)?
@@ -243,7 +226,7 @@ impl Llama {
     pub fn loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let logits = self.forward(ids)?;
         let v = self.config.vocab_size;
-        Ok(candle_nn::loss::cross_entropy(
+        Ok(cross_entropy(
             &logits.reshape(((), v))?,
             &targets.flatten_all()?,
         )?)
@@ -255,5 +238,116 @@ impl Llama {
         let mut v: Vec<(String, Var)> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn micro() -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: 50,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_attention_heads: 4,
+            num_hidden_layers: 2,
+            num_key_value_heads: Some(2),
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            max_position_embeddings: 16,
+        }
+    }
+
+    fn batch() -> (Tensor, Tensor) {
+        let ids: Vec<u32> = (0..2 * 9).map(|i| (i * 7 + 3) % 50).collect();
+        let x = Tensor::from_vec(ids[..16].to_vec(), (2, 8), &Device::Cpu).unwrap();
+        let y = Tensor::from_vec(ids[2..].to_vec(), (2, 8), &Device::Cpu).unwrap();
+        (x, y)
+    }
+
+    #[test]
+    fn every_parameter_gets_a_gradient_that_matches_finite_differences() {
+        let model = Llama::init(&micro(), 3).unwrap();
+        let (x, y) = batch();
+        let loss = model.loss(&x, &y).unwrap();
+        let grads = loss.backward().unwrap();
+        let vars = model.named_vars();
+        assert_eq!(vars.len(), 2 + 2 * 9 + 1);
+        for (name, var) in &vars {
+            let g = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("{name} has no gradient"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
+            assert!(norm > 0.0, "{name}: zero gradient");
+            // Directional derivative along the normalised gradient equals its norm. The step is
+            // large enough for the loss change to stand well above f32 rounding.
+            let eps = (2e-3 / norm as f64).clamp(1e-2, 1.0);
+            let dir = (g / norm as f64).unwrap();
+            let original = var.as_tensor().copy().unwrap();
+            let at = |s: f64| {
+                var.set(&(&original + (&dir * s).unwrap()).unwrap())
+                    .unwrap();
+                model.loss(&x, &y).unwrap().to_scalar::<f32>().unwrap() as f64
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+            var.set(&original).unwrap();
+            let rel = (fd - norm as f64).abs() / norm as f64;
+            assert!(
+                rel < 2e-2,
+                "{name}: finite difference {fd} vs autograd {norm}"
+            );
+        }
+    }
+
+    #[test]
+    fn weights_round_trip_through_safetensors() {
+        let model = Llama::init(&micro(), 4).unwrap();
+        let path =
+            std::env::temp_dir().join(format!("frugal-llama-{}.safetensors", std::process::id()));
+        model.save(&path).unwrap();
+        let again = Llama::load(&micro(), &path).unwrap();
+        let (x, _) = batch();
+        let a = model
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = again
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(a, b);
+        let mut other = micro();
+        other.hidden_size = 32;
+        let err = format!("{:#}", Llama::load(&other, &path).err().unwrap());
+        assert!(err.contains("shape"), "{err}");
+        std::fs::remove_file(&path).ok();
+    }
+
+    #[test]
+    fn attention_is_causal() {
+        // Changing a later token must not change earlier logits.
+        let model = Llama::init(&micro(), 5).unwrap();
+        let (x, _) = batch();
+        let mut ids = x.to_vec2::<u32>().unwrap();
+        let a = model.forward(&x).unwrap().to_vec3::<f32>().unwrap();
+        ids[0][6] = (ids[0][6] + 1) % 50;
+        let x2 = Tensor::new(ids, &Device::Cpu).unwrap();
+        let b = model.forward(&x2).unwrap().to_vec3::<f32>().unwrap();
+        assert_eq!(a[0][..6], b[0][..6]);
+        assert_ne!(a[0][6], b[0][6]);
     }
 }

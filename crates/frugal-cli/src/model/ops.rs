@@ -1,0 +1,444 @@
+//! Fused CPU operations with their own backward passes: cross-entropy, causal softmax and
+//! RMSNorm. Each reads its inputs once per pass instead of chaining a dozen tensor operations
+//! (candle's built-in fast variants of these have no backward).
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => bail!("{op}: expects a contiguous f32 tensor"),
+    }
+}
+
+fn u32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [u32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::U32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => bail!("{op}: expects contiguous u32 targets"),
+    }
+}
+
+/// log Σ exp(row).
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max + row.iter().map(|x| (x - max).exp()).sum::<f32>().ln()
+}
+
+/// Mean cross-entropy of logits (n, v) against targets (n).
+struct CrossEntropy;
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let logits = f32s(s1, l1, self.name())?;
+        let targets = u32s(s2, l2, self.name())?;
+        let v = l1.dims()[1];
+        // Collected in order and summed sequentially: the result does not depend on scheduling.
+        let losses: Vec<f64> = logits
+            .par_chunks(v)
+            .zip(targets.par_iter())
+            .map(|(row, &t)| (log_sum_exp(row) - row[t as usize]) as f64)
+            .collect();
+        let total: f64 = losses.iter().sum();
+        Ok((
+            CpuStorage::F32(vec![(total / targets.len() as f64) as f32]),
+            Shape::from(()),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let scale = grad.to_scalar::<f32>()? / targets.elem_count() as f32;
+        Ok((
+            Some(logits.apply_op2_no_bwd(targets, &CrossEntropyGrad { scale })?),
+            None,
+        ))
+    }
+}
+
+/// scale·(softmax(logits) − onehot(targets)).
+struct CrossEntropyGrad {
+    scale: f32,
+}
+
+impl CustomOp2 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let logits = f32s(s1, l1, self.name())?;
+        let targets = u32s(s2, l2, self.name())?;
+        let v = l1.dims()[1];
+        let mut out = vec![0f32; logits.len()];
+        out.par_chunks_mut(v)
+            .zip(logits.par_chunks(v))
+            .zip(targets.par_iter())
+            .for_each(|((o, row), &t)| {
+                let lse = log_sum_exp(row);
+                for (o, x) in o.iter_mut().zip(row) {
+                    *o = self.scale * (x - lse).exp();
+                }
+                o[t as usize] -= self.scale;
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Mean next-token cross-entropy of `logits` (n, vocab) against `targets` (n, u32).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    if targets.dims1()? != n {
+        bail!(
+            "cross_entropy: {n} rows of logits but {} targets",
+            targets.elem_count()
+        );
+    }
+    if let Some(&bad) = targets.to_vec1::<u32>()?.iter().find(|&&t| t as usize >= v) {
+        bail!("cross_entropy: target {bad} outside the vocabulary of {v}");
+    }
+    logits
+        .contiguous()?
+        .apply_op2(&targets.contiguous()?, CrossEntropy)
+}
+
+/// Softmax over the last dimension of scale·x with a causal mask (query i sees keys ≤ i), for
+/// scores of shape (..., t, t).
+struct CausalSoftmax {
+    scale: f32,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, self.name())?;
+        let t = l.dims()[l.dims().len() - 1];
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(t)
+            .zip(x.par_chunks(t))
+            .enumerate()
+            .for_each(|(r, (o, row))| {
+                let seen = r % t + 1;
+                let max = row[..seen]
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |m, &v| m.max(v * self.scale));
+                let mut sum = 0.0;
+                for (o, &v) in o[..seen].iter_mut().zip(&row[..seen]) {
+                    *o = (v * self.scale - max).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                o[..seen].iter_mut().for_each(|o| *o *= inv);
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(
+            &dy.contiguous()?,
+            &SoftmaxGrad { scale: self.scale },
+        )?))
+    }
+}
+
+/// dx = scale·y⊙(dy − Σ y⊙dy) per row.
+struct SoftmaxGrad {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "fused-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = f32s(s1, l1, self.name())?;
+        let dy = f32s(s2, l2, self.name())?;
+        let t = l1.dims()[l1.dims().len() - 1];
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(t)
+            .zip(y.par_chunks(t).zip(dy.par_chunks(t)))
+            .for_each(|(o, (y, dy))| {
+                let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
+                for ((o, &y), &dy) in o.iter_mut().zip(y).zip(dy) {
+                    *o = self.scale * y * (dy - dot);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Causal softmax of `scale·scores` over the last dimension; scores are (..., t, t).
+pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    scores.contiguous()?.apply_op1(CausalSoftmax {
+        scale: scale as f32,
+    })
+}
+
+/// RMSNorm over the last dimension: y = x / sqrt(mean(x²) + eps) ⊙ w.
+struct RmsNorm {
+    eps: f32,
+}
+
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ms = row.iter().map(|x| x * x).sum::<f32>() / row.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s1, l1, self.name())?;
+        let w = f32s(s2, l2, self.name())?;
+        let d = w.len();
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, row)| {
+                let r = inv_rms(row, self.eps);
+                for ((o, &x), &w) in o.iter_mut().zip(row).zip(w) {
+                    *o = x * r * w;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let weights = w.to_vec1::<f32>()?;
+        let dx = x.apply_op2_no_bwd(
+            &dy,
+            &RmsNormGradX {
+                eps: self.eps,
+                w: weights,
+            },
+        )?;
+        let dw = x.apply_op2_no_bwd(&dy, &RmsNormGradW { eps: self.eps })?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// dx = r·(w⊙dy) − r³·x·mean(x⊙w⊙dy) per row.
+struct RmsNormGradX {
+    eps: f32,
+    w: Vec<f32>,
+}
+
+impl CustomOp2 for RmsNormGradX {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-grad-x"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s1, l1, self.name())?;
+        let dy = f32s(s2, l2, self.name())?;
+        let d = self.w.len();
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
+            .for_each(|(o, (x, dy))| {
+                let r = inv_rms(x, self.eps);
+                let dot: f32 = x
+                    .iter()
+                    .zip(dy)
+                    .zip(&self.w)
+                    .map(|((x, dy), w)| x * dy * w)
+                    .sum::<f32>()
+                    / d as f32;
+                let c = r * r * r * dot;
+                for (((o, &x), &dy), &w) in o.iter_mut().zip(x).zip(dy).zip(&self.w) {
+                    *o = r * w * dy - c * x;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// dw = Σ_rows dy⊙x·r.
+struct RmsNormGradW {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNormGradW {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-grad-w"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s1, l1, self.name())?;
+        let dy = f32s(s2, l2, self.name())?;
+        let d = l1.dims()[l1.dims().len() - 1];
+        let rows_per = (4096 / d).max(1);
+        let partials: Vec<Vec<f32>> = x
+            .par_chunks(d * rows_per)
+            .zip(dy.par_chunks(d * rows_per))
+            .map(|(x, dy)| {
+                let mut acc = vec![0f32; d];
+                for (x, dy) in x.chunks(d).zip(dy.chunks(d)) {
+                    let r = inv_rms(x, self.eps);
+                    for ((a, &x), &dy) in acc.iter_mut().zip(x).zip(dy) {
+                        *a += dy * x * r;
+                    }
+                }
+                acc
+            })
+            .collect();
+        // Partial sums are combined in a fixed order so results are reproducible.
+        let mut dw = vec![0f32; d];
+        for p in partials {
+            dw.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+        }
+        Ok((CpuStorage::F32(dw), Shape::from(d)))
+    }
+}
+
+/// RMSNorm of `x` (..., d) with weight `w` (d).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(w, RmsNorm { eps: eps as f32 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 4.0 - 2.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Fused forward and backward agree with candle's composed (differentiable) operations.
+    #[test]
+    fn fused_ops_match_composed_ops() {
+        // Cross-entropy.
+        let logits = Var::from_tensor(&randn(&[6, 11], 1)).unwrap();
+        let targets = Tensor::new(&[0u32, 3, 10, 5, 5, 1], &Device::Cpu).unwrap();
+        let a = cross_entropy(&logits, &targets).unwrap();
+        let b = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
+        assert!(max_diff(&a, &b) < 1e-5);
+        let (ga, gb) = (
+            (&a * 3.0).unwrap().backward().unwrap(),
+            (&b * 3.0).unwrap().backward().unwrap(),
+        );
+        assert!(max_diff(ga.get(&logits).unwrap(), gb.get(&logits).unwrap()) < 1e-6);
+
+        // Causal softmax.
+        let t = 5;
+        let x = Var::from_tensor(&randn(&[2, 3, t, t], 2)).unwrap();
+        let mask: Vec<f32> = (0..t * t)
+            .map(|i| {
+                if i % t > i / t {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
+        let a = causal_softmax(&x, 0.7).unwrap();
+        let b = candle_nn::ops::softmax(
+            &(x.as_tensor() * 0.7).unwrap().broadcast_add(&mask).unwrap(),
+            D::Minus1,
+        )
+        .unwrap();
+        assert!(max_diff(&a, &b) < 1e-6);
+        let w = randn(&[2, 3, t, t], 3);
+        let ga = (&a * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap()) < 1e-5);
+
+        // RMSNorm.
+        let x = Var::from_tensor(&randn(&[4, 3, 8], 4)).unwrap();
+        let g = Var::from_tensor(&randn(&[8], 5)).unwrap();
+        let a = rms_norm(&x, &g, 1e-6).unwrap();
+        let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let inv = (ms + 1e-6).unwrap().sqrt().unwrap().recip().unwrap();
+        let b = x.broadcast_mul(&inv).unwrap().broadcast_mul(&g).unwrap();
+        assert!(max_diff(&a, &b) < 1e-5);
+        let w = randn(&[4, 3, 8], 6);
+        let ga = (&a * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap()) < 1e-4);
+        assert!(max_diff(ga.get(&g).unwrap(), gb.get(&g).unwrap()) < 1e-4);
+    }
+
+    #[test]
+    fn cross_entropy_rejects_out_of_vocabulary_targets() {
+        let logits = randn(&[2, 4], 7);
+        let targets = Tensor::new(&[1u32, 4], &Device::Cpu).unwrap();
+        assert!(cross_entropy(&logits, &targets).is_err());
+    }
+}

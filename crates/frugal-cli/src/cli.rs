@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 /// Memory-efficient training of LLaMA-style models with FRUGAL and its baselines.
 #[derive(Parser, Debug)]
-#[command(name = "frugal", version, about)]
+#[command(name = "frugal", version, about, args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -54,7 +54,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 800)]
     pub steps: usize,
     /// Peak learning rate [default: the preset's].
     #[arg(long)]

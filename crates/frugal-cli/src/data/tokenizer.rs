@@ -61,7 +61,7 @@ impl TextTokenizer {
         inner
             .train(&mut trainer, docs.iter())
             .map_err(|e| anyhow::anyhow!("tokenizer training failed: {e}"))?;
-        Self::with_eos(inner.into())
+        Self::with_eos(inner)
     }
 
     /// The tokenizer as `tokenizer.json` text.

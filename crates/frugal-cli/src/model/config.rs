@@ -116,18 +116,20 @@ impl LlamaConfig {
         {
             bail!("sizes must be positive");
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             bail!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size,
                 self.num_attention_heads
             );
         }
-        if (self.hidden_size / self.num_attention_heads) % 2 != 0 {
+        if !(self.hidden_size / self.num_attention_heads).is_multiple_of(2) {
             bail!("the head dimension must be even for rotary embeddings");
         }
         let kv = self.kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             bail!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {kv}",
                 self.num_attention_heads

@@ -1,0 +1,352 @@
+//! End-to-end tests of the `frugal` binary: training, resuming, evaluation and bad input.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const FAST: &[&str] = &[
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "32",
+    "--eval-tokens",
+    "512",
+    "--vocab-size",
+    "512",
+];
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("frugal-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn frugal(cache: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_frugal"));
+    c.env("FRUGAL_CACHE", cache);
+    c
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    out
+}
+
+fn train(cache: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = frugal(cache);
+    c.arg("train").args(FAST).arg("--out").arg(out).args(extra);
+    c
+}
+
+fn metrics(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// (step, loss) of every logged training step.
+fn losses(run: &Path) -> Vec<(u64, String)> {
+    metrics(run)
+        .iter()
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].to_string()))
+        .collect()
+}
+
+fn summary(run: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn training_writes_the_run_directory_and_lowers_perplexity() {
+    let dir = scratch("basic");
+    let run = dir.join("run");
+    run_ok(&mut train(
+        &dir,
+        &run,
+        &["--steps", "16", "--lr", "0.003", "--eval-every", "8"],
+    ));
+    for f in [
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "loss.png",
+        "tokenizer.json",
+    ] {
+        assert!(run.join(f).exists(), "missing {f}");
+    }
+    let ck = run.join("checkpoints/step-16");
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "optimizer.safetensors",
+        "trainer.json",
+        "tokenizer.json",
+    ] {
+        assert!(ck.join(f).exists(), "missing checkpoint file {f}");
+    }
+    let m = metrics(&run);
+    let steps: Vec<&Value> = m.iter().filter(|v| v.get("loss").is_some()).collect();
+    assert_eq!(steps.len(), 16);
+    for key in ["step", "loss", "lr", "tokens", "tok_per_s", "elapsed_s"] {
+        assert!(steps[0].get(key).is_some(), "metrics lack {key}");
+    }
+    assert_eq!(
+        m.iter().filter(|v| v.get("val_ppl").is_some()).count(),
+        3,
+        "evaluations at 0, 8, 16"
+    );
+    let s = summary(&run);
+    let (start, end) = (
+        s["initial_val_ppl"].as_f64().unwrap(),
+        s["val_ppl"].as_f64().unwrap(),
+    );
+    assert!(end < 0.5 * start, "perplexity {start} → {end}");
+    assert!(s["optimizer_state_bytes"]["moments"].as_u64().unwrap() > 0);
+    let hf: Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("config.json")).unwrap()).unwrap();
+    assert_eq!(hf["model_type"], "llama");
+
+    // `frugal eval` on the same split reproduces the final validation perplexity.
+    let out = run_ok(
+        frugal(&dir)
+            .args([
+                "eval",
+                "--seq-len",
+                "32",
+                "--eval-tokens",
+                "512",
+                "--checkpoint",
+            ])
+            .arg(&run),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ppl: f64 = text
+        .split("perplexity ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        (ppl - end).abs() / end < 1e-3,
+        "eval {ppl} vs training {end}"
+    );
+}
+
+#[test]
+fn resume_after_sigkill_is_bit_identical() {
+    let dir = scratch("resume");
+    let flags = [
+        "--steps",
+        "12",
+        "--save-every",
+        "3",
+        "--eval-every",
+        "6",
+        "--optimizer",
+        "frugal",
+        "--update-gap",
+        "4",
+        "--block-order",
+        "random",
+    ];
+    let straight = dir.join("straight");
+    run_ok(&mut train(&dir, &straight, &flags));
+
+    let killed = dir.join("killed");
+    let mut child = train(&dir, &killed, &flags)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !killed.join("checkpoints/step-3/trainer.json").exists() {
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    run_ok(frugal(&dir).args(["train", "--resume"]).arg(&killed));
+    assert_eq!(losses(&killed), losses(&straight));
+    assert_eq!(summary(&killed)["val_loss"], summary(&straight)["val_loss"]);
+
+    // A resume that contradicts the run's settings is refused.
+    let out = frugal(&dir)
+        .args(["train", "--density", "0.5", "--resume"])
+        .arg(&killed)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--density"));
+}
+
+#[test]
+fn sgd_preset_equals_frugal_with_sgd_on_both_sides() {
+    let dir = scratch("sgd");
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    run_ok(&mut train(
+        &dir,
+        &a,
+        &["--steps", "6", "--lr", "0.05", "--optimizer", "sgd"],
+    ));
+    run_ok(&mut train(
+        &dir,
+        &b,
+        &[
+            "--steps",
+            "6",
+            "--lr",
+            "0.05",
+            "--optimizer",
+            "frugal",
+            "--state-full",
+            "sgd",
+            "--state-free",
+            "sgd",
+        ],
+    ));
+    assert_eq!(losses(&a), losses(&b));
+    assert_eq!(losses(&a).len(), 6);
+}
+
+#[test]
+fn config_file_values_apply_and_flags_win() {
+    let dir = scratch("toml");
+    let cfg = dir.join("run.toml");
+    std::fs::write(&cfg, "steps = 3\nbatch-size = 3\noptimizer = \"adamw\"\n").unwrap();
+    let run = dir.join("run");
+    run_ok(&mut train(
+        &dir,
+        &run,
+        &["--config", cfg.to_str().unwrap(), "--steps", "2"],
+    ));
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["args"]["steps"], 2);
+    // FAST's --batch-size 2 is on the command line and wins over the file's 3.
+    assert_eq!(config["args"]["batch_size"], 2);
+    assert_eq!(config["optimizer"]["preset"], "adamw");
+    std::fs::write(&cfg, "stepz = 3\n").unwrap();
+    let out = train(&dir, &dir.join("bad"), &["--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown setting `stepz`"));
+}
+
+#[test]
+fn bad_input_exits_with_one_clear_message() {
+    let dir = scratch("bad");
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let short = dir.join("short.txt");
+    std::fs::write(&short, "a few words.\n\nand a second paragraph.\n").unwrap();
+    let latin1 = dir.join("latin1.txt");
+    std::fs::write(&latin1, b"caf\xe9 au lait\n\nsecond\n").unwrap();
+    let bad_tok = dir.join("tokenizer.json");
+    std::fs::write(&bad_tok, "{ not json").unwrap();
+    let corrupt = dir.join("corrupt");
+    run_ok(&mut train(&dir, &corrupt, &["--steps", "2"]));
+    std::fs::write(
+        corrupt.join("checkpoints/step-2/optimizer.safetensors"),
+        b"garbage",
+    )
+    .unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--data".into(), s(&dir.join("missing.txt"))],
+            "does not exist",
+        ),
+        (vec!["--data".into(), s(&empty)], "no text"),
+        (vec!["--data".into(), s(&short)], "fewer than one sequence"),
+        (vec!["--data".into(), s(&latin1)], "not valid UTF-8"),
+        (
+            vec!["--tokenizer".into(), s(&bad_tok)],
+            "not a valid tokenizer.json",
+        ),
+        (vec!["--density".into(), "1.5".into()], "density"),
+        (
+            vec!["--seq-len".into(), "4096".into()],
+            "max_position_embeddings",
+        ),
+        (vec!["--model".into(), "13m".into()], "built-in"),
+        (
+            vec!["--optimizer".into(), "adam".into()],
+            "unknown optimizer preset",
+        ),
+        (
+            vec!["--projection".into(), "pca".into()],
+            "unknown projection",
+        ),
+        (vec!["--resume".into(), s(&corrupt)], "optimizer state"),
+    ];
+    for (i, (args, expect)) in cases.iter().enumerate() {
+        let mut cmd = if args[0] == "--resume" {
+            let mut c = frugal(&dir);
+            c.arg("train");
+            c
+        } else {
+            train(&dir, &dir.join(format!("case{i}")), &["--steps", "2"])
+        };
+        let out = cmd.args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            err.contains(expect),
+            "{args:?}: expected `{expect}` in: {err}"
+        );
+        assert!(
+            !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+            "{args:?} panicked: {err}"
+        );
+        assert_eq!(
+            err.lines().filter(|l| l.starts_with("error:")).count(),
+            1,
+            "{err}"
+        );
+    }
+    // Nothing of the corrupt run was overwritten.
+    assert_eq!(
+        std::fs::read(corrupt.join("checkpoints/step-2/optimizer.safetensors")).unwrap(),
+        b"garbage"
+    );
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
+    let dir = scratch("sigint");
+    let run = dir.join("run");
+    let child = train(&dir, &run, &["--steps", "100000", "--eval-every", "100000"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !run.join("metrics.jsonl").exists() || losses(&run).len() < 2 {
+        assert!(Instant::now() < deadline, "training did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
+    let ck = std::fs::read_dir(run.join("checkpoints")).unwrap().count();
+    assert_eq!(ck, 1);
+    assert_eq!(summary(&run)["interrupted"], true);
+}

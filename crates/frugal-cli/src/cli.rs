@@ -19,6 +19,43 @@ pub enum Command {
     Train(Box<TrainArgs>),
     /// Validation loss and perplexity of a checkpoint.
     Eval(EvalArgs),
+    /// Exact memory of weights, gradients and optimizer state, without training.
+    Memory(MemoryArgs),
+    /// Train several optimizer configurations on the same data and compare them.
+    Compare(Box<CompareArgs>),
+}
+
+/// Flags of `frugal memory`.
+#[derive(Args, Debug)]
+pub struct MemoryArgs {
+    /// Built-in model or Hugging Face config.json.
+    #[arg(long, default_value = "130m")]
+    pub model: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub opt: OptimizerArgs,
+}
+
+/// Flags of `frugal compare`: the training flags shared by every run, and what to compare.
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// Optimizer specs, comma-separated between specs with `;` or ` `:
+    /// e.g. "adamw galore frugal:density=0.125,projection=svd" [default: the paper's rows].
+    #[arg(long)]
+    pub methods: Option<String>,
+    /// Sweep one setting over values for every method except adamw, e.g. density=0,0.125,0.25,0.5.
+    #[arg(long)]
+    pub sweep: Option<String>,
+    /// A set of runs mirroring the paper's ablations: projection, state-free or modules.
+    #[arg(long)]
+    pub ablation: Option<String>,
+    /// Seeds, comma-separated; every method runs once per seed.
+    #[arg(long, default_value = "0,1")]
+    pub seeds: String,
+    #[command(flatten)]
+    pub train: TrainArgs,
 }
 
 /// Everything that defines a training run. Also accepted from a TOML file (`--config`), whose

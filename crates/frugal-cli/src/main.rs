@@ -1,8 +1,10 @@
 //! The `frugal` command-line tool.
 
 mod cli;
+mod compare;
 mod data;
 mod eval;
+mod memory_report;
 mod model;
 mod plot;
 mod train;
@@ -113,6 +115,34 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
 }
 
+/// `frugal memory`: prints the planned memory of a model and optimizer.
+fn memory(args: &cli::MemoryArgs) -> Result<()> {
+    let model = model::LlamaConfig::resolve(&args.model)?;
+    let opt = args.opt.resolve(0)?;
+    let report = memory_report::MemoryReport::new(&model, &opt)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "model {} ({} parameters), optimizer {} (projection {}, density {}, state-full {}, state-free {}); MiB:",
+            args.model,
+            model.num_params(),
+            opt.preset,
+            opt.projection,
+            opt.density,
+            opt.state_full,
+            opt.state_free
+        );
+        print!("{}", report.table());
+        println!(
+            "optimizer state {:.1} MiB; weights + gradients + state {:.1} MiB",
+            report.state_mib(),
+            report.training_mib()
+        );
+    }
+    Ok(())
+}
+
 fn main() {
     keep_freed_memory();
     let matches = Cli::command().get_matches();
@@ -137,6 +167,29 @@ fn main() {
             })
         }
         Command::Eval(args) => set_threads(args.threads).and_then(|_| eval::run(&args)),
+        Command::Memory(args) => memory(&args),
+        Command::Compare(mut args) => {
+            let sub = matches
+                .subcommand_matches("compare")
+                .expect("compare subcommand");
+            set_threads(args.train.threads).and_then(|_| {
+                // --resume names the comparison directory, not a single run.
+                let resume = args.train.resume.take();
+                let given: Vec<String> = explicit(sub)
+                    .into_iter()
+                    .filter(|k| k != "resume")
+                    .collect();
+                args.train = merge_train_args(args.train.clone(), &given)?;
+                args.train.resume = resume;
+                let cache = args
+                    .train
+                    .cache_dir
+                    .clone()
+                    .unwrap_or_else(data::default_cache_dir);
+                let command = std::env::args().collect::<Vec<_>>().join(" ");
+                compare::run(*args, &cache, &command)
+            })
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -17,7 +17,7 @@ fn register_font() {
     });
 }
 
-/// One named line.
+/// One named line (a single point is drawn as a dot).
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
@@ -59,6 +59,8 @@ where
         .flat_map(|s| s.points.iter().copied())
         .filter(|(_, y)| y.is_finite());
     let (x0, x1) = range(points.clone().map(|p| p.0));
+    let xpad = (x1 - x0) * 0.03;
+    let (x0, x1) = (x0 - xpad, x1 + xpad);
     let (y0, y1) = range(points.map(|p| p.1));
     let mut chart = ChartBuilder::on(area);
     chart
@@ -95,8 +97,12 @@ where
                     .filter(|(_, y)| y.is_finite())
                     .map($map)
                     .collect();
-                chart
-                    .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+                let drawn = if pts.len() == 1 {
+                    chart.draw_series(pts.iter().map(|&p| Circle::new(p, 6, color.filled())))
+                } else {
+                    chart.draw_series(LineSeries::new(pts, color.stroke_width(2)))
+                };
+                drawn
                     .map_err(err)?
                     .label(s.name.clone())
                     .legend(move |(x, y)| {
@@ -112,7 +118,7 @@ where
                 .map_err(err)?;
         }};
     }
-    if panel.log_y && y0 > 0.0 {
+    if panel.log_y && y0 > 0.0 && y1 / y0 > 10.0 {
         body!(
             chart
                 .build_cartesian_2d(x0..x1, (y0 * 0.95..y1 * 1.05).log_scale())
@@ -144,4 +150,51 @@ pub fn write_png(path: &Path, panels: &[Panel]) -> Result<()> {
     root.present()
         .map_err(|e| anyhow!("cannot write {}: {e:?}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_a_png_with_lines_and_dots() {
+        let path = std::env::temp_dir().join(format!("frugal-plot-{}.png", std::process::id()));
+        let lines = [Series {
+            name: "a".into(),
+            points: vec![(0.0, 3.0), (1.0, 2.0), (2.0, 1.5)],
+        }];
+        let dots = [
+            Series {
+                name: "p".into(),
+                points: vec![(20.5, 3557.0)],
+            },
+            Series {
+                name: "q".into(),
+                points: vec![(28.0, 3675.0)],
+            },
+        ];
+        write_png(
+            &path,
+            &[
+                Panel {
+                    title: "lines",
+                    x_label: "x",
+                    y_label: "y",
+                    series: &lines,
+                    log_y: true,
+                },
+                Panel {
+                    title: "dots",
+                    x_label: "x",
+                    y_label: "y",
+                    series: &dots,
+                    log_y: false,
+                },
+            ],
+        )
+        .unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        assert!(bytes.len() > 10_000, "suspiciously small image");
+    }
 }

@@ -17,8 +17,11 @@ pub struct TrainerState {
     pub position: u64,
     /// Training tokens consumed.
     pub tokens: u64,
-    /// Training time so far, over all sessions.
+    /// Wall time so far, over all sessions (including evaluation and checkpoints).
     pub elapsed_s: f64,
+    /// Time spent in training steps alone, over all sessions.
+    #[serde(default)]
+    pub train_s: f64,
 }
 
 /// Files of one checkpoint directory.

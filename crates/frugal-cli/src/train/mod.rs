@@ -19,7 +19,7 @@ use schedule::Schedule;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::Once;
 use std::time::Instant;
 
 /// The resolved settings of a run, written to `config.json` in the run directory.
@@ -52,8 +52,26 @@ pub struct Summary {
     pub gradient_bytes: usize,
     pub peak_rss_bytes: u64,
     pub wall_s: f64,
+    /// Training tokens per second of step time (evaluation and checkpoints excluded).
     pub tokens_per_s: f64,
     pub interrupted: bool,
+}
+
+/// Set by Ctrl-C; the training loop saves a checkpoint and stops at the next step boundary.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Installs the Ctrl-C handler once per process.
+fn watch_ctrl_c() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        // Without a handler (e.g. one installed elsewhere) Ctrl-C simply ends the process.
+        let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
+    });
+}
+
+/// True once Ctrl-C was pressed.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
 }
 
 fn default_out() -> PathBuf {
@@ -259,12 +277,7 @@ pub fn run(run: RunConfig, resume: Option<&Path>, cache: &Path) -> Result<PathBu
         args.min_lr_ratio,
     )?;
     let mut metrics = Metrics::open(&out.join("metrics.jsonl"), state.step)?;
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let flag = interrupted.clone();
-        // A second handler cannot be installed; a failure only disables the graceful Ctrl-C.
-        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
-    }
+    watch_ctrl_c();
     let vars = model.named_vars();
     let evaluate = |model: &Llama| {
         mean_loss(
@@ -295,7 +308,7 @@ pub fn run(run: RunConfig, resume: Option<&Path>, cache: &Path) -> Result<PathBu
     let mut last_val = None;
     let mut was_interrupted = false;
     while state.step < args.steps {
-        if interrupted.load(Ordering::SeqCst) {
+        if INTERRUPTED.load(Ordering::SeqCst) {
             was_interrupted = true;
             break;
         }
@@ -337,6 +350,7 @@ pub fn run(run: RunConfig, resume: Option<&Path>, cache: &Path) -> Result<PathBu
         state.step += 1;
         state.tokens += run.tokens_per_step as u64;
         let dt = t0.elapsed().as_secs_f64();
+        state.train_s += dt;
         state.elapsed_s = elapsed_before + session.elapsed().as_secs_f64();
         let tok_s = run.tokens_per_step as f64 / dt;
         if state.step % args.log_every == 0 || state.step == args.steps {
@@ -411,7 +425,7 @@ pub fn run(run: RunConfig, resume: Option<&Path>, cache: &Path) -> Result<PathBu
         gradient_bytes: 4 * n_params,
         peak_rss_bytes: metrics::peak_rss_bytes(),
         wall_s: state.elapsed_s,
-        tokens_per_s: state.tokens as f64 / state.elapsed_s.max(1e-9),
+        tokens_per_s: state.tokens as f64 / state.train_s.max(1e-9),
         interrupted: was_interrupted,
     };
     frugal::checkpoint::write_atomically(
@@ -423,7 +437,7 @@ pub fn run(run: RunConfig, resume: Option<&Path>, cache: &Path) -> Result<PathBu
         &format!("{} · {}", args.model, run.optimizer.preset),
     )?;
     eprintln!(
-        "done: {} steps, {} tokens in {:.1}s ({:.0} tok/s this session); validation loss {:.4}, perplexity {:.2}{}; run in {}",
+        "done: {} steps, {} tokens in {:.1}s ({:.0} tok/s in training steps); validation loss {:.4}, perplexity {:.2}{}; run in {}",
         state.step,
         state.tokens,
         session_s,

@@ -1,0 +1,94 @@
+//! `frugal memory`: exact bytes of parameters, gradients and optimizer state for any model and
+//! optimizer, from shapes alone (nothing is allocated).
+
+use crate::model::LlamaConfig;
+use anyhow::Result;
+use frugal::memory::{by_class, plan};
+use frugal::params::{class_counts, ParamClass};
+use frugal::{OptimizerConfig, StateBytes};
+use serde::Serialize;
+
+/// Bytes of one parameter class.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct ClassMemory {
+    pub parameters: usize,
+    pub parameter_bytes: usize,
+    pub gradient_bytes: usize,
+    pub state: StateBytes,
+}
+
+/// The memory of training a model with an optimizer (fp32 weights, gradients and state).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct MemoryReport {
+    pub state_full: ClassMemory,
+    pub projectable: ClassMemory,
+    pub total: ClassMemory,
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+impl MemoryReport {
+    /// Plans the memory of `model` trained with `optimizer`.
+    pub fn new(model: &LlamaConfig, optimizer: &OptimizerConfig) -> Result<Self> {
+        let planned = plan(optimizer, &model.parameter_shapes())?;
+        let infos: Vec<_> = planned.iter().map(|(i, _)| i.clone()).collect();
+        let counts = class_counts(&infos);
+        let (full_state, proj_state) = by_class(&planned);
+        let class = |n: usize, state: StateBytes| ClassMemory {
+            parameters: n,
+            parameter_bytes: 4 * n,
+            gradient_bytes: 4 * n,
+            state,
+        };
+        let full = class(counts.state_full + counts.other, full_state);
+        let proj = class(counts.projectable, proj_state);
+        let mut total_state = full_state;
+        total_state += proj_state;
+        let total = class(full.parameters + proj.parameters, total_state);
+        debug_assert!(infos
+            .iter()
+            .all(|i| i.class != ParamClass::Projectable || proj.parameters > 0));
+        Ok(MemoryReport {
+            state_full: full,
+            projectable: proj,
+            total,
+        })
+    }
+
+    /// Optimizer state in MiB.
+    pub fn state_mib(&self) -> f64 {
+        self.total.state.total() as f64 / MIB
+    }
+
+    /// Parameters, gradients and state together, in MiB.
+    pub fn training_mib(&self) -> f64 {
+        (self.total.parameter_bytes + self.total.gradient_bytes + self.total.state.total()) as f64
+            / MIB
+    }
+
+    /// A plain-text table in MiB.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "{:<12} {:>12} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10}\n",
+            "class", "parameters", "weights", "grads", "moments", "projections", "indices", "state"
+        );
+        for (name, c) in [
+            ("state-full", &self.state_full),
+            ("projectable", &self.projectable),
+            ("total", &self.total),
+        ] {
+            out += &format!(
+                "{:<12} {:>12} {:>10.1} {:>10.1} {:>12.1} {:>12.1} {:>10.2} {:>10.1}\n",
+                name,
+                c.parameters,
+                c.parameter_bytes as f64 / MIB,
+                c.gradient_bytes as f64 / MIB,
+                c.state.moments as f64 / MIB,
+                c.state.projections as f64 / MIB,
+                c.state.indices as f64 / MIB,
+                c.state.total() as f64 / MIB,
+            );
+        }
+        out
+    }
+}

@@ -20,7 +20,7 @@ pub enum Command {
     /// Validation loss and perplexity of a checkpoint.
     Eval(EvalArgs),
     /// Exact memory of weights, gradients and optimizer state, without training.
-    Memory(MemoryArgs),
+    Memory(Box<MemoryArgs>),
     /// Train several optimizer configurations on the same data and compare them.
     Compare(Box<CompareArgs>),
 }

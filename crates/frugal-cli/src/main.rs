@@ -40,26 +40,18 @@ fn explicit(m: &ArgMatches) -> Vec<String> {
         .collect()
 }
 
+/// The setting `key` of serialised training arguments (top level or optimizer flags).
+fn setting<'a>(args: &'a mut serde_json::Value, key: &str) -> Option<&'a mut serde_json::Value> {
+    if args.get(key).is_some() {
+        return args.get_mut(key);
+    }
+    args.get_mut("opt")?.get_mut(key)
+}
+
 /// Applies `--config` (flags win) and, for `--resume`, the saved settings of the run (flags that
 /// contradict them are an error).
 fn merge_train_args(args: TrainArgs, given: &[String]) -> Result<TrainArgs> {
     let mut value = serde_json::to_value(&args)?;
-    let fields: Vec<String> = value.as_object().expect("object").keys().cloned().collect();
-    let opt_fields: Vec<String> = value["opt"]
-        .as_object()
-        .expect("object")
-        .keys()
-        .cloned()
-        .collect();
-    let slot = |v: &mut serde_json::Value, key: &str| -> Option<*mut serde_json::Value> {
-        if fields.iter().any(|f| f == key) {
-            Some(&mut v[key] as *mut _)
-        } else if opt_fields.iter().any(|f| f == key) {
-            Some(&mut v["opt"][key] as *mut _)
-        } else {
-            None
-        }
-    };
     if let Some(path) = &args.config {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
@@ -68,12 +60,11 @@ fn merge_train_args(args: TrainArgs, given: &[String]) -> Result<TrainArgs> {
         })?;
         for (key, v) in table {
             let key = key.replace('-', "_");
-            let Some(target) = slot(&mut value, &key) else {
+            let Some(target) = setting(&mut value, &key) else {
                 bail!("config file {}: unknown setting `{key}`", path.display());
             };
             if !given.contains(&key) {
-                // SAFETY: `target` points into `value`, which is alive and not otherwise borrowed.
-                unsafe { *target = serde_json::to_value(v)? };
+                *target = serde_json::to_value(v)?;
             }
         }
     }
@@ -86,14 +77,15 @@ fn merge_train_args(args: TrainArgs, given: &[String]) -> Result<TrainArgs> {
             serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))?;
         let mut saved_args = saved["args"].clone();
         for key in given {
-            let (Some(now), Some(then)) = (slot(&mut value, key), slot(&mut saved_args, key))
-            else {
-                continue;
-            };
-            // SAFETY: both point into live, separate values.
-            let (now, then) = unsafe { (&*now, &*then) };
-            if now != then {
-                bail!("--{} {now} differs from the run in {} ({then}); resume with the run's settings", key.replace('_', "-"), dir.display());
+            let now = setting(&mut value, key).map(|v| v.clone());
+            if let (Some(now), Some(then)) = (now, setting(&mut saved_args, key)) {
+                if now != *then {
+                    bail!(
+                        "--{} {now} differs from the run in {} ({then}); resume with the run's settings",
+                        key.replace('_', "-"),
+                        dir.display()
+                    );
+                }
             }
         }
         value = saved_args;

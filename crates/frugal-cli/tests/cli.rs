@@ -350,3 +350,70 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     assert_eq!(ck, 1);
     assert_eq!(summary(&run)["interrupted"], true);
 }
+
+#[test]
+fn memory_report_equals_what_training_holds() {
+    let dir = scratch("memory");
+    for opt in ["adamw", "frugal", "frugal-svd", "frugal:projection=columns"] {
+        let out =
+            run_ok(frugal(&dir).args(["memory", "--model", "tiny", "--json", "--optimizer", opt]));
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let run = dir.join(opt.replace([':', '='], "-"));
+        run_ok(&mut train(
+            &dir,
+            &run,
+            &["--steps", "1", "--vocab-size", "4096", "--optimizer", opt],
+        ));
+        let s = summary(&run);
+        assert_eq!(
+            report["total"]["state"], s["optimizer_state_bytes"],
+            "{opt}"
+        );
+        assert_eq!(report["total"]["parameters"], s["parameters"], "{opt}");
+    }
+    let out = run_ok(frugal(&dir).args(["memory", "--model", "130m", "--optimizer", "frugal"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("optimizer state 537.1 MiB"), "{text}");
+}
+
+#[test]
+fn compare_reports_every_method_and_resumes() {
+    let dir = scratch("compare");
+    let out_dir = dir.join("cmp");
+    let args = |extra: &[&str]| {
+        let mut c = frugal(&dir);
+        c.args([
+            "compare",
+            "--steps",
+            "3",
+            "--seeds",
+            "0",
+            "--eval-every",
+            "3",
+        ])
+        .args(FAST);
+        c.args(["--methods", "adamw frugal:density=0 adamw:lr=1e9"])
+            .args(extra);
+        c
+    };
+    run_ok(args(&["--out", out_dir.to_str().unwrap()]).stderr(std::process::Stdio::null()));
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("compare.json")).unwrap())
+            .unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    assert!(
+        rows[0]["val_ppl_mean"].as_f64().is_some()
+            && rows[1]["state_mib"].as_f64().unwrap() < rows[0]["state_mib"].as_f64().unwrap()
+    );
+    assert!(
+        rows[2]["failed"][0].as_str().unwrap().contains("loss"),
+        "{}",
+        rows[2]
+    );
+    let md = std::fs::read_to_string(out_dir.join("compare.md")).unwrap();
+    assert!(md.contains("| adamw |") && md.contains("failed"));
+    assert!(out_dir.join("compare.png").exists());
+    let again = run_ok(&mut args(&["--resume", out_dir.to_str().unwrap()]));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already finished"));
+}

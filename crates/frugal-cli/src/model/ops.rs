@@ -19,6 +19,20 @@ fn u32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [u32]> {
     }
 }
 
+/// Applies `f(out_row, a_row, b_row)` to matching rows of `row` elements, in parallel.
+fn map_row_pairs(
+    a: &[f32],
+    b: &[f32],
+    row: usize,
+    f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(row)
+        .zip(a.par_chunks(row).zip(b.par_chunks(row)))
+        .for_each(|(o, (a, b))| f(o, a, b));
+    out
+}
+
 /// log Σ exp(row).
 fn log_sum_exp(row: &[f32]) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -185,15 +199,12 @@ impl CustomOp2 for SoftmaxGrad {
         let y = f32s(s1, l1, self.name())?;
         let dy = f32s(s2, l2, self.name())?;
         let t = l1.dims()[l1.dims().len() - 1];
-        let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(t)
-            .zip(y.par_chunks(t).zip(dy.par_chunks(t)))
-            .for_each(|(o, (y, dy))| {
-                let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
-                for ((o, &y), &dy) in o.iter_mut().zip(y).zip(dy) {
-                    *o = self.scale * y * (dy - dot);
-                }
-            });
+        let out = map_row_pairs(y, dy, t, |o, y, dy| {
+            let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
+            for ((o, &y), &dy) in o.iter_mut().zip(y).zip(dy) {
+                *o = self.scale * y * (dy - dot);
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -284,23 +295,20 @@ impl CustomOp2 for RmsNormGradX {
         let x = f32s(s1, l1, self.name())?;
         let dy = f32s(s2, l2, self.name())?;
         let d = self.w.len();
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
-            .for_each(|(o, (x, dy))| {
-                let r = inv_rms(x, self.eps);
-                let dot: f32 = x
-                    .iter()
-                    .zip(dy)
-                    .zip(&self.w)
-                    .map(|((x, dy), w)| x * dy * w)
-                    .sum::<f32>()
-                    / d as f32;
-                let c = r * r * r * dot;
-                for (((o, &x), &dy), &w) in o.iter_mut().zip(x).zip(dy).zip(&self.w) {
-                    *o = r * w * dy - c * x;
-                }
-            });
+        let out = map_row_pairs(x, dy, d, |o, x, dy| {
+            let r = inv_rms(x, self.eps);
+            let dot: f32 = x
+                .iter()
+                .zip(dy)
+                .zip(&self.w)
+                .map(|((x, dy), w)| x * dy * w)
+                .sum::<f32>()
+                / d as f32;
+            let c = r * r * r * dot;
+            for (((o, &x), &dy), &w) in o.iter_mut().zip(x).zip(dy).zip(&self.w) {
+                *o = r * w * dy - c * x;
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

@@ -257,7 +257,7 @@ pub struct EvalArgs {
     /// Share of documents held out for validation (as in training).
     #[arg(long, default_value_t = 0.05)]
     pub val_fraction: f64,
-    /// Tokens per sequence [default: min(256, the model's max_position_embeddings)].
+    /// Tokens per sequence [default: the run's, else min(256, max_position_embeddings)].
     #[arg(long)]
     pub seq_len: Option<usize>,
     #[arg(long, default_value_t = 8)]

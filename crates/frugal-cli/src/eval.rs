@@ -32,6 +32,14 @@ pub fn mean_loss(
     Ok(sum / count as f64)
 }
 
+/// The sequence length of the run a checkpoint belongs to (`<run>/checkpoints/step-N`).
+fn run_seq_len(checkpoint: &std::path::Path) -> Option<usize> {
+    let run = checkpoint.parent()?.parent()?;
+    let text = std::fs::read_to_string(run.join("config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    config["seq_len"].as_u64().map(|n| n as usize)
+}
+
 /// `frugal eval`: prints validation loss and perplexity of a checkpoint.
 pub fn run(args: &EvalArgs) -> Result<()> {
     let dir = checkpoint::locate(&args.checkpoint)?;
@@ -52,9 +60,16 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     if data.tokenizer.vocab_size() > config.vocab_size {
         bail!("the checkpoint's tokenizer has more ids than the model's vocabulary");
     }
-    let seq_len = args
-        .seq_len
-        .unwrap_or(config.max_position_embeddings.min(256));
+    let seq_len = match args.seq_len {
+        Some(n) => n,
+        None => run_seq_len(&dir).unwrap_or(config.max_position_embeddings.min(256)),
+    };
+    if seq_len == 0 || seq_len > config.max_position_embeddings {
+        bail!(
+            "--seq-len {seq_len} must be between 1 and the model's max_position_embeddings ({})",
+            config.max_position_embeddings
+        );
+    }
     let shard = match args.split.as_str() {
         "val" => &data.val,
         "train" => &data.train,

@@ -117,17 +117,11 @@ fn training_writes_the_run_directory_and_lowers_perplexity() {
         serde_json::from_str(&std::fs::read_to_string(ck.join("config.json")).unwrap()).unwrap();
     assert_eq!(hf["model_type"], "llama");
 
-    // `frugal eval` on the same split reproduces the final validation perplexity.
+    // `frugal eval` on the same split (and the run's sequence length) reproduces the final
+    // validation perplexity.
     let out = run_ok(
         frugal(&dir)
-            .args([
-                "eval",
-                "--seq-len",
-                "32",
-                "--eval-tokens",
-                "512",
-                "--checkpoint",
-            ])
+            .args(["eval", "--eval-tokens", "512", "--checkpoint"])
             .arg(&run),
     );
     let text = String::from_utf8_lossy(&out.stdout);

@@ -418,7 +418,7 @@ pub fn run(args: CompareArgs, cache: &Path, command: &str) -> Result<()> {
     let table = rows(&methods, &results);
     let tokens = (resolved.tokens_per_step * base.steps) as u64;
     let md = markdown(&table, command, &seeds, tokens);
-    std::fs::write(out.join("compare.md"), &md)?;
+    frugal::checkpoint::write_atomically(&out.join("compare.md"), md.as_bytes())?;
     let json = serde_json::json!({"command": command, "seeds": seeds, "tokens_per_run": tokens, "methods": methods, "rows": table, "runs": results, "wall_s": started.elapsed().as_secs_f64()});
     frugal::checkpoint::write_atomically(
         &out.join("compare.json"),

@@ -230,6 +230,36 @@ mod tests {
     }
 
     #[test]
+    fn directories_and_gzip_files_are_read_in_order() {
+        use std::io::Write;
+        let dir = std::env::temp_dir().join(format!("frugal-corpus-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(b"{\"text\": \"from gzip\"}\n").unwrap();
+        std::fs::write(dir.join("sub/b.jsonl.gz"), gz.finish().unwrap()).unwrap();
+        std::fs::write(dir.join("a.txt"), "plain text").unwrap();
+        std::fs::write(dir.join("notes.md"), "ignored").unwrap();
+        let source = Source::resolve(dir.to_str().unwrap()).unwrap();
+        let docs: Vec<String> = source
+            .contents()
+            .unwrap()
+            .iter()
+            .flat_map(|(label, bytes)| documents(label, bytes).unwrap())
+            .collect();
+        assert_eq!(docs, ["plain text", "from gzip"]);
+        std::fs::write(dir.join("sub/b.jsonl.gz"), b"not gzip").unwrap();
+        let err = format!(
+            "{:#}",
+            Source::resolve(dir.to_str().unwrap())
+                .unwrap()
+                .contents()
+                .unwrap_err()
+        );
+        assert!(err.contains("not valid gzip"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
     fn validation_split_is_deterministic_and_disjoint() {
         let (train, val) = load_split(&Source::Embedded, 0.05).unwrap();
         let (train2, val2) = load_split(&Source::Embedded, 0.05).unwrap();

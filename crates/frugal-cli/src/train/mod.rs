@@ -252,8 +252,16 @@ pub fn run(run: RunConfig, resume: Option<&Path>, cache: &Path) -> Result<PathBu
         }
     };
     if resume_from.is_none() {
-        std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&run)?)?;
-        std::fs::write(out.join("tokenizer.json"), data.tokenizer.to_json()?)?;
+        let write = frugal::checkpoint::write_atomically;
+        write(
+            &out.join("tokenizer.json"),
+            data.tokenizer.to_json()?.as_bytes(),
+        )?;
+        // config.json last: its presence marks the directory as a run.
+        write(
+            &out.join("config.json"),
+            serde_json::to_string_pretty(&run)?.as_bytes(),
+        )?;
     }
     let counts = frugal::params::class_counts(&opt.params().cloned().collect::<Vec<_>>());
     let n_params = run.model.num_params();

@@ -2,6 +2,7 @@
 
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::Path;
 use std::sync::Once;
 
@@ -97,25 +98,44 @@ where
                     .filter(|(_, y)| y.is_finite())
                     .map($map)
                     .collect();
-                let drawn = if pts.len() == 1 {
-                    chart.draw_series(pts.iter().map(|&p| Circle::new(p, 6, color.filled())))
-                } else {
-                    chart.draw_series(LineSeries::new(pts, color.stroke_width(2)))
-                };
-                drawn
+                if let [p] = pts[..] {
+                    // A single point is a labelled dot (no legend entry).
+                    chart
+                        .draw_series([Circle::new(p, 6, color.filled())])
+                        .map_err(err)?;
+                    // Labels of points in the right half go to their left, so they stay inside.
+                    let right_half = p.0 > (x0 + x1) / 2.0;
+                    let (text, hpos) = if right_half {
+                        (format!("{}   ", s.name), HPos::Right)
+                    } else {
+                        (format!("   {}", s.name), HPos::Left)
+                    };
+                    let style = ("sans-serif", 13)
+                        .into_text_style(area)
+                        .pos(Pos::new(hpos, VPos::Center));
+                    chart
+                        .draw_series([Text::new(text, p, style)])
+                        .map_err(err)?;
+                    continue;
+                }
+                chart
+                    .draw_series(LineSeries::new(pts, color.stroke_width(2)))
                     .map_err(err)?
                     .label(s.name.clone())
                     .legend(move |(x, y)| {
                         PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
                     });
             }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .label_font(("sans-serif", 13))
-                .draw()
-                .map_err(err)?;
+            if panel.series.iter().any(|s| s.points.len() > 1) {
+                chart
+                    .configure_series_labels()
+                    .position(SeriesLabelPosition::UpperRight)
+                    .background_style(WHITE.mix(0.85))
+                    .border_style(BLACK)
+                    .label_font(("sans-serif", 13))
+                    .draw()
+                    .map_err(err)?;
+            }
         }};
     }
     if panel.log_y && y0 > 0.0 && y1 / y0 > 10.0 {

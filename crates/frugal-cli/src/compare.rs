@@ -129,6 +129,8 @@ pub struct RunResult {
     pub state_bytes: Option<u64>,
     pub training_bytes: Option<u64>,
     pub tokens_per_s: Option<f64>,
+    /// Wall time of the run (training, evaluation and checkpoints).
+    pub wall_s: Option<f64>,
     /// (tokens, validation perplexity) at each evaluation.
     pub curve: Vec<(f64, f64)>,
 }
@@ -158,6 +160,7 @@ fn read_result(method: &Method, seed: u64, dir: &Path, tokens_per_step: f64) -> 
                 + s["gradient_bytes"].as_u64().unwrap_or(0)
         }),
         tokens_per_s: s["tokens_per_s"].as_f64(),
+        wall_s: s["wall_s"].as_f64(),
         curve,
     })
 }
@@ -409,6 +412,7 @@ pub fn run(args: CompareArgs, cache: &Path, command: &str) -> Result<()> {
                         state_bytes: None,
                         training_bytes: None,
                         tokens_per_s: None,
+                        wall_s: None,
                         curve: Vec::new(),
                     });
                 }
@@ -417,9 +421,11 @@ pub fn run(args: CompareArgs, cache: &Path, command: &str) -> Result<()> {
     }
     let table = rows(&methods, &results);
     let tokens = (resolved.tokens_per_step * base.steps) as u64;
-    let md = markdown(&table, command, &seeds, tokens);
+    let runs_wall_s: f64 = results.iter().filter_map(|r| r.wall_s).sum();
+    let md = markdown(&table, command, &seeds, tokens)
+        + &format!("\nTotal wall time of the runs: {runs_wall_s:.0} s.\n");
     frugal::checkpoint::write_atomically(&out.join("compare.md"), md.as_bytes())?;
-    let json = serde_json::json!({"command": command, "seeds": seeds, "tokens_per_run": tokens, "methods": methods, "rows": table, "runs": results, "wall_s": started.elapsed().as_secs_f64()});
+    let json = serde_json::json!({"command": command, "seeds": seeds, "tokens_per_run": tokens, "methods": methods, "rows": table, "runs": results, "runs_wall_s": runs_wall_s});
     frugal::checkpoint::write_atomically(
         &out.join("compare.json"),
         serde_json::to_string_pretty(&json)?.as_bytes(),

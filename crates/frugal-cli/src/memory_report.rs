@@ -4,7 +4,7 @@
 use crate::model::LlamaConfig;
 use anyhow::Result;
 use frugal::memory::{by_class, plan};
-use frugal::params::{class_counts, ParamClass};
+use frugal::params::class_counts;
 use frugal::{OptimizerConfig, StateBytes};
 use serde::Serialize;
 
@@ -45,9 +45,6 @@ impl MemoryReport {
         let mut total_state = full_state;
         total_state += proj_state;
         let total = class(full.parameters + proj.parameters, total_state);
-        debug_assert!(infos
-            .iter()
-            .all(|i| i.class != ParamClass::Projectable || proj.parameters > 0));
         Ok(MemoryReport {
             state_full: full,
             projectable: proj,

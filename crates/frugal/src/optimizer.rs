@@ -174,6 +174,11 @@ impl Frugal {
             .collect()
     }
 
+    /// The block schedule of the blockwise projection (block count, active count, cursors).
+    pub fn block_schedule(&self) -> Option<&BlockSchedule> {
+        self.schedule.as_ref()
+    }
+
     /// The variable of a parameter, by name.
     pub fn var(&self, name: &str) -> Option<&Var> {
         self.slots

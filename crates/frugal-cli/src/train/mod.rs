@@ -277,6 +277,16 @@ pub fn run(run: RunConfig, resume: Option<&Path>, cache: &Path) -> Result<PathBu
         }
     );
 
+    if let Some(b) = opt.block_schedule() {
+        if b.active_count == 0 && run.optimizer.density > 0.0 {
+            eprintln!(
+                "warning: density {} of {} blocks rounds to no active block; every projectable tensor is {}",
+                run.optimizer.density,
+                b.blocks,
+                if run.optimizer.state_free == frugal::config::StateFreeRule::None { "frozen" } else { "state-free" }
+            );
+        }
+    }
     let schedule = Schedule::new(
         run.optimizer.lr,
         run.warmup,

@@ -105,23 +105,13 @@ fn ranks_and_counts_follow_the_rounding_rules() {
     assert_eq!(coordinate_count(CoordinateAxis::Columns, 10, 6, 0.25), 1);
     assert_eq!(coordinate_count(CoordinateAxis::Rows, 10, 6, 0.25), 2);
     assert_eq!(coordinate_count(CoordinateAxis::RandK, 10, 6, 0.25), 15);
-    // Blocks: round half to even of #blocks·ρ, seen through the optimizer.
-    let specs: Vec<(String, Vec<usize>)> = (0..2)
-        .flat_map(|l| {
-            [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(|p| (format!("model.layers.{l}.{p}.weight"), vec![4, 4]))
-        })
-        .collect();
-    let plan = frugal::memory::plan(&config("frugal:state_full_modules="), &specs).unwrap();
-    let active = plan.iter().filter(|(_, b)| b.moments > 0).count();
+    // Blocks: round half to even of #blocks·ρ, seen through the plan (two layers: 14 blocks).
+    let specs = frugal::params::llama_shapes(16, 4, 8, 2);
+    let plan = frugal::memory::plan(&config("frugal"), &specs).unwrap();
+    let active = plan
+        .iter()
+        .filter(|(info, b)| info.class == frugal::ParamClass::Projectable && b.moments > 0)
+        .count();
     assert_eq!(active, 4, "14 blocks · 0.25 = 3.5 → 4");
 }
 

@@ -326,10 +326,6 @@ pub fn run(run: RunConfig, resume: Option<&Path>, cache: &Path) -> Result<PathBu
     let mut last_val = None;
     let mut was_interrupted = false;
     while state.step < args.steps {
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            was_interrupted = true;
-            break;
-        }
         let t0 = Instant::now();
         let lr = schedule.lr(state.step);
         opt.set_learning_rate(lr);
@@ -396,8 +392,9 @@ pub fn run(run: RunConfig, resume: Option<&Path>, cache: &Path) -> Result<PathBu
                 &format!("{} · {}", args.model, run.optimizer.preset),
             )?;
         }
-        if state.step % run.save_every == 0 || state.step == args.steps {
-            checkpoint::save(
+        let stop = INTERRUPTED.load(Ordering::SeqCst);
+        if stop || state.step % run.save_every == 0 || state.step == args.steps {
+            let dir = checkpoint::save(
                 &out,
                 &model,
                 &opt,
@@ -405,24 +402,20 @@ pub fn run(run: RunConfig, resume: Option<&Path>, cache: &Path) -> Result<PathBu
                 &data.tokenizer,
                 args.keep_checkpoints,
             )?;
+            if stop {
+                was_interrupted = true;
+                bar.suspend(|| {
+                    eprintln!(
+                        "interrupted: saved {}; continue with `frugal train --resume {}`",
+                        dir.display(),
+                        out.display()
+                    )
+                });
+                break;
+            }
         }
     }
     bar.finish_and_clear();
-    if was_interrupted {
-        let dir = checkpoint::save(
-            &out,
-            &model,
-            &opt,
-            &state,
-            &data.tokenizer,
-            args.keep_checkpoints,
-        )?;
-        eprintln!(
-            "interrupted: saved {}; continue with `frugal train --resume {}`",
-            dir.display(),
-            out.display()
-        );
-    }
     let val_loss = match last_val {
         Some(l) => l,
         None => evaluate(&model)?,

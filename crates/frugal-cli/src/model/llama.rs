@@ -315,20 +315,15 @@ mod tests {
         model.save(&path).unwrap();
         let again = Llama::load(&micro(), &path).unwrap();
         let (x, _) = batch();
-        let a = model
-            .forward(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let b = again
-            .forward(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let logits = |m: &Llama| {
+            m.forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (a, b) = (logits(&model), logits(&again));
         assert_eq!(a, b);
         let mut other = micro();
         other.hidden_size = 32;

@@ -57,6 +57,10 @@ impl CustomOp2 for CrossEntropy {
         let logits = f32s(s1, l1, self.name())?;
         let targets = u32s(s2, l2, self.name())?;
         let v = l1.dims()[1];
+        // Checked here, where the targets are at hand; the backward pass runs only after this.
+        if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
+            bail!("cross_entropy: target {bad} outside the vocabulary of {v}");
+        }
         // Collected in order and summed sequentially: the result does not depend on scheduling.
         let losses: Vec<f64> = logits
             .par_chunks(v)
@@ -122,15 +126,12 @@ impl CustomOp2 for CrossEntropyGrad {
 
 /// Mean next-token cross-entropy of `logits` (n, vocab) against `targets` (n, u32).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let (n, v) = logits.dims2()?;
+    let (n, _) = logits.dims2()?;
     if targets.dims1()? != n {
         bail!(
             "cross_entropy: {n} rows of logits but {} targets",
             targets.elem_count()
         );
-    }
-    if let Some(&bad) = targets.to_vec1::<u32>()?.iter().find(|&&t| t as usize >= v) {
-        bail!("cross_entropy: target {bad} outside the vocabulary of {v}");
     }
     logits
         .contiguous()?

@@ -136,6 +136,43 @@ fn training_writes_the_run_directory_and_lowers_perplexity() {
         (ppl - end).abs() / end < 1e-3,
         "eval {ppl} vs training {end}"
     );
+
+    // `--split all` evaluates the validation split, then the training split, as one mean.
+    let eval = |split: &str, tokens: usize| -> (usize, f64) {
+        let out = run_ok(
+            frugal(&dir)
+                .args([
+                    "eval",
+                    "--split",
+                    split,
+                    "--eval-tokens",
+                    &tokens.to_string(),
+                ])
+                .arg("--checkpoint")
+                .arg(&run),
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let field = |name: &str| {
+            text.split(name)
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        (
+            field("tokens ").parse().unwrap(),
+            field("loss ").parse().unwrap(),
+        )
+    };
+    let (val_tokens, val_loss) = eval("val", 0);
+    let (train_tokens, train_loss) = eval("train", 1024);
+    assert_eq!(train_tokens, 1024);
+    let (all_tokens, all_loss) = eval("all", val_tokens + 1024);
+    assert_eq!(all_tokens, val_tokens + 1024);
+    let mean = (val_loss * val_tokens as f64 + train_loss * 1024.0) / all_tokens as f64;
+    assert!((all_loss - mean).abs() < 2e-4, "all {all_loss} vs {mean}");
 }
 
 #[test]
@@ -283,6 +320,16 @@ fn bad_input_exits_with_one_clear_message() {
             "unknown projection",
         ),
         (vec!["--resume".into(), s(&corrupt)], "optimizer state"),
+        (vec!["--lr".into(), "nan".into()], "finite number"),
+        (vec!["--clip=-1".into()], "finite number"),
+        (
+            vec!["--opt".into(), "colour=blue".into()],
+            "unknown optimizer setting `colour`",
+        ),
+        (
+            vec!["--opt".into(), "proj_side=left".into()],
+            "does not apply to projection `blocks`",
+        ),
     ];
     for (i, (args, expect)) in cases.iter().enumerate() {
         let mut cmd = if args[0] == "--resume" {

@@ -10,7 +10,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use frugal::projection::Subspace;
-use frugal::{Frugal, OptimizerConfig};
+use frugal::{Frugal, OptimizerConfig, Param};
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -46,10 +46,12 @@ fn main() {
     let wanted = |label: &str| label.contains(filter.as_str());
     let reps = if quick { 3 } else { 9 };
     let threads = rayon::current_num_threads();
-    let shapes = frugal::params::llama_shapes(32000, 512, 1376, 8);
+    let shapes = frugal_nn::llama::LlamaConfig::builtin("60m")
+        .expect("built-in")
+        .labelled_shapes();
     let numel: usize = shapes
         .iter()
-        .map(|(_, s)| s.iter().product::<usize>())
+        .map(|p| p.shape.iter().product::<usize>())
         .sum();
     println!(
         "60M LLaMA parameter set: {numel} parameters in {} tensors, {threads} threads",
@@ -67,16 +69,16 @@ fn main() {
             })
             .collect()
     };
-    let vars: Vec<(String, Var)> = shapes
+    let params: Vec<Param> = shapes
         .iter()
-        .map(|(n, s)| {
-            let t =
-                Tensor::from_vec(noise(s.iter().product()), s.as_slice(), &Device::Cpu).unwrap();
-            (n.clone(), Var::from_tensor(&t).unwrap())
+        .map(|p| {
+            let n = p.shape.iter().product();
+            let t = Tensor::from_vec(noise(n), p.shape.as_slice(), &Device::Cpu).unwrap();
+            Param::new(p.name.clone(), Var::from_tensor(&t).unwrap(), p.label)
         })
         .collect();
     let mut grads = GradStore::default();
-    for (_, v) in &vars {
+    for Param { var: v, .. } in &params {
         let g = Tensor::from_vec(noise(v.elem_count()), v.dims(), &Device::Cpu).unwrap();
         grads.insert(v.as_tensor(), g);
     }
@@ -119,12 +121,13 @@ fn main() {
     let candle_ms = if !wanted("candle-nn AdamW") {
         f64::NAN
     } else {
-        let params = ParamsAdamW {
+        let adamw = ParamsAdamW {
             lr: 1e-3,
             weight_decay: 0.0,
             ..Default::default()
         };
-        let mut opt = AdamW::new(vars.iter().map(|(_, v)| v.clone()).collect(), params).unwrap();
+        let vars = params.iter().map(|p| p.var.clone()).collect();
+        let mut opt = AdamW::new(vars, adamw).unwrap();
         opt.step(&grads).unwrap();
         median(
             (0..reps)
@@ -143,7 +146,7 @@ fn main() {
     let measure = |spec: &str, gap: usize| -> (f64, f64, f64) {
         let mut cfg = OptimizerConfig::parse_spec(spec).unwrap();
         cfg.update_gap = gap;
-        let mut opt = Frugal::from_named(vars.clone(), cfg).unwrap();
+        let mut opt = Frugal::from_params(params.clone(), cfg).unwrap();
         let (mut steady, mut refresh) = (Vec::new(), Vec::new());
         for step in 0..(reps + 1) * gap.min(reps + 1) {
             let t = Instant::now();

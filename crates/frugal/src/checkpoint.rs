@@ -4,14 +4,15 @@
 
 use crate::config::OptimizerConfig;
 use crate::error::{Error, Result};
+use crate::fs::write_atomically;
+use crate::labels::{ParamInfo, Role};
 use crate::optimizer::{Frugal, Slot};
 use crate::projection::{Axis, Basis, BlockSchedule, Selection, Subspace};
 use rand_chacha::ChaCha8Rng;
 use safetensors::tensor::{Dtype, TensorView};
-use safetensors::SafeTensors;
+use safetensors::{SafeTensorError, SafeTensors};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 const FORMAT: u32 = 1;
@@ -77,14 +78,95 @@ fn file_err(path: &Path, reason: impl ToString) -> Error {
     }
 }
 
-/// Settings that may differ between the saving and the resuming run.
+/// The settings that must agree between the saving and the resuming run: all but the learning
+/// rate, the finiteness check and the preset's name. The name patterns are left out too: what
+/// they decide, each parameter's role, is checked parameter by parameter.
 fn structural(c: &OptimizerConfig) -> serde_json::Value {
-    let mut v = serde_json::to_value(c).expect("config serialises");
-    let obj = v.as_object_mut().expect("config is an object");
-    for volatile in ["lr", "check_finite", "preset"] {
-        obj.remove(volatile);
+    let mut v = serde_json::to_value(c).unwrap_or_default();
+    if let Some(obj) = v.as_object_mut() {
+        for volatile in [
+            "lr",
+            "check_finite",
+            "preset",
+            "projectable_modules",
+            "state_full_modules",
+        ] {
+            obj.remove(volatile);
+        }
     }
     v
+}
+
+/// Checks a saved subspace against the parameter it is restored into, so that a damaged or
+/// crafted file gives an error instead of out-of-bounds indexing later.
+fn check_subspace(info: &ParamInfo, sub: &Subspace) -> std::result::Result<(), String> {
+    let (m, n) = info.matrix_dims();
+    if info.role == Role::StateFull && *sub != Subspace::All {
+        return Err("it is state-full in this model but projected in the state".into());
+    }
+    match sub {
+        Subspace::All | Subspace::Nothing => Ok(()),
+        Subspace::Coords(sel) => {
+            let bound = match sel.axis {
+                Axis::Columns => n,
+                Axis::Rows => m,
+                Axis::Entries => m * n,
+            };
+            if (sel.m, sel.n) != (m, n) {
+                return Err(format!("its selection is for a {}×{} matrix", sel.m, sel.n));
+            }
+            if !sel.idx.windows(2).all(|w| w[0] < w[1]) {
+                return Err("its selected indices are not sorted and distinct".into());
+            }
+            if sel.idx.last().is_some_and(|&i| i as usize >= bound) {
+                return Err(format!("a selected index is ≥ {bound}"));
+            }
+            Ok(())
+        }
+        Subspace::Basis(b) => {
+            if (b.m, b.n) != (m, n) {
+                return Err(format!("its basis is for a {}×{} matrix", b.m, b.n));
+            }
+            if b.left.is_none() && b.right.is_none() {
+                return Err("its basis has no factor".into());
+            }
+            for (side, part, dim) in [("left", &b.left, m), ("right", &b.right, n)] {
+                if let Some((data, r)) = part {
+                    if *r == 0 || *r > dim || data.len() != r * dim {
+                        return Err(format!(
+                            "its {side} factor has rank {r} and {} values for dimension {dim}",
+                            data.len()
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Checks a saved block schedule against the optimizer's.
+fn check_schedule(
+    saved: &Option<BlockSchedule>,
+    ours: &Option<BlockSchedule>,
+) -> std::result::Result<(), String> {
+    match (saved, ours) {
+        (None, None) => Ok(()),
+        (Some(s), Some(o)) => {
+            let last = s.blocks.saturating_sub(1);
+            if s.blocks != o.blocks || s.active_count != o.active_count {
+                Err(format!(
+                    "the state has {} blocks ({} active), the model {} ({} active)",
+                    s.blocks, s.active_count, o.blocks, o.active_count
+                ))
+            } else if s.front > last || s.back > last {
+                Err("the block cursors are out of range".into())
+            } else {
+                Ok(())
+            }
+        }
+        _ => Err("the block schedule does not match the projection".into()),
+    }
 }
 
 impl Frugal {
@@ -208,29 +290,36 @@ impl Frugal {
                 self.slots.len()
             )));
         }
+        check_schedule(&meta.schedule, &self.schedule)
+            .map_err(|e| Error::StateMismatch(format!("block schedule: {e}")))?;
+        let saved: HashMap<&str, &ParamMeta> =
+            meta.params.iter().map(|p| (p.name.as_str(), p)).collect();
         let f32s = |key: &str| -> Result<Option<Vec<f32>>> {
             read_array(&st, key, Dtype::F32, path).map(|o| {
                 o.map(|b| {
                     b.chunks_exact(4)
-                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                         .collect()
                 })
             })
         };
         let mut restored = Vec::with_capacity(self.slots.len());
-        for (slot, p) in self.slots.iter().zip(&meta.params) {
-            if slot.info.name == p.name && slot.info.shape != p.shape {
+        for slot in &self.slots {
+            let Some(p) = saved.get(slot.info.name.as_str()) else {
+                let names: Vec<&str> = saved.keys().copied().take(3).collect();
+                return Err(Error::StateMismatch(format!(
+                    "the model's parameter `{}` {:?} is not in the state (it has e.g. {})",
+                    slot.info.name,
+                    slot.info.shape,
+                    names.join(", ")
+                )));
+            };
+            if slot.info.shape != p.shape {
                 return Err(Error::ShapeChanged {
                     name: p.name.clone(),
                     expected: p.shape.clone(),
                     found: slot.info.shape.clone(),
                 });
-            }
-            if slot.info.name != p.name {
-                return Err(Error::StateMismatch(format!(
-                    "parameter `{}` {:?} in the state, `{}` {:?} in the model",
-                    p.name, p.shape, slot.info.name, slot.info.shape
-                )));
             }
             let name = &p.name;
             let subspace = match &p.subspace {
@@ -246,7 +335,7 @@ impl Frugal {
                     let idx = read_array(&st, &format!("{name}::idx"), Dtype::U32, path)?
                         .ok_or_else(|| file_err(path, format!("missing indices of `{name}`")))?
                         .chunks_exact(4)
-                        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                         .collect();
                     Subspace::Coords(Selection {
                         axis,
@@ -282,6 +371,8 @@ impl Frugal {
                     })
                 }
             };
+            check_subspace(&slot.info, &subspace)
+                .map_err(|e| Error::StateMismatch(format!("parameter `{name}`: {e}")))?;
             let m = f32s(&format!("{name}::m"))?.unwrap_or_default();
             let v = f32s(&format!("{name}::v"))?.unwrap_or_default();
             let expect = subspace.state_len(slot.info.numel());
@@ -324,19 +415,7 @@ fn read_array(
             path,
             format!("`{key}` has dtype {:?}, expected {dtype:?}", view.dtype()),
         )),
-        Err(_) => Ok(None),
+        Err(SafeTensorError::TensorNotFound(_)) => Ok(None),
+        Err(e) => Err(file_err(path, format!("`{key}`: {e}"))),
     }
-}
-
-/// Writes `bytes` to a temporary file next to `path`, syncs it and renames it over `path`, so a
-/// crash leaves either the old file or the new one.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| file_err(path, e))
 }

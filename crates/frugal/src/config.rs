@@ -1,17 +1,23 @@
 //! Optimizer configuration: every option of FRUGAL, the paper's presets, and `key=value` overrides.
+//!
+//! [`OptimizerConfig`] is the one source of truth: its serde form names every setting, and
+//! [`OptimizerConfig::apply`] sets any of them from text by that name, so no list of keys is kept
+//! by hand anywhere. Settings that belong to one projection live in its [`Projection`] variant.
 
 use crate::error::{Error, Result};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
 use std::fmt;
 use std::str::FromStr;
 
-/// Declares a plain enum with lower-case names, parsing, display and serde in one place.
+/// Declares a plain enum with lower-case names: parsing (case- and `_`/`-`-insensitive),
+/// display, a default, and serde as those names.
 macro_rules! named_enum {
-    ($(#[$meta:meta])* $name:ident, $kind:literal, { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+    ($(#[$meta:meta])* $name:ident, $kind:literal, default = $default:ident, { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
         $(#[$meta])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub enum $name {
-            $($(#[$vmeta])* #[serde(rename = $text)] $variant),+
+            $($(#[$vmeta])* $variant),+
         }
 
         impl $name {
@@ -21,6 +27,12 @@ macro_rules! named_enum {
             /// The name used on the command line and in files.
             pub fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name::$default
             }
         }
 
@@ -43,28 +55,25 @@ macro_rules! named_enum {
                 f.write_str(self.as_str())
             }
         }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
     };
 }
 
 named_enum!(
-    /// How the gradient of a projectable weight is split.
-    ProjectionKind, "projection", {
-        /// Top singular subspace of the current gradient (GaLore).
-        Svd => "svd",
-        /// Random semi-orthogonal matrix (QR of a Gaussian).
-        Random => "random",
-        /// Random rows or columns: a slice of a permutation matrix.
-        RandPerm => "randperm",
-        /// Coordinate subsets: columns, rows or random entries (see [`CoordinateAxis`]).
-        Coordinates => "coordinates",
-        /// Whole tensors (or layers) as blocks, a share of them state-full at a time (BAdam-style).
-        Blocks => "blocks",
-    }
-);
-
-named_enum!(
     /// Which side of an m×n matrix a matrix projection acts on.
-    ProjSide, "projection side", {
+    ProjSide, "projection side", default = Std, {
         /// Right if m ≥ n, else left (GaLore's default): the smaller dimension is reduced.
         Std => "std",
         /// The opposite of `std`.
@@ -79,8 +88,22 @@ named_enum!(
 );
 
 named_enum!(
+    /// The side of a one-sided projection (randperm selects rows or columns, never both).
+    OneSide, "one-sided projection side", default = Std, {
+        /// Columns if m ≥ n, else rows.
+        Std => "std",
+        /// The opposite of `std`.
+        ReverseStd => "reverse-std",
+        /// Rows.
+        Left => "left",
+        /// Columns.
+        Right => "right",
+    }
+);
+
+named_enum!(
     /// Which coordinates a coordinate projection keeps.
-    CoordinateAxis, "coordinate axis", {
+    CoordinateAxis, "coordinate axis", default = Columns, {
         /// int(n·ρ) whole columns.
         Columns => "columns",
         /// int(m·ρ) whole rows.
@@ -92,7 +115,7 @@ named_enum!(
 
 named_enum!(
     /// The order in which blocks become active.
-    BlockOrder, "block order", {
+    BlockOrder, "block order", default = Descending, {
         /// A fresh random set each time.
         Random => "random",
         /// From the first block onwards, wrapping around.
@@ -106,17 +129,17 @@ named_enum!(
 
 named_enum!(
     /// What one block is.
-    BlockUnit, "block unit", {
+    BlockUnit, "block unit", default = Tensor, {
         /// Each projectable tensor is its own block.
         Tensor => "tensor",
-        /// All projectable tensors of one layer (`layers.N.`) form a block (BAdam).
+        /// The projectable tensors of one labelled group (a layer) form a block (BAdam).
         Layer => "layer",
     }
 );
 
 named_enum!(
     /// The optimizer that keeps state, used inside the subspace and for always-state-full parameters.
-    StateFullRule, "state-full rule", {
+    StateFullRule, "state-full rule", default = AdamW, {
         /// Adam with bias correction and decoupled weight decay.
         AdamW => "adamw",
         /// SGD with momentum, EMA form m = βm + (1−β)g (the form used in FRUGAL's analysis).
@@ -130,7 +153,7 @@ named_enum!(
 
 named_enum!(
     /// The optimizer without state, used on the residual outside the subspace.
-    StateFreeRule, "state-free rule", {
+    StateFreeRule, "state-free rule", default = SignSgd, {
         /// signSGD: −lr·sign(R), with sign(0) = 0.
         SignSgd => "signsgd",
         /// SGD: −lr·R.
@@ -140,8 +163,111 @@ named_enum!(
     }
 );
 
+named_enum!(
+    /// Which tensors weight decay applies to.
+    DecayMask, "weight-decay mask", default = All, {
+        /// Every tensor (as in the paper's code).
+        All => "all",
+        /// Only tensors whose label asks for it (e.g. no decay on norms and biases).
+        Labels => "labels",
+    }
+);
+
+/// How the gradient of a projectable weight is split, with the settings of that projection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "projection")]
+pub enum Projection {
+    /// Top singular subspace of the current gradient (GaLore).
+    #[serde(rename = "svd")]
+    Svd {
+        #[serde(default)]
+        proj_side: ProjSide,
+    },
+    /// Random semi-orthogonal matrix (QR of a Gaussian).
+    #[serde(rename = "random")]
+    Random {
+        #[serde(default)]
+        proj_side: ProjSide,
+    },
+    /// Random rows or columns: a slice of a permutation matrix.
+    #[serde(rename = "randperm")]
+    RandPerm {
+        #[serde(default)]
+        proj_side: OneSide,
+    },
+    /// Coordinate subsets: columns, rows or random entries.
+    #[serde(rename = "coordinates")]
+    Coordinates {
+        #[serde(default)]
+        coordinates: CoordinateAxis,
+    },
+    /// Whole tensors (or layers) as blocks, a share of them state-full at a time (BAdam-style).
+    #[serde(rename = "blocks")]
+    Blocks {
+        #[serde(default)]
+        block_order: BlockOrder,
+        #[serde(default)]
+        block_unit: BlockUnit,
+    },
+}
+
+impl Projection {
+    /// Every projection with its default settings.
+    pub const ALL: [Projection; 5] = [
+        Projection::Svd {
+            proj_side: ProjSide::Std,
+        },
+        Projection::Random {
+            proj_side: ProjSide::Std,
+        },
+        Projection::RandPerm {
+            proj_side: OneSide::Std,
+        },
+        Projection::Coordinates {
+            coordinates: CoordinateAxis::Columns,
+        },
+        Projection::Blocks {
+            block_order: BlockOrder::Descending,
+            block_unit: BlockUnit::Tensor,
+        },
+    ];
+
+    /// The projection's name (`svd`, `random`, `randperm`, `coordinates`, `blocks`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Projection::Svd { .. } => "svd",
+            Projection::Random { .. } => "random",
+            Projection::RandPerm { .. } => "randperm",
+            Projection::Coordinates { .. } => "coordinates",
+            Projection::Blocks { .. } => "blocks",
+        }
+    }
+
+    /// True for projections that need matrices (svd, random, randperm).
+    pub fn is_matrix(&self) -> bool {
+        matches!(
+            self,
+            Projection::Svd { .. } | Projection::Random { .. } | Projection::RandPerm { .. }
+        )
+    }
+
+    /// True for the blockwise projection, whose subspaces are scheduled for all tensors at once.
+    pub fn is_blocks(&self) -> bool {
+        matches!(self, Projection::Blocks { .. })
+    }
+}
+
+impl fmt::Display for Projection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Projection::Coordinates { coordinates } => f.write_str(coordinates.as_str()),
+            p => f.write_str(p.name()),
+        }
+    }
+}
+
 /// Every setting of the optimizer. Build one from a preset with [`OptimizerConfig::preset`] and
-/// change fields with [`OptimizerConfig::set`].
+/// change settings with [`OptimizerConfig::apply`] (or assign fields).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OptimizerConfig {
     /// Preset this configuration started from (informational).
@@ -160,16 +286,9 @@ pub struct OptimizerConfig {
     pub momentum: f64,
     /// Nesterov look-ahead for the `sgdm` rule.
     pub nesterov: bool,
-    /// How projectable gradients are split.
-    pub projection: ProjectionKind,
-    /// Side of matrix projections (svd, random, randperm).
-    pub proj_side: ProjSide,
-    /// Axis of coordinate projections.
-    pub coordinates: CoordinateAxis,
-    /// Order of blocks for the blockwise projection.
-    pub block_order: BlockOrder,
-    /// What one block is for the blockwise projection.
-    pub block_unit: BlockUnit,
+    /// How projectable gradients are split, with that projection's settings.
+    #[serde(flatten)]
+    pub projection: Projection,
     /// Density ρ ∈ [0, 1]: the share of each projectable weight (or of blocks) that keeps state.
     pub density: f64,
     /// Update gap T: the subspace is re-chosen every T steps.
@@ -184,10 +303,17 @@ pub struct OptimizerConfig {
     pub proj_lr_scale: f64,
     /// Additional learning-rate scale of the state-free part (1.0 pre-training, 0.1 fine-tuning).
     pub state_free_lr_scale: f64,
-    /// Regex: parameters that may be projected (2-D linears by default).
+    /// Regex of parameters that may be projected; with `state_full_modules`, overrides the roles
+    /// of the caller's labels. Empty: the labels decide.
+    #[serde(default)]
     pub projectable_modules: String,
-    /// Regex: parameters that always keep full state; empty for none. Takes precedence.
+    /// Regex of parameters that always keep full state; takes precedence over
+    /// `projectable_modules`. Empty: the labels decide.
+    #[serde(default)]
     pub state_full_modules: String,
+    /// Which tensors weight decay applies to.
+    #[serde(default)]
+    pub decay_mask: DecayMask,
     /// Seed of the optimizer's random choices (random subspaces, coordinates, block orders).
     pub seed: u64,
     /// Check every gradient for NaN/Inf before updating anything.
@@ -205,14 +331,56 @@ pub const PRESETS: &[&str] = &[
     "sgd",
 ];
 
-/// Default pattern of projectable parameters: attention and MLP linears.
-pub const DEFAULT_PROJECTABLE: &str = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)";
-/// Default pattern of always-state-full parameters: embeddings, norms, logits layer.
-pub const DEFAULT_STATE_FULL: &str = r"(embed|norm|lm_head)";
-
 impl Default for OptimizerConfig {
     fn default() -> Self {
         Self::preset("frugal").expect("built-in preset")
+    }
+}
+
+/// The settings as a JSON object (the form every name and value comes from).
+fn object(c: &OptimizerConfig) -> Map<String, Value> {
+    match serde_json::to_value(c) {
+        Ok(Value::Object(map)) => map,
+        _ => Map::new(),
+    }
+}
+
+/// Every settable key with an example value of its type: the default configuration under each
+/// projection, so that projection-specific settings are included.
+fn samples() -> Map<String, Value> {
+    let mut all = Map::new();
+    for projection in Projection::ALL {
+        let c = OptimizerConfig {
+            projection,
+            ..OptimizerConfig::default()
+        };
+        for (k, v) in object(&c) {
+            all.entry(k).or_insert(v);
+        }
+    }
+    all.remove("preset");
+    all
+}
+
+fn parse_value(key: &str, text: &str, sample: &Value) -> Result<Value> {
+    let bad = |what: &str| Error::setting(key, format!("`{text}` is not {what}"));
+    match sample {
+        Value::Bool(_) => match text {
+            "true" | "on" | "yes" | "1" => Ok(Value::Bool(true)),
+            "false" | "off" | "no" | "0" => Ok(Value::Bool(false)),
+            _ => Err(bad("true or false")),
+        },
+        Value::Number(n) if n.is_u64() => text
+            .parse::<u64>()
+            .map(Value::from)
+            .map_err(|_| bad("a whole number ≥ 0")),
+        Value::Number(_) => {
+            let x: f64 = text.parse().map_err(|_| bad("a number"))?;
+            serde_json::Number::from_f64(x)
+                .map(Value::Number)
+                .ok_or_else(|| bad("a finite number"))
+        }
+        _ => Ok(Value::String(text.to_string())),
     }
 }
 
@@ -228,11 +396,10 @@ impl OptimizerConfig {
             eps: 1e-8,
             momentum: 0.9,
             nesterov: false,
-            projection: ProjectionKind::Blocks,
-            proj_side: ProjSide::Std,
-            coordinates: CoordinateAxis::Columns,
-            block_order: BlockOrder::Descending,
-            block_unit: BlockUnit::Tensor,
+            projection: Projection::Blocks {
+                block_order: BlockOrder::Descending,
+                block_unit: BlockUnit::Tensor,
+            },
             density: 0.25,
             update_gap: 200,
             reset: true,
@@ -240,10 +407,14 @@ impl OptimizerConfig {
             state_free: StateFreeRule::SignSgd,
             proj_lr_scale: 1.0,
             state_free_lr_scale: 1.0,
-            projectable_modules: DEFAULT_PROJECTABLE.to_string(),
-            state_full_modules: DEFAULT_STATE_FULL.to_string(),
+            projectable_modules: String::new(),
+            state_full_modules: String::new(),
+            decay_mask: DecayMask::All,
             seed: 0,
             check_finite: true,
+        };
+        let svd = Projection::Svd {
+            proj_side: ProjSide::Std,
         };
         match name {
             "frugal" => {}
@@ -251,23 +422,25 @@ impl OptimizerConfig {
                 // Every block active forever: the active set never changes, so nothing is reset.
                 c.density = 1.0;
             }
-            "frugal-svd" => c.projection = ProjectionKind::Svd,
+            "frugal-svd" => c.projection = svd,
             "galore" => {
-                c.projection = ProjectionKind::Svd;
+                c.projection = svd;
                 c.reset = false;
                 c.state_free = StateFreeRule::None;
                 c.proj_lr_scale = 0.25;
                 c.lr = 1e-2;
             }
             "badam" => {
-                c.block_unit = BlockUnit::Layer;
+                c.projection = Projection::Blocks {
+                    block_order: BlockOrder::Descending,
+                    block_unit: BlockUnit::Layer,
+                };
                 c.state_free = StateFreeRule::None;
             }
             "signsgd" | "sgd" => {
                 // Every parameter is a block and no block is ever active.
                 c.density = 0.0;
                 c.projectable_modules = ".".to_string();
-                c.state_full_modules = String::new();
                 if name == "sgd" {
                     c.state_free = StateFreeRule::Sgd;
                     c.lr = 1e-2;
@@ -288,73 +461,89 @@ impl OptimizerConfig {
     pub fn parse_spec(spec: &str) -> Result<Self> {
         let (name, overrides) = spec.split_once(':').unwrap_or((spec, ""));
         let mut c = Self::preset(name.trim())?;
-        for kv in overrides.split(',').filter(|s| !s.trim().is_empty()) {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| Error::setting(kv, "expected key=value (e.g. density=0.125)"))?;
-            c.set(k.trim(), v.trim())?;
-        }
+        let pairs = overrides
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|kv| {
+                kv.split_once('=')
+                    .ok_or_else(|| Error::setting(kv, "expected key=value (e.g. density=0.125)"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        c.apply(pairs)?;
         Ok(c)
     }
 
-    /// Sets one field from its textual form; `key` uses the field name with `-` or `_`.
+    /// The name of every setting [`OptimizerConfig::apply`] accepts, in alphabetical order.
+    pub fn keys() -> Vec<String> {
+        samples().keys().cloned().collect()
+    }
+
+    /// The values `projection` takes: each projection's name and the coordinate axes.
+    fn projection_names() -> Vec<&'static str> {
+        let mut names: Vec<&str> = Projection::ALL.iter().map(|p| p.name()).collect();
+        names.extend(CoordinateAxis::NAMES);
+        names
+    }
+
+    /// Sets one setting from its textual form (see [`OptimizerConfig::apply`]).
     pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
-        fn num<T: FromStr>(key: &str, v: &str) -> Result<T> {
-            v.parse()
-                .map_err(|_| Error::setting(key, format!("`{v}` is not a valid number")))
-        }
-        fn flag(key: &str, v: &str) -> Result<bool> {
-            match v {
-                "true" | "on" | "yes" | "1" => Ok(true),
-                "false" | "off" | "no" | "0" => Ok(false),
-                _ => Err(Error::setting(key, format!("`{v}` is not true/false"))),
-            }
-        }
-        let canonical = key.replace('-', "_");
-        match canonical.as_str() {
-            "lr" => self.lr = num(key, value)?,
-            "weight_decay" | "wd" => self.weight_decay = num(key, value)?,
-            "beta1" => self.beta1 = num(key, value)?,
-            "beta2" => self.beta2 = num(key, value)?,
-            "eps" => self.eps = num(key, value)?,
-            "momentum" => self.momentum = num(key, value)?,
-            "nesterov" => self.nesterov = flag(key, value)?,
-            "projection" => match value {
-                // Coordinate axes are accepted directly as projection names.
-                "columns" | "rows" | "randk" => {
-                    self.projection = ProjectionKind::Coordinates;
-                    self.coordinates = value.parse()?;
-                }
-                _ => self.projection = value.parse()?,
-            },
-            "proj_side" | "side" => self.proj_side = value.parse()?,
-            "coordinates" => self.coordinates = value.parse()?,
-            "block_order" | "order" => self.block_order = value.parse()?,
-            "block_unit" => self.block_unit = value.parse()?,
-            "density" | "rho" => self.density = num(key, value)?,
-            "update_gap" | "gap" | "t" => self.update_gap = num(key, value)?,
-            "reset" => self.reset = flag(key, value)?,
-            "state_full" => self.state_full = value.parse()?,
-            "state_free" => self.state_free = value.parse()?,
-            "proj_lr_scale" => self.proj_lr_scale = num(key, value)?,
-            "state_free_lr_scale" => self.state_free_lr_scale = num(key, value)?,
-            "projectable_modules" => self.projectable_modules = value.to_string(),
-            "state_full_modules" => self.state_full_modules = value.to_string(),
-            "seed" => self.seed = num(key, value)?,
-            "check_finite" => self.check_finite = flag(key, value)?,
-            _ => {
+        self.apply([(key, value)])
+    }
+
+    /// Sets settings from `key=value` text, all at once (so their order does not matter). Keys
+    /// are the field names, with `-` or `_`; `projection` also takes `columns`, `rows` and
+    /// `randk` for the coordinate projections. Unknown keys, values of the wrong type,
+    /// non-finite numbers and settings of another projection are errors; nothing changes then.
+    pub fn apply<'a>(&mut self, pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<()> {
+        let samples = samples();
+        let mut settings = object(self);
+        let mut given = Vec::new();
+        for (key, text) in pairs {
+            let (key, text) = (key.trim().replace('-', "_"), text.trim());
+            let Some(sample) = samples.get(&key) else {
                 return Err(Error::UnknownName {
                     kind: "optimizer setting",
-                    name: key.to_string(),
-                    expected: "lr, weight_decay, beta1, beta2, eps, momentum, nesterov, projection, \
-                               proj_side, coordinates, block_order, block_unit, density, update_gap, \
-                               reset, state_full, state_free, proj_lr_scale, state_free_lr_scale, \
-                               projectable_modules, state_full_modules, seed, check_finite"
-                        .to_string(),
-                })
+                    name: key,
+                    expected: Self::keys().join(", "),
+                });
+            };
+            if key == "projection" && !Self::projection_names().contains(&text) {
+                return Err(Error::UnknownName {
+                    kind: "projection",
+                    name: text.to_string(),
+                    expected: Self::projection_names().join(", "),
+                });
             }
+            if key == "projection" && CoordinateAxis::from_str(text).is_ok() {
+                settings.insert(key.clone(), Value::from("coordinates"));
+                settings.insert("coordinates".into(), Value::from(text));
+            } else {
+                settings.insert(key.clone(), parse_value(&key, text, sample)?);
+            }
+            given.push(key);
         }
+        let new: OptimizerConfig = serde_json::from_value(Value::Object(settings))
+            .map_err(|e| Error::setting(&given.join(", "), e.to_string()))?;
+        let in_effect = object(&new);
+        if let Some(stray) = given.iter().find(|k| !in_effect.contains_key(*k)) {
+            return Err(Error::setting(
+                stray,
+                format!("does not apply to projection `{}`", new.projection.name()),
+            ));
+        }
+        *self = new;
         Ok(())
+    }
+
+    /// The blockwise projection's order and unit, if that is the projection.
+    pub fn blocks(&self) -> Option<(BlockOrder, BlockUnit)> {
+        match self.projection {
+            Projection::Blocks {
+                block_order,
+                block_unit,
+            } => Some((block_order, block_unit)),
+            _ => None,
+        }
     }
 
     /// Checks ranges; called by the optimizer constructor.
@@ -368,16 +557,14 @@ impl OptimizerConfig {
         if self.update_gap == 0 {
             return Err(Error::setting("update_gap", "must be at least 1"));
         }
-        for (field, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+        for (field, b) in [
+            ("beta1", self.beta1),
+            ("beta2", self.beta2),
+            ("momentum", self.momentum),
+        ] {
             if !(0.0..1.0).contains(&b) {
                 return Err(Error::setting(field, format!("{b} is outside [0, 1)")));
             }
-        }
-        if !(0.0..1.0).contains(&self.momentum) {
-            return Err(Error::setting(
-                "momentum",
-                format!("{} is outside [0, 1)", self.momentum),
-            ));
         }
         for (field, x) in [
             ("lr", self.lr),
@@ -423,19 +610,113 @@ mod tests {
     fn specs_parse_and_reject() {
         let c = OptimizerConfig::parse_spec("frugal:density=0.125,projection=svd").unwrap();
         assert_eq!(c.density, 0.125);
-        assert_eq!(c.projection, ProjectionKind::Svd);
+        assert_eq!(
+            c.projection,
+            Projection::Svd {
+                proj_side: ProjSide::Std
+            }
+        );
         let c = OptimizerConfig::parse_spec("galore").unwrap();
         assert!(!c.reset && c.state_free == StateFreeRule::None && c.proj_lr_scale == 0.25);
         assert!(matches!(
             OptimizerConfig::parse_spec("adam"),
             Err(Error::UnknownName { .. })
         ));
-        assert!(matches!(
-            OptimizerConfig::parse_spec("frugal:projection=pca"),
-            Err(Error::UnknownName { .. })
-        ));
+        let err = OptimizerConfig::parse_spec("frugal:projection=pca").unwrap_err();
+        assert!(matches!(err, Error::UnknownName { .. }), "{err}");
+        assert!(err.to_string().contains("pca") && err.to_string().contains("randk"));
         let mut c = OptimizerConfig::preset("frugal").unwrap();
         c.density = 1.5;
         assert!(matches!(c.validate(), Err(Error::InvalidSetting { .. })));
+    }
+
+    #[test]
+    fn every_setting_is_reachable_by_name_in_any_order() {
+        let keys = OptimizerConfig::keys();
+        for k in [
+            "coordinates",
+            "block_unit",
+            "block_order",
+            "proj_side",
+            "nesterov",
+            "check_finite",
+            "decay_mask",
+        ] {
+            assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
+        }
+        assert!(!keys.iter().any(|k| k == "preset"));
+        let mut c = OptimizerConfig::preset("frugal").unwrap();
+        c.apply([
+            ("proj-side", "left"),
+            ("projection", "random"),
+            ("nesterov", "on"),
+            ("check_finite", "false"),
+            ("seed", "7"),
+            ("decay_mask", "labels"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.projection,
+            Projection::Random {
+                proj_side: ProjSide::Left
+            }
+        );
+        assert!(c.nesterov && !c.check_finite && c.seed == 7);
+        assert_eq!(c.decay_mask, DecayMask::Labels);
+        c.set("projection", "rows").unwrap();
+        assert_eq!(
+            c.projection,
+            Projection::Coordinates {
+                coordinates: CoordinateAxis::Rows
+            }
+        );
+        c.apply([("block_unit", "layer"), ("projection", "blocks")])
+            .unwrap();
+        assert_eq!(c.blocks(), Some((BlockOrder::Descending, BlockUnit::Layer)));
+    }
+
+    #[test]
+    fn bad_settings_name_the_problem_and_change_nothing() {
+        let before = OptimizerConfig::preset("frugal").unwrap();
+        let mut c = before.clone();
+        let cases = [
+            ("learning_rate", "1", "block_unit, check_finite"),
+            ("lr", "nan", "finite"),
+            ("lr", "inf", "finite"),
+            ("update_gap", "-3", "whole number"),
+            ("nesterov", "maybe", "true or false"),
+            ("proj_side", "left", "does not apply to projection `blocks`"),
+            ("block_order", "sideways", "sideways"),
+        ];
+        for (k, v, expect) in cases {
+            let err = c.set(k, v).unwrap_err().to_string();
+            assert!(err.contains(expect), "{k}={v}: {err}");
+            assert_eq!(c, before, "{k}={v} changed the configuration");
+        }
+        let err = OptimizerConfig::parse_spec("frugal:projection=randperm,proj_side=full")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("full"), "{err}");
+    }
+
+    #[test]
+    fn old_flat_settings_still_parse() {
+        // The form written before settings were grouped by projection: every field flat.
+        let old = r#"{"preset":"frugal","lr":0.001,"weight_decay":0.0,"beta1":0.9,"beta2":0.999,
+            "eps":1e-8,"momentum":0.9,"nesterov":false,"projection":"randperm","proj_side":"left",
+            "coordinates":"columns","block_order":"descending","block_unit":"tensor","density":0.25,
+            "update_gap":200,"reset":true,"state_full":"adamw","state_free":"signsgd",
+            "proj_lr_scale":1.0,"state_free_lr_scale":1.0,
+            "projectable_modules":"(q_proj|k_proj)","state_full_modules":"(embed|norm|lm_head)",
+            "seed":0,"check_finite":true}"#;
+        let c: OptimizerConfig = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            c.projection,
+            Projection::RandPerm {
+                proj_side: OneSide::Left
+            }
+        );
+        assert_eq!(c.decay_mask, DecayMask::All);
+        assert_eq!(c.state_full_modules, "(embed|norm|lm_head)");
     }
 }

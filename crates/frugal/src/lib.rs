@@ -1,10 +1,13 @@
 //! FRUGAL: full-rank updates with gradient splitting, over candle tensors.
 //!
-//! The optimizer is a composition: a parameter classifier ([`params`]) routes each tensor either
-//! to the state-full rule on the whole tensor, or to a projection ([`projection`]) that splits its
+//! The optimizer is a composition: labels ([`labels`]) route each parameter either to the
+//! state-full rule on the whole tensor, or to a projection ([`projection`]) that splits its
 //! gradient into a low-dimensional part updated by a state-full rule and a residual updated by a
 //! state-free rule ([`rules`]). The element-wise work of a step runs as one fused pass per tensor
 //! ([`kernels`]). Presets reproduce AdamW, GaLore, BAdam, signSGD, SGD and FRUGAL ([`config`]).
+//! The optimizer knows no model: the caller labels the parameters (the `frugal-nn` crate has
+//! labels for LLaMA and BERT/RoBERTa names), or 2-D weights are projectable and the rest
+//! state-full.
 //!
 //! ```no_run
 //! use candle_nn::{Optimizer, VarMap};
@@ -19,15 +22,16 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod fs;
 pub mod kernels;
+pub mod labels;
 pub mod memory;
 pub mod optimizer;
-pub mod params;
 pub mod projection;
 pub mod rules;
 
 pub use config::OptimizerConfig;
 pub use error::{Error, Result};
+pub use labels::{Label, Param, ParamInfo, ParamShape, Role};
 pub use memory::StateBytes;
 pub use optimizer::{Frugal, ParamStateView};
-pub use params::{ParamClass, ParamInfo};

@@ -1,9 +1,11 @@
-//! Memory accounting: bytes of optimizer state, held or planned, by kind and by parameter class.
+//! Memory accounting: bytes of optimizer state, held or planned, by kind and by parameter role.
 
-use crate::config::{CoordinateAxis, OptimizerConfig, ProjectionKind};
+use crate::config::{CoordinateAxis, OptimizerConfig, Projection};
 use crate::error::Result;
-use crate::params::{classify, ParamClass, ParamInfo};
-use crate::projection::{assign_blocks, coordinate_count, matrix_ranks, BlockSchedule};
+use crate::labels::{resolve, ParamInfo, ParamShape, Role};
+use crate::projection::{
+    assign_blocks, coordinate_count, matrix_ranks, one_side_rank, Axis, BlockSchedule,
+};
 use crate::rules::moment_slots;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -41,19 +43,17 @@ fn planned(config: &OptimizerConfig, info: &ParamInfo, active_block: bool) -> St
     let buffers = moment_slots(config.state_full);
     let moments = |elems: usize| 4 * buffers * elems;
     let numel = info.numel();
-    if info.class != ParamClass::Projectable {
-        return StateBytes {
-            moments: moments(numel),
-            ..Default::default()
-        };
+    let whole = StateBytes {
+        moments: moments(numel),
+        ..Default::default()
+    };
+    if info.role != Role::Projectable {
+        return whole;
     }
     let (m, n) = info.matrix_dims();
     let coords = |count: usize, total: usize, per_index: usize| match count {
         0 => StateBytes::default(),
-        c if c >= total => StateBytes {
-            moments: moments(numel),
-            ..Default::default()
-        },
+        c if c >= total => whole,
         c => StateBytes {
             moments: moments(c * per_index),
             projections: 0,
@@ -61,26 +61,24 @@ fn planned(config: &OptimizerConfig, info: &ParamInfo, active_block: bool) -> St
         },
     };
     match config.projection {
-        ProjectionKind::Blocks if active_block => StateBytes {
-            moments: moments(numel),
-            ..Default::default()
-        },
-        ProjectionKind::Blocks => StateBytes::default(),
-        ProjectionKind::Coordinates => {
-            let count = coordinate_count(config.coordinates, m, n, config.density);
-            match config.coordinates {
+        Projection::Blocks { .. } if active_block => whole,
+        Projection::Blocks { .. } => StateBytes::default(),
+        Projection::Coordinates { coordinates } => {
+            let count = coordinate_count(coordinates, m, n, config.density);
+            match coordinates {
                 CoordinateAxis::Columns => coords(count, n, m),
                 CoordinateAxis::Rows => coords(count, m, n),
                 CoordinateAxis::RandK => coords(count, m * n, 1),
             }
         }
-        ProjectionKind::RandPerm => match matrix_ranks(config.proj_side, m, n, config.density) {
-            (Some(r), _) => coords(r, m, n),
-            (None, Some(r)) => coords(r, n, m),
-            (None, None) => StateBytes::default(),
-        },
-        ProjectionKind::Svd | ProjectionKind::Random => {
-            let (l, r) = matrix_ranks(config.proj_side, m, n, config.density);
+        Projection::RandPerm { proj_side } => {
+            match one_side_rank(proj_side, m, n, config.density) {
+                (Axis::Rows, r) => coords(r, m, n),
+                (_, r) => coords(r, n, m),
+            }
+        }
+        Projection::Svd { proj_side } | Projection::Random { proj_side } => {
+            let (l, r) = matrix_ranks(proj_side, m, n, config.density);
             if l == Some(0) || r == Some(0) {
                 return StateBytes::default();
             }
@@ -96,19 +94,26 @@ fn planned(config: &OptimizerConfig, info: &ParamInfo, active_block: bool) -> St
 }
 
 /// State each parameter will hold after the first step, computed from shapes alone (no
-/// allocation), in model order. Equals [`crate::Frugal::state_bytes`] after the first step.
+/// allocation), in the given order. Equals [`crate::Frugal::state_bytes`] after the first step.
 pub fn plan(
     config: &OptimizerConfig,
-    shapes: &[(String, Vec<usize>)],
+    params: &[ParamShape],
 ) -> Result<Vec<(ParamInfo, StateBytes)>> {
     config.validate()?;
-    let infos = classify(shapes, config)?;
-    let (blocks, count) = assign_blocks(&infos, config.block_unit);
-    let active = if config.projection == ProjectionKind::Blocks {
-        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-        BlockSchedule::for_config(config, count).next(&mut rng)
-    } else {
-        Vec::new()
+    let infos = resolve(
+        params
+            .iter()
+            .map(|p| (p.name.as_str(), p.shape.as_slice(), p.label)),
+        config,
+    )?;
+    let (blocks, active) = match config.blocks() {
+        Some((order, unit)) => {
+            let (blocks, count) = assign_blocks(&infos, unit);
+            let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+            let active = BlockSchedule::for_config(order, config.density, count).next(&mut rng);
+            (blocks, active)
+        }
+        None => (vec![None; infos.len()], Vec::new()),
     };
     Ok(infos
         .into_iter()
@@ -121,15 +126,14 @@ pub fn plan(
         .collect())
 }
 
-/// Sums planned state by class: (always state-full incl. other, projectable).
-pub fn by_class(plan: &[(ParamInfo, StateBytes)]) -> (StateBytes, StateBytes) {
+/// Sums planned state by role: (always state-full, projectable).
+pub fn by_role(plan: &[(ParamInfo, StateBytes)]) -> (StateBytes, StateBytes) {
     let mut full = StateBytes::default();
     let mut proj = StateBytes::default();
     for (info, b) in plan {
-        if info.class == ParamClass::Projectable {
-            proj += *b;
-        } else {
-            full += *b;
+        match info.role {
+            Role::Projectable => proj += *b,
+            Role::StateFull => full += *b,
         }
     }
     (full, proj)

@@ -1,16 +1,16 @@
 //! The FRUGAL optimizer: routes each parameter to the state-full rule, or splits its gradient
 //! with a projection into a state-full part and a state-free residual, in one fused pass.
 
-use crate::config::{OptimizerConfig, ProjSide, ProjectionKind, StateFreeRule};
+use crate::config::{DecayMask, OptimizerConfig, StateFreeRule};
 use crate::error::{Error, Result};
-use crate::kernels;
+use crate::kernels::cpu as kernels;
+use crate::labels::{resolve, Param, ParamInfo, Role};
 use crate::memory::StateBytes;
-use crate::params::{classify, ParamClass, ParamInfo};
 use crate::projection::{self, assign_blocks, BlockSchedule, Subspace};
 use crate::rules::{moment_slots, Free, Full};
 use crate::with_rules;
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -77,32 +77,58 @@ fn zeros(len: usize) -> Vec<f32> {
     vec![0.0; len]
 }
 
+/// Checks that a parameter is stored where the step kernels run: f32 on the CPU.
+fn check_storage(name: &str, var: &Var) -> Result<()> {
+    if !var.device().is_cpu() || var.dtype() != DType::F32 {
+        return Err(Error::UnsupportedTensor {
+            name: name.to_string(),
+            reason: format!(
+                "it is {:?} on {:?}; the optimizer steps f32 tensors on the CPU (keep fp32 master weights there)",
+                var.dtype(),
+                var.device().location()
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl Frugal {
-    /// Builds the optimizer over named parameters (names select the classes via the patterns).
-    pub fn from_named(params: Vec<(String, Var)>, config: OptimizerConfig) -> Result<Self> {
+    /// Builds the optimizer over labelled parameters, in the caller's (model) order. Every
+    /// parameter must be an f32 tensor on the CPU; names must be unique.
+    pub fn from_params(params: Vec<Param>, config: OptimizerConfig) -> Result<Self> {
         config.validate()?;
-        if config.projection == ProjectionKind::RandPerm && config.proj_side == ProjSide::Full {
-            return Err(Error::setting(
-                "proj_side",
-                "randperm selects rows or columns: use std, reverse-std, left or right",
-            ));
+        let mut seen = std::collections::HashSet::new();
+        for p in &params {
+            check_storage(&p.name, &p.var)?;
+            if !seen.insert(p.name.as_str()) {
+                return Err(Error::setting(
+                    "parameters",
+                    format!("the name `{}` is given twice", p.name),
+                ));
+            }
         }
-        let shapes: Vec<(String, Vec<usize>)> = params
-            .iter()
-            .map(|(n, v)| (n.clone(), v.dims().to_vec()))
-            .collect();
-        let infos = classify(&shapes, &config)?;
-        let (blocks, block_count) = assign_blocks(&infos, config.block_unit);
-        let mut vars: std::collections::HashMap<String, Var> = params.into_iter().collect();
+        let infos = resolve(
+            params
+                .iter()
+                .map(|p| (p.name.as_str(), p.var.dims(), p.label)),
+            &config,
+        )?;
+        let (blocks, schedule) = match config.blocks() {
+            Some((order, unit)) => {
+                let (blocks, count) = assign_blocks(&infos, unit);
+                let schedule = BlockSchedule::for_config(order, config.density, count);
+                (blocks, Some(schedule))
+            }
+            None => (vec![None; infos.len()], None),
+        };
         let slots: Vec<Slot> = infos
             .into_iter()
             .zip(blocks)
-            .map(|(info, block)| Slot {
-                var: vars
-                    .remove(&info.name)
-                    .expect("classified names come from the input"),
+            .zip(params)
+            .map(|((info, block), param)| Slot {
+                var: param.var,
                 // Projectable tensors get their subspace from their first gradient.
-                subspace: if info.class == ParamClass::Projectable {
+                subspace: if info.role == Role::Projectable {
                     Subspace::Nothing
                 } else {
                     Subspace::All
@@ -110,14 +136,10 @@ impl Frugal {
                 m: Vec::new(),
                 v: Vec::new(),
                 t: 0,
-                block: (config.projection == ProjectionKind::Blocks)
-                    .then_some(block)
-                    .flatten(),
+                block,
                 info,
             })
             .collect();
-        let schedule = (config.projection == ProjectionKind::Blocks)
-            .then(|| BlockSchedule::for_config(&config, block_count));
         Ok(Frugal {
             rng: ChaCha8Rng::seed_from_u64(config.seed),
             config,
@@ -128,15 +150,28 @@ impl Frugal {
         })
     }
 
-    /// Builds the optimizer over every variable of a `VarMap`, using its names.
+    /// Builds the optimizer over named parameters in the given order, labelled by
+    /// [`crate::Label::default_for`] (2-D weights projectable, the rest state-full) unless the
+    /// configuration's patterns say otherwise.
+    pub fn from_named(params: Vec<(String, Var)>, config: OptimizerConfig) -> Result<Self> {
+        let params = params
+            .into_iter()
+            .map(|(name, var)| Param::with_default_label(name, var))
+            .collect();
+        Self::from_params(params, config)
+    }
+
+    /// Builds the optimizer over every variable of a `VarMap`, in name order, with default labels
+    /// (see [`Frugal::from_named`]).
     pub fn from_varmap(varmap: &VarMap, config: OptimizerConfig) -> Result<Self> {
-        let params = varmap
+        let mut params: Vec<(String, Var)> = varmap
             .data()
             .lock()
-            .expect("VarMap lock poisoned")
+            .map_err(|_| Error::setting("varmap", "the VarMap's lock is poisoned"))?
             .iter()
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
+        params.sort_by(|a, b| a.0.cmp(&b.0));
         Self::from_named(params, config)
     }
 
@@ -160,7 +195,7 @@ impl Frugal {
         self.step
     }
 
-    /// The classified parameters, in model order.
+    /// The parameters as the optimizer treats them, in model order.
     pub fn params(&self) -> impl Iterator<Item = &ParamInfo> {
         self.slots.iter().map(|s| &s.info)
     }
@@ -275,14 +310,15 @@ impl Frugal {
                     install(slot, sub, keep, slots_count);
                 }
             }
-        } else {
+        } else if let Some(split) = self.config.projection.per_tensor() {
             for (i, g) in work {
                 let slot = &mut self.slots[*i];
-                if slot.info.class != ParamClass::Projectable {
+                if slot.info.role != Role::Projectable {
                     continue;
                 }
+                let density = self.config.density;
                 let sub = kernels::with_slice(&slot.info.name, g, |g| {
-                    projection::choose(&self.config, &slot.info, g, &mut self.rng)
+                    projection::choose(split, density, &slot.info, g, &mut self.rng)
                 })??;
                 let same_len =
                     sub.state_len(slot.info.numel()) == slot.subspace.state_len(slot.info.numel());
@@ -293,7 +329,7 @@ impl Frugal {
         }
         // Parameters that are state-full as a whole allocate their moments on first use.
         for slot in self.slots.iter_mut() {
-            if slot.info.class != ParamClass::Projectable && self.step == 0 {
+            if slot.info.role != Role::Projectable && self.step == 0 {
                 install(slot, Subspace::All, false, slots_count);
             }
         }
@@ -304,8 +340,13 @@ impl Frugal {
         let config = &self.config;
         let slot = &mut self.slots[i];
         let lr = config.lr;
-        let keep = (1.0 - lr * config.weight_decay) as f32;
-        let projectable = slot.info.class == ParamClass::Projectable;
+        let decays = config.decay_mask == DecayMask::All || slot.info.weight_decay;
+        let keep = if decays {
+            (1.0 - lr * config.weight_decay) as f32
+        } else {
+            1.0
+        };
+        let projectable = slot.info.role == Role::Projectable;
         let (lr_full, lr_free) = if projectable {
             (
                 lr * config.proj_lr_scale,
@@ -384,11 +425,9 @@ fn install(slot: &mut Slot, sub: Subspace, keep: bool, moment_buffers: usize) {
 impl candle_nn::Optimizer for Frugal {
     type Config = OptimizerConfig;
 
-    /// Without names every parameter is projectable (for matrix projections: every ≥2-D one)
-    /// and none is forced state-full; use [`Frugal::from_named`] to route by name.
-    fn new(vars: Vec<Var>, mut config: OptimizerConfig) -> candle_core::Result<Self> {
-        config.projectable_modules = ".".into();
-        config.state_full_modules = String::new();
+    /// Without names every ≥2-D parameter is projectable and the rest state-full (see
+    /// [`crate::Label::default_for`]); use [`Frugal::from_params`] to label them.
+    fn new(vars: Vec<Var>, config: OptimizerConfig) -> candle_core::Result<Self> {
         let named = vars
             .into_iter()
             .enumerate()

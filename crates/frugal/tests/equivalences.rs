@@ -155,7 +155,7 @@ fn density_zero_is_signsgd_on_projectable_and_adamw_elsewhere() {
         for (i, info) in opt.params().enumerate() {
             let (name, _) = &vars[i];
             let idx = vars.iter().position(|(n, _)| n == &info.name).unwrap();
-            let want = if info.class == frugal::ParamClass::Projectable {
+            let want = if info.role == frugal::Role::Projectable {
                 &sign[idx]
             } else {
                 &adam[idx]
@@ -170,7 +170,10 @@ fn density_zero_is_signsgd_on_projectable_and_adamw_elsewhere() {
 #[test]
 fn columns_step_matches_hand_computation() {
     let vars = named_vars(&[("layers.0.mlp.up_proj.weight", &[6, 8])], 9);
-    let cfg = config("frugal:projection=columns,density=0.5,lr=0.02,weight_decay=0.1,update_gap=100,state_full_modules=");
+    let cfg = frugal::OptimizerConfig::parse_spec(
+        "frugal:projection=columns,density=0.5,lr=0.02,weight_decay=0.1,update_gap=100",
+    )
+    .unwrap();
     let w0 = f64s(&values(&vars[0].1));
     let mut opt = Frugal::from_named(vars.clone(), cfg.clone()).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(10);
@@ -212,7 +215,9 @@ fn columns_step_matches_hand_computation() {
 fn svd_step_matches_hand_computation() {
     let (m, n, r) = (10usize, 6usize, 2usize);
     let vars = named_vars(&[("layers.0.mlp.up_proj.weight", &[m, n])], 11);
-    let cfg = config("frugal-svd:density=0.3333,lr=0.01,update_gap=100,state_full_modules=");
+    let cfg =
+        frugal::OptimizerConfig::parse_spec("frugal-svd:density=0.3333,lr=0.01,update_gap=100")
+            .unwrap();
     let mut w = f64s(&values(&vars[0].1));
     let mut opt = Frugal::from_named(vars.clone(), cfg.clone()).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(12);

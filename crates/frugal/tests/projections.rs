@@ -106,11 +106,22 @@ fn ranks_and_counts_follow_the_rounding_rules() {
     assert_eq!(coordinate_count(CoordinateAxis::Rows, 10, 6, 0.25), 2);
     assert_eq!(coordinate_count(CoordinateAxis::RandK, 10, 6, 0.25), 15);
     // Blocks: round half to even of #blocks·ρ, seen through the plan (two layers: 14 blocks).
-    let specs = frugal::params::llama_shapes(16, 4, 8, 2);
+    let model = frugal_nn::llama::LlamaConfig {
+        vocab_size: 16,
+        hidden_size: 4,
+        intermediate_size: 8,
+        num_attention_heads: 2,
+        num_hidden_layers: 2,
+        num_key_value_heads: None,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1e4,
+        max_position_embeddings: 8,
+    };
+    let specs = model.labelled_shapes();
     let plan = frugal::memory::plan(&config("frugal"), &specs).unwrap();
     let active = plan
         .iter()
-        .filter(|(info, b)| info.class == frugal::ParamClass::Projectable && b.moments > 0)
+        .filter(|(info, b)| info.role == frugal::Role::Projectable && b.moments > 0)
         .count();
     assert_eq!(active, 4, "14 blocks · 0.25 = 3.5 → 4");
 }
@@ -132,7 +143,7 @@ fn optimizer_subspaces_have_the_configured_sizes() {
         ("frugal:projection=randperm,density=0.3", 20 * 2, 2 * 20),
         ("frugal-svd:density=0.3", 20 * 2, 2 * 20),
     ] {
-        let cfg = config(&format!("{spec},state_full_modules="));
+        let cfg = frugal::OptimizerConfig::parse_spec(spec).unwrap();
         let (opt, _) = run(&cfg, &clone_vars(&vars), 1, 4);
         for (name, expect) in [
             ("layers.0.mlp.up_proj.weight", expect_up),

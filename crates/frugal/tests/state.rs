@@ -16,7 +16,7 @@ fn reset_restarts_statistics_and_galore_keeps_them() {
         ("galore:update_gap=3", false),
     ] {
         let vars = named_vars(&[(name, &[12, 6])], 1);
-        let cfg = config(&format!("{spec},state_full_modules="));
+        let cfg = frugal::OptimizerConfig::parse_spec(spec).unwrap();
         let mut opt = Frugal::from_named(vars.clone(), cfg).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(2);
         let mut before = Vec::new();
@@ -59,7 +59,7 @@ fn blockwise_reset_clears_state_when_the_active_set_changes() {
         opt.step_grads(&g).unwrap();
         let mut active: Vec<String> = opt
             .params()
-            .filter(|p| p.class == frugal::ParamClass::Projectable)
+            .filter(|p| p.role == frugal::Role::Projectable)
             .filter(|p| *opt.param_state(&p.name).unwrap().subspace == Subspace::All)
             .map(|p| p.name.clone())
             .collect();
@@ -81,10 +81,7 @@ fn blockwise_reset_clears_state_when_the_active_set_changes() {
         "statistics restart with the new set"
     );
     // Inactive blocks hold no state at all.
-    for p in opt
-        .params()
-        .filter(|p| p.class == frugal::ParamClass::Projectable)
-    {
+    for p in opt.params().filter(|p| p.role == frugal::Role::Projectable) {
         let st = opt.param_state(&p.name).unwrap();
         if *st.subspace == Subspace::Nothing {
             assert!(st.m.is_empty() && st.v.is_empty());
@@ -108,8 +105,10 @@ fn badam_freezes_inactive_layers() {
 }
 
 /// The paper's 60M LLaMA parameter set: vocab 32000, hidden 512, intermediate 1376, 8 layers.
-fn llama_60m() -> Vec<(String, Vec<usize>)> {
-    frugal::params::llama_shapes(32000, 512, 1376, 8)
+fn llama_60m() -> Vec<frugal::ParamShape> {
+    frugal_nn::llama::LlamaConfig::builtin("60m")
+        .unwrap()
+        .labelled_shapes()
 }
 
 #[test]
@@ -178,7 +177,7 @@ fn state_bytes_match_closed_forms_at_60m() {
     assert_eq!(
         shapes
             .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
+            .map(|p| p.shape.iter().product::<usize>())
             .sum::<usize>(),
         total
     );
@@ -194,11 +193,11 @@ fn state_bytes_match_closed_forms_at_60m() {
     // The optimizer's own count after a real step agrees (zero gradients keep this fast).
     let vars: Vec<(String, candle_core::Var)> = shapes
         .iter()
-        .map(|(n, s)| {
+        .map(|p| {
             (
-                n.clone(),
+                p.name.clone(),
                 candle_core::Var::zeros(
-                    s.as_slice(),
+                    p.shape.as_slice(),
                     candle_core::DType::F32,
                     &candle_core::Device::Cpu,
                 )
@@ -316,6 +315,127 @@ fn bad_input_is_an_error_not_a_panic() {
         Err(Error::StateMismatch(_))
     ));
     std::fs::write(&path, b"not a state").unwrap();
+    let mut other = Frugal::from_named(clone_vars(&vars), config("frugal")).unwrap();
+    assert!(matches!(
+        other.load_state(&path),
+        Err(Error::StateFile { .. })
+    ));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+type TensorEdit = Box<dyn Fn(&str, &mut Vec<usize>, &mut Vec<u8>)>;
+type MetaEdit = Box<dyn Fn(&mut serde_json::Value)>;
+
+/// Rewrites a saved state: `edit` may change any tensor (name, dtype, shape, bytes) and the
+/// JSON metadata.
+fn rewrite(
+    path: &std::path::Path,
+    edit: impl Fn(&str, &mut Vec<usize>, &mut Vec<u8>),
+    edit_meta: impl Fn(&mut serde_json::Value),
+) {
+    use safetensors::tensor::TensorView;
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut meta = header.metadata().clone().unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&meta["frugal"]).unwrap();
+    edit_meta(&mut json);
+    meta.insert("frugal".into(), json.to_string());
+    let tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let (mut shape, mut data) = (view.shape().to_vec(), view.data().to_vec());
+            edit(&name, &mut shape, &mut data);
+            (name, view.dtype(), shape, data)
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, dt, s, d)| (n.clone(), TensorView::new(*dt, s.clone(), d).unwrap()))
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+}
+
+#[test]
+fn crafted_or_damaged_state_files_are_errors_not_panics() {
+    let dir = std::env::temp_dir().join(format!("frugal-crafted-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let vars = named_vars(LLAMA_LIKE, 12);
+    let saved = |spec: &str| {
+        let path = dir.join(format!("{}.safetensors", spec.replace([':', ','], "-")));
+        let (opt, _) = run(&config(spec), &clone_vars(&vars), 2, 13);
+        opt.save_state(&path).unwrap();
+        path
+    };
+    let idx = |name: &str| name.ends_with("up_proj.weight::idx");
+    let u32_at =
+        |d: &mut Vec<u8>, i: usize, v: u32| d[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes());
+    let cases: Vec<(&str, TensorEdit, MetaEdit, &str)> = vec![
+        (
+            "frugal:projection=columns,density=0.5",
+            Box::new(move |n, _, d| {
+                if idx(n) {
+                    {
+                        let last = d.len() / 4 - 1;
+                        u32_at(d, last, 10_000)
+                    }
+                }
+            }),
+            Box::new(|_| {}),
+            "index",
+        ),
+        (
+            "frugal:projection=columns,density=0.5",
+            Box::new(move |n, _, d| {
+                if idx(n) {
+                    u32_at(d, 0, 11);
+                    u32_at(d, 1, 3)
+                }
+            }),
+            Box::new(|_| {}),
+            "sorted",
+        ),
+        (
+            "frugal-svd",
+            Box::new(|n, s, d| {
+                if n.ends_with("up_proj.weight::right") {
+                    d.truncate(d.len() - 8);
+                    s[0] -= 2;
+                }
+            }),
+            Box::new(|_| {}),
+            "factor",
+        ),
+        (
+            "frugal:block_order=ascending",
+            Box::new(|_, _, _| {}),
+            Box::new(|m| m["schedule"]["front"] = serde_json::json!(999)),
+            "block",
+        ),
+        (
+            "frugal:projection=columns,density=0.5",
+            Box::new(|_, _, _| {}),
+            Box::new(|m| m["params"][1]["subspace"]["m"] = serde_json::json!(3)),
+            "matrix",
+        ),
+    ];
+    for (spec, edit, edit_meta, expect) in cases {
+        let path = saved(spec);
+        rewrite(&path, edit, edit_meta);
+        let mut other = Frugal::from_named(clone_vars(&vars), config(spec)).unwrap();
+        let err = other.load_state(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(expect),
+            "{spec}: expected `{expect}` in: {err}"
+        );
+    }
+    // A damaged file whose tensor table is unreadable is an error, not a missing tensor.
+    let path = saved("frugal");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let len = bytes.len();
+    bytes.truncate(len - 16);
+    std::fs::write(&path, &bytes).unwrap();
     let mut other = Frugal::from_named(clone_vars(&vars), config("frugal")).unwrap();
     assert!(matches!(
         other.load_state(&path),

@@ -7,8 +7,8 @@
 //!   cursors moving towards the middle each period and restarting from the ends once they meet;
 //! - `random`: a uniformly random k-subset each period.
 
-use crate::config::{round_half_even, BlockOrder, BlockUnit, OptimizerConfig};
-use crate::params::{ParamClass, ParamInfo};
+use crate::config::{round_half_even, BlockOrder, BlockUnit};
+use crate::labels::{ParamInfo, Role};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -36,10 +36,10 @@ impl BlockSchedule {
         }
     }
 
-    /// The schedule of a configuration over `blocks` blocks: round(blocks·ρ) active, half to even.
-    pub fn for_config(config: &OptimizerConfig, blocks: usize) -> Self {
-        let active = round_half_even(blocks as f64 * config.density);
-        Self::new(config.block_order, blocks, active)
+    /// The schedule over `blocks` blocks at density ρ: round(blocks·ρ) active, half to even.
+    pub fn for_config(order: BlockOrder, density: f64, blocks: usize) -> Self {
+        let active = round_half_even(blocks as f64 * density);
+        Self::new(order, blocks, active)
     }
 
     /// The active blocks of the next period, sorted.
@@ -91,22 +91,23 @@ impl BlockSchedule {
 }
 
 /// Block id of each projectable parameter (given in model order) and the number of blocks: one
-/// block per tensor, or per layer for [`BlockUnit::Layer`].
+/// block per tensor, or, for [`BlockUnit::Layer`], one per run of tensors of the same labelled
+/// group (a tensor without a group is a block of its own).
 pub fn assign_blocks(infos: &[ParamInfo], unit: BlockUnit) -> (Vec<Option<usize>>, usize) {
     let mut count = 0;
-    let mut last_layer: Option<usize> = None;
+    let mut last_group: Option<usize> = None;
     let ids = infos
         .iter()
         .map(|info| {
-            if info.class != ParamClass::Projectable {
+            if info.role != Role::Projectable {
                 return None;
             }
-            let same_layer =
-                unit == BlockUnit::Layer && info.layer.is_some() && info.layer == last_layer;
-            if !same_layer {
+            let same_group =
+                unit == BlockUnit::Layer && info.block.is_some() && info.block == last_group;
+            if !same_group {
                 count += 1;
             }
-            last_layer = info.layer;
+            last_group = info.block;
             Some(count - 1)
         })
         .collect();

@@ -9,9 +9,9 @@ pub use basis::Basis;
 pub use blocks::{assign_blocks, BlockSchedule};
 pub use selection::{Axis, Selection};
 
-use crate::config::{round_half_even, CoordinateAxis, OptimizerConfig, ProjSide, ProjectionKind};
+use crate::config::{round_half_even, CoordinateAxis, OneSide, ProjSide, Projection};
 use crate::error::Result;
-use crate::params::ParamInfo;
+use crate::labels::ParamInfo;
 use rand::Rng;
 
 /// The current subspace of one parameter.
@@ -107,37 +107,77 @@ fn random_selection(axis: Axis, count: usize, m: usize, n: usize, rng: &mut impl
     Subspace::Coords(Selection::new(axis, idx, m, n))
 }
 
+/// A projection chosen tensor by tensor from its gradient (every projection but blocks, which
+/// are scheduled for all tensors at once by [`BlockSchedule`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorSplit {
+    /// Top singular subspace of the gradient.
+    Svd(ProjSide),
+    /// Random semi-orthogonal factors.
+    Random(ProjSide),
+    /// Random rows or columns.
+    RandPerm(OneSide),
+    /// Random columns, rows or entries.
+    Coordinates(CoordinateAxis),
+}
+
+impl Projection {
+    /// The per-tensor form of this projection; `None` for blocks.
+    pub fn per_tensor(&self) -> Option<TensorSplit> {
+        match *self {
+            Projection::Svd { proj_side } => Some(TensorSplit::Svd(proj_side)),
+            Projection::Random { proj_side } => Some(TensorSplit::Random(proj_side)),
+            Projection::RandPerm { proj_side } => Some(TensorSplit::RandPerm(proj_side)),
+            Projection::Coordinates { coordinates } => Some(TensorSplit::Coordinates(coordinates)),
+            Projection::Blocks { .. } => None,
+        }
+    }
+}
+
+/// The axis and count of a one-sided (randperm) selection of an m×n matrix: rows on the left,
+/// columns on the right, round(dim·ρ) of them.
+pub fn one_side_rank(side: OneSide, m: usize, n: usize, density: f64) -> (Axis, usize) {
+    let rows = match side {
+        OneSide::Left => true,
+        OneSide::Right => false,
+        OneSide::Std => m < n,
+        OneSide::ReverseStd => m >= n,
+    };
+    if rows {
+        (Axis::Rows, round_half_even(m as f64 * density))
+    } else {
+        (Axis::Columns, round_half_even(n as f64 * density))
+    }
+}
+
 /// Chooses a new subspace for one projectable tensor from its current gradient `g`.
-/// Blockwise projections are chosen for all tensors at once by [`BlockSchedule`] instead.
 pub fn choose(
-    config: &OptimizerConfig,
+    split: TensorSplit,
+    density: f64,
     info: &ParamInfo,
     g: &[f32],
     rng: &mut impl Rng,
 ) -> Result<Subspace> {
     let (m, n) = info.matrix_dims();
-    let rho = config.density;
-    Ok(match config.projection {
-        ProjectionKind::Blocks => unreachable!("blocks are scheduled globally"),
-        ProjectionKind::Coordinates => {
-            let count = coordinate_count(config.coordinates, m, n, rho);
-            let axis = match config.coordinates {
+    Ok(match split {
+        TensorSplit::Coordinates(axis) => {
+            let count = coordinate_count(axis, m, n, density);
+            let axis = match axis {
                 CoordinateAxis::Columns => Axis::Columns,
                 CoordinateAxis::Rows => Axis::Rows,
                 CoordinateAxis::RandK => Axis::Entries,
             };
             random_selection(axis, count, m, n, rng)
         }
-        ProjectionKind::RandPerm => match matrix_ranks(config.proj_side, m, n, rho) {
-            (Some(r), None) => random_selection(Axis::Rows, r, m, n, rng),
-            (None, Some(r)) => random_selection(Axis::Columns, r, m, n, rng),
-            _ => unreachable!("validated: randperm is one-sided"),
-        },
-        ProjectionKind::Svd | ProjectionKind::Random => {
-            let (l, r) = matrix_ranks(config.proj_side, m, n, rho);
+        TensorSplit::RandPerm(side) => {
+            let (axis, count) = one_side_rank(side, m, n, density);
+            random_selection(axis, count, m, n, rng)
+        }
+        TensorSplit::Svd(side) | TensorSplit::Random(side) => {
+            let (l, r) = matrix_ranks(side, m, n, density);
             if l == Some(0) || r == Some(0) {
                 Subspace::Nothing
-            } else if config.projection == ProjectionKind::Svd {
+            } else if matches!(split, TensorSplit::Svd(_)) {
                 Subspace::Basis(Basis::svd(g, m, n, l, r, &info.name)?)
             } else {
                 Subspace::Basis(Basis::random(m, n, l, r, rng))

@@ -6,14 +6,11 @@ use candle_core::{Device, Tensor, Var};
 use frugal::{Frugal, OptimizerConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
 
 pub fn randn(n: usize, scale: f32, rng: &mut ChaCha8Rng) -> Vec<f32> {
     (0..n)
-        .map(|_| {
-            // Box–Muller from two uniforms.
-            let (u1, u2): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
-            scale * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-        })
+        .map(|_| scale * rng.sample::<f32, _>(StandardNormal))
         .collect()
 }
 
@@ -81,8 +78,20 @@ pub fn max_rel_err(a: &[f32], b: &[f64]) -> f64 {
         / scale
 }
 
+/// Roles of LLaMA-like names by the optimizer's regex route: embeddings, norms and the head
+/// state-full, attention and MLP linears projectable.
+pub const LLAMA_STATE_FULL: &str = "(embed|norm|lm_head)";
+pub const LLAMA_PROJECTABLE: &str = "(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)";
+
+/// The configuration of `spec`, routing LLaMA-like names by pattern unless the spec sets
+/// patterns itself.
 pub fn config(spec: &str) -> OptimizerConfig {
-    OptimizerConfig::parse_spec(spec).unwrap()
+    let mut c = OptimizerConfig::parse_spec(spec).unwrap();
+    if c.projectable_modules.is_empty() && c.state_full_modules.is_empty() {
+        c.state_full_modules = LLAMA_STATE_FULL.into();
+        c.projectable_modules = LLAMA_PROJECTABLE.into();
+    }
+    c
 }
 
 /// A small LLaMA-like parameter set covering every class.

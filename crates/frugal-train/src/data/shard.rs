@@ -18,7 +18,7 @@ pub struct TokenShard {
 impl TokenShard {
     /// Writes `tokens` to `path` (temporary file + rename).
     pub fn write(path: &Path, tokens: &[u32]) -> Result<()> {
-        let tmp = path.with_extension("tmp");
+        let tmp = frugal::fs::temp_path(path);
         let mut f = std::io::BufWriter::new(
             std::fs::File::create(&tmp)
                 .with_context(|| format!("cannot create {}", tmp.display()))?,
@@ -60,6 +60,11 @@ impl TokenShard {
     /// Number of tokens.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// True if the shard holds no token.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// Token `i`.

@@ -1,6 +1,7 @@
 //! Fused CPU operations with their own backward passes: cross-entropy, causal softmax and
 //! RMSNorm. Each reads its inputs once per pass instead of chaining a dozen tensor operations
-//! (candle's built-in fast variants of these have no backward).
+//! (candle's built-in fast variants of these have no backward). They run on f32 CPU tensors only
+//! and check so on entry ([`cpu_f32`]).
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -17,6 +18,18 @@ fn u32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [u32]> {
         (CpuStorage::U32(v), Some((a, b))) => Ok(&v[a..b]),
         _ => bail!("{op}: expects contiguous u32 targets"),
     }
+}
+
+/// Checks that `t` is an f32 tensor on the CPU, where the fused operation `op` runs.
+pub fn cpu_f32(op: &str, t: &Tensor) -> Result<()> {
+    if !t.device().is_cpu() || t.dtype() != candle_core::DType::F32 {
+        bail!(
+            "{op} is a fused CPU operation on f32 tensors; got {:?} on {:?}",
+            t.dtype(),
+            t.device().location()
+        );
+    }
+    Ok(())
 }
 
 /// Applies `f(out_row, a_row, b_row)` to matching rows of `row` elements, in parallel.
@@ -126,6 +139,7 @@ impl CustomOp2 for CrossEntropyGrad {
 
 /// Mean next-token cross-entropy of `logits` (n, vocab) against `targets` (n, u32).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    cpu_f32("cross_entropy", logits)?;
     let (n, _) = logits.dims2()?;
     if targets.dims1()? != n {
         bail!(
@@ -212,6 +226,11 @@ impl CustomOp2 for SoftmaxGrad {
 
 /// Causal softmax of `scale·scores` over the last dimension; scores are (..., t, t).
 pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    cpu_f32("causal_softmax", scores)?;
+    match scores.dims() {
+        [.., q, k] if q == k => {}
+        dims => bail!("causal_softmax: scores must be (..., t, t), got {dims:?}"),
+    }
     scores.contiguous()?.apply_op1(CausalSoftmax {
         scale: scale as f32,
     })
@@ -360,6 +379,7 @@ impl CustomOp2 for RmsNormGradW {
 
 /// RMSNorm of `x` (..., d) with weight `w` (d).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    cpu_f32("rms_norm", x)?;
     x.contiguous()?.apply_op2(w, RmsNorm { eps: eps as f32 })
 }
 
@@ -449,5 +469,25 @@ mod tests {
         let logits = randn(&[2, 4], 7);
         let targets = Tensor::new(&[1u32, 4], &Device::Cpu).unwrap();
         assert!(cross_entropy(&logits, &targets).is_err());
+    }
+
+    #[test]
+    fn causal_softmax_needs_square_f32_scores() {
+        let err = causal_softmax(&randn(&[2, 3, 5], 8), 1.0).unwrap_err();
+        assert!(err.to_string().contains("(..., t, t)"), "{err}");
+        assert!(causal_softmax(&randn(&[5], 8), 1.0).is_err());
+        let ok = causal_softmax(&randn(&[2, 4, 4], 8), 1.0).unwrap();
+        // Row i of a causal softmax sums to one over keys 0..=i and is zero beyond.
+        let rows = ok.to_vec3::<f32>().unwrap();
+        for (i, row) in rows[1].iter().enumerate() {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+            assert!(row[i + 1..].iter().all(|&p| p == 0.0));
+        }
+        let bf16 = randn(&[4, 4], 9)
+            .to_dtype(candle_core::DType::BF16)
+            .unwrap();
+        let err = causal_softmax(&bf16, 1.0).unwrap_err();
+        assert!(err.to_string().contains("f32"), "{err}");
+        assert!(rms_norm(&bf16, &randn(&[4], 1), 1e-6).is_err());
     }
 }

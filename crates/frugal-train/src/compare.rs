@@ -1,13 +1,36 @@
 //! `frugal compare`: train several optimizer configurations on the same model, data, token
 //! budget and seeds (same batches in the same order), then tabulate and plot the results.
 
-use crate::cli::{CompareArgs, TrainArgs};
+use crate::checkpoint;
+use crate::metrics::{read_records, Record, Summary};
 use crate::plot::{write_png, Panel, Series};
-use crate::train::{self, checkpoint};
+use crate::run::{self, resolve};
+use crate::settings::TrainSettings;
+use crate::trainer::StopToken;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use serde_json::Value;
 use std::path::{Path, PathBuf};
+
+/// What to compare: the training settings shared by every run, and the methods.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct CompareSettings {
+    /// Optimizer specs, comma-separated between specs with `;` or ` `:
+    /// e.g. "adamw galore frugal:density=0.125,projection=svd" [default: the paper's rows].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub methods: Option<String>,
+    /// Sweep one setting over values for every method except adamw, e.g. density=0,0.125,0.25,0.5.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub sweep: Option<String>,
+    /// A set of runs mirroring the paper's ablations: projection, state-free or modules.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub ablation: Option<String>,
+    /// Seeds, comma-separated; every method runs once per seed.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "0,1"))]
+    pub seeds: String,
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub train: TrainSettings,
+}
 
 /// One configuration to compare.
 #[derive(Clone, Debug, Serialize)]
@@ -69,7 +92,7 @@ fn ablation(name: &str) -> Result<Vec<Method>> {
 }
 
 /// The configurations selected by the flags.
-pub fn methods(args: &CompareArgs) -> Result<Vec<Method>> {
+pub fn methods(args: &CompareSettings) -> Result<Vec<Method>> {
     let mut list = match (&args.ablation, &args.methods) {
         (Some(_), Some(_)) => bail!("use either --ablation or --methods"),
         (Some(a), None) => ablation(a)?,
@@ -137,42 +160,39 @@ pub struct RunResult {
 }
 
 fn read_result(method: &Method, seed: u64, dir: &Path, tokens_per_step: f64) -> Result<RunResult> {
-    let s: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json"))?)?;
-    let curve = std::fs::read_to_string(dir.join("metrics.jsonl"))?
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|v| {
-            Some((
-                v["step"].as_f64()? * tokens_per_step,
-                v["val_ppl"].as_f64()?,
-            ))
+    let s = Summary::read(dir)?;
+    let curve = read_records(&dir.join("metrics.jsonl"))?
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Eval(e) => Some((e.step as f64 * tokens_per_step, e.val_ppl)),
+            Record::Train(_) => None,
         })
         .collect();
-    let state = s["optimizer_state_total_bytes"].as_u64();
+    let state = s.optimizer_state_total_bytes as u64;
     Ok(RunResult {
         method: method.label.clone(),
         seed,
         dir: dir.to_path_buf(),
         failed: None,
-        val_ppl: s["val_ppl"].as_f64(),
-        state_bytes: state,
-        training_bytes: state.map(|b| {
-            b + s["parameter_bytes"].as_u64().unwrap_or(0)
-                + s["gradient_bytes"].as_u64().unwrap_or(0)
-        }),
-        tokens_per_s: s["tokens_per_s"].as_f64(),
-        wall_s: s["wall_s"].as_f64(),
+        val_ppl: Some(s.val_ppl),
+        state_bytes: Some(state),
+        training_bytes: Some(state + s.parameter_bytes as u64 + s.gradient_bytes as u64),
+        tokens_per_s: Some(s.tokens_per_s),
+        wall_s: Some(s.wall_s),
         curve,
     })
 }
 
-/// Trains one method with one seed (or resumes / reuses its finished run).
-fn run_one(base: &TrainArgs, method: &Method, seed: u64, dir: &Path, cache: &Path) -> Result<bool> {
-    let finished = dir.join("summary.json").exists()
-        && std::fs::read_to_string(dir.join("summary.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-            .is_some_and(|v| v["interrupted"] == false);
+/// Trains one method with one seed (or resumes / reuses its finished run); false if stopped.
+fn run_one(
+    base: &TrainSettings,
+    method: &Method,
+    seed: u64,
+    dir: &Path,
+    cache: &Path,
+    stop: &StopToken,
+) -> Result<bool> {
+    let finished = Summary::read(dir).is_ok_and(|s| !s.interrupted);
     if finished {
         eprintln!("== {} (seed {seed}): already finished", method.label);
         return Ok(true);
@@ -186,9 +206,9 @@ fn run_one(base: &TrainArgs, method: &Method, seed: u64, dir: &Path, cache: &Pat
     args.seed = seed;
     args.out = Some(dir.to_path_buf());
     eprintln!("== {} (seed {seed})", method.label);
-    let run = train::resolve(args)?;
-    train::run(run, resumable.then_some(dir), cache)?;
-    Ok(!train::interrupted())
+    let config = resolve(args)?;
+    run::run(config, resumable.then_some(dir), cache, stop)?;
+    Ok(!stop.is_stopped())
 }
 
 /// Mean and half-range of the finished runs' values.
@@ -352,8 +372,9 @@ fn plot(path: &Path, methods: &[Method], results: &[RunResult], rows: &[Row]) ->
     )
 }
 
-/// Runs the comparison into the output directory and writes the report.
-pub fn run(args: CompareArgs, cache: &Path, command: &str) -> Result<()> {
+/// Runs the comparison into the output directory and writes the report; stops (resumably) when
+/// `stop` is set.
+pub fn run(args: CompareSettings, cache: &Path, command: &str, stop: &StopToken) -> Result<()> {
     let methods = methods(&args)?;
     let seeds: Vec<u64> = args
         .seeds
@@ -383,7 +404,7 @@ pub fn run(args: CompareArgs, cache: &Path, command: &str) -> Result<()> {
     if base.eval_every.is_none() {
         base.eval_every = Some((base.steps / 10).max(1));
     }
-    let resolved = train::resolve({
+    let resolved = resolve({
         let mut a = base.clone();
         a.opt.optimizer = methods[0].spec.clone();
         a
@@ -396,7 +417,7 @@ pub fn run(args: CompareArgs, cache: &Path, command: &str) -> Result<()> {
             let dir = out
                 .join("runs")
                 .join(format!("{}-seed{seed}", slug(&m.label)));
-            match run_one(&base, m, seed, &dir, cache) {
+            match run_one(&base, m, seed, &dir, cache, stop) {
                 Ok(true) => results.push(read_result(m, seed, &dir, tokens_per_step)?),
                 Ok(false) => {
                     eprintln!("interrupted; continue with `frugal compare --resume {}` and the same flags", out.display());
@@ -425,9 +446,9 @@ pub fn run(args: CompareArgs, cache: &Path, command: &str) -> Result<()> {
     let runs_wall_s: f64 = results.iter().filter_map(|r| r.wall_s).sum();
     let md = markdown(&table, command, &seeds, tokens)
         + &format!("\nTotal wall time of the runs: {runs_wall_s:.0} s.\n");
-    frugal::checkpoint::write_atomically(&out.join("compare.md"), md.as_bytes())?;
+    frugal::fs::write_atomically(&out.join("compare.md"), md.as_bytes())?;
     let json = serde_json::json!({"command": command, "seeds": seeds, "tokens_per_run": tokens, "methods": methods, "rows": table, "runs": results, "runs_wall_s": runs_wall_s});
-    frugal::checkpoint::write_atomically(
+    frugal::fs::write_atomically(
         &out.join("compare.json"),
         serde_json::to_string_pretty(&json)?.as_bytes(),
     )?;

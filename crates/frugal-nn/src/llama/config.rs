@@ -1,6 +1,7 @@
 //! LLaMA model configurations: built-in sizes and Hugging Face `config.json` files.
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Error, Result};
+use frugal::ParamShape;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -84,10 +85,10 @@ impl LlamaConfig {
         }
         let path = Path::new(name_or_path);
         if !path.exists() {
-            bail!(
+            return Err(Error::Config(format!(
                 "model `{name_or_path}` is neither a built-in configuration ({}) nor an existing config.json file",
                 BUILTIN.join(", ")
-            );
+            )));
         }
         Self::from_file(path)
     }
@@ -95,15 +96,11 @@ impl LlamaConfig {
     /// Reads a Hugging Face `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read model config {}", path.display()))?;
-        let c: LlamaConfig = serde_json::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "model config {} is not a valid LlamaConfig: {e}",
-                path.display()
-            )
-        })?;
+            .map_err(|e| Error::file(path, format!("cannot read model config: {e}")))?;
+        let c: LlamaConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::file(path, format!("not a valid LlamaConfig: {e}")))?;
         c.validate()
-            .with_context(|| format!("model config {}", path.display()))?;
+            .map_err(|e| Error::file(path, format!("model config: {e}")))?;
         Ok(c)
     }
 
@@ -114,26 +111,27 @@ impl LlamaConfig {
             || self.num_hidden_layers == 0
             || self.intermediate_size == 0
         {
-            bail!("sizes must be positive");
+            return Err(Error::Config("sizes must be positive".into()));
         }
         if self.num_attention_heads == 0
             || !self.hidden_size.is_multiple_of(self.num_attention_heads)
         {
-            bail!(
+            return Err(Error::Config(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
-                self.hidden_size,
-                self.num_attention_heads
-            );
+                self.hidden_size, self.num_attention_heads
+            )));
         }
         if !(self.hidden_size / self.num_attention_heads).is_multiple_of(2) {
-            bail!("the head dimension must be even for rotary embeddings");
+            return Err(Error::Config(
+                "the head dimension must be even for rotary embeddings".into(),
+            ));
         }
         let kv = self.kv_heads();
         if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
-            bail!(
+            return Err(Error::Config(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {kv}",
                 self.num_attention_heads
-            );
+            )));
         }
         Ok(())
     }
@@ -148,21 +146,46 @@ impl LlamaConfig {
         self.hidden_size / self.num_attention_heads
     }
 
-    /// Parameter names and shapes in Hugging Face's layout.
+    /// Parameter names and shapes in Hugging Face's layout and model order: the embedding; per
+    /// layer the attention projections (keys and values with `num_key_value_heads` heads), the
+    /// MLP and the two norms; the final norm; the untied LM head.
     pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let (h, kv) = (self.hidden_size, self.kv_heads() * self.head_dim());
-        let mut p = frugal::params::llama_shapes(
-            self.vocab_size,
-            h,
-            self.intermediate_size,
-            self.num_hidden_layers,
-        );
-        for (name, shape) in p.iter_mut() {
-            if name.ends_with("k_proj.weight") || name.ends_with("v_proj.weight") {
-                *shape = vec![kv, h];
-            }
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let kv = self.kv_heads() * self.head_dim();
+        let mut p = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, h],
+        )];
+        for l in 0..self.num_hidden_layers {
+            let layer =
+                |m: &str, shape: Vec<usize>| (format!("model.layers.{l}.{m}.weight"), shape);
+            p.extend([
+                layer("self_attn.q_proj", vec![h, h]),
+                layer("self_attn.k_proj", vec![kv, h]),
+                layer("self_attn.v_proj", vec![kv, h]),
+                layer("self_attn.o_proj", vec![h, h]),
+                layer("mlp.gate_proj", vec![i, h]),
+                layer("mlp.up_proj", vec![i, h]),
+                layer("mlp.down_proj", vec![h, i]),
+                layer("input_layernorm", vec![h]),
+                layer("post_attention_layernorm", vec![h]),
+            ]);
         }
+        p.push(("model.norm.weight".to_string(), vec![h]));
+        p.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
         p
+    }
+
+    /// The parameters with their LLaMA labels, in model order: what the optimizer plans from.
+    pub fn labelled_shapes(&self) -> Vec<ParamShape> {
+        self.parameter_shapes()
+            .into_iter()
+            .map(|(name, shape)| ParamShape {
+                label: crate::labels::llama(&name),
+                name,
+                shape,
+            })
+            .collect()
     }
 
     /// Total number of parameters.
@@ -214,6 +237,29 @@ mod tests {
     }
 
     #[test]
+    fn grouped_query_attention_shrinks_keys_and_values() {
+        let mut c = LlamaConfig::builtin("20m").unwrap();
+        c.num_key_value_heads = Some(1);
+        let shapes = c.labelled_shapes();
+        let shape = |n: &str| shapes.iter().find(|p| p.name == n).unwrap().shape.clone();
+        // 4 heads of 64: keys and values keep one head of 64.
+        assert_eq!(shape("model.layers.0.self_attn.k_proj.weight"), [64, 256]);
+        assert_eq!(shape("model.layers.0.self_attn.v_proj.weight"), [64, 256]);
+        assert_eq!(shape("model.layers.0.self_attn.q_proj.weight"), [256, 256]);
+        let full = LlamaConfig::builtin("20m").unwrap().num_params();
+        assert_eq!(full - c.num_params(), 4 * 2 * (256 - 64) * 256);
+        let plan =
+            frugal::memory::plan(&frugal::OptimizerConfig::preset("adamw").unwrap(), &shapes)
+                .unwrap();
+        let state: usize = plan.iter().map(|(_, b)| b.total()).sum();
+        assert_eq!(
+            state,
+            8 * c.num_params(),
+            "AdamW keeps two moments per parameter"
+        );
+    }
+
+    #[test]
     fn hf_config_files_parse_and_fail_clearly() {
         let dir = std::env::temp_dir().join(format!("frugal-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -227,10 +273,9 @@ mod tests {
         );
         let bad = dir.join("bad.json");
         std::fs::write(&bad, r#"{"vocab_size": 10, "hidden_size": 8}"#).unwrap();
-        let err = format!(
-            "{:#}",
-            LlamaConfig::resolve(bad.to_str().unwrap()).unwrap_err()
-        );
+        let err = LlamaConfig::resolve(bad.to_str().unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("intermediate_size"), "{err}");
         assert!(LlamaConfig::resolve("13m").is_err());
         std::fs::remove_dir_all(&dir).ok();

@@ -1,14 +1,14 @@
 //! `frugal memory`: exact bytes of parameters, gradients and optimizer state for any model and
 //! optimizer, from shapes alone (nothing is allocated).
 
-use crate::model::LlamaConfig;
 use anyhow::Result;
-use frugal::memory::{by_class, plan};
-use frugal::params::class_counts;
+use frugal::labels::RoleCounts;
+use frugal::memory::{by_role, plan};
 use frugal::{OptimizerConfig, StateBytes};
+use frugal_nn::llama::LlamaConfig;
 use serde::Serialize;
 
-/// Bytes of one parameter class.
+/// Bytes of one parameter role.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct ClassMemory {
     pub parameters: usize,
@@ -30,17 +30,17 @@ const MIB: f64 = 1024.0 * 1024.0;
 impl MemoryReport {
     /// Plans the memory of `model` trained with `optimizer`.
     pub fn new(model: &LlamaConfig, optimizer: &OptimizerConfig) -> Result<Self> {
-        let planned = plan(optimizer, &model.parameter_shapes())?;
+        let planned = plan(optimizer, &model.labelled_shapes())?;
         let infos: Vec<_> = planned.iter().map(|(i, _)| i.clone()).collect();
-        let counts = class_counts(&infos);
-        let (full_state, proj_state) = by_class(&planned);
+        let counts = RoleCounts::of(&infos);
+        let (full_state, proj_state) = by_role(&planned);
         let class = |n: usize, state: StateBytes| ClassMemory {
             parameters: n,
             parameter_bytes: 4 * n,
             gradient_bytes: 4 * n,
             state,
         };
-        let full = class(counts.state_full + counts.other, full_state);
+        let full = class(counts.state_full, full_state);
         let proj = class(counts.projectable, proj_state);
         let mut total_state = full_state;
         total_state += proj_state;

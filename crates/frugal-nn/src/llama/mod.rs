@@ -2,12 +2,16 @@
 //! N × (RMSNorm, causal attention with RoPE, RMSNorm, SwiGLU MLP), final RMSNorm, untied head.
 //! Parameter names follow Hugging Face's `LlamaForCausalLM`.
 
-use super::config::LlamaConfig;
-use super::ops::{causal_softmax, cross_entropy, rms_norm};
-use anyhow::{bail, Context, Result};
+mod config;
+
+pub use config::{LlamaConfig, BUILTIN};
+
+use crate::error::{Error, Result};
+use crate::ops::{causal_softmax, cross_entropy, rms_norm};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
-use rand::{Rng, SeedableRng};
+use frugal::Param;
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::path::Path;
@@ -25,10 +29,11 @@ struct Layer {
     down: Tensor,
 }
 
-/// A LLaMA model whose parameters live in a `VarMap`.
+/// A LLaMA model whose parameters live in a `VarMap`, on one device in one dtype.
 pub struct Llama {
     pub config: LlamaConfig,
     pub varmap: VarMap,
+    device: Device,
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
@@ -38,37 +43,29 @@ pub struct Llama {
 }
 
 /// x·Wᵀ for x of shape (..., in) and W of shape (out, in).
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims().to_vec();
     let (last, lead) = dims.split_last().expect("non-scalar");
     let rows: usize = lead.iter().product();
     let y = x.reshape((rows, *last))?.matmul(&w.t()?)?;
     let mut out = lead.to_vec();
     out.push(w.dim(0)?);
-    Ok(y.reshape(out)?)
+    y.reshape(out)
 }
 
 /// Rotary embedding in Hugging Face's rotate-half convention: x·cos + rotate_half(x)·sin.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
-}
-
-fn normal(rng: &mut ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let (u1, u2): (f32, f32) = (rng.random::<f32>().max(f32::MIN_POSITIVE), rng.random());
-            std * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-        })
-        .collect()
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
 impl Llama {
-    /// A freshly initialised model: N(0, 0.02²) weights, unit norms, from `seed`.
-    pub fn init(config: &LlamaConfig, seed: u64) -> Result<Self> {
+    /// A freshly initialised model on `device` in `dtype`: N(0, 0.02²) weights, unit norms,
+    /// from `seed` (the same weights on every device).
+    pub fn init(config: &LlamaConfig, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
         config.validate()?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut tensors = HashMap::new();
@@ -77,37 +74,48 @@ impl Llama {
             let data = if name.contains("norm") {
                 vec![1.0; n]
             } else {
-                normal(&mut rng, n, 0.02)
+                crate::init::normal(&mut rng, n, 0.02)
             };
             tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
         }
-        Self::from_tensors(config, tensors)
+        Self::from_tensors(config, tensors, device, dtype)
     }
 
-    /// Loads `model.safetensors` (Hugging Face names) for the given configuration.
-    pub fn load(config: &LlamaConfig, path: &Path) -> Result<Self> {
+    /// Loads `model.safetensors` (Hugging Face names) for the given configuration onto `device`
+    /// in `dtype`.
+    pub fn load(config: &LlamaConfig, path: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-            .with_context(|| format!("cannot read model weights {}", path.display()))?;
-        Self::from_tensors(config, tensors)
+            .map_err(|e| Error::file(path, format!("cannot read model weights: {e}")))?;
+        Self::from_tensors(config, tensors, device, dtype)
     }
 
-    fn from_tensors(config: &LlamaConfig, mut tensors: HashMap<String, Tensor>) -> Result<Self> {
+    fn from_tensors(
+        config: &LlamaConfig,
+        mut tensors: HashMap<String, Tensor>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let varmap = VarMap::new();
         let mut vars = HashMap::new();
+        let mut data = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Weights("the model's VarMap lock is poisoned".into()))?;
         for (name, shape) in config.parameter_shapes() {
             let t = tensors
                 .remove(&name)
-                .with_context(|| format!("the weights have no tensor `{name}`"))?;
+                .ok_or_else(|| Error::Weights(format!("the weights have no tensor `{name}`")))?;
             if t.dims() != shape.as_slice() {
-                bail!(
+                return Err(Error::Weights(format!(
                     "tensor `{name}` has shape {:?}, the configuration needs {shape:?}",
                     t.dims()
-                );
+                )));
             }
-            let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            let var = Var::from_tensor(&t.to_dtype(dtype)?.to_device(device)?)?;
             vars.insert(name.clone(), var.as_tensor().clone());
-            varmap.data().lock().expect("fresh lock").insert(name, var);
+            data.insert(name, var);
         }
+        drop(data);
         let get = |n: &str| vars[n].clone();
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
@@ -132,19 +140,28 @@ impl Llama {
             head: get("lm_head.weight"),
             layers,
             varmap,
+            device: device.clone(),
             tables: Default::default(),
         })
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Writes the weights as `model.safetensors` with Hugging Face names.
     pub fn save(&self, path: &Path) -> Result<()> {
         self.varmap
             .save(path)
-            .with_context(|| format!("cannot write {}", path.display()))
+            .map_err(|e| Error::file(path, format!("cannot write model weights: {e}")))
     }
 
     fn tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
-        let mut cache = self.tables.lock().expect("tables lock");
+        let mut cache = self
+            .tables
+            .lock()
+            .map_err(|_| Error::Input("the rotary table cache lock is poisoned".into()))?;
         if let Some(x) = cache.get(&t) {
             return Ok(x.clone());
         }
@@ -161,10 +178,10 @@ impl Llama {
                 sin.push(angle.sin());
             }
         }
-        let dev = &Device::Cpu;
+        let dtype = self.embed.dtype();
         let entry = (
-            Tensor::from_vec(cos, (t, d), dev)?,
-            Tensor::from_vec(sin, (t, d), dev)?,
+            Tensor::from_vec(cos, (t, d), &self.device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, (t, d), &self.device)?.to_dtype(dtype)?,
         );
         cache.insert(t, entry.clone());
         Ok(entry)
@@ -174,10 +191,10 @@ impl Llama {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if t > self.config.max_position_embeddings {
-            bail!(
+            return Err(Error::Input(format!(
                 "sequence length {t} exceeds the model's max_position_embeddings {}",
                 self.config.max_position_embeddings
-            );
+            )));
         }
         let c = &self.config;
         let (heads, kv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
@@ -219,7 +236,10 @@ impl Llama {
             let mlp = (linear(&h, &l.gate)?.silu()? * linear(&h, &l.up)?)?;
             x = (x + linear(&mlp, &l.down)?)?;
         }
-        linear(&rms_norm(&x, &self.norm, c.rms_norm_eps)?, &self.head)
+        Ok(linear(
+            &rms_norm(&x, &self.norm, c.rms_norm_eps)?,
+            &self.head,
+        )?)
     }
 
     /// Mean next-token cross-entropy of `targets` (batch, seq) under the logits of `ids`.
@@ -232,18 +252,31 @@ impl Llama {
         )?)
     }
 
-    /// Named variables in Hugging Face's names.
-    pub fn named_vars(&self) -> Vec<(String, Var)> {
-        let data = self.varmap.data().lock().expect("varmap lock");
-        let mut v: Vec<(String, Var)> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
+    /// The parameters with their LLaMA labels, in model order (see
+    /// [`LlamaConfig::parameter_shapes`]).
+    pub fn params(&self) -> Vec<Param> {
+        let data = match self.varmap.data().lock() {
+            Ok(d) => d,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        self.config
+            .parameter_shapes()
+            .into_iter()
+            .filter_map(|(name, _)| {
+                let var = data.get(&name)?.clone();
+                Some(Param::new(name.clone(), var, crate::labels::llama(&name)))
+            })
+            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn init(config: &LlamaConfig, seed: u64) -> Llama {
+        Llama::init(config, seed, &Device::Cpu, DType::F32).unwrap()
+    }
 
     fn micro() -> LlamaConfig {
         LlamaConfig {
@@ -268,13 +301,13 @@ mod tests {
 
     #[test]
     fn every_parameter_gets_a_gradient_that_matches_finite_differences() {
-        let model = Llama::init(&micro(), 3).unwrap();
+        let model = init(&micro(), 3);
         let (x, y) = batch();
         let loss = model.loss(&x, &y).unwrap();
         let grads = loss.backward().unwrap();
-        let vars = model.named_vars();
-        assert_eq!(vars.len(), 2 + 2 * 9 + 1);
-        for (name, var) in &vars {
+        let params = model.params();
+        assert_eq!(params.len(), 2 + 2 * 9 + 1);
+        for frugal::Param { name, var, .. } in &params {
             let g = grads
                 .get(var)
                 .unwrap_or_else(|| panic!("{name} has no gradient"));
@@ -309,11 +342,11 @@ mod tests {
 
     #[test]
     fn weights_round_trip_through_safetensors() {
-        let model = Llama::init(&micro(), 4).unwrap();
+        let model = init(&micro(), 4);
         let path =
             std::env::temp_dir().join(format!("frugal-llama-{}.safetensors", std::process::id()));
         model.save(&path).unwrap();
-        let again = Llama::load(&micro(), &path).unwrap();
+        let again = Llama::load(&micro(), &path, &Device::Cpu, DType::F32).unwrap();
         let (x, _) = batch();
         let logits = |m: &Llama| {
             m.forward(&x)
@@ -327,7 +360,10 @@ mod tests {
         assert_eq!(a, b);
         let mut other = micro();
         other.hidden_size = 32;
-        let err = format!("{:#}", Llama::load(&other, &path).err().unwrap());
+        let err = Llama::load(&other, &path, &Device::Cpu, DType::F32)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("shape"), "{err}");
         std::fs::remove_file(&path).ok();
     }
@@ -335,7 +371,7 @@ mod tests {
     #[test]
     fn attention_is_causal() {
         // Changing a later token must not change earlier logits.
-        let model = Llama::init(&micro(), 5).unwrap();
+        let model = init(&micro(), 5);
         let (x, _) = batch();
         let mut ids = x.to_vec2::<u32>().unwrap();
         let a = model.forward(&x).unwrap().to_vec3::<f32>().unwrap();

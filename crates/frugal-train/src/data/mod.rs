@@ -69,7 +69,7 @@ impl Dataset {
                 } else {
                     let (train, val) = load_split()?;
                     let tok = TextTokenizer::train(&train, vocab)?;
-                    frugal::checkpoint::write_atomically(&path, tok.to_json()?.as_bytes())?;
+                    frugal::fs::write_atomically(&path, tok.to_json()?.as_bytes())?;
                     split = Some((train, val));
                     tok
                 }

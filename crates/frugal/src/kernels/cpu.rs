@@ -1,4 +1,4 @@
-//! Fused CPU passes. Each pass reads every tensor it needs once and writes the weight (and the
+//! Fused CPU passes over f32 storage. Each pass reads every tensor it needs once and writes the weight (and the
 //! moments) in the same sweep, in parallel chunks over the available cores.
 
 use crate::error::{Error, Result};

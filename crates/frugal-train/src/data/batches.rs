@@ -2,15 +2,17 @@
 //! shifted targets); each epoch visits the windows in a seeded random order.
 
 use super::shard::TokenShard;
+use crate::trainer::BatchSource;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-/// Batches of (inputs, targets) from a shard.
+/// Batches of (inputs, targets) from a shard, as u32 tensors on a device.
 pub struct Batches<'a> {
     shard: &'a TokenShard,
+    device: Device,
     seq_len: usize,
     windows: usize,
     seed: u64,
@@ -18,8 +20,15 @@ pub struct Batches<'a> {
 }
 
 impl<'a> Batches<'a> {
-    /// Windows of `seq_len` inputs over `shard`; fails if the shard is shorter than one window.
-    pub fn new(shard: &'a TokenShard, seq_len: usize, seed: u64, what: &str) -> Result<Self> {
+    /// Windows of `seq_len` inputs over `shard`, batched on `device`; fails if the shard is
+    /// shorter than one window.
+    pub fn new(
+        shard: &'a TokenShard,
+        seq_len: usize,
+        seed: u64,
+        what: &str,
+        device: &Device,
+    ) -> Result<Self> {
         let windows = shard.len().saturating_sub(1) / seq_len;
         if windows == 0 {
             bail!(
@@ -30,6 +39,7 @@ impl<'a> Batches<'a> {
         }
         Ok(Batches {
             shard,
+            device: device.clone(),
             seq_len,
             windows,
             seed,
@@ -80,8 +90,14 @@ impl<'a> Batches<'a> {
         }
         let shape = (windows.len(), t);
         Ok((
-            Tensor::from_vec(inputs, shape, &Device::Cpu)?,
-            Tensor::from_vec(targets, shape, &Device::Cpu)?,
+            Tensor::from_vec(inputs, shape, &self.device)?,
+            Tensor::from_vec(targets, shape, &self.device)?,
         ))
+    }
+}
+
+impl BatchSource for Batches<'_> {
+    fn batch(&mut self, position: u64, size: usize) -> Result<(Tensor, Tensor)> {
+        self.shuffled(position, size)
     }
 }

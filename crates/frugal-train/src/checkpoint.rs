@@ -2,27 +2,11 @@
 //! state, the tokenizer and the trainer's position. Written under a temporary name and renamed,
 //! so a crash at any moment leaves the previous checkpoints intact.
 
-use crate::model::Llama;
+use crate::trainer::TrainerState;
 use anyhow::{Context, Result};
 use frugal::Frugal;
-use serde::{Deserialize, Serialize};
+use frugal_nn::llama::Llama;
 use std::path::{Path, PathBuf};
-
-/// Where the training loop stands.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct TrainerState {
-    /// Completed optimizer steps.
-    pub step: usize,
-    /// Training sequences consumed (position in the shuffled data order).
-    pub position: u64,
-    /// Training tokens consumed.
-    pub tokens: u64,
-    /// Wall time so far, over all sessions (including evaluation and checkpoints).
-    pub elapsed_s: f64,
-    /// Time spent in training steps alone, over all sessions.
-    #[serde(default)]
-    pub train_s: f64,
-}
 
 /// Files of one checkpoint directory.
 pub const MODEL: &str = "model.safetensors";
@@ -46,7 +30,8 @@ pub fn save(
 ) -> Result<PathBuf> {
     let root = checkpoints(run);
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
-    let tmp = root.join(format!(".step-{}.tmp", state.step));
+    // Unique to this process, so two writers never share a temporary directory.
+    let tmp = root.join(format!(".step-{}.{}.tmp", state.step, std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }

@@ -1,0 +1,27 @@
+//! Differentiable operations and models over candle tensors, and the parameter labels the FRUGAL
+//! optimizer routes by.
+//!
+//! - [`ops`]: fused CPU operations with their own backward passes (cross-entropy, causal softmax,
+//!   RMSNorm).
+//! - [`llama`]: the LLaMA decoder (Hugging Face names and layout) and its configurations.
+//! - [`labels`]: labels for LLaMA and BERT/RoBERTa parameter names.
+//! - [`init`]: the seeded initialisation stream.
+//!
+//! ```no_run
+//! use candle_core::{DType, Device};
+//! use frugal::{Frugal, OptimizerConfig};
+//! use frugal_nn::llama::{Llama, LlamaConfig};
+//! # fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = LlamaConfig::builtin("tiny").expect("built-in");
+//! let model = Llama::init(&config, 0, &Device::Cpu, DType::F32)?;
+//! let opt = Frugal::from_params(model.params(), OptimizerConfig::preset("frugal")?)?;
+//! # Ok(()) }
+//! ```
+
+pub mod error;
+pub mod init;
+pub mod labels;
+pub mod llama;
+pub mod ops;
+
+pub use error::{Error, Result};

@@ -1,0 +1,198 @@
+//! Evaluation: mean next-token loss and perplexity over a split, of a model in training or of a
+//! saved checkpoint.
+
+use crate::checkpoint;
+use crate::data::{Batches, Dataset, Source, TokenizerChoice};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+use frugal_nn::llama::{Llama, LlamaConfig};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Summed loss and number of windows over the first `windows` windows of `batches`, in order.
+fn loss_sum(
+    model: &Llama,
+    batches: &Batches,
+    batch_size: usize,
+    windows: usize,
+) -> Result<(f64, usize)> {
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    let mut first = 0;
+    while first < windows {
+        let n = batch_size.min(windows - first);
+        let (x, y) = batches.sequential(first, n)?;
+        let loss = model.loss(&x, &y)?.to_scalar::<f32>()? as f64;
+        sum += loss * n as f64;
+        count += n;
+        first += n;
+    }
+    Ok((sum, count))
+}
+
+/// Windows to evaluate of `batches` for a budget of `max_tokens` (0: all; at least one).
+fn window_budget(batches: &Batches, seq_len: usize, max_tokens: usize) -> usize {
+    if max_tokens == 0 {
+        batches.windows()
+    } else {
+        (max_tokens / seq_len).clamp(1, batches.windows())
+    }
+}
+
+/// Mean loss over the first `max_tokens` tokens of `batches` in order (0: all windows).
+pub fn mean_loss(
+    model: &Llama,
+    batches: &Batches,
+    batch_size: usize,
+    seq_len: usize,
+    max_tokens: usize,
+) -> Result<f64> {
+    let windows = window_budget(batches, seq_len, max_tokens);
+    let (sum, count) = loss_sum(model, batches, batch_size, windows)?;
+    Ok(sum / count as f64)
+}
+
+/// Which part of a corpus to evaluate on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    /// The held-out validation documents.
+    Val,
+    /// The training documents.
+    Train,
+    /// Both: validation first, then training.
+    All,
+}
+
+impl std::str::FromStr for Split {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "val" => Ok(Split::Val),
+            "train" => Ok(Split::Train),
+            "all" => Ok(Split::All),
+            other => Err(format!(
+                "unknown split `{other}`; expected val, train or all"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Split {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Split::Val => "val",
+            Split::Train => "train",
+            Split::All => "all",
+        })
+    }
+}
+
+/// What `frugal eval` evaluates.
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct EvalSettings {
+    /// A checkpoint directory, or a run directory (its latest checkpoint).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub checkpoint: PathBuf,
+    /// Corpus to evaluate on (its validation split unless --split says otherwise).
+    #[cfg_attr(feature = "cli", arg(long, default_value = crate::settings::EMBEDDED_NAME))]
+    pub data: String,
+    /// Which split: val, train or all.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "val"))]
+    pub split: Split,
+    /// Share of documents held out for validation (as in training).
+    #[cfg_attr(feature = "cli", arg(long, value_parser = crate::settings::non_negative, default_value_t = 0.05))]
+    pub val_fraction: f64,
+    /// Tokens per sequence [default: the run's, else min(256, max_position_embeddings)].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub seq_len: Option<usize>,
+    /// Sequences per batch.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 8))]
+    pub batch_size: usize,
+    /// Tokens to evaluate (0: all).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
+    pub eval_tokens: usize,
+    /// Token cache directory [default: $FRUGAL_CACHE or ~/.cache/frugal].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub cache_dir: Option<PathBuf>,
+    /// Worker threads [default: all cores].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub threads: Option<usize>,
+}
+
+/// The result of evaluating a checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub checkpoint: PathBuf,
+    pub split: Split,
+    pub tokens: usize,
+    pub loss: f64,
+    pub perplexity: f64,
+}
+
+/// The sequence length of the run a checkpoint belongs to (`<run>/checkpoints/step-N`).
+fn run_seq_len(checkpoint: &Path) -> Option<usize> {
+    let run = checkpoint.parent()?.parent()?;
+    let text = std::fs::read_to_string(run.join("config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    config["seq_len"].as_u64().map(|n| n as usize)
+}
+
+/// Loss and perplexity of a checkpoint on a split of a corpus, on `device`.
+pub fn evaluate(settings: &EvalSettings, device: &Device) -> Result<EvalReport> {
+    let dir = checkpoint::locate(&settings.checkpoint)?;
+    let config = LlamaConfig::from_file(&dir.join(checkpoint::MODEL_CONFIG))?;
+    let model = Llama::load(&config, &dir.join(checkpoint::MODEL), device, DType::F32)?;
+    let source = Source::resolve(&settings.data)?;
+    let cache = settings
+        .cache_dir
+        .clone()
+        .unwrap_or_else(crate::data::default_cache_dir);
+    let tokenizer_path = dir.join(checkpoint::TOKENIZER);
+    let data = Dataset::prepare(
+        &source,
+        TokenizerChoice::File(&tokenizer_path),
+        settings.val_fraction,
+        &cache,
+    )?;
+    if data.tokenizer.vocab_size() > config.vocab_size {
+        bail!("the checkpoint's tokenizer has more ids than the model's vocabulary");
+    }
+    let seq_len = match settings.seq_len {
+        Some(n) => n,
+        None => run_seq_len(&dir).unwrap_or(config.max_position_embeddings.min(256)),
+    };
+    if seq_len == 0 || seq_len > config.max_position_embeddings {
+        bail!(
+            "--seq-len {seq_len} must be between 1 and the model's max_position_embeddings ({})",
+            config.max_position_embeddings
+        );
+    }
+    let shards = match settings.split {
+        Split::Val => vec![(&data.val, "validation")],
+        Split::Train => vec![(&data.train, "training")],
+        Split::All => vec![(&data.val, "validation"), (&data.train, "training")],
+    };
+    let (mut sum, mut count) = (0.0, 0);
+    let mut budget = settings.eval_tokens;
+    for (shard, what) in shards {
+        let batches = Batches::new(shard, seq_len, 0, what, device)?;
+        let windows = window_budget(&batches, seq_len, budget);
+        let (s, c) = loss_sum(&model, &batches, settings.batch_size, windows)?;
+        (sum, count) = (sum + s, count + c);
+        if settings.eval_tokens > 0 {
+            budget = budget.saturating_sub(c * seq_len);
+            if budget < seq_len {
+                break;
+            }
+        }
+    }
+    let loss = sum / count as f64;
+    Ok(EvalReport {
+        checkpoint: dir,
+        split: settings.split,
+        tokens: count * seq_len,
+        loss,
+        perplexity: loss.exp(),
+    })
+}

@@ -1,0 +1,32 @@
+//! Training with FRUGAL: data, tokenizers, the [`Trainer`](trainer::Trainer), schedules,
+//! checkpoints, metrics, evaluation, pre-training runs on disk and comparisons.
+//!
+//! - [`data`]: corpora, the tokenizer, the token cache and batches.
+//! - [`trainer`]: the training loop over any [`Model`](trainer::Model), stopped by a
+//!   [`StopToken`](trainer::StopToken) the caller owns.
+//! - [`grads`]: gradient accumulation and global-norm clipping.
+//! - [`schedule`]: learning-rate schedules.
+//! - [`settings`]: the settings of a run (the command line and TOML files, with the `cli` feature).
+//! - [`run`]: a pre-training run in a run directory: metrics, plots, checkpoints, resume.
+//! - [`checkpoint`], [`metrics`], [`eval`], [`compare`], [`memory_report`], [`plot`].
+
+pub mod checkpoint;
+pub mod compare;
+pub mod data;
+pub mod eval;
+pub mod grads;
+pub mod memory_report;
+pub mod metrics;
+pub mod plot;
+pub mod run;
+pub mod schedule;
+pub mod settings;
+pub mod trainer;
+
+pub use settings::{OptimizerSettings, TrainSettings};
+pub use trainer::{Model, StopToken, Trainer};
+
+/// The README's Rust examples, compiled and run as doc tests.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -1,0 +1,395 @@
+//! A pre-training run on disk: resolve the settings, prepare the data, build (or resume) the
+//! model and optimizer, and drive the [`Trainer`] with hooks that write metrics, plots,
+//! evaluations and checkpoints into the run directory.
+
+use crate::checkpoint;
+use crate::data::{Batches, Dataset, Source, TextTokenizer, TokenizerChoice};
+use crate::eval::mean_loss;
+use crate::metrics::{peak_rss_bytes, EvalRecord, Metrics, Record, Summary, TrainRecord};
+use crate::schedule::Schedule;
+use crate::settings::TrainSettings;
+use crate::trainer::{Hooks, LoopSettings, Outcome, StopToken, Trainer, TrainerState};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use frugal::labels::RoleCounts;
+use frugal::Frugal;
+use frugal_nn::llama::{Llama, LlamaConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The resolved settings of a run, written to `config.json` in the run directory.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct RunConfig {
+    pub args: TrainSettings,
+    pub model: LlamaConfig,
+    pub optimizer: frugal::OptimizerConfig,
+    pub seq_len: usize,
+    pub warmup: usize,
+    pub eval_every: usize,
+    pub save_every: usize,
+    pub tokens_per_step: usize,
+}
+
+impl RunConfig {
+    /// The loop settings of this run.
+    pub fn loop_settings(&self) -> LoopSettings {
+        let a = &self.args;
+        LoopSettings {
+            steps: a.steps,
+            batch_size: a.batch_size,
+            grad_accum: a.grad_accum,
+            seq_len: self.seq_len,
+            clip: a.clip,
+            log_every: a.log_every,
+            eval_every: self.eval_every,
+            save_every: self.save_every,
+        }
+    }
+
+    /// The learning-rate schedule of this run.
+    pub fn schedule(&self) -> Result<Schedule> {
+        let a = &self.args;
+        Schedule::new(
+            self.optimizer.lr,
+            self.warmup,
+            a.steps,
+            &a.schedule,
+            a.min_lr_ratio,
+        )
+    }
+}
+
+fn default_out() -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    PathBuf::from("runs").join(format!("run-{secs}"))
+}
+
+/// Checks the settings and fills in defaults that depend on the model.
+pub fn resolve(args: TrainSettings) -> Result<RunConfig> {
+    let model = LlamaConfig::resolve(&args.model)?;
+    let seq_len = args
+        .seq_len
+        .unwrap_or(model.max_position_embeddings.min(256));
+    if seq_len == 0 || seq_len > model.max_position_embeddings {
+        bail!(
+            "--seq-len {seq_len} must be between 1 and the model's max_position_embeddings ({})",
+            model.max_position_embeddings
+        );
+    }
+    for (flag, v) in [
+        ("--batch-size", args.batch_size),
+        ("--grad-accum", args.grad_accum),
+        ("--steps", args.steps),
+        ("--log-every", args.log_every),
+    ] {
+        if v == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    for (flag, x) in [
+        ("--val-fraction", args.val_fraction),
+        ("--clip", args.clip),
+        ("--min-lr-ratio", args.min_lr_ratio),
+        ("--lr", args.lr.unwrap_or(0.0)),
+    ] {
+        if !x.is_finite() || x < 0.0 {
+            bail!("{flag} {x} must be a finite number ≥ 0");
+        }
+    }
+    if !(0.0..1.0).contains(&args.val_fraction) || args.val_fraction == 0.0 {
+        bail!("--val-fraction {} must be in (0, 1)", args.val_fraction);
+    }
+    let mut optimizer = args.opt.resolve(args.seed)?;
+    if let Some(lr) = args.lr {
+        optimizer.set("lr", &lr.to_string())?;
+    }
+    optimizer.validate()?;
+    let warmup = args.warmup.unwrap_or(args.steps / 10);
+    let eval_every = args.eval_every.unwrap_or((args.steps / 4).max(1)).max(1);
+    let save_every = args.save_every.unwrap_or(eval_every).max(1);
+    let run = RunConfig {
+        tokens_per_step: args.batch_size * args.grad_accum * seq_len,
+        args,
+        model,
+        optimizer,
+        seq_len,
+        warmup,
+        eval_every,
+        save_every,
+    };
+    run.schedule()?;
+    Ok(run)
+}
+
+/// Writes metrics, plots, evaluations and checkpoints of a run into its directory.
+struct RunHooks<'a> {
+    out: &'a Path,
+    run: &'a RunConfig,
+    metrics: Metrics,
+    bar: ProgressBar,
+    val: Batches<'a>,
+    tokenizer: &'a TextTokenizer,
+    last_val: Option<f64>,
+}
+
+impl RunHooks<'_> {
+    fn validation_loss(&self, model: &Llama) -> Result<f64> {
+        let a = &self.run.args;
+        mean_loss(
+            model,
+            &self.val,
+            a.batch_size,
+            self.run.seq_len,
+            a.eval_tokens,
+        )
+    }
+
+    fn plot(&self) -> Result<()> {
+        let title = format!("{} · {}", self.run.args.model, self.run.optimizer.preset);
+        self.metrics.plot(&self.out.join("loss.png"), &title)
+    }
+}
+
+impl Hooks<Llama> for RunHooks<'_> {
+    fn step_done(&mut self, r: &TrainRecord) {
+        self.bar.set_position(r.step as u64);
+        self.bar
+            .set_message(format!("loss {:.4} {:.0} tok/s", r.loss, r.tok_per_s));
+    }
+
+    fn log(&mut self, r: &TrainRecord) -> Result<()> {
+        self.metrics.log(Record::Train(r.clone()))
+    }
+
+    fn evaluate(&mut self, model: &Llama, state: &TrainerState) -> Result<()> {
+        let l = self.validation_loss(model)?;
+        self.last_val = Some(l);
+        self.metrics
+            .log(Record::Eval(EvalRecord::new(state.step, l)))?;
+        self.bar.suspend(|| {
+            eprintln!(
+                "step {}: validation loss {l:.4}, perplexity {:.2}",
+                state.step,
+                l.exp()
+            )
+        });
+        self.plot()
+    }
+
+    fn checkpoint(&mut self, t: &Trainer<Llama>, stopped: bool) -> Result<()> {
+        let keep = self.run.args.keep_checkpoints;
+        let dir = checkpoint::save(
+            self.out,
+            &t.model,
+            &t.optimizer,
+            &t.state,
+            self.tokenizer,
+            keep,
+        )?;
+        if stopped {
+            self.bar.suspend(|| {
+                eprintln!(
+                    "interrupted: saved {}; continue with `frugal train --resume {}`",
+                    dir.display(),
+                    self.out.display()
+                )
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Runs (or resumes, from the latest checkpoint of `resume`) a training run on the CPU; stops
+/// early, with a checkpoint, when `stop` is set. Returns the run directory.
+pub fn run(
+    run: RunConfig,
+    resume: Option<&Path>,
+    cache: &Path,
+    stop: &StopToken,
+) -> Result<PathBuf> {
+    let args = &run.args;
+    let device = Device::Cpu;
+    let out = match resume {
+        Some(dir) => dir.to_path_buf(),
+        None => args.out.clone().unwrap_or_else(default_out),
+    };
+    let resume_from = match resume {
+        Some(dir) => Some(checkpoint::list(dir)?.pop().with_context(|| {
+            format!(
+                "run directory {} has no complete checkpoint to resume from",
+                dir.display()
+            )
+        })?),
+        None => {
+            if out.join("config.json").exists() {
+                bail!("{} already holds a run; use --resume {} to continue it or choose another --out", out.display(), out.display());
+            }
+            None
+        }
+    };
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("cannot create run directory {}", out.display()))?;
+
+    // Data and tokenizer; a resumed run uses the tokenizer saved with its checkpoint.
+    let source = Source::resolve(&args.data)?;
+    let saved_tokenizer = resume_from
+        .as_ref()
+        .map(|(_, ck)| ck.join(checkpoint::TOKENIZER));
+    let tokenizer_choice = match (&saved_tokenizer, &args.tokenizer) {
+        (Some(p), _) | (None, Some(p)) => TokenizerChoice::File(p),
+        (None, None) => TokenizerChoice::Train(args.vocab_size.unwrap_or(run.model.vocab_size)),
+    };
+    let started = Instant::now();
+    let data = Dataset::prepare(&source, tokenizer_choice, args.val_fraction, cache)?;
+    if data.tokenizer.vocab_size() > run.model.vocab_size {
+        bail!(
+            "the tokenizer has {} ids but the model's vocab_size is {}; use a larger model vocabulary or --vocab-size ≤ {}",
+            data.tokenizer.vocab_size(),
+            run.model.vocab_size,
+            run.model.vocab_size
+        );
+    }
+    let mut train_batches = Batches::new(&data.train, run.seq_len, args.seed, "training", &device)?;
+    let val_batches = Batches::new(&data.val, run.seq_len, args.seed, "validation", &device)?;
+    eprintln!(
+        "data: {} training tokens ({} sequences of {}), {} validation tokens{}, prepared in {:.1}s",
+        data.train.len(),
+        train_batches.windows(),
+        run.seq_len,
+        data.val.len(),
+        if data.cached { " (cached)" } else { "" },
+        started.elapsed().as_secs_f64()
+    );
+
+    // Model, optimizer, loop state.
+    let (model, opt, state) = match &resume_from {
+        Some((_, ck)) => {
+            let model = Llama::load(&run.model, &ck.join(checkpoint::MODEL), &device, DType::F32)?;
+            let mut opt = Frugal::from_params(model.params(), run.optimizer.clone())?;
+            opt.load_state(&ck.join(checkpoint::OPTIMIZER))
+                .with_context(|| format!("cannot resume from {}", ck.display()))?;
+            (model, opt, checkpoint::trainer_state(ck)?)
+        }
+        None => {
+            let model = Llama::init(&run.model, args.seed, &device, DType::F32)?;
+            let opt = Frugal::from_params(model.params(), run.optimizer.clone())?;
+            (model, opt, TrainerState::default())
+        }
+    };
+    if resume_from.is_none() {
+        let write = frugal::fs::write_atomically;
+        write(
+            &out.join("tokenizer.json"),
+            data.tokenizer.to_json()?.as_bytes(),
+        )?;
+        // config.json last: its presence marks the directory as a run.
+        write(
+            &out.join("config.json"),
+            serde_json::to_string_pretty(&run)?.as_bytes(),
+        )?;
+    }
+    let counts = RoleCounts::of(&opt.params().cloned().collect::<Vec<_>>());
+    let n_params = run.model.num_params();
+    eprintln!(
+        "model: {} parameters ({} projectable, {} state-full), optimizer `{}`, {} tokens per step{}",
+        n_params,
+        counts.projectable,
+        counts.state_full,
+        run.optimizer.preset,
+        run.tokens_per_step,
+        match &resume_from {
+            Some((s, _)) => format!(", resuming at step {s}"),
+            None => String::new(),
+        }
+    );
+    if let Some(b) = opt.block_schedule() {
+        if b.active_count == 0 && run.optimizer.density > 0.0 {
+            eprintln!(
+                "warning: density {} of {} blocks rounds to no active block; every projectable tensor is {}",
+                run.optimizer.density,
+                b.blocks,
+                if run.optimizer.state_free == frugal::config::StateFreeRule::None { "frozen" } else { "state-free" }
+            );
+        }
+    }
+
+    let bar = ProgressBar::new(args.steps as u64).with_position(state.step as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    let mut hooks = RunHooks {
+        out: &out,
+        run: &run,
+        metrics: Metrics::open(&out.join("metrics.jsonl"), state.step)?,
+        bar,
+        val: val_batches,
+        tokenizer: &data.tokenizer,
+        last_val: None,
+    };
+    let mut initial_val = None;
+    if state.step == 0 {
+        let l = hooks.validation_loss(&model)?;
+        initial_val = Some(l.exp());
+        hooks.metrics.log(Record::Eval(EvalRecord::new(0, l)))?;
+        eprintln!("step 0: validation loss {l:.4}, perplexity {:.1}", l.exp());
+    }
+    let session = Instant::now();
+    let mut trainer = Trainer::new(
+        model,
+        opt,
+        run.schedule()?,
+        run.loop_settings(),
+        state,
+        stop.clone(),
+    )?;
+    let outcome = trainer.train(&mut train_batches, &mut hooks)?;
+    hooks.bar.finish_and_clear();
+
+    let val_loss = match hooks.last_val {
+        Some(l) => l,
+        None => hooks.validation_loss(&trainer.model)?,
+    };
+    let (state, opt) = (&trainer.state, &trainer.optimizer);
+    let summary = Summary {
+        steps: state.step,
+        tokens: state.tokens,
+        val_loss,
+        val_ppl: val_loss.exp(),
+        initial_val_ppl: initial_val,
+        parameters: n_params,
+        parameters_by_class: counts,
+        optimizer_state_bytes: opt.state_bytes(),
+        optimizer_state_total_bytes: opt.state_bytes().total(),
+        optimizer_workspace_bytes: opt.workspace_bytes(),
+        parameter_bytes: 4 * n_params,
+        gradient_bytes: 4 * n_params,
+        peak_rss_bytes: peak_rss_bytes(),
+        wall_s: state.elapsed_s,
+        tokens_per_s: state.tokens as f64 / state.train_s.max(1e-9),
+        interrupted: outcome == Outcome::Stopped,
+    };
+    frugal::fs::write_atomically(
+        &out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    hooks.plot()?;
+    eprintln!(
+        "done: {} steps, {} tokens in {:.1}s ({:.0} tok/s in training steps); validation loss {:.4}, perplexity {:.2}{}; run in {}",
+        state.step,
+        state.tokens,
+        session.elapsed().as_secs_f64(),
+        summary.tokens_per_s,
+        val_loss,
+        val_loss.exp(),
+        initial_val.map(|p| format!(" (from {p:.1})")).unwrap_or_default(),
+        out.display()
+    );
+    Ok(out)
+}

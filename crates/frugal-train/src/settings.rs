@@ -1,0 +1,435 @@
+//! The settings of a training run: one serde type that is also the command line (with the `cli`
+//! feature) and the TOML file (`--config`), and the merge of a file and a resumed run's settings.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The embedded corpus' name for `data`.
+pub use crate::data::corpus::EMBEDDED_NAME;
+
+/// Parses a finite number ≥ 0 (every fractional setting is one); NaN, infinities and negative
+/// numbers are rejected with the reason.
+pub fn non_negative(text: &str) -> std::result::Result<f64, String> {
+    let x: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number"))?;
+    if !x.is_finite() || x < 0.0 {
+        return Err(format!("`{text}` must be a finite number ≥ 0"));
+    }
+    Ok(x)
+}
+
+/// Everything that defines a training run. Also accepted from a TOML file (`--config`), whose
+/// keys are these names with `_` or `-`; flags given on the command line win.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct TrainSettings {
+    /// TOML file with any of these settings.
+    #[cfg_attr(feature = "cli", arg(long))]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Built-in model (tiny, 9m, 20m, 35m, 60m, 130m, 350m, 1b, 3b, 7b) or a Hugging Face config.json.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = TrainSettings::default().model))]
+    pub model: String,
+    /// Corpus: a .txt/.jsonl/.json(.gz) file, a directory of them, or the embedded corpus.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = TrainSettings::default().data))]
+    pub data: String,
+    /// Hugging Face tokenizer.json; without it a byte-level BPE is trained on the training split.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub tokenizer: Option<PathBuf>,
+    /// Vocabulary size of a trained tokenizer [default: the model's vocab_size].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub vocab_size: Option<usize>,
+    /// Share of documents held out for validation.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = non_negative, default_value_t = TrainSettings::default().val_fraction))]
+    pub val_fraction: f64,
+    /// Tokens per sequence [default: min(256, the model's max_position_embeddings)].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub seq_len: Option<usize>,
+    /// Sequences per micro-batch.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = TrainSettings::default().batch_size))]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = TrainSettings::default().grad_accum))]
+    pub grad_accum: usize,
+    /// Optimizer steps.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = TrainSettings::default().steps))]
+    pub steps: usize,
+    /// Peak learning rate [default: the preset's].
+    #[cfg_attr(feature = "cli", arg(long, value_parser = non_negative))]
+    pub lr: Option<f64>,
+    /// Linear warm-up steps [default: 10% of --steps].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub warmup: Option<usize>,
+    /// Learning-rate schedule after warm-up: cosine, linear or constant.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = TrainSettings::default().schedule))]
+    pub schedule: String,
+    /// Final learning rate as a fraction of the peak.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = non_negative, default_value_t = TrainSettings::default().min_lr_ratio))]
+    pub min_lr_ratio: f64,
+    /// Clip the global gradient norm to this value (0: off).
+    #[cfg_attr(feature = "cli", arg(long, value_parser = non_negative, default_value_t = TrainSettings::default().clip))]
+    pub clip: f64,
+    /// Evaluate every N steps (and at the end) [default: --steps / 4].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub eval_every: Option<usize>,
+    /// Validation tokens per evaluation (0: the whole validation split).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = TrainSettings::default().eval_tokens))]
+    pub eval_tokens: usize,
+    /// Save a checkpoint every N steps (and at the end) [default: --eval-every].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub save_every: Option<usize>,
+    /// Write a metrics line every N steps.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = TrainSettings::default().log_every))]
+    pub log_every: usize,
+    /// Checkpoints to keep (older ones are deleted after a newer one is complete).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = TrainSettings::default().keep_checkpoints))]
+    pub keep_checkpoints: usize,
+    /// Run directory [default: runs/<timestamp>].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub out: Option<PathBuf>,
+    /// Continue the run in this directory from its latest complete checkpoint.
+    #[cfg_attr(feature = "cli", arg(long))]
+    #[serde(skip)]
+    pub resume: Option<PathBuf>,
+    /// Seed of initialisation, data order and the optimizer's random choices.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = TrainSettings::default().seed))]
+    pub seed: u64,
+    /// Worker threads [default: all cores].
+    #[cfg_attr(feature = "cli", arg(long))]
+    #[serde(skip)]
+    pub threads: Option<usize>,
+    /// Token cache directory [default: $FRUGAL_CACHE or ~/.cache/frugal].
+    #[cfg_attr(feature = "cli", arg(long))]
+    #[serde(skip)]
+    pub cache_dir: Option<PathBuf>,
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub opt: OptimizerSettings,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        TrainSettings {
+            config: None,
+            model: "tiny".into(),
+            data: EMBEDDED_NAME.into(),
+            tokenizer: None,
+            vocab_size: None,
+            val_fraction: 0.05,
+            seq_len: None,
+            batch_size: 8,
+            grad_accum: 1,
+            steps: 800,
+            lr: None,
+            warmup: None,
+            schedule: "cosine".into(),
+            min_lr_ratio: 0.1,
+            clip: 0.0,
+            eval_every: None,
+            eval_tokens: 0,
+            save_every: None,
+            log_every: 1,
+            keep_checkpoints: 2,
+            out: None,
+            resume: None,
+            seed: 0,
+            threads: None,
+            cache_dir: None,
+            opt: OptimizerSettings::default(),
+        }
+    }
+}
+
+/// Optimizer settings: a preset, the common overrides as flags named like the settings they
+/// set, and `--opt key=value` for any setting of [`frugal::OptimizerConfig`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct OptimizerSettings {
+    /// Preset (adamw, frugal, frugal-svd, galore, badam, signsgd, sgd), optionally with
+    /// overrides: `frugal:density=0.125,projection=svd`.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = OptimizerSettings::default().optimizer))]
+    pub optimizer: String,
+    /// Projection: svd, random, randperm, columns, rows, randk, blocks.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub projection: Option<String>,
+    /// Side of matrix projections: std, reverse-std, left, right, full.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub proj_side: Option<String>,
+    /// Block order: random, ascending, descending, mirror.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub block_order: Option<String>,
+    /// Density ρ in [0, 1].
+    #[cfg_attr(feature = "cli", arg(long, value_parser = non_negative))]
+    pub density: Option<f64>,
+    /// Steps between subspace changes (T).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub update_gap: Option<usize>,
+    /// Reset the state-full statistics at each subspace change.
+    #[cfg_attr(feature = "cli", arg(long, overrides_with = "no_reset"))]
+    #[serde(default)]
+    pub reset: bool,
+    /// Keep the statistics across subspace changes.
+    #[cfg_attr(feature = "cli", arg(long, overrides_with = "reset"))]
+    #[serde(default)]
+    pub no_reset: bool,
+    /// State-full rule: adamw, sgdm, lion, sgd.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub state_full: Option<String>,
+    /// State-free rule: signsgd, sgd, none.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub state_free: Option<String>,
+    /// Decoupled weight decay.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = non_negative))]
+    pub weight_decay: Option<f64>,
+    /// Adam β1 / Lion interpolation β.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = non_negative))]
+    pub beta1: Option<f64>,
+    /// Adam β2 / Lion momentum β.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = non_negative))]
+    pub beta2: Option<f64>,
+    /// Adam ε.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = non_negative))]
+    pub eps: Option<f64>,
+    /// Momentum of the sgdm rule.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = non_negative))]
+    pub momentum: Option<f64>,
+    /// Learning-rate scale of the projectable part.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = non_negative))]
+    pub proj_lr_scale: Option<f64>,
+    /// Learning-rate scale of the state-free part.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = non_negative))]
+    pub state_free_lr_scale: Option<f64>,
+    /// Regex of parameters that always keep full state (overrides the model's labels).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub state_full_modules: Option<String>,
+    /// Regex of parameters that may be projected (overrides the model's labels).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub projectable_modules: Option<String>,
+    /// Any optimizer setting as key=value (repeatable), e.g. `--opt block_unit=layer
+    /// --opt nesterov=true`; an unknown key lists the valid ones.
+    #[cfg_attr(feature = "cli", arg(long = "opt", value_name = "KEY=VALUE"))]
+    #[serde(default)]
+    pub opt: Vec<String>,
+}
+
+impl Default for OptimizerSettings {
+    fn default() -> Self {
+        OptimizerSettings {
+            optimizer: "frugal".into(),
+            projection: None,
+            proj_side: None,
+            block_order: None,
+            density: None,
+            update_gap: None,
+            reset: false,
+            no_reset: false,
+            state_full: None,
+            state_free: None,
+            weight_decay: None,
+            beta1: None,
+            beta2: None,
+            eps: None,
+            momentum: None,
+            proj_lr_scale: None,
+            state_free_lr_scale: None,
+            state_full_modules: None,
+            projectable_modules: None,
+            opt: Vec::new(),
+        }
+    }
+}
+
+impl OptimizerSettings {
+    /// The preset with every given override applied: the flags first (each named like the
+    /// setting it sets), then `--opt` pairs, all checked by [`frugal::OptimizerConfig::apply`].
+    pub fn resolve(&self, seed: u64) -> Result<frugal::OptimizerConfig> {
+        let mut c = frugal::OptimizerConfig::parse_spec(&self.optimizer)?;
+        c.seed = seed;
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        if let serde_json::Value::Object(flags) = serde_json::to_value(self)? {
+            for (key, value) in flags {
+                let text = match value {
+                    serde_json::Value::String(s) => s,
+                    serde_json::Value::Number(n) => n.to_string(),
+                    _ => continue, // unset flags, the preset, the switches and --opt
+                };
+                if key != "optimizer" {
+                    pairs.push((key, text));
+                }
+            }
+        }
+        if self.reset || self.no_reset {
+            pairs.push(("reset".into(), self.reset.to_string()));
+        }
+        for kv in &self.opt {
+            let (k, v) = kv.split_once('=').with_context(|| {
+                format!("--opt `{kv}`: expected key=value (e.g. block_unit=layer)")
+            })?;
+            pairs.push((k.into(), v.into()));
+        }
+        c.apply(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// The setting `key` of serialised settings (top level or optimizer settings).
+fn setting<'a>(args: &'a mut serde_json::Value, key: &str) -> Option<&'a mut serde_json::Value> {
+    if args.get(key).is_some() {
+        return args.get_mut(key);
+    }
+    args.get_mut("opt")?.get_mut(key)
+}
+
+/// A TOML value as JSON; NaN, infinities and negative numbers are an error naming the key.
+fn toml_value(key: &str, v: toml::Value, file: &Path) -> Result<serde_json::Value> {
+    let bad = |what: &str| anyhow::anyhow!("config file {}: `{key}` {what}", file.display());
+    match &v {
+        toml::Value::Float(x) if !x.is_finite() || *x < 0.0 => {
+            Err(bad(&format!("is {x}; it must be a finite number ≥ 0")))
+        }
+        toml::Value::Integer(i) if *i < 0 => Err(bad(&format!("is {i}; it must be ≥ 0"))),
+        _ => Ok(serde_json::to_value(v)?),
+    }
+}
+
+impl TrainSettings {
+    /// Applies the TOML file named by `config` (settings given on the command line, named in
+    /// `given`, win) and, for `resume`, the saved settings of that run (given settings that
+    /// contradict them are an error).
+    pub fn merge(self, given: &[String]) -> Result<TrainSettings> {
+        let mut value = serde_json::to_value(&self)?;
+        if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            let table: toml::Table = toml::from_str(&text).map_err(|e| {
+                anyhow::anyhow!("config file {} is not valid TOML: {e}", path.display())
+            })?;
+            for (key, v) in table {
+                let key = key.replace('-', "_");
+                let v = toml_value(&key, v, path)?;
+                let Some(target) = setting(&mut value, &key) else {
+                    bail!("config file {}: unknown setting `{key}`", path.display());
+                };
+                if !given.contains(&key) {
+                    *target = v;
+                }
+            }
+        }
+        if let Some(dir) = &self.resume {
+            let path = dir.join("config.json");
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!("{} is not a run directory (no config.json)", dir.display())
+            })?;
+            let saved: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("corrupt {}", path.display()))?;
+            let mut saved_args = saved["args"].clone();
+            for key in given {
+                let now = setting(&mut value, key).map(|v| v.clone());
+                if let (Some(now), Some(then)) = (now, setting(&mut saved_args, key)) {
+                    if now != *then {
+                        bail!(
+                            "--{} {now} differs from the run in {} ({then}); resume with the run's settings",
+                            key.replace('_', "-"),
+                            dir.display()
+                        );
+                    }
+                }
+            }
+            value = saved_args;
+        }
+        let mut merged: TrainSettings =
+            serde_json::from_value(value).context("invalid settings")?;
+        merged.config = self.config;
+        merged.resume = self.resume;
+        merged.threads = self.threads;
+        merged.cache_dir = self.cache_dir;
+        Ok(merged)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_must_be_finite_and_not_negative() {
+        assert_eq!(non_negative("0.25"), Ok(0.25));
+        for bad in ["nan", "NaN", "inf", "-1", "-0.5", "x"] {
+            assert!(non_negative(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn optimizer_flags_and_opt_pairs_reach_every_setting() {
+        let s = OptimizerSettings {
+            optimizer: "frugal:density=0.5".into(),
+            projection: Some("svd".into()),
+            proj_side: Some("left".into()),
+            update_gap: Some(7),
+            no_reset: true,
+            opt: vec!["check_finite=false".into(), "nesterov=true".into()],
+            ..Default::default()
+        };
+        let c = s.resolve(3).unwrap();
+        assert_eq!(
+            c.projection,
+            frugal::config::Projection::Svd {
+                proj_side: frugal::config::ProjSide::Left
+            }
+        );
+        assert_eq!((c.density, c.update_gap, c.seed), (0.5, 7, 3));
+        assert!(!c.reset && !c.check_finite && c.nesterov);
+        let bad = OptimizerSettings {
+            opt: vec!["colour=blue".into()],
+            ..Default::default()
+        };
+        let err = format!("{:#}", bad.resolve(0).unwrap_err());
+        assert!(
+            err.contains("colour") && err.contains("block_unit"),
+            "{err}"
+        );
+        let bad = OptimizerSettings {
+            opt: vec!["density".into()],
+            ..Default::default()
+        };
+        assert!(format!("{:#}", bad.resolve(0).unwrap_err()).contains("key=value"));
+    }
+
+    #[test]
+    fn config_files_reject_non_finite_and_negative_numbers() {
+        let dir = std::env::temp_dir().join(format!("frugal-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (text, expect) in [
+            ("lr = nan", "finite"),
+            ("clip = inf", "finite"),
+            ("density = -0.5", "finite"),
+            ("steps = -3", "≥ 0"),
+            ("learning_rate = 0.1", "unknown setting"),
+        ] {
+            let file = dir.join("bad.toml");
+            std::fs::write(&file, text).unwrap();
+            let s = TrainSettings {
+                config: Some(file),
+                ..Default::default()
+            };
+            let err = format!("{:#}", s.merge(&[]).unwrap_err());
+            assert!(err.contains(expect), "{text}: {err}");
+        }
+        let file = dir.join("ok.toml");
+        std::fs::write(&file, "lr = 0.002\ndensity = 0.5\nsteps = 9").unwrap();
+        let s = TrainSettings {
+            config: Some(file),
+            steps: 4,
+            ..Default::default()
+        };
+        let merged = s.merge(&["steps".into()]).unwrap();
+        assert_eq!(
+            (merged.lr, merged.opt.density, merged.steps),
+            (Some(0.002), Some(0.5), 4)
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

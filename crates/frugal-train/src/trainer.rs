@@ -1,0 +1,268 @@
+//! The training loop: batch → forward/backward (accumulated over micro-batches) → clip →
+//! optimizer step → log → maybe evaluate → maybe checkpoint, until the last step or until the
+//! caller's [`StopToken`] is set.
+
+use crate::grads::{accumulate, clip_grad_norm};
+use crate::metrics::TrainRecord;
+use crate::schedule::Schedule;
+use anyhow::{bail, Result};
+use candle_core::backprop::GradStore;
+use candle_core::Tensor;
+use frugal::{Frugal, Param};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A model the trainer can train.
+pub trait Model {
+    /// Mean loss of a batch (a scalar tensor that backpropagates to the parameters).
+    fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor>;
+    /// The trainable parameters with their labels, in model order.
+    fn params(&self) -> Vec<Param>;
+}
+
+impl Model for frugal_nn::llama::Llama {
+    fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        Ok(frugal_nn::llama::Llama::loss(self, inputs, targets)?)
+    }
+
+    fn params(&self) -> Vec<Param> {
+        frugal_nn::llama::Llama::params(self)
+    }
+}
+
+/// A source of training batches, addressed by position in the data order (so that a resumed
+/// run continues with the very batch it would have seen).
+pub trait BatchSource {
+    /// `size` (inputs, targets) pairs starting at sample `position`.
+    fn batch(&mut self, position: u64, size: usize) -> Result<(Tensor, Tensor)>;
+}
+
+/// Asks a running loop to stop at the next step boundary (after a checkpoint). The caller owns
+/// it: a Ctrl-C handler, a test, or a comparison that stops all its runs.
+#[derive(Clone, Debug, Default)]
+pub struct StopToken(Arc<AtomicBool>);
+
+impl StopToken {
+    /// A token that is not set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the loop to stop.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// True once [`StopToken::stop`] was called on this token or a clone of it.
+    pub fn is_stopped(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Where the training loop stands; saved with every checkpoint.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Completed optimizer steps.
+    pub step: usize,
+    /// Training sequences consumed (position in the shuffled data order).
+    pub position: u64,
+    /// Training tokens consumed.
+    pub tokens: u64,
+    /// Wall time so far, over all sessions (including evaluation and checkpoints).
+    pub elapsed_s: f64,
+    /// Time spent in training steps alone, over all sessions.
+    #[serde(default)]
+    pub train_s: f64,
+}
+
+/// How many steps, how big, and how often to log, evaluate and save.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoopSettings {
+    pub steps: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Tokens per sequence (for token counts).
+    pub seq_len: usize,
+    /// Global gradient-norm bound (0: off).
+    pub clip: f64,
+    pub log_every: usize,
+    pub eval_every: usize,
+    pub save_every: usize,
+}
+
+impl LoopSettings {
+    /// Training tokens per optimizer step.
+    pub fn tokens_per_step(&self) -> usize {
+        self.batch_size * self.grad_accum * self.seq_len
+    }
+}
+
+/// What the loop reports to: every step, logged steps, evaluations and checkpoints.
+pub trait Hooks<M> {
+    /// After every step (progress display).
+    fn step_done(&mut self, _record: &TrainRecord) {}
+    /// A step to log (every `log_every` steps and the last).
+    fn log(&mut self, record: &TrainRecord) -> Result<()>;
+    /// Evaluate the model (every `eval_every` steps and the last).
+    fn evaluate(&mut self, model: &M, state: &TrainerState) -> Result<()>;
+    /// Save a checkpoint (every `save_every` steps, the last, and when stopped).
+    fn checkpoint(&mut self, trainer: &Trainer<M>, stopped: bool) -> Result<()>;
+}
+
+/// How a call of [`Trainer::train`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every step ran.
+    Finished,
+    /// The stop token was set; a checkpoint was saved.
+    Stopped,
+}
+
+/// A model, its optimizer and schedule, and the loop state.
+pub struct Trainer<M> {
+    pub model: M,
+    pub optimizer: Frugal,
+    pub schedule: Schedule,
+    pub settings: LoopSettings,
+    pub state: TrainerState,
+    params: Vec<Param>,
+    stop: StopToken,
+    /// Wall time of earlier sessions and the start of this one.
+    clock: (f64, Instant),
+}
+
+impl<M: Model> Trainer<M> {
+    /// A trainer continuing from `state` (the default state for a new run).
+    pub fn new(
+        model: M,
+        optimizer: Frugal,
+        schedule: Schedule,
+        settings: LoopSettings,
+        state: TrainerState,
+        stop: StopToken,
+    ) -> Result<Self> {
+        for (what, v) in [
+            ("steps", settings.steps),
+            ("batch_size", settings.batch_size),
+            ("grad_accum", settings.grad_accum),
+            ("log_every", settings.log_every),
+            ("eval_every", settings.eval_every),
+            ("save_every", settings.save_every),
+        ] {
+            if v == 0 {
+                bail!("{what} must be at least 1");
+            }
+        }
+        Ok(Trainer {
+            params: model.params(),
+            clock: (state.elapsed_s, Instant::now()),
+            model,
+            optimizer,
+            schedule,
+            settings,
+            state,
+            stop,
+        })
+    }
+
+    /// Runs steps until the last one or until the stop token is set.
+    pub fn train(
+        &mut self,
+        data: &mut impl BatchSource,
+        hooks: &mut impl Hooks<M>,
+    ) -> Result<Outcome> {
+        let s = self.settings;
+        self.clock = (self.state.elapsed_s, Instant::now());
+        while self.state.step < s.steps {
+            let record = self.step(data)?; // forward, backward, update
+            let (step, last) = (self.state.step, self.state.step == s.steps);
+            hooks.step_done(&record);
+            if step % s.log_every == 0 || last {
+                hooks.log(&record)?;
+            }
+            if step % s.eval_every == 0 || last {
+                hooks.evaluate(&self.model, &self.state)?;
+            }
+            let stopped = self.stop.is_stopped();
+            if stopped || step % s.save_every == 0 || last {
+                hooks.checkpoint(self, stopped)?;
+            }
+            if stopped {
+                return Ok(Outcome::Stopped);
+            }
+        }
+        Ok(Outcome::Finished)
+    }
+
+    /// One optimizer step: gradients of `grad_accum` micro-batches, clipping, the update.
+    pub fn step(&mut self, data: &mut impl BatchSource) -> Result<TrainRecord> {
+        let t0 = Instant::now();
+        let lr = self.schedule.lr(self.state.step);
+        self.optimizer.set_learning_rate(lr);
+        let (loss, mut grads) = self.forward_backward(data)?;
+        if !loss.is_finite() {
+            bail!(
+                "the training loss became {loss} at step {}; lower --lr or set --clip",
+                self.state.step + 1
+            );
+        }
+        let clip = self.settings.clip;
+        let grad_norm = if clip > 0.0 {
+            Some(clip_grad_norm(&mut grads, &self.params, clip)?)
+        } else {
+            None
+        };
+        self.optimizer.step_grads(&grads).map_err(|e| match e {
+            frugal::Error::NonFiniteGradient { .. } => {
+                anyhow::anyhow!("{e} at step {}", self.state.step + 1)
+            }
+            e => e.into(),
+        })?;
+        let tokens = self.settings.tokens_per_step();
+        let dt = t0.elapsed().as_secs_f64();
+        let st = &mut self.state;
+        st.step += 1;
+        st.tokens += tokens as u64;
+        st.train_s += dt;
+        st.elapsed_s = self.clock.0 + self.clock.1.elapsed().as_secs_f64();
+        Ok(TrainRecord {
+            step: st.step,
+            loss,
+            lr,
+            tokens: st.tokens,
+            tok_per_s: tokens as f64 / dt,
+            elapsed_s: st.elapsed_s,
+            grad_norm,
+        })
+    }
+
+    /// Mean loss and summed gradients of `grad_accum` micro-batches (each loss scaled by
+    /// 1/grad_accum, so the gradients are those of the mean).
+    fn forward_backward(&mut self, data: &mut impl BatchSource) -> Result<(f64, GradStore)> {
+        let (size, accum) = (self.settings.batch_size, self.settings.grad_accum);
+        let mut grads = GradStore::default();
+        let mut loss_sum = 0.0f64;
+        for _ in 0..accum {
+            let (x, y) = data.batch(self.state.position, size)?;
+            self.state.position += size as u64;
+            let loss = self.model.loss(&x, &y)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let scaled = if accum > 1 {
+                (loss / accum as f64)?
+            } else {
+                loss
+            };
+            accumulate(&mut grads, scaled.backward()?, &self.params)?;
+        }
+        Ok((loss_sum / accum as f64, grads))
+    }
+
+    /// The stop token this trainer watches.
+    pub fn stop_token(&self) -> &StopToken {
+        &self.stop
+    }
+}

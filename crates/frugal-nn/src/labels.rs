@@ -95,14 +95,7 @@ mod tests {
     #[test]
     fn bert_and_roberta_names() {
         for prefix in ["", "bert.", "roberta."] {
-            for m in [
-                "attention.self.query",
-                "attention.self.key",
-                "attention.self.value",
-                "attention.output.dense",
-                "intermediate.dense",
-                "output.dense",
-            ] {
+            for m in BERT_LINEARS {
                 let l = bert(&format!("{prefix}encoder.layer.5.{m}.weight"));
                 assert_eq!(
                     (l.role, l.block),

@@ -8,7 +8,9 @@ use crate::eval::mean_loss;
 use crate::metrics::{peak_rss_bytes, EvalRecord, Metrics, Record, Summary, TrainRecord};
 use crate::schedule::Schedule;
 use crate::settings::TrainSettings;
-use crate::trainer::{Hooks, LoopSettings, Outcome, StopToken, Trainer, TrainerState};
+use crate::trainer::{
+    at_least_one, Hooks, LoopSettings, Outcome, StopToken, Trainer, TrainerState,
+};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use frugal::labels::RoleCounts;
@@ -80,16 +82,12 @@ pub fn resolve(args: TrainSettings) -> Result<RunConfig> {
             model.max_position_embeddings
         );
     }
-    for (flag, v) in [
+    at_least_one(&[
         ("--batch-size", args.batch_size),
         ("--grad-accum", args.grad_accum),
         ("--steps", args.steps),
         ("--log-every", args.log_every),
-    ] {
-        if v == 0 {
-            bail!("{flag} must be at least 1");
-        }
-    }
+    ])?;
     for (flag, x) in [
         ("--val-fraction", args.val_fraction),
         ("--clip", args.clip),

@@ -122,6 +122,14 @@ pub enum Outcome {
     Stopped,
 }
 
+/// Fails on the first `(name, value)` whose value is 0, naming it.
+pub fn at_least_one(counts: &[(&str, usize)]) -> Result<()> {
+    match counts.iter().find(|(_, v)| *v == 0) {
+        Some((name, _)) => bail!("{name} must be at least 1"),
+        None => Ok(()),
+    }
+}
+
 /// A model, its optimizer and schedule, and the loop state.
 pub struct Trainer<M> {
     pub model: M,
@@ -145,18 +153,14 @@ impl<M: Model> Trainer<M> {
         state: TrainerState,
         stop: StopToken,
     ) -> Result<Self> {
-        for (what, v) in [
+        at_least_one(&[
             ("steps", settings.steps),
             ("batch_size", settings.batch_size),
             ("grad_accum", settings.grad_accum),
             ("log_every", settings.log_every),
             ("eval_every", settings.eval_every),
             ("save_every", settings.save_every),
-        ] {
-            if v == 0 {
-                bail!("{what} must be at least 1");
-            }
-        }
+        ])?;
         Ok(Trainer {
             params: model.params(),
             clock: (state.elapsed_s, Instant::now()),
@@ -264,5 +268,160 @@ impl<M: Model> Trainer<M> {
     /// The stop token this trainer watches.
     pub fn stop_token(&self) -> &StopToken {
         &self.stop
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Least squares: loss = mean((x·w − y)²), w of 4 weights (one 1×4 matrix).
+    struct Regression {
+        w: Var,
+    }
+
+    impl Model for Regression {
+        fn loss(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+            let pred = x.matmul(&self.w.as_tensor().t()?)?.squeeze(1)?;
+            Ok((pred - y)?.sqr()?.mean_all()?)
+        }
+        fn params(&self) -> Vec<Param> {
+            vec![Param::new(
+                "w",
+                self.w.clone(),
+                frugal::Label::state_full(None),
+            )]
+        }
+    }
+
+    /// Sample i: x = (1, i, i², i³)/scale, y = x·(1, −2, 3, 0.5).
+    struct Samples;
+
+    impl BatchSource for Samples {
+        fn batch(&mut self, position: u64, size: usize) -> Result<(Tensor, Tensor)> {
+            let mut xs = Vec::new();
+            let mut ys = Vec::new();
+            for i in position..position + size as u64 {
+                let t = (i % 7) as f32 / 7.0;
+                let x = [1.0, t, t * t, t * t * t];
+                ys.push(x[0] - 2.0 * x[1] + 3.0 * x[2] + 0.5 * x[3]);
+                xs.extend(x);
+            }
+            Ok((
+                Tensor::from_vec(xs, (size, 4), &Device::Cpu)?,
+                Tensor::from_vec(ys, size, &Device::Cpu)?,
+            ))
+        }
+    }
+
+    #[derive(Default)]
+    struct Calls {
+        logged: Vec<usize>,
+        evaluated: Vec<usize>,
+        saved: Vec<(usize, bool)>,
+        losses: Vec<f64>,
+    }
+
+    impl Hooks<Regression> for Calls {
+        fn log(&mut self, r: &TrainRecord) -> Result<()> {
+            self.logged.push(r.step);
+            Ok(())
+        }
+        fn step_done(&mut self, r: &TrainRecord) {
+            self.losses.push(r.loss);
+        }
+        fn evaluate(&mut self, _: &Regression, s: &TrainerState) -> Result<()> {
+            self.evaluated.push(s.step);
+            Ok(())
+        }
+        fn checkpoint(&mut self, t: &Trainer<Regression>, stopped: bool) -> Result<()> {
+            self.saved.push((t.state.step, stopped));
+            Ok(())
+        }
+    }
+
+    fn trainer(steps: usize, batch: usize, accum: usize, stop: StopToken) -> Trainer<Regression> {
+        let w = Var::zeros((1, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let model = Regression { w };
+        let cfg = frugal::OptimizerConfig::parse_spec("sgd:lr=0.5").unwrap();
+        let opt = Frugal::from_params(model.params(), cfg).unwrap();
+        let settings = LoopSettings {
+            steps,
+            batch_size: batch,
+            grad_accum: accum,
+            seq_len: 1,
+            clip: 0.0,
+            log_every: 2,
+            eval_every: 3,
+            save_every: 4,
+        };
+        let schedule = Schedule::new(0.5, 0, steps, "constant", 1.0).unwrap();
+        Trainer::new(
+            model,
+            opt,
+            schedule,
+            settings,
+            TrainerState::default(),
+            stop,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_loop_calls_its_hooks_on_schedule_and_the_loss_falls() {
+        let mut t = trainer(12, 4, 1, StopToken::new());
+        let (x, y) = Samples.batch(0, 7).unwrap(); // every distinct sample once
+        let full_loss =
+            |t: &Trainer<Regression>| t.model.loss(&x, &y).unwrap().to_scalar::<f32>().unwrap();
+        let before = full_loss(&t);
+        let mut calls = Calls::default();
+        assert_eq!(
+            t.train(&mut Samples, &mut calls).unwrap(),
+            Outcome::Finished
+        );
+        let after = full_loss(&t);
+        assert!(after < 0.5 * before, "loss {before} → {after}");
+        assert_eq!(calls.logged, [2, 4, 6, 8, 10, 12]);
+        assert_eq!(calls.evaluated, [3, 6, 9, 12]);
+        assert_eq!(calls.saved, [(4, false), (8, false), (12, false)]);
+        assert_eq!(calls.losses.len(), 12);
+        assert_eq!(
+            (t.state.step, t.state.position, t.state.tokens),
+            (12, 48, 48)
+        );
+    }
+
+    #[test]
+    fn accumulated_micro_batches_step_like_one_large_batch() {
+        let mut one = trainer(1, 4, 1, StopToken::new());
+        let mut two = trainer(1, 2, 2, StopToken::new());
+        let a = one.step(&mut Samples).unwrap();
+        let b = two.step(&mut Samples).unwrap();
+        assert!((a.loss - b.loss).abs() < 1e-6);
+        let w = |t: &Trainer<Regression>| {
+            t.model
+                .w
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        for (x, y) in w(&one).iter().zip(w(&two)) {
+            assert!((x - y).abs() < 1e-6, "{:?} vs {:?}", w(&one), w(&two));
+        }
+        assert_eq!(two.state.position, 4);
+    }
+
+    #[test]
+    fn a_set_stop_token_ends_the_loop_after_a_checkpoint() {
+        let stop = StopToken::new();
+        let mut t = trainer(10, 4, 1, stop.clone());
+        stop.stop();
+        let mut calls = Calls::default();
+        assert_eq!(t.train(&mut Samples, &mut calls).unwrap(), Outcome::Stopped);
+        assert_eq!(calls.saved, [(1, true)]);
+        assert!(t.stop_token().is_stopped());
     }
 }

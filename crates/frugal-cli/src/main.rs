@@ -3,6 +3,7 @@
 mod cli;
 
 use anyhow::{bail, Result};
+use candle_core::Device;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use cli::{Cli, Command};
@@ -96,11 +97,17 @@ fn run(matches: &ArgMatches, cli: Cli) -> Result<()> {
                 .unwrap_or_else(data::default_cache_dir);
             let resume = merged.resume.clone();
             let config = frugal_train::run::resolve(merged)?;
-            frugal_train::run::run(config, resume.as_deref(), &cache, &ctrl_c_token())?;
+            frugal_train::run::run(
+                config,
+                resume.as_deref(),
+                &cache,
+                &ctrl_c_token(),
+                &Device::Cpu,
+            )?;
         }
         Command::Eval(args) => {
             set_threads(args.threads)?;
-            let r = frugal_train::eval::evaluate(&args, &candle_core::Device::Cpu)?;
+            let r = frugal_train::eval::evaluate(&args, &Device::Cpu)?;
             println!(
                 "checkpoint {}  split {}  tokens {}  loss {:.4}  perplexity {:.2}",
                 r.checkpoint.display(),
@@ -127,7 +134,7 @@ fn run(matches: &ArgMatches, cli: Cli) -> Result<()> {
                 .clone()
                 .unwrap_or_else(data::default_cache_dir);
             let command = std::env::args().collect::<Vec<_>>().join(" ");
-            frugal_train::compare::run(*args, &cache, &command, &ctrl_c_token())?;
+            frugal_train::compare::run(*args, &cache, &command, &ctrl_c_token(), &Device::Cpu)?;
         }
     }
     Ok(())

@@ -8,6 +8,7 @@ use crate::run::{self, resolve};
 use crate::settings::TrainSettings;
 use crate::trainer::StopToken;
 use anyhow::{bail, Context, Result};
+use candle_core::Device;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -191,6 +192,7 @@ fn run_one(
     dir: &Path,
     cache: &Path,
     stop: &StopToken,
+    device: &Device,
 ) -> Result<bool> {
     let finished = Summary::read(dir).is_ok_and(|s| !s.interrupted);
     if finished {
@@ -207,7 +209,7 @@ fn run_one(
     args.out = Some(dir.to_path_buf());
     eprintln!("== {} (seed {seed})", method.label);
     let config = resolve(args)?;
-    run::run(config, resumable.then_some(dir), cache, stop)?;
+    run::run(config, resumable.then_some(dir), cache, stop, device)?;
     Ok(!stop.is_stopped())
 }
 
@@ -372,9 +374,15 @@ fn plot(path: &Path, methods: &[Method], results: &[RunResult], rows: &[Row]) ->
     )
 }
 
-/// Runs the comparison into the output directory and writes the report; stops (resumably) when
-/// `stop` is set.
-pub fn run(args: CompareSettings, cache: &Path, command: &str, stop: &StopToken) -> Result<()> {
+/// Runs the comparison on `device` into the output directory and writes the report; stops
+/// (resumably) when `stop` is set.
+pub fn run(
+    args: CompareSettings,
+    cache: &Path,
+    command: &str,
+    stop: &StopToken,
+    device: &Device,
+) -> Result<()> {
     let methods = methods(&args)?;
     let seeds: Vec<u64> = args
         .seeds
@@ -417,7 +425,7 @@ pub fn run(args: CompareSettings, cache: &Path, command: &str, stop: &StopToken)
             let dir = out
                 .join("runs")
                 .join(format!("{}-seed{seed}", slug(&m.label)));
-            match run_one(&base, m, seed, &dir, cache, stop) {
+            match run_one(&base, m, seed, &dir, cache, stop, device) {
                 Ok(true) => results.push(read_result(m, seed, &dir, tokens_per_step)?),
                 Ok(false) => {
                     eprintln!("interrupted; continue with `frugal compare --resume {}` and the same flags", out.display());

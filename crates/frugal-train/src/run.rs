@@ -201,16 +201,17 @@ impl Hooks<Llama> for RunHooks<'_> {
     }
 }
 
-/// Runs (or resumes, from the latest checkpoint of `resume`) a training run on the CPU; stops
-/// early, with a checkpoint, when `stop` is set. Returns the run directory.
+/// Runs (or resumes, from the latest checkpoint of `resume`) a training run with f32 weights on
+/// `device`; stops early, with a checkpoint, when `stop` is set. Returns the run directory.
 pub fn run(
     run: RunConfig,
     resume: Option<&Path>,
     cache: &Path,
     stop: &StopToken,
+    device: &Device,
 ) -> Result<PathBuf> {
     let args = &run.args;
-    let device = Device::Cpu;
+    let device = device.clone();
     let out = match resume {
         Some(dir) => dir.to_path_buf(),
         None => args.out.clone().unwrap_or_else(default_out),

@@ -134,8 +134,8 @@ pub struct EvalReport {
 fn run_seq_len(checkpoint: &Path) -> Option<usize> {
     let run = checkpoint.parent()?.parent()?;
     let text = std::fs::read_to_string(run.join("config.json")).ok()?;
-    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
-    config["seq_len"].as_u64().map(|n| n as usize)
+    let config: crate::run::RunConfig = serde_json::from_str(&text).ok()?;
+    Some(config.seq_len)
 }
 
 /// Loss and perplexity of a checkpoint on a split of a corpus, on `device`.

@@ -293,12 +293,17 @@ pub fn run(
     }
     let counts = RoleCounts::of(&opt.params().cloned().collect::<Vec<_>>());
     let n_params = run.model.num_params();
+    let planned: usize = frugal::memory::plan(&run.optimizer, &run.model.labelled_shapes())?
+        .iter()
+        .map(|(_, bytes)| bytes.total())
+        .sum();
     eprintln!(
-        "model: {} parameters ({} projectable, {} state-full), optimizer `{}`, {} tokens per step{}",
+        "model: {} parameters ({} projectable, {} state-full), optimizer `{}` ({:.1} MiB of state), {} tokens per step{}",
         n_params,
         counts.projectable,
         counts.state_full,
         run.optimizer.preset,
+        planned as f64 / (1024.0 * 1024.0),
         run.tokens_per_step,
         match &resume_from {
             Some((s, _)) => format!(", resuming at step {s}"),

@@ -164,6 +164,20 @@ named_enum!(
 );
 
 named_enum!(
+    /// How kept moments (reset off) follow a new matrix basis. An SVD's vectors have arbitrary
+    /// signs, so without a transfer the kept moments meet vectors that may have flipped.
+    MomentTransfer, "moment transfer", default = Keep, {
+        /// Keep the moments' coordinates as they are (GaLore's behaviour).
+        Keep => "keep",
+        /// Flip each new basis vector to agree in sign with the old one.
+        Align => "align",
+        /// Carry the moments into the new basis: m ← C·m with C the old-to-new change of basis,
+        /// v ← (C∘C)·v.
+        Project => "project",
+    }
+);
+
+named_enum!(
     /// Which tensors weight decay applies to.
     DecayMask, "weight-decay mask", default = All, {
         /// Every tensor (as in the paper's code).
@@ -314,6 +328,9 @@ pub struct OptimizerConfig {
     /// Which tensors weight decay applies to.
     #[serde(default)]
     pub decay_mask: DecayMask,
+    /// How kept moments follow a new matrix basis (with `reset` off).
+    #[serde(default)]
+    pub moment_transfer: MomentTransfer,
     /// Seed of the optimizer's random choices (random subspaces, coordinates, block orders).
     pub seed: u64,
     /// Check every gradient for NaN/Inf before updating anything.
@@ -410,6 +427,7 @@ impl OptimizerConfig {
             projectable_modules: String::new(),
             state_full_modules: String::new(),
             decay_mask: DecayMask::All,
+            moment_transfer: MomentTransfer::Keep,
             seed: 0,
             check_finite: true,
         };

@@ -1,7 +1,7 @@
 //! The FRUGAL optimizer: routes each parameter to the state-full rule, or splits its gradient
 //! with a projection into a state-full part and a state-free residual, in one fused pass.
 
-use crate::config::{DecayMask, OptimizerConfig, StateFreeRule};
+use crate::config::{DecayMask, MomentTransfer, OptimizerConfig, StateFreeRule};
 use crate::error::{Error, Result};
 use crate::kernels::cpu as kernels;
 use crate::labels::{resolve, Param, ParamInfo, Role};
@@ -317,13 +317,16 @@ impl Frugal {
                     continue;
                 }
                 let density = self.config.density;
-                let sub = kernels::with_slice(&slot.info.name, g, |g| {
+                let mut sub = kernels::with_slice(&slot.info.name, g, |g| {
                     projection::choose(split, density, &slot.info, g, &mut self.rng)
                 })??;
                 let same_len =
                     sub.state_len(slot.info.numel()) == slot.subspace.state_len(slot.info.numel());
                 let keep =
                     self.step > 0 && (sub == slot.subspace || (!self.config.reset && same_len));
+                if keep && sub != slot.subspace {
+                    transfer(self.config.moment_transfer, slot, &mut sub);
+                }
                 install(slot, sub, keep, slots_count);
             }
         }
@@ -407,6 +410,17 @@ impl Frugal {
             });
             Ok(())
         })
+    }
+}
+
+/// Makes kept moments follow a new basis (see [`MomentTransfer`]).
+fn transfer(how: MomentTransfer, slot: &mut Slot, new: &mut Subspace) {
+    if let (Subspace::Basis(old), Subspace::Basis(new)) = (&slot.subspace, new) {
+        match how {
+            MomentTransfer::Keep => {}
+            MomentTransfer::Align => new.align_to(old),
+            MomentTransfer::Project => new.carry(old, [&mut slot.m, &mut slot.v]),
+        }
     }
 }
 

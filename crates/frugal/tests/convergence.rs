@@ -89,6 +89,8 @@ fn every_preset_reduces_the_loss_and_frugal_tracks_adamw() {
         "frugal:lr=0.01,update_gap=20,density=0.34",
         "frugal-svd:lr=0.01,update_gap=20",
         "galore:lr=0.04,update_gap=20",
+        "galore:lr=0.04,update_gap=20,moment_transfer=align",
+        "galore:lr=0.04,update_gap=20,moment_transfer=project",
         "badam:lr=0.01,update_gap=20,block_unit=tensor,density=0.5",
         "signsgd:lr=0.002",
         "sgd:lr=0.5",

@@ -228,6 +228,7 @@ fn resumed_run_is_bit_identical() {
         "frugal-svd:update_gap=2",
         "frugal:projection=randk,update_gap=2",
         "galore:update_gap=2",
+        "galore:update_gap=2,moment_transfer=project",
         "frugal:state_full=lion,projection=columns,update_gap=2",
     ] {
         let vars = named_vars(LLAMA_LIKE, 7);

@@ -92,6 +92,105 @@ impl Basis {
         Basis { m, n, left, right }
     }
 
+    /// Flips each vector of this basis whose dot product with the matching vector of `old` is
+    /// negative, so that a new basis agrees in sign with the one it replaces.
+    pub fn align_to(&mut self, old: &Basis) {
+        let (m, n) = (self.m, self.n);
+        if (old.m, old.n) != (m, n) {
+            return;
+        }
+        if let (Some((a, r)), Some((a_old, r_old))) = (&mut self.left, &old.left) {
+            // Columns of A (m×r, row-major).
+            for j in 0..(*r).min(*r_old) {
+                let dot: f32 = (0..m).map(|i| a[i * *r + j] * a_old[i * *r_old + j]).sum();
+                if dot < 0.0 {
+                    (0..m).for_each(|i| a[i * *r + j] = -a[i * *r + j]);
+                }
+            }
+        }
+        if let (Some((b, r)), Some((b_old, r_old))) = (&mut self.right, &old.right) {
+            // Rows of B (r×n, row-major).
+            for j in 0..(*r).min(*r_old) {
+                let (row, old_row) = (&mut b[j * n..(j + 1) * n], &b_old[j * n..(j + 1) * n]);
+                let dot: f32 = row.iter().zip(old_row).map(|(x, y)| x * y).sum();
+                if dot < 0.0 {
+                    row.iter_mut().for_each(|x| *x = -*x);
+                }
+            }
+        }
+    }
+
+    /// Carries low-dimensional moments from `old`'s coordinates into this basis': on the left
+    /// m ← C·m with C = Aᵀ·A_old, on the right m ← m·C with C = B_old·Bᵀ; v the same with C∘C.
+    /// Both bases must have the same shape and ranks.
+    pub fn carry(&self, old: &Basis, moments: [&mut Vec<f32>; 2]) {
+        let (rows, cols) = self.low_shape();
+        let change = |new: &[f32], old: &[f32], r: usize, dim: usize, left: bool| {
+            // Left: C (r×r) = Aᵀ·A_old with A stored m×r; right: C = B_old·Bᵀ with B stored r×n.
+            let mut c = vec![0f32; r * r];
+            let (lhs, rhs) = if left {
+                (view(new, dim, r).transpose(), view(old, dim, r))
+            } else {
+                (view(old, r, dim), view(new, r, dim).transpose())
+            };
+            matmul(
+                view_mut(&mut c, r, r),
+                Accum::Replace,
+                lhs,
+                rhs,
+                1.0,
+                Par::Seq,
+            );
+            c
+        };
+        let left = match (&self.left, &old.left) {
+            (Some((a, r)), Some((a_old, _))) => Some(change(a, a_old, *r, self.m, true)),
+            _ => None,
+        };
+        let right = match (&self.right, &old.right) {
+            (Some((b, r)), Some((b_old, _))) => Some(change(b, b_old, *r, self.n, false)),
+            _ => None,
+        };
+        for (k, x) in moments.into_iter().enumerate() {
+            if x.len() != rows * cols {
+                continue; // a rule without this moment
+            }
+            let squared = k == 1;
+            let c_of = |c: &Vec<f32>| -> Vec<f32> {
+                if squared {
+                    c.iter().map(|v| v * v).collect()
+                } else {
+                    c.clone()
+                }
+            };
+            let mut out = vec![0f32; rows * cols];
+            if let Some(c) = &left {
+                let c = c_of(c);
+                matmul(
+                    view_mut(&mut out, rows, cols),
+                    Accum::Replace,
+                    view(&c, rows, rows),
+                    view(x, rows, cols),
+                    1.0,
+                    Par::Seq,
+                );
+                x.copy_from_slice(&out);
+            }
+            if let Some(c) = &right {
+                let c = c_of(c);
+                matmul(
+                    view_mut(&mut out, rows, cols),
+                    Accum::Replace,
+                    view(x, rows, cols),
+                    view(&c, cols, cols),
+                    1.0,
+                    Par::Seq,
+                );
+                x.copy_from_slice(&out);
+            }
+        }
+    }
+
     /// down(G) into `low` (length of `low_shape`); `tmp` is scratch for two-sided bases.
     pub fn down(&self, g: &[f32], low: &mut [f32], tmp: &mut Vec<f32>) {
         let (m, n) = (self.m, self.n);
@@ -183,6 +282,81 @@ impl Basis {
                 );
             }
             (None, None) => full.copy_from_slice(low),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn gauss(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| rng.sample::<f32, _>(StandardNormal))
+            .collect()
+    }
+
+    /// The basis with the signs of its vectors 0 and 2 flipped (what another SVD may return).
+    fn flipped(b: &Basis) -> Basis {
+        let mut f = b.clone();
+        if let Some((a, r)) = &mut f.left {
+            for i in 0..b.m {
+                a[i * *r] = -a[i * *r];
+                a[i * *r + 2] = -a[i * *r + 2];
+            }
+        }
+        if let Some((b_, _)) = &mut f.right {
+            let n = b.n;
+            b_[..n].iter_mut().for_each(|x| *x = -*x);
+            b_[2 * n..3 * n].iter_mut().for_each(|x| *x = -*x);
+        }
+        f
+    }
+
+    fn up(b: &Basis, low: &[f32]) -> Vec<f32> {
+        let mut full = vec![0f32; b.m * b.n];
+        b.up(low, &mut full, &mut Vec::new());
+        full
+    }
+
+    #[test]
+    fn align_and_project_do_not_depend_on_the_signs_of_the_svd() {
+        let (m, n) = (12, 9);
+        for (l, r) in [(Some(4), None), (None, Some(3)), (Some(4), Some(3))] {
+            let old = Basis::svd(&gauss(m * n, 1), m, n, l, r, "w").unwrap();
+            let new = Basis::svd(&gauss(m * n, 2), m, n, l, r, "w").unwrap();
+            let other = flipped(&new);
+            let (rows, cols) = old.low_shape();
+            let m_old = gauss(rows * cols, 3);
+            let v_old: Vec<f32> = gauss(rows * cols, 4).iter().map(|x| x * x).collect();
+
+            // Without a transfer the kept moments meet flipped vectors: the update changes.
+            let diff =
+                |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |d, (x, y)| d.max((x - y).abs()));
+            assert!(diff(&up(&new, &m_old), &up(&other, &m_old)) > 1e-2);
+
+            // align: both versions become the same basis.
+            let (mut a1, mut a2) = (new.clone(), other.clone());
+            a1.align_to(&old);
+            a2.align_to(&old);
+            assert_eq!(a1, a2, "{l:?} {r:?}");
+
+            // project: the carried moments give the same full-space update; v is identical.
+            let (mut m1, mut v1) = (m_old.clone(), v_old.clone());
+            let (mut m2, mut v2) = (m_old.clone(), v_old.clone());
+            new.carry(&old, [&mut m1, &mut v1]);
+            other.carry(&old, [&mut m2, &mut v2]);
+            assert!(diff(&up(&new, &m1), &up(&other, &m2)) < 1e-5, "{l:?} {r:?}");
+            assert_eq!(v1, v2);
+
+            // Carrying into the same basis changes nothing (C = I).
+            let (mut m3, mut v3) = (m_old.clone(), v_old.clone());
+            old.carry(&old, [&mut m3, &mut v3]);
+            let (dm, dv) = (diff(&m3, &m_old), diff(&v3, &v_old));
+            // Rounding of C ≈ I only (v holds squares up to ~10).
+            assert!(dm < 1e-5 && dv < 5e-5, "{l:?} {r:?}: {dm} {dv}");
         }
     }
 }

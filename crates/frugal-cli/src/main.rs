@@ -168,16 +168,15 @@ mod tests {
             assert_eq!(value, 4321, "option {PURGE_DELAY} is not purge_delay");
             return;
         }
-        let status = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "tests::purge_delay_index_names_that_option",
-                "--nocapture",
-            ])
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "tests::purge_delay_index_names_that_option"])
             .env(PROBE, "1")
             .env("MIMALLOC_PURGE_DELAY", "4321")
-            .status()
+            .output()
             .unwrap();
-        assert!(status.success(), "the probe process failed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "the probe process failed: {text}");
+        // A filter that matched nothing would also succeed: the probe must really have run.
+        assert!(text.contains("1 passed"), "the probe did not run: {text}");
     }
 }

@@ -46,6 +46,35 @@ fn map_row_pairs(
     out
 }
 
+/// A backward pass over two f32 inputs of the same layout as `a` (it has no gradient itself).
+trait GradPass: Send + Sync {
+    /// The operation's name in errors.
+    const NAME: &'static str;
+    /// The output and its shape, from `a` (laid out as `layout`) and `b`.
+    fn run(&self, a: &[f32], b: &[f32], layout: &Layout) -> (Vec<f32>, Shape);
+}
+
+/// Runs a [`GradPass`] as a candle operation on the CPU.
+struct Pass<P>(P);
+
+impl<P: GradPass> CustomOp2 for Pass<P> {
+    fn name(&self) -> &'static str {
+        P::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (f32s(s1, l1, P::NAME)?, f32s(s2, l2, P::NAME)?);
+        let (out, shape) = self.0.run(a, b, l1);
+        Ok((CpuStorage::F32(out), shape))
+    }
+}
+
 /// log Σ exp(row).
 fn log_sum_exp(row: &[f32]) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -189,7 +218,7 @@ impl CustomOp1 for CausalSoftmax {
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(y.apply_op2_no_bwd(
             &dy.contiguous()?,
-            &SoftmaxGrad { scale: self.scale },
+            &Pass(SoftmaxGrad { scale: self.scale }),
         )?))
     }
 }
@@ -199,28 +228,18 @@ struct SoftmaxGrad {
     scale: f32,
 }
 
-impl CustomOp2 for SoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "fused-softmax-grad"
-    }
+impl GradPass for SoftmaxGrad {
+    const NAME: &'static str = "fused-softmax-grad";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let y = f32s(s1, l1, self.name())?;
-        let dy = f32s(s2, l2, self.name())?;
-        let t = l1.dims()[l1.dims().len() - 1];
+    fn run(&self, y: &[f32], dy: &[f32], layout: &Layout) -> (Vec<f32>, Shape) {
+        let t = layout.dims()[layout.dims().len() - 1];
         let out = map_row_pairs(y, dy, t, |o, y, dy| {
             let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
             for ((o, &y), &dy) in o.iter_mut().zip(y).zip(dy) {
                 *o = self.scale * y * (dy - dot);
             }
         });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        (out, layout.shape().clone())
     }
 }
 
@@ -284,12 +303,12 @@ impl CustomOp2 for RmsNorm {
         let weights = w.to_vec1::<f32>()?;
         let dx = x.apply_op2_no_bwd(
             &dy,
-            &RmsNormGradX {
+            &Pass(RmsNormGradX {
                 eps: self.eps,
                 w: weights,
-            },
+            }),
         )?;
-        let dw = x.apply_op2_no_bwd(&dy, &RmsNormGradW { eps: self.eps })?;
+        let dw = x.apply_op2_no_bwd(&dy, &Pass(RmsNormGradW { eps: self.eps }))?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -300,20 +319,10 @@ struct RmsNormGradX {
     w: Vec<f32>,
 }
 
-impl CustomOp2 for RmsNormGradX {
-    fn name(&self) -> &'static str {
-        "fused-rms-norm-grad-x"
-    }
+impl GradPass for RmsNormGradX {
+    const NAME: &'static str = "fused-rms-norm-grad-x";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(s1, l1, self.name())?;
-        let dy = f32s(s2, l2, self.name())?;
+    fn run(&self, x: &[f32], dy: &[f32], layout: &Layout) -> (Vec<f32>, Shape) {
         let d = self.w.len();
         let out = map_row_pairs(x, dy, d, |o, x, dy| {
             let r = inv_rms(x, self.eps);
@@ -329,7 +338,7 @@ impl CustomOp2 for RmsNormGradX {
                 *o = r * w * dy - c * x;
             }
         });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        (out, layout.shape().clone())
     }
 }
 
@@ -338,21 +347,11 @@ struct RmsNormGradW {
     eps: f32,
 }
 
-impl CustomOp2 for RmsNormGradW {
-    fn name(&self) -> &'static str {
-        "fused-rms-norm-grad-w"
-    }
+impl GradPass for RmsNormGradW {
+    const NAME: &'static str = "fused-rms-norm-grad-w";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(s1, l1, self.name())?;
-        let dy = f32s(s2, l2, self.name())?;
-        let d = l1.dims()[l1.dims().len() - 1];
+    fn run(&self, x: &[f32], dy: &[f32], layout: &Layout) -> (Vec<f32>, Shape) {
+        let d = layout.dims()[layout.dims().len() - 1];
         let rows_per = (4096 / d).max(1);
         let partials: Vec<Vec<f32>> = x
             .par_chunks(d * rows_per)
@@ -373,7 +372,7 @@ impl CustomOp2 for RmsNormGradW {
         for p in partials {
             dw.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
         }
-        Ok((CpuStorage::F32(dw), Shape::from(d)))
+        (dw, Shape::from(d))
     }
 }
 

@@ -60,8 +60,9 @@ fn default_labels_route_an_mlp_and_keep_the_given_order() {
             ("mlp.fc1.bias".to_string(), Role::StateFull),
         ]
     );
-    // Two projectable tensors are two blocks; ρ = 0.25 of 2 rounds to 0 active.
-    assert_eq!(opt.block_schedule().map(|s| s.blocks), Some(2));
+    // Two projectable tensors are two blocks; ρ = 0.25 of 2 rounds (half to even) to 0 active.
+    let schedule = opt.block_schedule().unwrap();
+    assert_eq!((schedule.blocks, schedule.active_count), (2, 0));
 }
 
 #[test]

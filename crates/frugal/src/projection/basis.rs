@@ -143,50 +143,51 @@ impl Basis {
             );
             c
         };
+        // C for the first moment, C∘C for the second.
+        let with_squares = |c: Vec<f32>| {
+            let squared = c.iter().map(|v| v * v).collect();
+            [c, squared]
+        };
         let left = match (&self.left, &old.left) {
-            (Some((a, r)), Some((a_old, _))) => Some(change(a, a_old, *r, self.m, true)),
+            (Some((a, r)), Some((a_old, _))) => {
+                Some(with_squares(change(a, a_old, *r, self.m, true)))
+            }
             _ => None,
         };
         let right = match (&self.right, &old.right) {
-            (Some((b, r)), Some((b_old, _))) => Some(change(b, b_old, *r, self.n, false)),
+            (Some((b, r)), Some((b_old, _))) => {
+                Some(with_squares(change(b, b_old, *r, self.n, false)))
+            }
             _ => None,
         };
         for (k, x) in moments.into_iter().enumerate() {
             if x.len() != rows * cols {
                 continue; // a rule without this moment
             }
-            let squared = k == 1;
-            let c_of = |c: &Vec<f32>| -> Vec<f32> {
-                if squared {
-                    c.iter().map(|v| v * v).collect()
-                } else {
-                    c.clone()
-                }
-            };
             let mut out = vec![0f32; rows * cols];
             if let Some(c) = &left {
-                let c = c_of(c);
+                let (lhs, rhs) = (view(&c[k], rows, rows), view(x, rows, cols));
                 matmul(
                     view_mut(&mut out, rows, cols),
                     Accum::Replace,
-                    view(&c, rows, rows),
-                    view(x, rows, cols),
+                    lhs,
+                    rhs,
                     1.0,
                     Par::Seq,
                 );
-                x.copy_from_slice(&out);
+                std::mem::swap(x, &mut out);
             }
             if let Some(c) = &right {
-                let c = c_of(c);
+                let (lhs, rhs) = (view(x, rows, cols), view(&c[k], cols, cols));
                 matmul(
                     view_mut(&mut out, rows, cols),
                     Accum::Replace,
-                    view(x, rows, cols),
-                    view(&c, cols, cols),
+                    lhs,
+                    rhs,
                     1.0,
                     Par::Seq,
                 );
-                x.copy_from_slice(&out);
+                std::mem::swap(x, &mut out);
             }
         }
     }

@@ -6,18 +6,32 @@
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => bail!("{op}: expects a contiguous f32 tensor"),
+/// An element type the fused operations read from CPU storage.
+trait Elem: Sized + Sync {
+    /// The contiguous contents of `s` laid out as `l`.
+    fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [Self]>;
+}
+
+impl Elem for f32 {
+    fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+            _ => bail!("{op}: expects a contiguous f32 tensor"),
+        }
     }
 }
 
-fn u32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [u32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::U32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => bail!("{op}: expects contiguous u32 targets"),
+impl Elem for u32 {
+    fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [u32]> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::U32(v), Some((a, b))) => Ok(&v[a..b]),
+            _ => bail!("{op}: expects contiguous u32 targets"),
+        }
     }
+}
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    f32::slice(s, l, op)
 }
 
 /// Checks that `t` is an f32 tensor on the CPU, where the fused operation `op` runs.
@@ -46,12 +60,14 @@ fn map_row_pairs(
     out
 }
 
-/// A backward pass over two f32 inputs of the same layout as `a` (it has no gradient itself).
+/// A backward pass over an f32 input `a` and a second input `b` (it has no gradient itself).
 trait GradPass: Send + Sync {
     /// The operation's name in errors.
     const NAME: &'static str;
+    /// The element type of `b`.
+    type B: Elem;
     /// The output and its shape, from `a` (laid out as `layout`) and `b`.
-    fn run(&self, a: &[f32], b: &[f32], layout: &Layout) -> (Vec<f32>, Shape);
+    fn run(&self, a: &[f32], b: &[Self::B], layout: &Layout) -> (Vec<f32>, Shape);
 }
 
 /// Runs a [`GradPass`] as a candle operation on the CPU.
@@ -69,7 +85,7 @@ impl<P: GradPass> CustomOp2 for Pass<P> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = (f32s(s1, l1, P::NAME)?, f32s(s2, l2, P::NAME)?);
+        let (a, b) = (f32s(s1, l1, P::NAME)?, P::B::slice(s2, l2, P::NAME)?);
         let (out, shape) = self.0.run(a, b, l1);
         Ok((CpuStorage::F32(out), shape))
     }
@@ -97,7 +113,7 @@ impl CustomOp2 for CrossEntropy {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let logits = f32s(s1, l1, self.name())?;
-        let targets = u32s(s2, l2, self.name())?;
+        let targets = u32::slice(s2, l2, self.name())?;
         let v = l1.dims()[1];
         // Checked here, where the targets are at hand; the backward pass runs only after this.
         if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
@@ -125,7 +141,7 @@ impl CustomOp2 for CrossEntropy {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let scale = grad.to_scalar::<f32>()? / targets.elem_count() as f32;
         Ok((
-            Some(logits.apply_op2_no_bwd(targets, &CrossEntropyGrad { scale })?),
+            Some(logits.apply_op2_no_bwd(targets, &Pass(CrossEntropyGrad { scale }))?),
             None,
         ))
     }
@@ -136,21 +152,12 @@ struct CrossEntropyGrad {
     scale: f32,
 }
 
-impl CustomOp2 for CrossEntropyGrad {
-    fn name(&self) -> &'static str {
-        "fused-cross-entropy-grad"
-    }
+impl GradPass for CrossEntropyGrad {
+    const NAME: &'static str = "fused-cross-entropy-grad";
+    type B = u32;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let logits = f32s(s1, l1, self.name())?;
-        let targets = u32s(s2, l2, self.name())?;
-        let v = l1.dims()[1];
+    fn run(&self, logits: &[f32], targets: &[u32], layout: &Layout) -> (Vec<f32>, Shape) {
+        let v = layout.dims()[1];
         let mut out = vec![0f32; logits.len()];
         out.par_chunks_mut(v)
             .zip(logits.par_chunks(v))
@@ -162,7 +169,7 @@ impl CustomOp2 for CrossEntropyGrad {
                 }
                 o[t as usize] -= self.scale;
             });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        (out, layout.shape().clone())
     }
 }
 
@@ -229,6 +236,7 @@ struct SoftmaxGrad {
 }
 
 impl GradPass for SoftmaxGrad {
+    type B = f32;
     const NAME: &'static str = "fused-softmax-grad";
 
     fn run(&self, y: &[f32], dy: &[f32], layout: &Layout) -> (Vec<f32>, Shape) {
@@ -320,6 +328,7 @@ struct RmsNormGradX {
 }
 
 impl GradPass for RmsNormGradX {
+    type B = f32;
     const NAME: &'static str = "fused-rms-norm-grad-x";
 
     fn run(&self, x: &[f32], dy: &[f32], layout: &Layout) -> (Vec<f32>, Shape) {
@@ -348,6 +357,7 @@ struct RmsNormGradW {
 }
 
 impl GradPass for RmsNormGradW {
+    type B = f32;
     const NAME: &'static str = "fused-rms-norm-grad-w";
 
     fn run(&self, x: &[f32], dy: &[f32], layout: &Layout) -> (Vec<f32>, Shape) {

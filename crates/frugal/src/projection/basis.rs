@@ -165,28 +165,15 @@ impl Basis {
                 continue; // a rule without this moment
             }
             let mut out = vec![0f32; rows * cols];
-            if let Some(c) = &left {
-                let (lhs, rhs) = (view(&c[k], rows, rows), view(x, rows, cols));
-                matmul(
-                    view_mut(&mut out, rows, cols),
-                    Accum::Replace,
-                    lhs,
-                    rhs,
-                    1.0,
-                    Par::Seq,
-                );
-                std::mem::swap(x, &mut out);
-            }
-            if let Some(c) = &right {
-                let (lhs, rhs) = (view(x, rows, cols), view(&c[k], cols, cols));
-                matmul(
-                    view_mut(&mut out, rows, cols),
-                    Accum::Replace,
-                    lhs,
-                    rhs,
-                    1.0,
-                    Par::Seq,
-                );
+            for (change, on_left) in [(&left, true), (&right, false)] {
+                let Some(c) = change else { continue };
+                let (lhs, rhs) = if on_left {
+                    (view(&c[k], rows, rows), view(x, rows, cols))
+                } else {
+                    (view(x, rows, cols), view(&c[k], cols, cols))
+                };
+                let dst = view_mut(&mut out, rows, cols);
+                matmul(dst, Accum::Replace, lhs, rhs, 1.0, Par::Seq);
                 std::mem::swap(x, &mut out);
             }
         }

@@ -43,6 +43,9 @@ struct ParamMeta {
     shape: Vec<usize>,
     t: u64,
     subspace: SubspaceMeta,
+    /// The norm-growth limiter's record (scaled state-free rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scaled_norm: Option<f32>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -226,6 +229,7 @@ impl Frugal {
                 shape: s.info.shape.clone(),
                 t: s.t,
                 subspace,
+                scaled_norm: s.scaled_norm,
             });
         }
         let meta = StateMeta {
@@ -384,17 +388,18 @@ impl Frugal {
                     "moments of `{name}` have the wrong length"
                 )));
             }
-            restored.push((subspace, m, v, p.t));
+            restored.push((subspace, m, v, p.t, p.scaled_norm));
         }
-        for (slot, (subspace, m, v, t)) in self.slots.iter_mut().zip(restored) {
+        for (slot, (subspace, m, v, t, norm)) in self.slots.iter_mut().zip(restored) {
             let Slot {
                 subspace: s,
                 m: sm,
                 v: sv,
                 t: st,
+                scaled_norm: sn,
                 ..
             } = slot;
-            (*s, *sm, *sv, *st) = (subspace, m, v, t);
+            (*s, *sm, *sv, *st, *sn) = (subspace, m, v, t, norm);
         }
         self.step = meta.step;
         self.rng = meta.rng;

@@ -160,6 +160,45 @@ named_enum!(
         Sgd => "sgd",
         /// No update of the residual (GaLore, BAdam).
         None => "none",
+        /// The residual scaled by ‖D‖/‖down(G)‖, D the state-full rule's direction in the
+        /// subspace, per channel or tensor, with the norm-growth limiter (Fira).
+        ScaledResidual => "scaled-residual",
+        /// The whole gradient scaled the same way; the subspace's update is not applied, its
+        /// moments only measure the scale (APOLLO, APOLLO-Mini).
+        ScaledGradient => "scaled-gradient",
+    }
+);
+
+named_enum!(
+    /// How the SVD projection finds its subspace.
+    SvdSolver, "SVD solver", default = Exact, {
+        /// A full thin SVD of the gradient.
+        Exact => "exact",
+        /// A range finder with oversampling and power iterations started from the previous
+        /// basis, then a small exact SVD: far fewer operations, nearly the same subspace.
+        Randomized => "randomized",
+    }
+);
+
+named_enum!(
+    /// What the random projection's matrix is.
+    RandomBasis, "random basis", default = Orthonormal, {
+        /// Semi-orthogonal (thin Q of a Gaussian matrix): a true projection.
+        Orthonormal => "orthonormal",
+        /// Gaussian entries scaled by 1/√r (APOLLO's sketch). Not a projection: only for the
+        /// `scaled-gradient` rule, which uses the sketch to measure scales.
+        Gaussian => "gaussian",
+    }
+);
+
+named_enum!(
+    /// Over what the norm-ratio scales of the scaled state-free rules are measured.
+    ScaleGranularity, "scale granularity", default = Channel, {
+        /// One scale per channel: per row when the columns are projected, per column when the
+        /// rows are (Fira, APOLLO).
+        Channel => "channel",
+        /// One scale for the whole tensor (APOLLO-Mini).
+        Tensor => "tensor",
     }
 );
 
@@ -196,12 +235,22 @@ pub enum Projection {
     Svd {
         #[serde(default)]
         proj_side: ProjSide,
+        #[serde(default)]
+        svd_solver: SvdSolver,
+        /// Randomized solver: sketch columns beyond the rank.
+        #[serde(default = "default_oversample")]
+        oversample: usize,
+        /// Randomized solver: power iterations.
+        #[serde(default = "default_power_iters")]
+        power_iters: usize,
     },
-    /// Random semi-orthogonal matrix (QR of a Gaussian).
+    /// Random matrix (QR of a Gaussian, or the Gaussian itself).
     #[serde(rename = "random")]
     Random {
         #[serde(default)]
         proj_side: ProjSide,
+        #[serde(default)]
+        random_basis: RandomBasis,
     },
     /// Random rows or columns: a slice of a permutation matrix.
     #[serde(rename = "randperm")]
@@ -225,14 +274,35 @@ pub enum Projection {
     },
 }
 
+/// Sketch columns beyond the rank of the randomized SVD.
+const OVERSAMPLE: usize = 8;
+/// Power iterations of the randomized SVD: none, since each refresh starts from the previous
+/// basis and so continues a subspace iteration across refreshes.
+const POWER_ITERS: usize = 0;
+
+fn default_oversample() -> usize {
+    OVERSAMPLE
+}
+
+fn default_power_iters() -> usize {
+    POWER_ITERS
+}
+
 impl Projection {
+    /// The SVD projection with its default settings (exact solver).
+    pub const SVD: Projection = Projection::Svd {
+        proj_side: ProjSide::Std,
+        svd_solver: SvdSolver::Exact,
+        oversample: OVERSAMPLE,
+        power_iters: POWER_ITERS,
+    };
+
     /// Every projection with its default settings.
     pub const ALL: [Projection; 5] = [
-        Projection::Svd {
-            proj_side: ProjSide::Std,
-        },
+        Projection::SVD,
         Projection::Random {
             proj_side: ProjSide::Std,
+            random_basis: RandomBasis::Orthonormal,
         },
         Projection::RandPerm {
             proj_side: OneSide::Std,
@@ -305,6 +375,10 @@ pub struct OptimizerConfig {
     pub projection: Projection,
     /// Density ρ ∈ [0, 1]: the share of each projectable weight (or of blocks) that keeps state.
     pub density: f64,
+    /// Matrix projections (svd, random): a fixed rank r (at most the side's dimension) instead of
+    /// round(ρ·dimension); 0 uses the density.
+    #[serde(default)]
+    pub rank: usize,
     /// Update gap T: the subspace is re-chosen every T steps.
     pub update_gap: usize,
     /// Zero the state-full statistics (and restart bias correction) when the subspace changes.
@@ -317,6 +391,13 @@ pub struct OptimizerConfig {
     pub proj_lr_scale: f64,
     /// Additional learning-rate scale of the state-free part (1.0 pre-training, 0.1 fine-tuning).
     pub state_free_lr_scale: f64,
+    /// Scaled state-free rules: one scale per channel or per tensor.
+    #[serde(default)]
+    pub scale_granularity: ScaleGranularity,
+    /// Scaled state-free rules: the norm-growth limiter γ. The scaled update's norm may grow by at
+    /// most this factor per step; 0 turns the limiter off.
+    #[serde(default = "default_norm_growth_limit")]
+    pub norm_growth_limit: f64,
     /// Regex of parameters that may be projected; with `state_full_modules`, overrides the roles
     /// of the caller's labels. Empty: the labels decide.
     #[serde(default)]
@@ -337,7 +418,7 @@ pub struct OptimizerConfig {
     pub check_finite: bool,
 }
 
-/// Names of the presets, in the order of the paper's tables.
+/// Names of the presets: the paper's tables, then the relatives of the state-free idea.
 pub const PRESETS: &[&str] = &[
     "adamw",
     "frugal",
@@ -346,7 +427,17 @@ pub const PRESETS: &[&str] = &[
     "badam",
     "signsgd",
     "sgd",
+    "fira",
+    "apollo",
+    "apollo-mini",
 ];
+
+/// Fira's norm-growth limiter γ: the scaled update's norm grows by at most 1% per step.
+const NORM_GROWTH_LIMIT: f64 = 1.01;
+
+fn default_norm_growth_limit() -> f64 {
+    NORM_GROWTH_LIMIT
+}
 
 impl Default for OptimizerConfig {
     fn default() -> Self {
@@ -418,12 +509,15 @@ impl OptimizerConfig {
                 block_unit: BlockUnit::Tensor,
             },
             density: 0.25,
+            rank: 0,
             update_gap: 200,
             reset: true,
             state_full: StateFullRule::AdamW,
             state_free: StateFreeRule::SignSgd,
             proj_lr_scale: 1.0,
             state_free_lr_scale: 1.0,
+            scale_granularity: ScaleGranularity::Channel,
+            norm_growth_limit: NORM_GROWTH_LIMIT,
             projectable_modules: String::new(),
             state_full_modules: String::new(),
             decay_mask: DecayMask::All,
@@ -431,8 +525,10 @@ impl OptimizerConfig {
             seed: 0,
             check_finite: true,
         };
-        let svd = Projection::Svd {
+        let svd = Projection::SVD;
+        let gaussian = Projection::Random {
             proj_side: ProjSide::Std,
+            random_basis: RandomBasis::Gaussian,
         };
         match name {
             "frugal" => {}
@@ -447,6 +543,29 @@ impl OptimizerConfig {
                 c.state_free = StateFreeRule::None;
                 c.proj_lr_scale = 0.25;
                 c.lr = 1e-2;
+            }
+            "fira" => {
+                // GaLore with the residual scaled instead of dropped. GaLore's scale α = 0.25
+                // applies to the subspace's update only: the residual's rate is lr·α·(1/α).
+                c.projection = svd;
+                c.reset = false;
+                c.state_free = StateFreeRule::ScaledResidual;
+                c.proj_lr_scale = 0.25;
+                c.state_free_lr_scale = 4.0;
+                c.lr = 1e-2;
+            }
+            "apollo" | "apollo-mini" => {
+                // The gradient scaled channel-wise by a rank-ρ·n Gaussian sketch's Adam ratio;
+                // Mini: rank 1, one scale per tensor, scale 128 (its step is lr·√128).
+                c.projection = gaussian;
+                c.reset = false;
+                c.state_free = StateFreeRule::ScaledGradient;
+                c.lr = 1e-2;
+                if name == "apollo-mini" {
+                    c.rank = 1;
+                    c.scale_granularity = ScaleGranularity::Tensor;
+                    c.state_free_lr_scale = 128f64.sqrt();
+                }
             }
             "badam" => {
                 c.projection = Projection::Blocks {
@@ -553,6 +672,14 @@ impl OptimizerConfig {
         Ok(())
     }
 
+    /// How many vectors the matrix projections keep (density or fixed rank).
+    pub fn rank_rule(&self) -> crate::projection::RankRule {
+        crate::projection::RankRule {
+            density: self.density,
+            rank: self.rank,
+        }
+    }
+
     /// The blockwise projection's order and unit, if that is the projection.
     pub fn blocks(&self) -> Option<(BlockOrder, BlockUnit)> {
         match self.projection {
@@ -598,6 +725,69 @@ impl OptimizerConfig {
                 ));
             }
         }
+        let limit = self.norm_growth_limit;
+        if !(limit == 0.0 || (limit.is_finite() && limit >= 1.0)) {
+            return Err(Error::setting(
+                "norm_growth_limit",
+                format!("{limit} must be 0 (off) or a finite number ≥ 1"),
+            ));
+        }
+        let matrix = matches!(
+            self.projection,
+            Projection::Svd { .. } | Projection::Random { .. }
+        );
+        if self.rank > 0 && !matrix {
+            return Err(Error::setting(
+                "rank",
+                format!(
+                    "a fixed rank needs projection svd or random, not `{}` (set density instead)",
+                    self.projection.name()
+                ),
+            ));
+        }
+        let scaled = matches!(
+            self.state_free,
+            StateFreeRule::ScaledResidual | StateFreeRule::ScaledGradient
+        );
+        if scaled && !matrix {
+            return Err(Error::setting(
+                "state_free",
+                format!(
+                    "`{}` measures its scales in a matrix subspace: use projection svd or random",
+                    self.state_free
+                ),
+            ));
+        }
+        if let Projection::Random {
+            random_basis: RandomBasis::Gaussian,
+            ..
+        } = self.projection
+        {
+            if self.state_free != StateFreeRule::ScaledGradient {
+                return Err(Error::setting(
+                    "random_basis",
+                    "a Gaussian sketch is not a projection, so it has no residual: use it with \
+                     state_free=scaled-gradient, or random_basis=orthonormal",
+                ));
+            }
+        }
+        let full_side = matches!(
+            self.projection,
+            Projection::Svd {
+                proj_side: ProjSide::Full,
+                ..
+            } | Projection::Random {
+                proj_side: ProjSide::Full,
+                ..
+            }
+        );
+        if scaled && full_side && self.scale_granularity == ScaleGranularity::Channel {
+            return Err(Error::setting(
+                "scale_granularity",
+                "with proj_side=full both sides are projected, so there are no channels: use \
+                 scale_granularity=tensor or another side",
+            ));
+        }
         Ok(())
     }
 }
@@ -628,12 +818,7 @@ mod tests {
     fn specs_parse_and_reject() {
         let c = OptimizerConfig::parse_spec("frugal:density=0.125,projection=svd").unwrap();
         assert_eq!(c.density, 0.125);
-        assert_eq!(
-            c.projection,
-            Projection::Svd {
-                proj_side: ProjSide::Std
-            }
-        );
+        assert_eq!(c.projection, Projection::SVD);
         let c = OptimizerConfig::parse_spec("galore").unwrap();
         assert!(!c.reset && c.state_free == StateFreeRule::None && c.proj_lr_scale == 0.25);
         assert!(matches!(
@@ -676,7 +861,8 @@ mod tests {
         assert_eq!(
             c.projection,
             Projection::Random {
-                proj_side: ProjSide::Left
+                proj_side: ProjSide::Left,
+                random_basis: RandomBasis::Orthonormal,
             }
         );
         assert!(c.nesterov && !c.check_finite && c.seed == 7);

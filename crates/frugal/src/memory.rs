@@ -77,15 +77,18 @@ fn planned(config: &OptimizerConfig, info: &ParamInfo, active_block: bool) -> St
                 (_, r) => coords(r, n, m),
             }
         }
-        Projection::Svd { proj_side } | Projection::Random { proj_side } => {
-            let (l, r) = matrix_ranks(proj_side, m, n, config.density);
+        Projection::Svd { proj_side, .. } | Projection::Random { proj_side, .. } => {
+            let (l, r) = matrix_ranks(proj_side, m, n, config.rank_rule());
             if l == Some(0) || r == Some(0) {
                 return StateBytes::default();
             }
             let rows = l.unwrap_or(m);
             let cols = r.unwrap_or(n);
+            // The norm-growth limiter keeps one number per tensor.
+            let limiter = crate::rules::scaled::scales_residual(config.state_free).is_some()
+                && config.norm_growth_limit > 0.0;
             StateBytes {
-                moments: moments(rows * cols),
+                moments: moments(rows * cols) + if limiter { 4 } else { 0 },
                 projections: 4 * (l.map_or(0, |l| l * m) + r.map_or(0, |r| r * n)),
                 indices: 0,
             }

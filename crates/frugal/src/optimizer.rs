@@ -6,14 +6,16 @@ use crate::error::{Error, Result};
 use crate::kernels::cpu as kernels;
 use crate::labels::{resolve, Param, ParamInfo, Role};
 use crate::memory::StateBytes;
-use crate::projection::{self, assign_blocks, BlockSchedule, Subspace};
+use crate::projection::{self, assign_blocks, BlockSchedule, Subspace, TensorSplit, Workspace};
+use crate::rules::scaled::{self, Scaled};
 use crate::rules::{moment_slots, Free, Full};
 use crate::with_rules;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
-use rand::SeedableRng;
+use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 /// Per-parameter optimizer state.
 pub(crate) struct Slot {
@@ -28,6 +30,8 @@ pub(crate) struct Slot {
     pub t: u64,
     /// Block id for the blockwise projection.
     pub block: Option<usize>,
+    /// Scaled state-free rules: the norm-growth limiter's record of the last scaled update's norm.
+    pub scaled_norm: Option<f32>,
 }
 
 /// Read-only view of one parameter's optimizer state.
@@ -42,24 +46,6 @@ pub struct ParamStateView<'a> {
     pub v: &'a [f32],
     /// Steps since the last reset.
     pub t: u64,
-}
-
-/// Reusable buffers of the matrix projections (not optimizer state: sized by the largest tensor).
-#[derive(Default)]
-struct Workspace {
-    low: Vec<f32>,
-    up_u: Vec<f32>,
-    projected_g: Vec<f32>,
-    tmp: Vec<f32>,
-}
-
-impl Workspace {
-    fn bytes(&self) -> usize {
-        4 * (self.low.capacity()
-            + self.up_u.capacity()
-            + self.projected_g.capacity()
-            + self.tmp.capacity())
-    }
 }
 
 /// FRUGAL and its baselines (AdamW, GaLore, BAdam, signSGD, SGD) as one configurable optimizer.
@@ -137,6 +123,7 @@ impl Frugal {
                 v: Vec::new(),
                 t: 0,
                 block,
+                scaled_norm: None,
                 info,
             })
             .collect();
@@ -241,6 +228,7 @@ impl Frugal {
         let mut b = StateBytes::default();
         for s in &self.slots {
             b.moments += 4 * (s.m.capacity() + s.v.capacity());
+            b.moments += if s.scaled_norm.is_some() { 4 } else { 0 };
             b.projections += s.subspace.projection_bytes();
             b.indices += s.subspace.index_bytes();
         }
@@ -311,15 +299,43 @@ impl Frugal {
                 }
             }
         } else if let Some(split) = self.config.projection.per_tensor() {
-            for (i, g) in work {
-                let slot = &mut self.slots[*i];
-                if slot.info.role != Role::Projectable {
-                    continue;
+            let ranks = self.config.rank_rule();
+            let projectable: Vec<&(usize, Tensor)> = work
+                .iter()
+                .filter(|(i, _)| self.slots[*i].info.role == Role::Projectable)
+                .collect();
+            let choose = |(i, g): &(usize, Tensor), rng: &mut ChaCha8Rng| {
+                let slot = &self.slots[*i];
+                kernels::with_slice(&slot.info.name, g, |g| {
+                    projection::choose(split, ranks, &slot.info, g, &slot.subspace, rng)
+                })?
+            };
+            let chosen: Vec<Subspace> = match split {
+                // SVDs are independent per tensor: run them in parallel. The randomized solver
+                // draws from a generator per tensor, seeded in tensor order.
+                TensorSplit::Svd(_, sketch) => {
+                    let seeds: Vec<u64> = projectable
+                        .iter()
+                        .map(|_| sketch.map_or(0, |_| self.rng.next_u64()))
+                        .collect();
+                    projectable
+                        .par_iter()
+                        .zip(seeds)
+                        .map(|(item, seed)| choose(item, &mut ChaCha8Rng::seed_from_u64(seed)))
+                        .collect::<Result<_>>()?
                 }
-                let density = self.config.density;
-                let mut sub = kernels::with_slice(&slot.info.name, g, |g| {
-                    projection::choose(split, density, &slot.info, g, &mut self.rng)
-                })??;
+                _ => {
+                    let mut rng = self.rng.clone();
+                    let chosen = projectable
+                        .iter()
+                        .map(|item| choose(item, &mut rng))
+                        .collect::<Result<_>>()?;
+                    self.rng = rng;
+                    chosen
+                }
+            };
+            for ((i, _), mut sub) in projectable.into_iter().zip(chosen) {
+                let slot = &mut self.slots[*i];
                 let same_len =
                     sub.state_len(slot.info.numel()) == slot.subspace.state_len(slot.info.numel());
                 let keep =
@@ -372,9 +388,36 @@ impl Frugal {
             subspace,
             m,
             v,
+            scaled_norm,
+            t,
             ..
         } = slot;
         let ws = &mut self.workspace;
+        if let (Some(residual), Subspace::Basis(basis)) =
+            (scaled::scales_residual(config.state_free), &*subspace)
+        {
+            let settings = Scaled {
+                residual,
+                granularity: config.scale_granularity,
+                gamma: config.norm_growth_limit,
+                lr_full: lr_full as f32,
+                lr_free: lr_free as f32,
+                keep,
+            };
+            let unit = Full::new(config, 1.0, *t);
+            return kernels::with_weight_and_grad(&info.name, var.as_tensor(), g, |w, g| {
+                with_rules!(unit, free, |r, _f| scaled::step(
+                    settings,
+                    basis,
+                    (w, g),
+                    (m, v),
+                    r,
+                    scaled_norm,
+                    ws
+                ));
+                Ok(())
+            });
+        }
         kernels::with_weight_and_grad(&info.name, var.as_tensor(), g, |w, g| {
             with_rules!(full, free, |r, f| match subspace {
                 Subspace::All => kernels::dense_full(w, g, m, v, r, keep),

@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use faer::MatRef;
 use frugal::config::{CoordinateAxis, ProjSide};
-use frugal::projection::{coordinate_count, matrix_ranks, Basis};
+use frugal::projection::{coordinate_count, matrix_ranks, Basis, RankRule, Sketch};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -29,7 +29,7 @@ fn matrix_projections_are_idempotent_with_orthogonal_residual() {
     for (m, n) in [(24, 10), (10, 24)] {
         let g = randn(m * n, 1.0, &mut rng);
         for side in [ProjSide::Std, ProjSide::ReverseStd, ProjSide::Full] {
-            let (l, r) = matrix_ranks(side, m, n, 0.3);
+            let (l, r) = matrix_ranks(side, m, n, RankRule::from_density(0.3));
             for basis in [
                 Basis::svd(&g, m, n, l, r, "g").unwrap(),
                 Basis::random(m, n, l, r, &mut rng),
@@ -76,29 +76,101 @@ fn svd_subspace_holds_the_top_singular_energy() {
     }
 }
 
+/// An m×n matrix with singular values decaying like 0.7^i (plus a little noise).
+fn decaying(m: usize, n: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    let mut g = randn(m * n, 1e-3, rng);
+    for i in 0..m.min(n) {
+        let (x, y) = (randn(m, 1.0, rng), randn(n, 1.0, rng));
+        let s = 0.7f32.powi(i as i32);
+        for a in 0..m {
+            for b in 0..n {
+                g[a * n + b] += s * x[a] * y[b];
+            }
+        }
+    }
+    g
+}
+
+#[test]
+fn randomized_svd_captures_the_top_subspace() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (m, n, r) = (60, 40, 6);
+    let g = decaying(m, n, &mut rng);
+    let sketch = |oversample, power_iters| Sketch {
+        oversample,
+        power_iters,
+    };
+    for (l, rr) in [(None, Some(r)), (Some(r), None), (Some(r), Some(r))] {
+        let exact = Basis::svd(&g, m, n, l, rr, "g").unwrap();
+        let top = exact.captured_energy(&g);
+        // Cold start: a Gaussian sketch with oversampling and one power iteration.
+        let cold =
+            Basis::randomized_svd(&g, (m, n), (l, rr), sketch(8, 1), None, &mut rng, "g").unwrap();
+        let e = cold.captured_energy(&g);
+        assert!(
+            e >= 0.99 * top && e <= top * (1.0 + 1e-4),
+            "{l:?} {rr:?}: {e} vs {top}"
+        );
+        // Orthonormal factors: projecting twice changes nothing.
+        let (_, p) = project(&cold, &g);
+        let (_, pp) = project(&cold, &p);
+        let diff = p
+            .iter()
+            .zip(&pp)
+            .fold(0f32, |d, (a, b)| d.max((a - b).abs()));
+        assert!(diff < 1e-4, "{l:?} {rr:?}: P(P(G)) ≠ P(G) by {diff}");
+        // Started from the exact basis, one pass without extras reproduces it.
+        let warm = Basis::randomized_svd(
+            &g,
+            (m, n),
+            (l, rr),
+            sketch(0, 0),
+            Some(&exact),
+            &mut rng,
+            "g",
+        )
+        .unwrap();
+        let e = warm.captured_energy(&g);
+        assert!(
+            (e - top).abs() <= 1e-4 * top,
+            "{l:?} {rr:?}: warm {e} vs {top}"
+        );
+        // Without oversampling, power iterations or a warm start it captures less.
+        let bare =
+            Basis::randomized_svd(&g, (m, n), (l, rr), sketch(0, 0), None, &mut rng, "g").unwrap();
+        assert!(bare.captured_energy(&g) < 0.999 * top);
+    }
+}
+
 #[test]
 fn ranks_and_counts_follow_the_rounding_rules() {
     // SVD ranks: Python round (half to even) of dim·ρ on the reduced side.
     assert_eq!(
-        matrix_ranks(ProjSide::Std, 512, 512, 0.25),
+        matrix_ranks(ProjSide::Std, 512, 512, RankRule::from_density(0.25)),
         (None, Some(128))
     );
     assert_eq!(
-        matrix_ranks(ProjSide::Std, 1376, 512, 0.25),
+        matrix_ranks(ProjSide::Std, 1376, 512, RankRule::from_density(0.25)),
         (None, Some(128))
     );
     assert_eq!(
-        matrix_ranks(ProjSide::Std, 512, 1376, 0.25),
+        matrix_ranks(ProjSide::Std, 512, 1376, RankRule::from_density(0.25)),
         (Some(128), None)
     );
-    assert_eq!(matrix_ranks(ProjSide::Std, 10, 6, 0.25), (None, Some(2))); // 1.5 → 2
-    assert_eq!(matrix_ranks(ProjSide::Std, 10, 10, 0.25), (None, Some(2))); // 2.5 → 2
     assert_eq!(
-        matrix_ranks(ProjSide::ReverseStd, 10, 6, 0.25),
+        matrix_ranks(ProjSide::Std, 10, 6, RankRule::from_density(0.25)),
+        (None, Some(2))
+    ); // 1.5 → 2
+    assert_eq!(
+        matrix_ranks(ProjSide::Std, 10, 10, RankRule::from_density(0.25)),
+        (None, Some(2))
+    ); // 2.5 → 2
+    assert_eq!(
+        matrix_ranks(ProjSide::ReverseStd, 10, 6, RankRule::from_density(0.25)),
         (Some(2), None)
     ); // 2.5 → 2
     assert_eq!(
-        matrix_ranks(ProjSide::Full, 14, 6, 0.25),
+        matrix_ranks(ProjSide::Full, 14, 6, RankRule::from_density(0.25)),
         (Some(4), Some(2))
     ); // 3.5 → 4
        // Coordinates: int(N·ρ).

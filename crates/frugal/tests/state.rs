@@ -172,6 +172,32 @@ fn state_bytes_match_closed_forms_at_60m() {
         ),
         ("signsgd", StateBytes::default()),
         ("sgd", StateBytes::default()),
+        // Fira and APOLLO: GaLore's shapes plus the limiter's one number per projected tensor.
+        (
+            "fira",
+            StateBytes {
+                moments: 8 * non_projectable + 8 * svd_moments + 4 * 56,
+                projections: 8 * svd_basis,
+                indices: 0,
+            },
+        ),
+        (
+            "apollo",
+            StateBytes {
+                moments: 8 * non_projectable + 8 * svd_moments + 4 * 56,
+                projections: 8 * svd_basis,
+                indices: 0,
+            },
+        ),
+        // Rank 1: moments of 512 (q,k,v,o), 1376 (gate, up, down) values; bases of 512.
+        (
+            "apollo-mini",
+            StateBytes {
+                moments: 8 * non_projectable + 8 * 8 * (4 * h + 3 * i) + 4 * 56,
+                projections: 8 * 4 * 7 * h,
+                indices: 0,
+            },
+        ),
     ];
     let shapes = llama_60m();
     assert_eq!(
@@ -209,10 +235,15 @@ fn state_bytes_match_closed_forms_at_60m() {
     for (_, v) in &vars {
         store.insert(v.as_tensor(), v.as_tensor().ones_like().unwrap());
     }
-    for (spec, want) in expect
-        .iter()
-        .filter(|(s, _)| ["adamw", "frugal", "frugal:projection=columns"].contains(s))
-    {
+    for (spec, want) in expect.iter().filter(|(s, _)| {
+        [
+            "adamw",
+            "frugal",
+            "frugal:projection=columns",
+            "apollo-mini",
+        ]
+        .contains(s)
+    }) {
         let mut opt = Frugal::from_named(vars.clone(), config(spec)).unwrap();
         opt.step_grads(&store).unwrap();
         assert_eq!(opt.state_bytes(), *want, "held by {spec}");
@@ -230,6 +261,9 @@ fn resumed_run_is_bit_identical() {
         "galore:update_gap=2",
         "galore:update_gap=2,moment_transfer=project",
         "frugal:state_full=lion,projection=columns,update_gap=2",
+        "frugal-svd:svd_solver=randomized,update_gap=2",
+        "fira:update_gap=2",
+        "apollo:update_gap=2",
     ] {
         let vars = named_vars(LLAMA_LIKE, 7);
         let cfg = config(spec);

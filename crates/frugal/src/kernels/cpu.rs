@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::projection::{Axis, Selection};
+use crate::rules::scaled::Channels;
 use crate::rules::{FreeRule, FullRule};
 use candle_core::{CpuStorage, InplaceOp2, Layout, Storage, Tensor};
 use rayon::prelude::*;
@@ -292,4 +293,48 @@ pub fn projected<F: FreeRule>(
                 }
             });
     }
+}
+
+/// Scaled split: w ← keep·w + u + c·(g − p), with c the coefficient of the element's channel
+/// (`coefficients` holds one per row, per column, or one). `up_u` (u) and `projected_g` (p) may
+/// be empty (zero). Work is split into chunks of whole rows of length `n`.
+#[allow(clippy::too_many_arguments)]
+pub fn scaled(
+    w: &mut [f32],
+    g: &[f32],
+    up_u: &[f32],
+    projected_g: &[f32],
+    coefficients: &[f32],
+    ch: Channels,
+    n: usize,
+    keep: f32,
+) {
+    let step = n * (CHUNK / n.max(1)).max(1);
+    let (with_u, with_p) = (!up_u.is_empty(), !projected_g.is_empty());
+    w.par_chunks_mut(step)
+        .zip(g.par_chunks(step))
+        .enumerate()
+        .for_each(|(c, (w, g))| {
+            let start = c * step;
+            for (r, (w, g)) in w.chunks_mut(n).zip(g.chunks(n)).enumerate() {
+                let at = start + r * n;
+                let row = at / n;
+                let u = if with_u { &up_u[at..at + n] } else { &[][..] };
+                let p = if with_p {
+                    &projected_g[at..at + n]
+                } else {
+                    &[][..]
+                };
+                for j in 0..n {
+                    let coefficient = match ch {
+                        Channels::Rows => coefficients[row],
+                        Channels::Columns => coefficients[j],
+                        Channels::Tensor => coefficients[0],
+                    };
+                    let residual = if with_p { g[j] - p[j] } else { g[j] };
+                    let update = if with_u { u[j] } else { 0.0 };
+                    w[j] = w[j] * keep + update + coefficient * residual;
+                }
+            }
+        });
 }

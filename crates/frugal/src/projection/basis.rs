@@ -1,6 +1,8 @@
 //! Matrix subspaces: orthonormal factors A (m×r, left) and/or B (r×n, right), from the SVD of the
-//! gradient or from the QR of a Gaussian matrix. Linear algebra comes from faer.
+//! gradient (exact or randomized) or from the QR of a Gaussian matrix; or a Gaussian sketch.
+//! Linear algebra comes from faer.
 
+use super::randomized::{top_singular_vectors, Sketch};
 use crate::error::{Error, Result};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
@@ -90,6 +92,80 @@ impl Basis {
         let left = r_left.map(|r| (to_row_major(q(m, r).as_ref()), r));
         let right = r_right.map(|r| (to_row_major(q(n, r).as_ref().transpose()), r));
         Basis { m, n, left, right }
+    }
+
+    /// An approximate top singular subspace of `g` (m×n) by [`top_singular_vectors`], started from
+    /// `warm` (the previous basis of the same matrix, if any): on the right (or both sides) from
+    /// its right vectors, on the left alone from its left vectors, by sketching Gᵀ.
+    pub fn randomized_svd(
+        g: &[f32],
+        (m, n): (usize, usize),
+        (r_left, r_right): (Option<usize>, Option<usize>),
+        sketch: Sketch,
+        warm: Option<&Basis>,
+        rng: &mut impl Rng,
+        name: &str,
+    ) -> Result<Self> {
+        // A matrix the sketch cannot factor (all zero, or nearly rank one) gets the exact SVD.
+        let failed = || Basis::svd(g, m, n, r_left, r_right, name);
+        let warm = warm.filter(|w| (w.m, w.n) == (m, n));
+        let left_only = r_right.is_none();
+        let k = r_left.unwrap_or(0).max(r_right.unwrap_or(0));
+        let (u, v) = if left_only {
+            // The left vectors of G are the right vectors of Gᵀ.
+            let start = warm.and_then(|w| w.left.as_ref().map(|(a, r)| view(a, m, *r)));
+            let t = view(g, m, n).transpose();
+            let Some((_, u)) = top_singular_vectors(t, k, false, sketch, start, rng) else {
+                return failed();
+            };
+            (Some(u), None)
+        } else {
+            let start =
+                warm.and_then(|w| w.right.as_ref().map(|(b, r)| view(b, *r, n).transpose()));
+            let Some((u, v)) =
+                top_singular_vectors(view(g, m, n), k, r_left.is_some(), sketch, start, rng)
+            else {
+                return failed();
+            };
+            (u, Some(v))
+        };
+        let left = r_left
+            .zip(u)
+            .map(|(r, u)| (to_row_major(u.subcols(0, r)), r));
+        let right = r_right
+            .zip(v)
+            .map(|(r, v)| (to_row_major(v.subcols(0, r).transpose()), r));
+        Ok(Basis { m, n, left, right })
+    }
+
+    /// A Gaussian sketch of the same shapes with entries N(0, 1/r) (APOLLO's random projection):
+    /// norms are preserved in expectation, but the factors are not orthonormal.
+    pub fn gaussian(
+        m: usize,
+        n: usize,
+        r_left: Option<usize>,
+        r_right: Option<usize>,
+        rng: &mut impl Rng,
+    ) -> Self {
+        let mut draw = |len: usize, r: usize| -> (Vec<f32>, usize) {
+            let scale = 1.0 / (r as f32).sqrt();
+            let values = (0..len)
+                .map(|_| rng.sample::<f32, _>(StandardNormal) * scale)
+                .collect();
+            (values, r)
+        };
+        let left = r_left.map(|r| draw(m * r, r));
+        let right = r_right.map(|r| draw(r * n, r));
+        Basis { m, n, left, right }
+    }
+
+    /// The gradient energy this basis captures, ‖down(G)‖² (for an orthonormal basis, the part of
+    /// ‖G‖² inside the subspace).
+    pub fn captured_energy(&self, g: &[f32]) -> f64 {
+        let (rows, cols) = self.low_shape();
+        let mut low = vec![0f32; rows * cols];
+        self.down(g, &mut low, &mut Vec::new());
+        low.iter().map(|&x| x as f64 * x as f64).sum()
     }
 
     /// Flips each vector of this basis whose dot product with the matching vector of `old` is

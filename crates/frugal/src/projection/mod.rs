@@ -3,16 +3,44 @@
 
 pub mod basis;
 pub mod blocks;
+pub mod randomized;
 pub mod selection;
 
 pub use basis::Basis;
 pub use blocks::{assign_blocks, BlockSchedule};
+pub use randomized::Sketch;
 pub use selection::{Axis, Selection};
 
-use crate::config::{round_half_even, CoordinateAxis, OneSide, ProjSide, Projection};
+use crate::config::{
+    round_half_even, CoordinateAxis, OneSide, ProjSide, Projection, RandomBasis, SvdSolver,
+};
 use crate::error::Result;
 use crate::labels::ParamInfo;
 use rand::Rng;
+
+/// Reusable scratch buffers of the matrix projections (not optimizer state: sized by the largest
+/// tensor, kept between steps only to avoid re-allocation).
+#[derive(Default)]
+pub struct Workspace {
+    /// down(G), then the low-rank update.
+    pub low: Vec<f32>,
+    /// up(low-rank update).
+    pub up_u: Vec<f32>,
+    /// up(down(G)).
+    pub projected_g: Vec<f32>,
+    /// Intermediate of two-sided bases.
+    pub tmp: Vec<f32>,
+}
+
+impl Workspace {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        4 * (self.low.capacity()
+            + self.up_u.capacity()
+            + self.projected_g.capacity()
+            + self.tmp.capacity())
+    }
+}
 
 /// The current subspace of one parameter.
 #[derive(Clone, Debug, PartialEq)]
@@ -58,15 +86,39 @@ impl Subspace {
     }
 }
 
+/// How many basis vectors a matrix projection keeps on a side of dimension `dim`: round(dim·ρ),
+/// or the fixed `rank` (at most `dim`) when it is set.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RankRule {
+    pub density: f64,
+    /// Fixed rank; 0 uses the density.
+    pub rank: usize,
+}
+
+impl RankRule {
+    /// round(dim·ρ) on every side.
+    pub fn from_density(density: f64) -> Self {
+        RankRule { density, rank: 0 }
+    }
+
+    fn of(self, dim: usize) -> usize {
+        if self.rank > 0 {
+            self.rank.min(dim)
+        } else {
+            round_half_even(dim as f64 * self.density)
+        }
+    }
+}
+
 /// Ranks (left, right) of a matrix projection of an m×n matrix.
 pub fn matrix_ranks(
     side: ProjSide,
     m: usize,
     n: usize,
-    density: f64,
+    ranks: RankRule,
 ) -> (Option<usize>, Option<usize>) {
-    let left = || Some(round_half_even(m as f64 * density));
-    let right = || Some(round_half_even(n as f64 * density));
+    let left = || Some(ranks.of(m));
+    let right = || Some(ranks.of(n));
     match side {
         ProjSide::Std if m >= n => (None, right()),
         ProjSide::Std => (left(), None),
@@ -111,10 +163,10 @@ fn random_selection(axis: Axis, count: usize, m: usize, n: usize, rng: &mut impl
 /// are scheduled for all tensors at once by [`BlockSchedule`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TensorSplit {
-    /// Top singular subspace of the gradient.
-    Svd(ProjSide),
-    /// Random semi-orthogonal factors.
-    Random(ProjSide),
+    /// Top singular subspace of the gradient, exact or randomized.
+    Svd(ProjSide, Option<Sketch>),
+    /// Random factors, semi-orthogonal or Gaussian.
+    Random(ProjSide, RandomBasis),
     /// Random rows or columns.
     RandPerm(OneSide),
     /// Random columns, rows or entries.
@@ -125,8 +177,22 @@ impl Projection {
     /// The per-tensor form of this projection; `None` for blocks.
     pub fn per_tensor(&self) -> Option<TensorSplit> {
         match *self {
-            Projection::Svd { proj_side } => Some(TensorSplit::Svd(proj_side)),
-            Projection::Random { proj_side } => Some(TensorSplit::Random(proj_side)),
+            Projection::Svd {
+                proj_side,
+                svd_solver,
+                oversample,
+                power_iters,
+            } => Some(TensorSplit::Svd(
+                proj_side,
+                (svd_solver == SvdSolver::Randomized).then_some(Sketch {
+                    oversample,
+                    power_iters,
+                }),
+            )),
+            Projection::Random {
+                proj_side,
+                random_basis,
+            } => Some(TensorSplit::Random(proj_side, random_basis)),
             Projection::RandPerm { proj_side } => Some(TensorSplit::RandPerm(proj_side)),
             Projection::Coordinates { coordinates } => Some(TensorSplit::Coordinates(coordinates)),
             Projection::Blocks { .. } => None,
@@ -150,15 +216,18 @@ pub fn one_side_rank(side: OneSide, m: usize, n: usize, density: f64) -> (Axis, 
     }
 }
 
-/// Chooses a new subspace for one projectable tensor from its current gradient `g`.
+/// Chooses a new subspace for one projectable tensor from its current gradient `g`; `previous`
+/// is its current subspace (the randomized SVD starts from it).
 pub fn choose(
     split: TensorSplit,
-    density: f64,
+    ranks: RankRule,
     info: &ParamInfo,
     g: &[f32],
+    previous: &Subspace,
     rng: &mut impl Rng,
 ) -> Result<Subspace> {
     let (m, n) = info.matrix_dims();
+    let density = ranks.density;
     Ok(match split {
         TensorSplit::Coordinates(axis) => {
             let count = coordinate_count(axis, m, n, density);
@@ -173,15 +242,23 @@ pub fn choose(
             let (axis, count) = one_side_rank(side, m, n, density);
             random_selection(axis, count, m, n, rng)
         }
-        TensorSplit::Svd(side) | TensorSplit::Random(side) => {
-            let (l, r) = matrix_ranks(side, m, n, density);
+        TensorSplit::Svd(side, _) | TensorSplit::Random(side, _) => {
+            let (l, r) = matrix_ranks(side, m, n, ranks);
             if l == Some(0) || r == Some(0) {
-                Subspace::Nothing
-            } else if matches!(split, TensorSplit::Svd(_)) {
-                Subspace::Basis(Basis::svd(g, m, n, l, r, &info.name)?)
-            } else {
-                Subspace::Basis(Basis::random(m, n, l, r, rng))
+                return Ok(Subspace::Nothing);
             }
+            Subspace::Basis(match split {
+                TensorSplit::Svd(_, None) => Basis::svd(g, m, n, l, r, &info.name)?,
+                TensorSplit::Svd(_, Some(sketch)) => {
+                    let warm = match previous {
+                        Subspace::Basis(b) => Some(b),
+                        _ => None,
+                    };
+                    Basis::randomized_svd(g, (m, n), (l, r), sketch, warm, rng, &info.name)?
+                }
+                TensorSplit::Random(_, RandomBasis::Gaussian) => Basis::gaussian(m, n, l, r, rng),
+                _ => Basis::random(m, n, l, r, rng),
+            })
         }
     })
 }

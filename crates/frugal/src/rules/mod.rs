@@ -2,6 +2,7 @@
 //! (on the residual). Each rule is a small `Copy` value with its per-step coefficients folded in,
 //! so the fused kernels in [`crate::kernels`] are monomorphised per pair of rules.
 
+pub mod scaled;
 mod state_free;
 mod state_full;
 

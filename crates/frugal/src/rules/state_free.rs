@@ -66,7 +66,11 @@ impl Free {
         match kind {
             StateFreeRule::SignSgd => Free::Sign(SignFree { step }),
             StateFreeRule::Sgd => Free::Sgd(SgdFree { step }),
-            StateFreeRule::None => Free::None(NoUpdate),
+            // The scaled rules run in their own pass (see `rules::scaled`); where a tensor has no
+            // subspace to measure a scale in, its residual is left alone.
+            StateFreeRule::None | StateFreeRule::ScaledResidual | StateFreeRule::ScaledGradient => {
+                Free::None(NoUpdate)
+            }
         }
     }
 }

@@ -1,0 +1,165 @@
+//! Randomized top singular subspaces (Halko, Martinsson & Tropp, 2011) by subspace iteration
+//! started from the previous basis. Only two products per sweep, Y = A·X and Aᵀ·Y, touch the
+//! matrix's values; the rest works on the short side or on width×width matrices in f64, so a
+//! refresh costs about two matrix products per tensor.
+//!
+//! One sweep from X (q×w, orthonormal columns): Y = A·X; the eigenpairs (W, Λ) of YᵀY give an
+//! orthonormal basis Q = Y·W·Λ^(-1/2) of range(Y), keeping the directions f32 resolves
+//! (λ > 1e-6·λ₁: singular values above 0.1% of the largest); Z = Aᵀ·Q = Bᵀ for B = Qᵀ·A; the
+//! eigenpairs (W₂, Σ²) of ZᵀZ = B·Bᵀ give B's SVD, so V = Z·W₂·Σ⁻¹ and U = Q·W₂. Eigenvectors
+//! are well determined from Gram matrices even when the Grams are nearly singular, which a
+//! Cholesky factor is not. A last Cholesky QR of the kept vectors (nearly orthonormal already)
+//! removes f32 rounding.
+
+use faer::linalg::matmul::matmul;
+use faer::linalg::triangular_solve::solve_upper_triangular_in_place;
+use faer::{Accum, Mat, MatRef, Par, Side};
+use rand::Rng;
+use rand_distr::StandardNormal;
+
+/// Settings of the randomized refresh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sketch {
+    /// Extra columns sketched beyond the rank kept.
+    pub oversample: usize,
+    /// Extra sweeps (power iterations), each two more passes over the matrix.
+    pub power_iters: usize,
+}
+
+/// Eigenvalues below this share of the largest are f32 rounding, not signal.
+const RESOLVED: f64 = 1e-6;
+
+fn par(work: usize) -> Par {
+    if work > 1 << 18 {
+        Par::rayon(0)
+    } else {
+        Par::Seq
+    }
+}
+
+/// a·b as a new matrix.
+fn product(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Mat<f32> {
+    let mut out = Mat::<f32>::zeros(a.nrows(), b.ncols());
+    let work = a.nrows() * a.ncols() * b.ncols();
+    matmul(out.as_mut(), Accum::Replace, a, b, 1.0, par(work));
+    out
+}
+
+/// xᵀ·x, symmetrized, in f64.
+fn gram(x: MatRef<'_, f32>) -> Mat<f64> {
+    let g = product(x.transpose(), x);
+    Mat::from_fn(g.nrows(), g.ncols(), |i, j| {
+        0.5 * (g[(i, j)] as f64 + g[(j, i)] as f64)
+    })
+}
+
+fn to_f32(a: MatRef<'_, f64>) -> Mat<f32> {
+    Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)] as f32)
+}
+
+/// Eigenpairs of a symmetric matrix, largest first: (values, vectors as columns).
+fn eigen_descending(sym: &Mat<f64>) -> Option<(Vec<f64>, Mat<f64>)> {
+    let w = sym.nrows();
+    let eig = to_f32(sym.as_ref()).self_adjoint_eigen(Side::Lower).ok()?;
+    let values = (0..w).map(|j| eig.S()[w - 1 - j] as f64).collect();
+    let vectors = Mat::from_fn(w, w, |i, j| eig.U()[(i, w - 1 - j)] as f64);
+    Some((values, vectors))
+}
+
+/// x·R⁻¹ with RᵀR = xᵀx (Cholesky QR): orthonormal columns spanning those of a well-conditioned x.
+fn orthonormalize(x: Mat<f32>) -> Option<Mat<f32>> {
+    let l = gram(x.as_ref()).llt(Side::Lower).ok()?.L().to_owned();
+    let mut r_inv = Mat::<f64>::identity(l.nrows(), l.ncols());
+    solve_upper_triangular_in_place(l.transpose(), r_inv.as_mut(), Par::Seq);
+    Some(product(x.as_ref(), to_f32(r_inv.as_ref()).as_ref()))
+}
+
+/// The result of one sweep, largest singular value first.
+struct Sweep {
+    /// Right vectors V = Z·W₂·Σ⁻¹ of the resolved directions (q×w').
+    right: Mat<f32>,
+    /// Left vectors U = Q·W₂ of the resolved directions (p×w'), if asked for.
+    left: Option<Mat<f32>>,
+    /// Ritz vectors of span(X) (q×w, orthonormal): X·W.
+    ritz: Mat<f32>,
+}
+
+/// One sweep from orthonormal `x` (q×w).
+fn sweep(a: MatRef<'_, f32>, x: MatRef<'_, f32>, left: bool) -> Option<Sweep> {
+    let y = product(a, x);
+    let (lambda, w) = eigen_descending(&gram(y.as_ref()))?;
+    let resolved = lambda
+        .iter()
+        .take_while(|l| **l > RESOLVED * lambda[0] && lambda[0] > 0.0)
+        .count();
+    let ritz = product(x, to_f32(w.as_ref()).as_ref());
+    // Q = Y·T with T = W·Λ^(-1/2) over the resolved directions.
+    let t = Mat::from_fn(w.nrows(), resolved, |i, j| w[(i, j)] / lambda[j].sqrt());
+    let t = to_f32(t.as_ref());
+    let z = product(product(a.transpose(), y.as_ref()).as_ref(), t.as_ref());
+    let (sigma2, w2) = eigen_descending(&gram(z.as_ref()))?;
+    let kept = sigma2
+        .iter()
+        .take_while(|s| **s > RESOLVED * sigma2[0] && sigma2[0] > 0.0)
+        .count();
+    let v_of = Mat::from_fn(resolved, kept, |i, j| w2[(i, j)] / sigma2[j].sqrt());
+    let right = product(z.as_ref(), to_f32(v_of.as_ref()).as_ref());
+    let left = left.then(|| {
+        let u_of = to_f32(w2.as_ref().subcols(0, kept));
+        product(y.as_ref(), product(t.as_ref(), u_of.as_ref()).as_ref())
+    });
+    Some(Sweep { right, left, ritz })
+}
+
+/// `count` orthonormal columns: the first of `resolved` (as many as fit), then the columns of
+/// `filler` after the resolved count, re-orthonormalized together. Gradients often have fewer
+/// resolvable directions than the rank; the rest carry almost no energy, and any orthonormal
+/// completion serves.
+fn fill(resolved: Mat<f32>, filler: MatRef<'_, f32>, count: usize) -> Option<Mat<f32>> {
+    let have = resolved.ncols().min(count);
+    let rows = resolved.nrows();
+    let out = Mat::from_fn(rows, count, |i, j| {
+        if j < have {
+            resolved[(i, j)]
+        } else {
+            filler[(i, j)]
+        }
+    });
+    orthonormalize(out)
+}
+
+/// Approximate top-`k` singular vectors of `a` (p×q), in decreasing order of singular value,
+/// with orthonormal columns: U (p×k) if `left`, and V (q×k). `start` (q×c) seeds the first c
+/// directions (the previous right singular vectors); the others are Gaussian. Directions below
+/// f32 resolution are completed from the Ritz vectors of the start (right) and Gaussian vectors
+/// (left). `None` if a factorization fails (a zero or non-finite matrix): use the exact SVD.
+pub fn top_singular_vectors(
+    a: MatRef<'_, f32>,
+    k: usize,
+    left: bool,
+    sketch: Sketch,
+    start: Option<MatRef<'_, f32>>,
+    rng: &mut impl Rng,
+) -> Option<(Option<Mat<f32>>, Mat<f32>)> {
+    let (p, q) = (a.nrows(), a.ncols());
+    let width = (k + sketch.oversample).min(p).min(q).max(k);
+    let seeded = start.map_or(0, |s| s.ncols().min(width));
+    let mut gaussian = |rows: usize, cols: usize, from: Option<MatRef<'_, f32>>| {
+        Mat::<f32>::from_fn(rows, cols, |i, j| match from {
+            Some(s) if j < seeded => s[(i, j)],
+            _ => rng.sample(StandardNormal),
+        })
+    };
+    let mut x = orthonormalize(gaussian(q, width, start))?;
+    for _ in 0..sketch.power_iters {
+        let s = sweep(a, x.as_ref(), false)?;
+        x = fill(s.right, s.ritz.as_ref(), width)?;
+    }
+    let s = sweep(a, x.as_ref(), left)?;
+    let v = fill(s.right, s.ritz.as_ref(), k)?;
+    let u = match s.left {
+        Some(u) => Some(fill(u, gaussian(p, k, None).as_ref(), k)?),
+        None => None,
+    };
+    Some((u, v))
+}

@@ -66,13 +66,14 @@ fn memory(args: &cli::MemoryArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "model {} ({} parameters), optimizer {} (projection {}, density {}, state-full {}, state-free {}); MiB:",
+            "model {} ({} parameters), optimizer {} (projection {}, density {}, state-full {} with {} moments, state-free {}); MiB:",
             args.model,
             model.num_params(),
             opt.preset,
             opt.projection,
             opt.density,
             opt.state_full,
+            opt.moment_storage,
             opt.state_free
         );
         print!("{}", report.table());

@@ -128,16 +128,16 @@ fn main() -> Result<()> {
     for (label, settings) in [
         ("exact SVD (faer)", "svd_solver=exact"),
         (
+            "randomized p=8 q=1 (the default), warm",
+            "svd_solver=randomized",
+        ),
+        (
             "randomized p=8 q=0, warm",
             "svd_solver=randomized,power_iters=0",
         ),
         (
-            "randomized p=8 q=1, warm",
-            "svd_solver=randomized,power_iters=1",
-        ),
-        (
-            "randomized p=0 q=0, warm",
-            "svd_solver=randomized,power_iters=0,oversample=0",
+            "randomized p=16 q=2, warm",
+            "svd_solver=randomized,power_iters=2,oversample=16",
         ),
     ] {
         let spec = format!("frugal-svd:update_gap=2,{settings}");

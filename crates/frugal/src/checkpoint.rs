@@ -2,12 +2,13 @@
 //! random-number state) as one safetensors file whose header carries the JSON metadata. A resumed
 //! optimizer continues bit-for-bit like an uninterrupted one.
 
-use crate::config::OptimizerConfig;
+use crate::config::{MomentStorage, OptimizerConfig};
 use crate::error::{Error, Result};
 use crate::fs::write_atomically;
 use crate::labels::{ParamInfo, Role};
 use crate::optimizer::{Frugal, Slot};
 use crate::projection::{Axis, Basis, BlockSchedule, Selection, Subspace};
+use crate::quant::{self, Code, Packed};
 use rand_chacha::ChaCha8Rng;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::{SafeTensorError, SafeTensors};
@@ -187,6 +188,24 @@ impl Frugal {
                         vec![data.len()],
                         f32_bytes(data),
                     ));
+                }
+            }
+            if let Some((pm, pv)) = &s.packed {
+                for (suffix, p) in [("m", pm), ("v", pv)] {
+                    if !p.is_empty() {
+                        arrays.push((
+                            format!("{name}::{suffix}.codes"),
+                            Dtype::U8,
+                            vec![p.len()],
+                            p.codes.clone(),
+                        ));
+                        arrays.push((
+                            format!("{name}::{suffix}.scales"),
+                            Dtype::F32,
+                            vec![p.scales.len()],
+                            f32_bytes(&p.scales),
+                        ));
+                    }
                 }
             }
             let subspace = match &s.subspace {
@@ -377,29 +396,58 @@ impl Frugal {
             };
             check_subspace(&slot.info, &subspace)
                 .map_err(|e| Error::StateMismatch(format!("parameter `{name}`: {e}")))?;
-            let m = f32s(&format!("{name}::m"))?.unwrap_or_default();
-            let v = f32s(&format!("{name}::v"))?.unwrap_or_default();
             let expect = subspace.state_len(slot.info.numel());
             let slots = crate::rules::moment_slots(self.config.state_full);
-            if m.len() != if slots >= 1 { expect } else { 0 }
-                || v.len() != if slots >= 2 { expect } else { 0 }
-            {
-                return Err(Error::StateMismatch(format!(
-                    "moments of `{name}` have the wrong length"
-                )));
-            }
-            restored.push((subspace, m, v, p.t, p.scaled_norm));
+            let lens = [
+                if slots >= 1 { expect } else { 0 },
+                if slots >= 2 { expect } else { 0 },
+            ];
+            let wrong =
+                || Error::StateMismatch(format!("moments of `{name}` have the wrong length"));
+            let (m, v, packed) = match self.config.moment_storage {
+                MomentStorage::F32 => {
+                    let m = f32s(&format!("{name}::m"))?.unwrap_or_default();
+                    let v = f32s(&format!("{name}::v"))?.unwrap_or_default();
+                    if [m.len(), v.len()] != lens {
+                        return Err(wrong());
+                    }
+                    (m, v, None)
+                }
+                MomentStorage::Bits8 => {
+                    let read = |suffix: &str, len: usize, code: Code| -> Result<Packed> {
+                        let codes =
+                            read_array(&st, &format!("{name}::{suffix}.codes"), Dtype::U8, path)?
+                                .unwrap_or_default();
+                        let scales = f32s(&format!("{name}::{suffix}.scales"))?.unwrap_or_default();
+                        if codes.len() != len || scales.len() != len.div_ceil(quant::BLOCK) {
+                            return Err(wrong());
+                        }
+                        Ok(Packed {
+                            codes,
+                            scales,
+                            code,
+                        })
+                    };
+                    let packed = (
+                        read("m", lens[0], Code::Signed)?,
+                        read("v", lens[1], Code::Unsigned)?,
+                    );
+                    (Vec::new(), Vec::new(), Some(packed))
+                }
+            };
+            restored.push((subspace, m, v, packed, p.t, p.scaled_norm));
         }
-        for (slot, (subspace, m, v, t, norm)) in self.slots.iter_mut().zip(restored) {
+        for (slot, (subspace, m, v, packed, t, norm)) in self.slots.iter_mut().zip(restored) {
             let Slot {
                 subspace: s,
                 m: sm,
                 v: sv,
+                packed: sp,
                 t: st,
                 scaled_norm: sn,
                 ..
             } = slot;
-            (*s, *sm, *sv, *st, *sn) = (subspace, m, v, t, norm);
+            (*s, *sm, *sv, *sp, *st, *sn) = (subspace, m, v, packed, t, norm);
         }
         self.step = meta.step;
         self.rng = meta.rng;

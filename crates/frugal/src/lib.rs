@@ -30,6 +30,7 @@ pub mod labels;
 pub mod memory;
 pub mod optimizer;
 pub mod projection;
+pub mod quant;
 pub mod rules;
 
 pub use config::OptimizerConfig;

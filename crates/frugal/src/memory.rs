@@ -1,11 +1,12 @@
 //! Memory accounting: bytes of optimizer state, held or planned, by kind and by parameter role.
 
-use crate::config::{CoordinateAxis, OptimizerConfig, Projection};
+use crate::config::{CoordinateAxis, MomentStorage, OptimizerConfig, Projection};
 use crate::error::Result;
 use crate::labels::{resolve, ParamInfo, ParamShape, Role};
 use crate::projection::{
     assign_blocks, coordinate_count, matrix_ranks, one_side_rank, Axis, BlockSchedule,
 };
+use crate::quant::Packed;
 use crate::rules::moment_slots;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -41,7 +42,10 @@ impl AddAssign for StateBytes {
 /// State bytes of one parameter once its subspace is chosen.
 fn planned(config: &OptimizerConfig, info: &ParamInfo, active_block: bool) -> StateBytes {
     let buffers = moment_slots(config.state_full);
-    let moments = |elems: usize| 4 * buffers * elems;
+    let moments = |elems: usize| match config.moment_storage {
+        MomentStorage::F32 => 4 * buffers * elems,
+        MomentStorage::Bits8 => buffers * Packed::bytes_for(elems),
+    };
     let numel = info.numel();
     let whole = StateBytes {
         moments: moments(numel),

@@ -1,12 +1,13 @@
 //! The FRUGAL optimizer: routes each parameter to the state-full rule, or splits its gradient
 //! with a projection into a state-full part and a state-free residual, in one fused pass.
 
-use crate::config::{DecayMask, MomentTransfer, OptimizerConfig, StateFreeRule};
+use crate::config::{DecayMask, MomentStorage, MomentTransfer, OptimizerConfig, StateFreeRule};
 use crate::error::{Error, Result};
 use crate::kernels::cpu as kernels;
 use crate::labels::{resolve, Param, ParamInfo, Role};
 use crate::memory::StateBytes;
 use crate::projection::{self, assign_blocks, BlockSchedule, Subspace, TensorSplit, Workspace};
+use crate::quant::{Code, Packed};
 use crate::rules::scaled::{self, Scaled};
 use crate::rules::{moment_slots, Free, Full};
 use crate::with_rules;
@@ -32,6 +33,15 @@ pub(crate) struct Slot {
     pub block: Option<usize>,
     /// Scaled state-free rules: the norm-growth limiter's record of the last scaled update's norm.
     pub scaled_norm: Option<f32>,
+    /// 8-bit moments (m, v), when the configuration stores them so; `m` and `v` are empty then.
+    pub packed: Option<(Packed, Packed)>,
+}
+
+impl Slot {
+    /// Length of the first moment, however stored.
+    fn moment_len(&self) -> usize {
+        self.packed.as_ref().map_or(self.m.len(), |(m, _)| m.len())
+    }
 }
 
 /// Read-only view of one parameter's optimizer state.
@@ -57,6 +67,8 @@ pub struct Frugal {
     pub(crate) rng: ChaCha8Rng,
     pub(crate) schedule: Option<BlockSchedule>,
     workspace: Workspace,
+    /// 8-bit moments of the tensor being updated, unpacked (scratch, like the workspace).
+    unpacked: (Vec<f32>, Vec<f32>),
 }
 
 fn zeros(len: usize) -> Vec<f32> {
@@ -124,6 +136,7 @@ impl Frugal {
                 t: 0,
                 block,
                 scaled_norm: None,
+                packed: None,
                 info,
             })
             .collect();
@@ -134,6 +147,7 @@ impl Frugal {
             step: 0,
             schedule,
             workspace: Workspace::default(),
+            unpacked: Default::default(),
         })
     }
 
@@ -228,6 +242,7 @@ impl Frugal {
         let mut b = StateBytes::default();
         for s in &self.slots {
             b.moments += 4 * (s.m.capacity() + s.v.capacity());
+            b.moments += s.packed.as_ref().map_or(0, |(m, v)| m.bytes() + v.bytes());
             b.moments += if s.scaled_norm.is_some() { 4 } else { 0 };
             b.projections += s.subspace.projection_bytes();
             b.indices += s.subspace.index_bytes();
@@ -238,7 +253,7 @@ impl Frugal {
     /// Bytes of reusable scratch buffers of the matrix projections (not state: kept between steps
     /// only to avoid re-allocation).
     pub fn workspace_bytes(&self) -> usize {
-        self.workspace.bytes()
+        self.workspace.bytes() + 4 * (self.unpacked.0.capacity() + self.unpacked.1.capacity())
     }
 
     /// One optimizer step from the gradients in `grads`. Parameters without a gradient are skipped.
@@ -271,6 +286,7 @@ impl Frugal {
     /// Re-chooses the subspaces (every T steps) and resets statistics where configured.
     fn refresh(&mut self, work: &[(usize, Tensor)]) -> Result<()> {
         let slots_count = moment_slots(self.config.state_full);
+        let storage = self.config.moment_storage;
         if let Some(schedule) = self.schedule.as_mut() {
             let active = schedule.next(&mut self.rng);
             let new: Vec<Option<Subspace>> = self
@@ -295,7 +311,7 @@ impl Frugal {
             for (slot, sub) in self.slots.iter_mut().zip(new) {
                 if let Some(sub) = sub {
                     let keep = !changed || (!self.config.reset && sub == slot.subspace);
-                    install(slot, sub, keep, slots_count);
+                    install(slot, sub, keep, slots_count, storage);
                 }
             }
         } else if let Some(split) = self.config.projection.per_tensor() {
@@ -343,13 +359,13 @@ impl Frugal {
                 if keep && sub != slot.subspace {
                     transfer(self.config.moment_transfer, slot, &mut sub);
                 }
-                install(slot, sub, keep, slots_count);
+                install(slot, sub, keep, slots_count, storage);
             }
         }
         // Parameters that are state-full as a whole allocate their moments on first use.
         for slot in self.slots.iter_mut() {
             if slot.info.role != Role::Projectable && self.step == 0 {
-                install(slot, Subspace::All, false, slots_count);
+                install(slot, Subspace::All, false, slots_count, storage);
             }
         }
         Ok(())
@@ -390,10 +406,32 @@ impl Frugal {
             v,
             scaled_norm,
             t,
+            packed,
             ..
         } = slot;
         let ws = &mut self.workspace;
-        if let (Some(residual), Subspace::Basis(basis)) =
+        let (m, v) = match packed {
+            None => (m, v),
+            Some((pm, pv)) if *subspace == Subspace::All => {
+                // Whole tensors are updated chunk by chunk, never unpacked whole.
+                return kernels::with_weight_and_grad(&info.name, var.as_tensor(), g, |w, g| {
+                    with_rules!(full, free, |r, _f| kernels::dense_full_packed(
+                        w,
+                        g,
+                        (pm, pv),
+                        r,
+                        keep
+                    ));
+                    Ok(())
+                });
+            }
+            Some((pm, pv)) => {
+                pm.unpack_into(&mut self.unpacked.0);
+                pv.unpack_into(&mut self.unpacked.1);
+                (&mut self.unpacked.0, &mut self.unpacked.1)
+            }
+        };
+        let result = if let (Some(residual), Subspace::Basis(basis)) =
             (scaled::scales_residual(config.state_free), &*subspace)
         {
             let settings = Scaled {
@@ -405,7 +443,7 @@ impl Frugal {
                 keep,
             };
             let unit = Full::new(config, 1.0, *t);
-            return kernels::with_weight_and_grad(&info.name, var.as_tensor(), g, |w, g| {
+            kernels::with_weight_and_grad(&info.name, var.as_tensor(), g, |w, g| {
                 with_rules!(unit, free, |r, _f| scaled::step(
                     settings,
                     basis,
@@ -416,43 +454,49 @@ impl Frugal {
                     ws
                 ));
                 Ok(())
-            });
-        }
-        kernels::with_weight_and_grad(&info.name, var.as_tensor(), g, |w, g| {
-            with_rules!(full, free, |r, f| match subspace {
-                Subspace::All => kernels::dense_full(w, g, m, v, r, keep),
-                Subspace::Nothing => kernels::dense_free(w, g, f, keep),
-                Subspace::Coords(sel) => kernels::selected(w, g, m, v, sel, (r, f), keep),
-                Subspace::Basis(basis) => {
-                    let (lr_rows, lr_cols) = basis.low_shape();
-                    let Workspace {
-                        low,
-                        up_u,
-                        projected_g,
-                        tmp,
-                    } = ws;
-                    low.resize(lr_rows * lr_cols, 0.0);
-                    up_u.resize(w.len(), 0.0);
-                    basis.down(g, low, tmp);
-                    let free_updates = config.state_free != StateFreeRule::None;
-                    if free_updates {
-                        projected_g.resize(w.len(), 0.0);
-                        basis.up(low, projected_g, tmp);
+            })
+        } else {
+            kernels::with_weight_and_grad(&info.name, var.as_tensor(), g, |w, g| {
+                with_rules!(full, free, |r, f| match &*subspace {
+                    Subspace::All => kernels::dense_full(w, g, m, v, r, keep),
+                    Subspace::Nothing => kernels::dense_free(w, g, f, keep),
+                    Subspace::Coords(sel) => kernels::selected(w, g, m, v, sel, (r, f), keep),
+                    Subspace::Basis(basis) => {
+                        let (lr_rows, lr_cols) = basis.low_shape();
+                        let Workspace {
+                            low,
+                            up_u,
+                            projected_g,
+                            tmp,
+                        } = ws;
+                        low.resize(lr_rows * lr_cols, 0.0);
+                        up_u.resize(w.len(), 0.0);
+                        basis.down(g, low, tmp);
+                        let free_updates = config.state_free != StateFreeRule::None;
+                        if free_updates {
+                            projected_g.resize(w.len(), 0.0);
+                            basis.up(low, projected_g, tmp);
+                        }
+                        kernels::full_in_place(low, m, v, r);
+                        basis.up(low, up_u, tmp);
+                        kernels::projected(
+                            w,
+                            g,
+                            up_u,
+                            if free_updates { projected_g } else { &[] },
+                            f,
+                            keep,
+                        );
                     }
-                    kernels::full_in_place(low, m, v, r);
-                    basis.up(low, up_u, tmp);
-                    kernels::projected(
-                        w,
-                        g,
-                        up_u,
-                        if free_updates { projected_g } else { &[] },
-                        f,
-                        keep,
-                    );
-                }
-            });
-            Ok(())
-        })
+                });
+                Ok(())
+            })
+        };
+        if let Some((pm, pv)) = packed {
+            pm.pack_from(m);
+            pv.pack_from(v);
+        }
+        result
     }
 }
 
@@ -462,20 +506,50 @@ fn transfer(how: MomentTransfer, slot: &mut Slot, new: &mut Subspace) {
         match how {
             MomentTransfer::Keep => {}
             MomentTransfer::Align => new.align_to(old),
-            MomentTransfer::Project => new.carry(old, [&mut slot.m, &mut slot.v]),
+            MomentTransfer::Project => match &mut slot.packed {
+                None => new.carry(old, [&mut slot.m, &mut slot.v]),
+                Some((pm, pv)) => {
+                    let (mut m, mut v) = (Vec::new(), Vec::new());
+                    pm.unpack_into(&mut m);
+                    pv.unpack_into(&mut v);
+                    new.carry(old, [&mut m, &mut v]);
+                    pm.pack_from(&m);
+                    pv.pack_from(&v);
+                }
+            },
         }
     }
 }
 
 /// Installs a new subspace; `keep` retains the moments and the step count, otherwise they restart.
-fn install(slot: &mut Slot, sub: Subspace, keep: bool, moment_buffers: usize) {
+fn install(
+    slot: &mut Slot,
+    sub: Subspace,
+    keep: bool,
+    moment_buffers: usize,
+    storage: MomentStorage,
+) {
     let len = sub.state_len(slot.info.numel());
     slot.subspace = sub;
-    if keep && slot.m.len() == if moment_buffers >= 1 { len } else { 0 } {
+    let (m_len, v_len) = (
+        if moment_buffers >= 1 { len } else { 0 },
+        if moment_buffers >= 2 { len } else { 0 },
+    );
+    if keep && slot.moment_len() == m_len {
         return;
     }
-    slot.m = zeros(if moment_buffers >= 1 { len } else { 0 });
-    slot.v = zeros(if moment_buffers >= 2 { len } else { 0 });
+    match storage {
+        MomentStorage::F32 => {
+            slot.m = zeros(m_len);
+            slot.v = zeros(v_len);
+        }
+        MomentStorage::Bits8 => {
+            slot.packed = Some((
+                Packed::zeros(m_len, Code::Signed),
+                Packed::zeros(v_len, Code::Unsigned),
+            ));
+        }
+    }
     slot.t = 0;
 }
 

@@ -96,6 +96,10 @@ fn every_preset_reduces_the_loss_and_frugal_tracks_adamw() {
         "sgd:lr=0.5",
         "frugal:lr=0.01,state_full=sgdm,update_gap=20",
         "frugal:lr=0.003,state_full=lion,projection=columns,update_gap=20",
+        "fira:lr=0.01,update_gap=20",
+        "apollo:lr=0.01,update_gap=20",
+        "apollo-mini:lr=0.01,update_gap=20",
+        "frugal-svd:lr=0.01,update_gap=20,svd_solver=randomized",
     ] {
         let (s, end) = train(spec, steps);
         eprintln!("{spec}: {s} → {end}");
@@ -114,4 +118,23 @@ fn every_preset_reduces_the_loss_and_frugal_tracks_adamw() {
         svd <= 2.0 * adamw,
         "frugal-svd {svd} vs adamw {adamw}: {finals:?}"
     );
+}
+
+#[test]
+fn eight_bit_moments_track_fp32() {
+    let steps = 150;
+    for (spec, slack) in [
+        ("adamw:lr=0.01", 1.5),
+        ("frugal:lr=0.01,update_gap=20,density=0.34", 1.5),
+        ("frugal-svd:lr=0.01,update_gap=20", 1.5),
+    ] {
+        let (start, fp32) = train(spec, steps);
+        let (_, q8) = train(&format!("{spec},moment_storage=8bit"), steps);
+        eprintln!("{spec}: f32 {fp32}, 8-bit {q8}");
+        assert!(q8 < 0.05 * start, "{spec}: 8-bit loss {start} → {q8}");
+        assert!(
+            q8 <= slack * fp32 && fp32 <= slack * q8,
+            "{spec}: 8-bit {q8} vs f32 {fp32}"
+        );
+    }
 }

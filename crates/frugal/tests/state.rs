@@ -138,6 +138,15 @@ fn state_bytes_match_closed_forms_at_60m() {
                 ..Default::default()
             },
         ),
+        // 8-bit moments: a byte per value and an f32 scale per 256 (every tensor here is a
+        // whole number of blocks): 65/64 bytes per value and moment, 3.94× less than f32.
+        (
+            "frugal:moment_storage=8bit",
+            StateBytes {
+                moments: 2 * (non_projectable + 2 * layer) * 65 / 64,
+                ..Default::default()
+            },
+        ),
         (
             "badam",
             StateBytes {
@@ -264,6 +273,9 @@ fn resumed_run_is_bit_identical() {
         "frugal-svd:svd_solver=randomized,update_gap=2",
         "fira:update_gap=2",
         "apollo:update_gap=2",
+        "frugal:block_order=random,update_gap=2,moment_storage=8bit",
+        "galore:update_gap=2,moment_transfer=project,moment_storage=8bit",
+        "frugal:projection=columns,update_gap=2,moment_storage=8bit",
     ] {
         let vars = named_vars(LLAMA_LIKE, 7);
         let cfg = config(spec);

@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::projection::{Axis, Selection};
+use crate::quant::{self, Packed};
 use crate::rules::scaled::Channels;
 use crate::rules::{FreeRule, FullRule};
 use candle_core::{CpuStorage, InplaceOp2, Layout, Storage, Tensor};
@@ -103,7 +104,7 @@ pub fn all_finite(g: &[f32]) -> bool {
 }
 
 /// Splits `s` into pieces of the given lengths (an empty `s` gives empty pieces).
-fn split_lengths(mut s: &mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
+fn split_lengths<T>(mut s: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
     lens.map(|len| {
         let take = len.min(s.len());
         let (head, tail) = std::mem::take(&mut s).split_at_mut(take);
@@ -113,7 +114,7 @@ fn split_lengths(mut s: &mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&m
     .collect()
 }
 
-fn chunk_lens(total: usize) -> impl Iterator<Item = usize> {
+fn chunk_lens(total: usize) -> impl Iterator<Item = usize> + Clone {
     (0..total.div_ceil(CHUNK)).map(move |i| CHUNK.min(total - i * CHUNK))
 }
 
@@ -125,6 +126,37 @@ fn full_at<R: FullRule>(rule: R, g: f32, m: &mut [f32], v: &mut [f32], r: usize)
     let mi = if R::SLOTS >= 1 { &mut m[r] } else { &mut dm };
     let vi = if R::SLOTS >= 2 { &mut v[r] } else { &mut dv };
     rule.update(g, mi, vi)
+}
+
+/// w ← keep·w + R(g) over one span, moments alongside.
+#[inline(always)]
+fn full_span<R: FullRule>(
+    w: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    rule: R,
+    keep: f32,
+) {
+    match R::SLOTS {
+        2 => {
+            for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                *w = *w * keep + rule.update(g, m, v);
+            }
+        }
+        1 => {
+            let mut dv = 0.0;
+            for ((w, &g), m) in w.iter_mut().zip(g).zip(m.iter_mut()) {
+                *w = *w * keep + rule.update(g, m, &mut dv);
+            }
+        }
+        _ => {
+            let (mut dm, mut dv) = (0.0, 0.0);
+            for (w, &g) in w.iter_mut().zip(g) {
+                *w = *w * keep + rule.update(g, &mut dm, &mut dv);
+            }
+        }
+    }
 }
 
 /// w ← keep·w + R(g) over the whole tensor (state-full parameters, active blocks).
@@ -141,24 +173,40 @@ pub fn dense_full<R: FullRule>(
     w.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK))
         .zip(ms.into_par_iter().zip(vs.into_par_iter()))
-        .for_each(|((w, g), (m, v))| match R::SLOTS {
-            2 => {
-                for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                    *w = *w * keep + rule.update(g, m, v);
-                }
-            }
-            1 => {
-                let mut dv = 0.0;
-                for ((w, &g), m) in w.iter_mut().zip(g).zip(m.iter_mut()) {
-                    *w = *w * keep + rule.update(g, m, &mut dv);
-                }
-            }
-            _ => {
-                let (mut dm, mut dv) = (0.0, 0.0);
-                for (w, &g) in w.iter_mut().zip(g) {
-                    *w = *w * keep + rule.update(g, &mut dm, &mut dv);
-                }
-            }
+        .for_each(|((w, g), (m, v))| full_span(w, g, m, v, rule, keep));
+}
+
+/// The chunks of a packed moment buffer: codes per [`CHUNK`] values and their block scales
+/// (empty pieces for an unused buffer).
+fn packed_chunks(p: &mut Packed, total: usize) -> Vec<(&mut [u8], &mut [f32])> {
+    let lens = chunk_lens(total);
+    let codes = split_lengths(&mut p.codes, lens.clone());
+    let scales = split_lengths(&mut p.scales, lens.map(|l| l.div_ceil(quant::BLOCK)));
+    codes.into_iter().zip(scales).collect()
+}
+
+/// [`dense_full`] with 8-bit moments: each chunk is unpacked, updated and packed again.
+pub fn dense_full_packed<R: FullRule>(
+    w: &mut [f32],
+    g: &[f32],
+    (m, v): (&mut Packed, &mut Packed),
+    rule: R,
+    keep: f32,
+) {
+    let (m_code, v_code) = (m.code, v.code);
+    let ms = packed_chunks(m, w.len());
+    let vs = packed_chunks(v, w.len());
+    w.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(ms.into_par_iter().zip(vs.into_par_iter()))
+        .for_each(|((w, g), ((mc, msc), (vc, vsc)))| {
+            let mut mf = vec![0f32; mc.len()];
+            let mut vf = vec![0f32; vc.len()];
+            quant::unpack(mc, msc, m_code, &mut mf);
+            quant::unpack(vc, vsc, v_code, &mut vf);
+            full_span(w, g, &mut mf, &mut vf, rule, keep);
+            quant::pack(&mf, m_code, mc, msc);
+            quant::pack(&vf, v_code, vc, vsc);
         });
 }
 

@@ -28,7 +28,8 @@ fn view_mut(data: &mut [f32], rows: usize, cols: usize) -> MatMut<'_, f32> {
     MatMut::from_row_major_slice_mut(data, rows, cols)
 }
 
-fn par(work: usize) -> Par {
+/// Parallel matrix products above about 64K multiply-adds.
+pub(crate) fn par(work: usize) -> Par {
     if work > 1 << 16 {
         Par::rayon(0)
     } else {

@@ -1,16 +1,18 @@
 //! Randomized top singular subspaces (Halko, Martinsson & Tropp, 2011) by subspace iteration
 //! started from the previous basis. Only two products per sweep, Y = A·X and Aᵀ·Y, touch the
-//! matrix's values; the rest works on the short side or on width×width matrices in f64, so a
-//! refresh costs about two matrix products per tensor.
+//! matrix's values; the rest works on the short side or on small width×width matrices, so a
+//! sweep costs about two matrix products per tensor.
 //!
 //! One sweep from X (q×w, orthonormal columns): Y = A·X; the eigenpairs (W, Λ) of YᵀY give an
 //! orthonormal basis Q = Y·W·Λ^(-1/2) of range(Y), keeping the directions f32 resolves
 //! (λ > 1e-6·λ₁: singular values above 0.1% of the largest); Z = Aᵀ·Q = Bᵀ for B = Qᵀ·A; the
 //! eigenpairs (W₂, Σ²) of ZᵀZ = B·Bᵀ give B's SVD, so V = Z·W₂·Σ⁻¹ and U = Q·W₂. Eigenvectors
 //! are well determined from Gram matrices even when the Grams are nearly singular, which a
-//! Cholesky factor is not. A last Cholesky QR of the kept vectors (nearly orthonormal already)
-//! removes f32 rounding.
+//! Cholesky factor is not. Directions below f32 resolution are completed from the Ritz vectors of
+//! the start, and a last Cholesky QR of the kept vectors (nearly orthonormal already) removes f32
+//! rounding.
 
+use super::basis::par;
 use faer::linalg::matmul::matmul;
 use faer::linalg::triangular_solve::solve_upper_triangular_in_place;
 use faer::{Accum, Mat, MatRef, Par, Side};
@@ -26,16 +28,10 @@ pub struct Sketch {
     pub power_iters: usize,
 }
 
-/// Eigenvalues below this share of the largest are f32 rounding, not signal.
+/// Eigenvalues of the Grams (f32 products) below this share of the largest are rounding, not
+/// signal: singular values below 0.1% of the largest. The directions left over are completed
+/// (see [`fill`]); they carry almost no gradient energy.
 const RESOLVED: f64 = 1e-6;
-
-fn par(work: usize) -> Par {
-    if work > 1 << 18 {
-        Par::rayon(0)
-    } else {
-        Par::Seq
-    }
-}
 
 /// a·b as a new matrix.
 fn product(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Mat<f32> {

@@ -287,6 +287,7 @@ impl Frugal {
     fn refresh(&mut self, work: &[(usize, Tensor)]) -> Result<()> {
         let slots_count = moment_slots(self.config.state_full);
         let storage = self.config.moment_storage;
+        let mut pool = Pool::default();
         if let Some(schedule) = self.schedule.as_mut() {
             let active = schedule.next(&mut self.rng);
             let new: Vec<Option<Subspace>> = self
@@ -308,10 +309,24 @@ impl Frugal {
                 .zip(&new)
                 .any(|(s, n)| n.as_ref().is_some_and(|n| *n != s.subspace))
                 || self.step == 0;
-            for (slot, sub) in self.slots.iter_mut().zip(new) {
+            let reset = self.config.reset;
+            let keeps: Vec<bool> = self
+                .slots
+                .iter()
+                .zip(&new)
+                .map(|(slot, sub)| !changed || (!reset && sub.as_ref() == Some(&slot.subspace)))
+                .collect();
+            // Buffers of restarting tensors go to the pool first, so that the tensors becoming
+            // active reuse them (same shapes) instead of touching fresh pages.
+            for (slot, keep) in self.slots.iter_mut().zip(&keeps) {
+                if !keep && slot.block.is_some() {
+                    pool.give(std::mem::take(&mut slot.m));
+                    pool.give(std::mem::take(&mut slot.v));
+                }
+            }
+            for ((slot, sub), keep) in self.slots.iter_mut().zip(new).zip(keeps) {
                 if let Some(sub) = sub {
-                    let keep = !changed || (!self.config.reset && sub == slot.subspace);
-                    install(slot, sub, keep, slots_count, storage);
+                    install(slot, sub, keep, slots_count, storage, &mut pool);
                 }
             }
         } else if let Some(split) = self.config.projection.per_tensor() {
@@ -359,13 +374,13 @@ impl Frugal {
                 if keep && sub != slot.subspace {
                     transfer(self.config.moment_transfer, slot, &mut sub);
                 }
-                install(slot, sub, keep, slots_count, storage);
+                install(slot, sub, keep, slots_count, storage, &mut pool);
             }
         }
         // Parameters that are state-full as a whole allocate their moments on first use.
         for slot in self.slots.iter_mut() {
             if slot.info.role != Role::Projectable && self.step == 0 {
-                install(slot, Subspace::All, false, slots_count, storage);
+                install(slot, Subspace::All, false, slots_count, storage, &mut pool);
             }
         }
         Ok(())
@@ -521,6 +536,33 @@ fn transfer(how: MomentTransfer, slot: &mut Slot, new: &mut Subspace) {
     }
 }
 
+/// Moment buffers released during a refresh, reused by tensors that need the same length (a
+/// recycled buffer is zeroed in place instead of faulting in fresh pages). Dropped after the
+/// refresh, so it holds no memory between steps.
+#[derive(Default)]
+struct Pool(Vec<Vec<f32>>);
+
+impl Pool {
+    fn give(&mut self, buffer: Vec<f32>) {
+        if buffer.capacity() > 0 {
+            self.0.push(buffer);
+        }
+    }
+
+    /// `len` zeros, in a released buffer of exactly that capacity if there is one.
+    fn zeros(&mut self, len: usize) -> Vec<f32> {
+        match self.0.iter().position(|b| b.capacity() == len) {
+            Some(i) => {
+                let mut buffer = self.0.swap_remove(i);
+                buffer.clear();
+                buffer.resize(len, 0.0);
+                buffer
+            }
+            None => zeros(len),
+        }
+    }
+}
+
 /// Installs a new subspace; `keep` retains the moments and the step count, otherwise they restart.
 fn install(
     slot: &mut Slot,
@@ -528,6 +570,7 @@ fn install(
     keep: bool,
     moment_buffers: usize,
     storage: MomentStorage,
+    pool: &mut Pool,
 ) {
     let len = sub.state_len(slot.info.numel());
     slot.subspace = sub;
@@ -540,8 +583,10 @@ fn install(
     }
     match storage {
         MomentStorage::F32 => {
-            slot.m = zeros(m_len);
-            slot.v = zeros(v_len);
+            pool.give(std::mem::take(&mut slot.m));
+            pool.give(std::mem::take(&mut slot.v));
+            slot.m = pool.zeros(m_len);
+            slot.v = pool.zeros(v_len);
         }
         MomentStorage::Bits8 => {
             slot.packed = Some((

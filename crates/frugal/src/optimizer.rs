@@ -58,7 +58,8 @@ pub struct ParamStateView<'a> {
     pub t: u64,
 }
 
-/// FRUGAL and its baselines (AdamW, GaLore, BAdam, signSGD, SGD) as one configurable optimizer.
+/// FRUGAL, its baselines (AdamW, GaLore, BAdam, signSGD, SGD) and relatives (Fira, APOLLO) as
+/// one configurable optimizer.
 pub struct Frugal {
     pub(crate) config: OptimizerConfig,
     pub(crate) slots: Vec<Slot>,
@@ -250,8 +251,8 @@ impl Frugal {
         b
     }
 
-    /// Bytes of reusable scratch buffers of the matrix projections (not state: kept between steps
-    /// only to avoid re-allocation).
+    /// Bytes of reusable scratch buffers of the matrix projections and of unpacked 8-bit moments
+    /// (not state: kept between steps only to avoid re-allocation).
     pub fn workspace_bytes(&self) -> usize {
         self.workspace.bytes() + 4 * (self.unpacked.0.capacity() + self.unpacked.1.capacity())
     }

@@ -50,7 +50,9 @@ impl Channels {
     }
 }
 
-/// Σ (x − minus)² per channel of a rows×cols matrix, in f64; `minus` may be empty (zero).
+/// Σ (x − minus)² per channel of a rows×cols matrix, in f64; `minus` may be empty (zero). The
+/// sums run in a fixed order (rows in fixed groups, groups added in order), so the result does
+/// not depend on how threads share the work.
 pub fn channel_sq_norms(
     x: &[f32],
     minus: &[f32],
@@ -61,30 +63,39 @@ pub fn channel_sq_norms(
     if rows * cols == 0 {
         return vec![0.0; count];
     }
-    let row_of = |i: usize| &x[i * cols..(i + 1) * cols];
-    let minus_of = |i: usize| (!minus.is_empty()).then(|| &minus[i * cols..(i + 1) * cols]);
-    (0..rows)
+    let sq = |i: usize, j: usize| -> f64 {
+        let sub = if minus.is_empty() {
+            0.0
+        } else {
+            minus[i * cols + j] as f64
+        };
+        (x[i * cols + j] as f64 - sub).powi(2)
+    };
+    if ch == Channels::Rows {
+        return (0..rows)
+            .into_par_iter()
+            .map(|i| (0..cols).map(|j| sq(i, j)).sum())
+            .collect();
+    }
+    let group = ((1 << 15) / cols).max(1);
+    let partials: Vec<Vec<f64>> = (0..rows.div_ceil(group))
         .into_par_iter()
-        .fold(
-            || vec![0f64; count],
-            |mut acc, i| {
-                let (row, sub) = (row_of(i), minus_of(i));
-                let value = |j: usize| row[j] as f64 - sub.map_or(0.0, |s| s[j] as f64);
+        .map(|k| {
+            let mut acc = vec![0f64; count];
+            for i in k * group..((k + 1) * group).min(rows) {
                 match ch {
-                    Channels::Columns => (0..cols).for_each(|j| acc[j] += value(j).powi(2)),
-                    Channels::Rows => acc[i] = (0..cols).map(|j| value(j).powi(2)).sum(),
-                    Channels::Tensor => acc[0] += (0..cols).map(|j| value(j).powi(2)).sum::<f64>(),
+                    Channels::Columns => (0..cols).for_each(|j| acc[j] += sq(i, j)),
+                    _ => acc[0] += (0..cols).map(|j| sq(i, j)).sum::<f64>(),
                 }
-                acc
-            },
-        )
-        .reduce(
-            || vec![0f64; count],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                a
-            },
-        )
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0f64; count];
+    for p in partials {
+        total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+    }
+    total
 }
 
 /// Fira's norm-growth limiter: the factor (≤ 1) that keeps `norm` within γ times the previous

@@ -224,34 +224,30 @@ fn against_reference(spec: &str, (m, n): (usize, usize)) -> (f64, usize) {
     (max_rel_err(&values(&vars[0].1), &w), reference.limited)
 }
 
+/// `spec` matches the reference with columns projected (m ≥ n: one scale per row) and with rows
+/// projected (one per column), and its limiter cuts at least once.
+fn assert_matches_reference(spec: &str) {
+    for shape in [(10, 6), (6, 10)] {
+        let (err, limited) = against_reference(spec, shape);
+        assert!(err <= 2e-5, "{spec} {shape:?}: relative error {err}");
+        assert!(limited >= 1, "{spec} {shape:?}: the limiter never engaged");
+    }
+}
+
 #[test]
 fn fira_matches_hand_computation() {
-    // Columns projected (m ≥ n: one scale per row), then rows projected (one per column).
-    for shape in [(10, 6), (6, 10)] {
-        let (err, limited) = against_reference("fira:density=0.34", shape);
-        assert!(err <= 2e-5, "{shape:?}: relative error {err}");
-        assert!(limited >= 1, "{shape:?}: the limiter never engaged");
-    }
+    assert_matches_reference("fira:density=0.34");
 }
 
 #[test]
 fn apollo_matches_hand_computation() {
-    for shape in [(10, 6), (6, 10)] {
-        let (err, limited) = against_reference("apollo:density=0.34", shape);
-        assert!(err <= 2e-5, "{shape:?}: relative error {err}");
-        assert!(limited >= 1, "{shape:?}: the limiter never engaged");
-    }
+    assert_matches_reference("apollo:density=0.34");
 }
 
 #[test]
 fn apollo_mini_matches_hand_computation() {
-    let cfg = OptimizerConfig::preset("apollo-mini").unwrap();
-    assert_eq!(cfg.rank, 1);
-    for shape in [(10, 6), (6, 10)] {
-        let (err, limited) = against_reference("apollo-mini", shape);
-        assert!(err <= 2e-5, "{shape:?}: relative error {err}");
-        assert!(limited >= 1, "{shape:?}: the limiter never engaged");
-    }
+    assert_eq!(OptimizerConfig::preset("apollo-mini").unwrap().rank, 1);
+    assert_matches_reference("apollo-mini");
 }
 
 #[test]

@@ -205,14 +205,22 @@ pub fn dense_full_packed<R: FullRule>(
         .zip(g.par_chunks(CHUNK))
         .zip(ms.into_par_iter().zip(vs.into_par_iter()))
         .for_each(|((w, g), ((mc, msc), (vc, vsc)))| {
-            let mut mf = vec![0f32; mc.len()];
-            let mut vf = vec![0f32; vc.len()];
-            quant::unpack(mc, msc, m_code, &mut mf);
-            quant::unpack(vc, vsc, v_code, &mut vf);
-            full_span(w, g, &mut mf, &mut vf, rule, keep);
-            quant::pack(&mf, m_code, mc, msc);
-            quant::pack(&vf, v_code, vc, vsc);
+            UNPACKED.with(|buffers| {
+                let (mf, vf) = &mut *buffers.borrow_mut();
+                mf.resize(mc.len(), 0.0);
+                vf.resize(vc.len(), 0.0);
+                quant::unpack(mc, msc, m_code, mf);
+                quant::unpack(vc, vsc, v_code, vf);
+                full_span(w, g, mf, vf, rule, keep);
+                quant::pack(mf, m_code, mc, msc);
+                quant::pack(vf, v_code, vc, vsc);
+            })
         });
+}
+
+thread_local! {
+    /// One chunk of unpacked 8-bit moments per worker thread (reused every step).
+    static UNPACKED: RefCell<(Vec<f32>, Vec<f32>)> = RefCell::default();
 }
 
 /// w ← keep·w + F(g) over the whole tensor (inactive blocks, zero-rank subspaces).

@@ -251,8 +251,8 @@ fn apollo_mini_matches_hand_computation() {
 }
 
 #[test]
-fn the_limiter_off_lets_the_norm_grow() {
-    // γ = 0: no record is kept, so the state is the moments alone.
+fn the_limiter_keeps_one_number_per_tensor_unless_off() {
+    // γ = 0: no record is kept, so the state is the moments alone; with γ, 4 bytes more.
     let spec = "apollo-mini:norm_growth_limit=0";
     let vars = named_vars(&[("layers.0.mlp.up_proj.weight", &[10, 6])], 3);
     let mut opt =

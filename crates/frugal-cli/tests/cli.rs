@@ -211,6 +211,27 @@ fn resume_after_sigkill_is_bit_identical() {
     assert_eq!(losses(&killed), losses(&straight));
     assert_eq!(summary(&killed)["val_loss"], summary(&straight)["val_loss"]);
 
+    // A run paused between checkpoints (--stop-after) evaluates and saves there, then resumes
+    // onto the same losses: the schedule is that of the full run.
+    let paused = dir.join("paused");
+    run_ok(&mut train(
+        &dir,
+        &paused,
+        &[&flags[..], &["--stop-after", "5"]].concat(),
+    ));
+    let s = summary(&paused);
+    assert_eq!(
+        (s["steps"].as_u64(), s["interrupted"].as_bool()),
+        (Some(5), Some(true))
+    );
+    assert!(metrics(&paused)
+        .iter()
+        .any(|v| v["step"] == 5 && v.get("val_loss").is_some()));
+    assert!(paused.join("checkpoints/step-5").exists());
+    run_ok(frugal(&dir).args(["train", "--resume"]).arg(&paused));
+    assert_eq!(losses(&paused), losses(&straight));
+    assert_eq!(summary(&paused)["val_loss"], summary(&straight)["val_loss"]);
+
     // A resume that contradicts the run's settings is refused.
     let out = frugal(&dir)
         .args(["train", "--density", "0.5", "--resume"])
@@ -456,5 +477,83 @@ fn compare_reports_every_method_and_resumes() {
     assert!(md.contains("| adamw |") && md.contains("failed"));
     assert!(out_dir.join("compare.png").exists());
     let again = run_ok(&mut args(&["--resume", out_dir.to_str().unwrap()]));
-    assert!(String::from_utf8_lossy(&again.stderr).contains("already finished"));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already reached"));
+}
+
+#[test]
+fn compare_tunes_by_successive_halving_and_reports_the_test_split() {
+    let dir = scratch("tune");
+    let out_dir = dir.join("cmp");
+    let compare = |extra: &[&str]| {
+        let mut c = frugal(&dir);
+        c.args([
+            "compare",
+            "--steps",
+            "4",
+            "--seeds",
+            "0",
+            "--methods",
+            "adamw",
+        ])
+        .args(FAST)
+        .args(["--tune", "lr=1e9,1e-3,3e-3", "--halving-rate", "2"])
+        .args(extra);
+        c
+    };
+    let refused = compare(&[]).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--test-fraction"));
+
+    let flags = ["--test-fraction", "0.1", "--out", out_dir.to_str().unwrap()];
+    run_ok(compare(&flags).stderr(std::process::Stdio::null()));
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("compare.json")).unwrap())
+            .unwrap();
+    // Three candidates: rounds of 1, 2 and 4 steps with 3, 2 and 1 of them; the diverging rate
+    // fails in the first round and drops out.
+    let tuning = &report["tuning"][0];
+    let rounds: Vec<(u64, u64)> = tuning["rungs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["steps"].as_u64().unwrap(),
+                r["candidates"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(rounds, [(1, 3), (2, 2), (4, 1)]);
+    let candidates = tuning["candidates"].as_array().unwrap();
+    assert!(candidates[0]["failed"].as_str().unwrap().contains("loss"));
+    assert_eq!(candidates[0]["val_ppl"].as_array().unwrap().len(), 1);
+    let chosen = &candidates[tuning["chosen"].as_u64().unwrap() as usize];
+    assert_eq!(chosen["val_ppl"].as_array().unwrap().len(), 3);
+    // The winner is the better of the two survivors at step 2, and its run went on to step 4.
+    let at2 = |c: &Value| c["val_ppl"][1].as_f64().unwrap();
+    assert!(at2(chosen) <= at2(&candidates[1]).min(at2(&candidates[2])));
+    let run = Path::new(chosen["dir"].as_str().unwrap());
+    let s = summary(run);
+    assert_eq!(
+        (s["steps"].as_u64(), s["interrupted"].as_bool()),
+        (Some(4), Some(false))
+    );
+    let row = &report["rows"][0];
+    assert_eq!(row["tuned"], chosen["values"]);
+    assert_eq!(row["test_ppl_mean"], s["test_ppl"]);
+    assert!(row["test_ppl_mean"].as_f64().unwrap() > 1.0);
+    let md = std::fs::read_to_string(out_dir.join("compare.md")).unwrap();
+    assert!(
+        md.contains("test perplexity") && md.contains("## Tuning"),
+        "{md}"
+    );
+    // Continuing the finished comparison trains nothing.
+    let again = run_ok(&mut compare(&[
+        "--test-fraction",
+        "0.1",
+        "--resume",
+        out_dir.to_str().unwrap(),
+    ]));
+    let log = String::from_utf8_lossy(&again.stderr);
+    assert!(!log.contains("done:"), "{log}");
 }

@@ -19,7 +19,7 @@ use frugal::config::ProjSide;
 use frugal::projection::{matrix_ranks, Basis, RankRule, Subspace};
 use frugal::{Frugal, OptimizerConfig, Role};
 use frugal_nn::llama::{Llama, LlamaConfig};
-use frugal_train::data::{default_cache_dir, Batches, Dataset, Source, TokenizerChoice};
+use frugal_train::data::{default_cache_dir, Batches, Dataset, Holdout, Source, TokenizerChoice};
 use frugal_train::settings::EMBEDDED_NAME;
 use std::time::Instant;
 
@@ -63,7 +63,7 @@ fn main() -> Result<()> {
     let data = Dataset::prepare(
         &source,
         TokenizerChoice::Train(4096),
-        0.05,
+        Holdout::validation(0.05),
         &default_cache_dir(),
     )?;
     let mut batches = Batches::new(&data.train, 256, 0, "training", &device)?;

@@ -7,7 +7,7 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use frugal::{Frugal, OptimizerConfig};
 use frugal_nn::llama::{Llama, LlamaConfig};
-use frugal_train::data::{default_cache_dir, Batches, Dataset, Source, TokenizerChoice};
+use frugal_train::data::{default_cache_dir, Batches, Dataset, Holdout, Source, TokenizerChoice};
 use frugal_train::eval::mean_loss;
 use frugal_train::metrics::TrainRecord;
 use frugal_train::schedule::Schedule;
@@ -48,7 +48,7 @@ fn main() -> Result<()> {
     let data = Dataset::prepare(
         &source,
         TokenizerChoice::Train(4096),
-        0.05,
+        Holdout::validation(0.05),
         &default_cache_dir(),
     )?;
     let mut train = Batches::new(&data.train, 64, 0, "training", &device)?;
@@ -66,6 +66,7 @@ fn main() -> Result<()> {
     let steps = 150;
     let settings = LoopSettings {
         steps,
+        stop_after: None,
         batch_size: 8,
         grad_accum: 1,
         seq_len: 64,

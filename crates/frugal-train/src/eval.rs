@@ -2,7 +2,7 @@
 //! saved checkpoint.
 
 use crate::checkpoint;
-use crate::data::{Batches, Dataset, Source, TokenizerChoice};
+use crate::data::{Batches, Dataset, Holdout, Source, TokenizerChoice};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use frugal_nn::llama::{Llama, LlamaConfig};
@@ -59,6 +59,8 @@ pub enum Split {
     Val,
     /// The training documents.
     Train,
+    /// The held-out test documents (`--test-fraction`, as in training).
+    Test,
     /// Both: validation first, then training.
     All,
 }
@@ -69,9 +71,10 @@ impl std::str::FromStr for Split {
         match s {
             "val" => Ok(Split::Val),
             "train" => Ok(Split::Train),
+            "test" => Ok(Split::Test),
             "all" => Ok(Split::All),
             other => Err(format!(
-                "unknown split `{other}`; expected val, train or all"
+                "unknown split `{other}`; expected val, train, test or all"
             )),
         }
     }
@@ -82,6 +85,7 @@ impl std::fmt::Display for Split {
         f.write_str(match self {
             Split::Val => "val",
             Split::Train => "train",
+            Split::Test => "test",
             Split::All => "all",
         })
     }
@@ -97,12 +101,15 @@ pub struct EvalSettings {
     /// Corpus to evaluate on (its validation split unless --split says otherwise).
     #[cfg_attr(feature = "cli", arg(long, default_value = crate::settings::EMBEDDED_NAME))]
     pub data: String,
-    /// Which split: val, train or all.
+    /// Which split: val, train, test or all (validation and training).
     #[cfg_attr(feature = "cli", arg(long, default_value = "val"))]
     pub split: Split,
     /// Share of documents held out for validation (as in training).
     #[cfg_attr(feature = "cli", arg(long, value_parser = crate::settings::non_negative, default_value_t = 0.05))]
     pub val_fraction: f64,
+    /// Share of documents held out as the test split (as in training).
+    #[cfg_attr(feature = "cli", arg(long, value_parser = crate::settings::non_negative, default_value_t = 0.0))]
+    pub test_fraction: f64,
     /// Tokens per sequence [default: the run's, else min(256, max_position_embeddings)].
     #[cfg_attr(feature = "cli", arg(long))]
     pub seq_len: Option<usize>,
@@ -152,7 +159,10 @@ pub fn evaluate(settings: &EvalSettings, device: &Device) -> Result<EvalReport> 
     let data = Dataset::prepare(
         &source,
         TokenizerChoice::File(&tokenizer_path),
-        settings.val_fraction,
+        Holdout {
+            val: settings.val_fraction,
+            test: settings.test_fraction,
+        },
         &cache,
     )?;
     if data.tokenizer.vocab_size() > config.vocab_size {
@@ -171,6 +181,10 @@ pub fn evaluate(settings: &EvalSettings, device: &Device) -> Result<EvalReport> 
     let shards = match settings.split {
         Split::Val => vec![(&data.val, "validation")],
         Split::Train => vec![(&data.train, "training")],
+        Split::Test => match &data.test {
+            Some(test) => vec![(test, "test")],
+            None => bail!("--split test needs the --test-fraction the run held out (e.g. 0.05)"),
+        },
         Split::All => vec![(&data.val, "validation"), (&data.train, "training")],
     };
     let (mut sum, mut count) = (0.0, 0);

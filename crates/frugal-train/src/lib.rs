@@ -8,7 +8,8 @@
 //! - [`schedule`]: learning-rate schedules.
 //! - [`settings`]: the settings of a run (the command line and TOML files, with the `cli` feature).
 //! - [`run`]: a pre-training run in a run directory: metrics, plots, checkpoints, resume.
-//! - [`checkpoint`], [`metrics`], [`eval`], [`compare`], [`memory_report`], [`plot`].
+//! - [`compare`]: comparisons of optimizer configurations, with [`tune`]d settings.
+//! - [`checkpoint`], [`metrics`], [`eval`], [`memory_report`], [`plot`].
 
 pub mod checkpoint;
 pub mod compare;
@@ -22,6 +23,7 @@ pub mod run;
 pub mod schedule;
 pub mod settings;
 pub mod trainer;
+pub mod tune;
 
 pub use settings::{OptimizerSettings, TrainSettings};
 pub use trainer::{Model, StopToken, Trainer};

@@ -80,6 +80,11 @@ pub struct Summary {
     pub tokens: u64,
     pub val_loss: f64,
     pub val_ppl: f64,
+    /// Loss and perplexity on the test split (finished runs that hold one out).
+    #[serde(default)]
+    pub test_loss: Option<f64>,
+    #[serde(default)]
+    pub test_ppl: Option<f64>,
     pub initial_val_ppl: Option<f64>,
     pub parameters: usize,
     pub parameters_by_class: frugal::labels::RoleCounts,

@@ -3,7 +3,7 @@
 //! evaluations and checkpoints into the run directory.
 
 use crate::checkpoint;
-use crate::data::{Batches, Dataset, Source, TextTokenizer, TokenizerChoice};
+use crate::data::{Batches, Dataset, Holdout, Source, TextTokenizer, TokenizerChoice};
 use crate::eval::mean_loss;
 use crate::metrics::{peak_rss_bytes, EvalRecord, Metrics, Record, Summary, TrainRecord};
 use crate::schedule::Schedule;
@@ -39,6 +39,7 @@ impl RunConfig {
         let a = &self.args;
         LoopSettings {
             steps: a.steps,
+            stop_after: a.stop_after,
             batch_size: a.batch_size,
             grad_accum: a.grad_accum,
             seq_len: self.seq_len,
@@ -90,6 +91,7 @@ pub fn resolve(args: TrainSettings) -> Result<RunConfig> {
     ])?;
     for (flag, x) in [
         ("--val-fraction", args.val_fraction),
+        ("--test-fraction", args.test_fraction),
         ("--clip", args.clip),
         ("--min-lr-ratio", args.min_lr_ratio),
         ("--lr", args.lr.unwrap_or(0.0)),
@@ -100,6 +102,16 @@ pub fn resolve(args: TrainSettings) -> Result<RunConfig> {
     }
     if !(0.0..1.0).contains(&args.val_fraction) || args.val_fraction == 0.0 {
         bail!("--val-fraction {} must be in (0, 1)", args.val_fraction);
+    }
+    if !args.test_fraction.is_finite() || args.val_fraction + args.test_fraction >= 1.0 {
+        bail!(
+            "--val-fraction {} plus --test-fraction {} must leave documents for training (sum below 1)",
+            args.val_fraction,
+            args.test_fraction
+        );
+    }
+    if args.stop_after == Some(0) {
+        bail!("--stop-after must be at least 1 (it is a step after which to pause)");
     }
     let mut optimizer = args.opt.resolve(args.seed)?;
     if let Some(lr) = args.lr {
@@ -137,13 +149,17 @@ struct RunHooks<'a> {
 impl RunHooks<'_> {
     fn validation_loss(&self, model: &Llama) -> Result<f64> {
         let a = &self.run.args;
-        mean_loss(
+        let l = mean_loss(
             model,
             &self.val,
             a.batch_size,
             self.run.seq_len,
             a.eval_tokens,
-        )
+        )?;
+        if !l.is_finite() {
+            bail!("the validation loss became {l}: the weights diverged; lower --lr or set --clip");
+        }
+        Ok(l)
     }
 
     fn plot(&self) -> Result<()> {
@@ -243,7 +259,11 @@ pub fn run(
         (None, None) => TokenizerChoice::Train(args.vocab_size.unwrap_or(run.model.vocab_size)),
     };
     let started = Instant::now();
-    let data = Dataset::prepare(&source, tokenizer_choice, args.val_fraction, cache)?;
+    let holdout = Holdout {
+        val: args.val_fraction,
+        test: args.test_fraction,
+    };
+    let data = Dataset::prepare(&source, tokenizer_choice, holdout, cache)?;
     if data.tokenizer.vocab_size() > run.model.vocab_size {
         bail!(
             "the tokenizer has {} ids but the model's vocab_size is {}; use a larger model vocabulary or --vocab-size ≤ {}",
@@ -255,11 +275,15 @@ pub fn run(
     let mut train_batches = Batches::new(&data.train, run.seq_len, args.seed, "training", &device)?;
     let val_batches = Batches::new(&data.val, run.seq_len, args.seed, "validation", &device)?;
     eprintln!(
-        "data: {} training tokens ({} sequences of {}), {} validation tokens{}, prepared in {:.1}s",
+        "data: {} training tokens ({} sequences of {}), {} validation tokens{}{}, prepared in {:.1}s",
         data.train.len(),
         train_batches.windows(),
         run.seq_len,
         data.val.len(),
+        data.test
+            .as_ref()
+            .map(|t| format!(", {} test tokens", t.len()))
+            .unwrap_or_default(),
         if data.cached { " (cached)" } else { "" },
         started.elapsed().as_secs_f64()
     );
@@ -360,12 +384,30 @@ pub fn run(
         Some(l) => l,
         None => hooks.validation_loss(&trainer.model)?,
     };
+    // The test split is scored once, on the finished model only.
+    let test_loss = match (&data.test, outcome) {
+        (Some(test), Outcome::Finished) => {
+            let batches = Batches::new(test, run.seq_len, args.seed, "test", &device)?;
+            let l = mean_loss(
+                &trainer.model,
+                &batches,
+                args.batch_size,
+                run.seq_len,
+                args.eval_tokens,
+            )?;
+            eprintln!("test loss {l:.4}, perplexity {:.2}", l.exp());
+            Some(l)
+        }
+        _ => None,
+    };
     let (state, opt) = (&trainer.state, &trainer.optimizer);
     let summary = Summary {
         steps: state.step,
         tokens: state.tokens,
         val_loss,
         val_ppl: val_loss.exp(),
+        test_loss,
+        test_ppl: test_loss.map(f64::exp),
         initial_val_ppl: initial_val,
         parameters: n_params,
         parameters_by_class: counts,
@@ -377,13 +419,21 @@ pub fn run(
         peak_rss_bytes: peak_rss_bytes(),
         wall_s: state.elapsed_s,
         tokens_per_s: state.tokens as f64 / state.train_s.max(1e-9),
-        interrupted: outcome == Outcome::Stopped,
+        interrupted: outcome != Outcome::Finished,
     };
     frugal::fs::write_atomically(
         &out.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     hooks.plot()?;
+    if outcome == Outcome::Paused {
+        eprintln!(
+            "paused after step {} of {}; continue with `frugal train --resume {}`",
+            state.step,
+            args.steps,
+            out.display()
+        );
+    }
     eprintln!(
         "done: {} steps, {} tokens in {:.1}s ({:.0} tok/s in training steps); validation loss {:.4}, perplexity {:.2}{}; run in {}",
         state.step,

@@ -45,6 +45,10 @@ pub struct TrainSettings {
     /// Share of documents held out for validation.
     #[cfg_attr(feature = "cli", arg(long, value_parser = non_negative, default_value_t = TrainSettings::default().val_fraction))]
     pub val_fraction: f64,
+    /// Share of documents held out as a test split, evaluated once at the end (0: none).
+    #[cfg_attr(feature = "cli", arg(long, value_parser = non_negative, default_value_t = TrainSettings::default().test_fraction))]
+    #[serde(default)]
+    pub test_fraction: f64,
     /// Tokens per sequence [default: min(256, the model's max_position_embeddings)].
     #[cfg_attr(feature = "cli", arg(long))]
     pub seq_len: Option<usize>,
@@ -57,6 +61,11 @@ pub struct TrainSettings {
     /// Optimizer steps.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = TrainSettings::default().steps))]
     pub steps: usize,
+    /// Pause after this step (evaluating and saving a checkpoint there), keeping the schedule of
+    /// --steps; `--resume` continues the run.
+    #[cfg_attr(feature = "cli", arg(long))]
+    #[serde(skip)]
+    pub stop_after: Option<usize>,
     /// Peak learning rate [default: the preset's].
     #[cfg_attr(feature = "cli", arg(long, value_parser = non_negative))]
     pub lr: Option<f64>,
@@ -118,10 +127,12 @@ impl Default for TrainSettings {
             tokenizer: None,
             vocab_size: None,
             val_fraction: 0.05,
+            test_fraction: 0.0,
             seq_len: None,
             batch_size: 8,
             grad_accum: 1,
             steps: 800,
+            stop_after: None,
             lr: None,
             warmup: None,
             schedule: "cosine".into(),
@@ -345,6 +356,7 @@ impl TrainSettings {
         merged.config = self.config;
         merged.resume = self.resume;
         merged.threads = self.threads;
+        merged.stop_after = self.stop_after;
         merged.cache_dir = self.cache_dir;
         Ok(merged)
     }

@@ -81,6 +81,9 @@ pub struct TrainerState {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LoopSettings {
     pub steps: usize,
+    /// Pause after this step (evaluating and saving a checkpoint there) without changing the
+    /// schedule of `steps`; a resumed loop continues from it.
+    pub stop_after: Option<usize>,
     /// Sequences per micro-batch.
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
@@ -120,6 +123,8 @@ pub enum Outcome {
     Finished,
     /// The stop token was set; a checkpoint was saved.
     Stopped,
+    /// The loop reached `stop_after`; it was evaluated and a checkpoint was saved.
+    Paused,
 }
 
 /// Fails on the first `(name, value)` whose value is 0, naming it.
@@ -182,17 +187,21 @@ impl<M: Model> Trainer<M> {
         let s = self.settings;
         self.clock = (self.state.elapsed_s, Instant::now());
         while self.state.step < s.steps {
+            if s.stop_after.is_some_and(|k| self.state.step >= k) {
+                return Ok(Outcome::Paused);
+            }
             let record = self.step(data)?; // forward, backward, update
             let (step, last) = (self.state.step, self.state.step == s.steps);
+            let paused = s.stop_after == Some(step);
             hooks.step_done(&record);
             if step % s.log_every == 0 || last {
                 hooks.log(&record)?;
             }
-            if step % s.eval_every == 0 || last {
+            if step % s.eval_every == 0 || last || paused {
                 hooks.evaluate(&self.model, &self.state)?;
             }
             let stopped = self.stop.is_stopped();
-            if stopped || step % s.save_every == 0 || last {
+            if stopped || paused || step % s.save_every == 0 || last {
                 hooks.checkpoint(self, stopped)?;
             }
             if stopped {
@@ -348,6 +357,7 @@ mod tests {
         let opt = Frugal::from_params(model.params(), cfg).unwrap();
         let settings = LoopSettings {
             steps,
+            stop_after: None,
             batch_size: batch,
             grad_accum: accum,
             seq_len: 1,
@@ -423,5 +433,43 @@ mod tests {
         assert_eq!(t.train(&mut Samples, &mut calls).unwrap(), Outcome::Stopped);
         assert_eq!(calls.saved, [(1, true)]);
         assert!(t.stop_token().is_stopped());
+    }
+
+    #[test]
+    fn a_paused_loop_evaluates_and_saves_then_continues_like_an_unbroken_one() {
+        let mut straight = trainer(12, 4, 1, StopToken::new());
+        straight.train(&mut Samples, &mut Calls::default()).unwrap();
+        let mut paused = trainer(12, 4, 1, StopToken::new());
+        paused.settings.stop_after = Some(5);
+        let mut calls = Calls::default();
+        assert_eq!(
+            paused.train(&mut Samples, &mut calls).unwrap(),
+            Outcome::Paused
+        );
+        assert_eq!(paused.state.step, 5);
+        assert_eq!(calls.evaluated, [3, 5]);
+        assert_eq!(calls.saved, [(4, false), (5, false)]);
+        // Asked again with the same pause point, it stays put.
+        assert_eq!(
+            paused.train(&mut Samples, &mut calls).unwrap(),
+            Outcome::Paused
+        );
+        assert_eq!(paused.state.step, 5);
+        paused.settings.stop_after = None;
+        assert_eq!(
+            paused.train(&mut Samples, &mut calls).unwrap(),
+            Outcome::Finished
+        );
+        let w = |t: &Trainer<Regression>| {
+            t.model
+                .w
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(w(&paused), w(&straight));
+        assert_eq!(calls.evaluated, [3, 5, 6, 9, 12]);
     }
 }

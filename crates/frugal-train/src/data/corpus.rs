@@ -163,18 +163,42 @@ pub fn documents(label: &str, bytes: &[u8]) -> Result<Vec<String>> {
         .map(|docs| docs.into_iter().filter(|d| !d.trim().is_empty()).collect())
 }
 
-/// True if document `index` belongs to the validation split (deterministic, ~`fraction` of them).
-pub fn is_validation(index: usize, fraction: f64) -> bool {
-    // SplitMix64 of the index: a fixed, well-mixed assignment independent of the content.
+/// Where document `index` falls in [0, 1): a fixed, well-mixed position independent of the
+/// content (SplitMix64 of the index), so that splits are deterministic.
+fn position(index: usize) -> f64 {
     let mut z = (index as u64).wrapping_add(0x9E3779B97F4A7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
     z ^= z >> 31;
-    (z % 1_000_000) as f64 / 1_000_000.0 < fraction
+    (z % 1_000_000) as f64 / 1_000_000.0
 }
 
-/// All documents of a source, split into (train, validation).
-pub fn load_split(source: &Source, val_fraction: f64) -> Result<(Vec<String>, Vec<String>)> {
+/// The shares of documents held out of training: ~`val` for validation, ~`test` for a test
+/// split (0: none; the training and validation splits are then those of earlier versions).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Holdout {
+    pub val: f64,
+    pub test: f64,
+}
+
+impl Holdout {
+    /// A validation split of `val` and no test split.
+    pub fn validation(val: f64) -> Self {
+        Holdout { val, test: 0.0 }
+    }
+}
+
+/// A corpus' documents by split.
+#[derive(Debug, Default)]
+pub struct Documents {
+    pub train: Vec<String>,
+    pub val: Vec<String>,
+    /// Empty when no test split is held out.
+    pub test: Vec<String>,
+}
+
+/// All documents of a source, split into training, validation and (optionally) test documents.
+pub fn load_split(source: &Source, holdout: Holdout) -> Result<Documents> {
     let mut docs = Vec::new();
     for (label, bytes) in source.contents()? {
         docs.extend(documents(&label, &bytes)?);
@@ -182,25 +206,38 @@ pub fn load_split(source: &Source, val_fraction: f64) -> Result<(Vec<String>, Ve
     if docs.is_empty() {
         bail!("the corpus holds no text (every file is empty)");
     }
-    if docs.len() < 2 {
-        bail!("the corpus holds a single document; at least two are needed for a training and a validation split");
+    let needed = if holdout.test > 0.0 { 3 } else { 2 };
+    if docs.len() < needed {
+        bail!(
+            "the corpus holds {} document(s); at least {needed} are needed for training, validation{} splits",
+            docs.len(),
+            if needed == 3 { " and test" } else { "" }
+        );
     }
-    let (mut train, mut val) = (Vec::new(), Vec::new());
+    let mut split = Documents::default();
     for (i, d) in docs.into_iter().enumerate() {
-        if is_validation(i, val_fraction) {
-            val.push(d);
+        let u = position(i);
+        if u < holdout.val {
+            split.val.push(d);
+        } else if u < holdout.val + holdout.test {
+            split.test.push(d);
         } else {
-            train.push(d);
+            split.train.push(d);
         }
     }
     // Tiny corpora: guarantee one document on each side.
-    if val.is_empty() {
-        val.push(train.pop().expect("two documents"));
+    if split.val.is_empty() {
+        split.val.push(split.train.pop().expect("enough documents"));
     }
-    if train.is_empty() {
-        train.push(val.pop().expect("two documents"));
+    if holdout.test > 0.0 && split.test.is_empty() {
+        split
+            .test
+            .push(split.train.pop().expect("enough documents"));
     }
-    Ok((train, val))
+    if split.train.is_empty() {
+        split.train.push(split.val.pop().expect("enough documents"));
+    }
+    Ok(split)
 }
 
 #[cfg(test)]
@@ -261,11 +298,33 @@ mod tests {
 
     #[test]
     fn validation_split_is_deterministic_and_disjoint() {
-        let (train, val) = load_split(&Source::Embedded, 0.05).unwrap();
-        let (train2, val2) = load_split(&Source::Embedded, 0.05).unwrap();
-        assert_eq!((train.len(), val.len()), (train2.len(), val2.len()));
-        assert_eq!(val, val2);
-        assert!(!val.is_empty() && train.len() > 10 * val.len());
-        assert!(val.iter().all(|v| !train.contains(v)));
+        let holdout = Holdout::validation(0.05);
+        let a = load_split(&Source::Embedded, holdout).unwrap();
+        let b = load_split(&Source::Embedded, holdout).unwrap();
+        assert_eq!((a.train.len(), a.val.len()), (b.train.len(), b.val.len()));
+        assert_eq!(a.val, b.val);
+        assert!(a.test.is_empty());
+        assert!(!a.val.is_empty() && a.train.len() > 10 * a.val.len());
+        assert!(a.val.iter().all(|v| !a.train.contains(v)));
+    }
+
+    #[test]
+    fn a_test_split_comes_out_of_training_and_leaves_validation_alone() {
+        let without = load_split(&Source::Embedded, Holdout::validation(0.05)).unwrap();
+        let with = load_split(
+            &Source::Embedded,
+            Holdout {
+                val: 0.05,
+                test: 0.1,
+            },
+        )
+        .unwrap();
+        assert_eq!(with.val, without.val);
+        assert!(!with.test.is_empty());
+        assert_eq!(with.train.len() + with.test.len(), without.train.len());
+        assert!(with.test.iter().all(|t| without.train.contains(t)));
+        assert!(with.test.iter().all(|t| !with.train.contains(t)));
+        let share = with.test.len() as f64 / (without.train.len() + without.val.len()) as f64;
+        assert!((0.03..0.2).contains(&share), "test share {share}");
     }
 }

@@ -7,7 +7,7 @@ pub mod tokenizer;
 
 use anyhow::{Context, Result};
 pub use batches::Batches;
-pub use corpus::Source;
+pub use corpus::{Holdout, Source};
 use shard::{fnv1a, TokenShard, FNV_OFFSET};
 use std::path::{Path, PathBuf};
 pub use tokenizer::TextTokenizer;
@@ -20,11 +20,13 @@ pub enum TokenizerChoice<'a> {
     Train(usize),
 }
 
-/// A tokenized corpus: the tokenizer and memory-mapped train / validation token shards.
+/// A tokenized corpus: the tokenizer and memory-mapped train / validation (/ test) token shards.
 pub struct Dataset {
     pub tokenizer: TextTokenizer,
     pub train: TokenShard,
     pub val: TokenShard,
+    /// The test split, when one is held out.
+    pub test: Option<TokenShard>,
     /// True if the shards came from the cache.
     pub cached: bool,
 }
@@ -47,7 +49,7 @@ impl Dataset {
     pub fn prepare(
         source: &Source,
         tokenizer: TokenizerChoice,
-        val_fraction: f64,
+        holdout: Holdout,
         cache: &Path,
     ) -> Result<Self> {
         std::fs::create_dir_all(cache)
@@ -57,9 +59,12 @@ impl Dataset {
         for (label, bytes) in &contents {
             data_key = fnv1a(fnv1a(data_key, label.as_bytes()), bytes);
         }
-        data_key = fnv1a(data_key, &val_fraction.to_le_bytes());
+        data_key = fnv1a(data_key, &holdout.val.to_le_bytes());
+        if holdout.test > 0.0 {
+            data_key = fnv1a(data_key, &holdout.test.to_le_bytes());
+        }
         let mut split = None;
-        let load_split = || corpus::load_split(source, val_fraction);
+        let load_split = || corpus::load_split(source, holdout);
         let tokenizer = match tokenizer {
             TokenizerChoice::File(p) => TextTokenizer::load(p)?,
             TokenizerChoice::Train(vocab) => {
@@ -67,29 +72,39 @@ impl Dataset {
                 if path.exists() {
                     TextTokenizer::load(&path)?
                 } else {
-                    let (train, val) = load_split()?;
-                    let tok = TextTokenizer::train(&train, vocab)?;
+                    let docs = load_split()?;
+                    let tok = TextTokenizer::train(&docs.train, vocab)?;
                     frugal::fs::write_atomically(&path, tok.to_json()?.as_bytes())?;
-                    split = Some((train, val));
+                    split = Some(docs);
                     tok
                 }
             }
         };
         let key = fnv1a(data_key, tokenizer.to_json()?.as_bytes());
-        let paths = ["train", "val"].map(|s| cache.join(format!("tokens-{key:016x}.{s}.bin")));
+        let names: &[&str] = if holdout.test > 0.0 {
+            &["train", "val", "test"]
+        } else {
+            &["train", "val"]
+        };
+        let paths: Vec<PathBuf> = names
+            .iter()
+            .map(|s| cache.join(format!("tokens-{key:016x}.{s}.bin")))
+            .collect();
         let cached = paths.iter().all(|p| p.exists());
         if !cached {
-            let (train, val) = match split {
+            let docs = match split {
                 Some(s) => s,
                 None => load_split()?,
             };
-            TokenShard::write(&paths[0], &tokenizer.encode_packed(&train)?)?;
-            TokenShard::write(&paths[1], &tokenizer.encode_packed(&val)?)?;
+            for (path, part) in paths.iter().zip([&docs.train, &docs.val, &docs.test]) {
+                TokenShard::write(path, &tokenizer.encode_packed(part)?)?;
+            }
         }
         Ok(Dataset {
             tokenizer,
             train: TokenShard::open(&paths[0])?,
             val: TokenShard::open(&paths[1])?,
+            test: paths.get(2).map(|p| TokenShard::open(p)).transpose()?,
             cached,
         })
     }

@@ -60,7 +60,8 @@ fn ctrl_c_token() -> StopToken {
 /// `frugal memory`: prints the planned memory of a model and optimizer.
 fn memory(args: &cli::MemoryArgs) -> Result<()> {
     let model = LlamaConfig::resolve(&args.model)?;
-    let opt = args.opt.resolve(0)?;
+    // The plan is the peak (ρ at the start), whatever the horizon of a decaying density.
+    let opt = args.opt.resolve(0, 1)?;
     let report = MemoryReport::new(&model, &opt)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -77,6 +78,16 @@ fn memory(args: &cli::MemoryArgs) -> Result<()> {
             opt.state_free
         );
         print!("{}", report.table());
+        if let Some(end) = &report.end_state {
+            println!(
+                "ρ decays from {} to {} ({}): the state above is the peak, at the start; at ρ = {} it is {:.1} MiB",
+                opt.density,
+                opt.density_min,
+                opt.density_schedule,
+                opt.density_min,
+                end.total() as f64 / (1024.0 * 1024.0)
+            );
+        }
         println!(
             "optimizer state {:.1} MiB; weights + gradients + state {:.1} MiB",
             report.state_mib(),

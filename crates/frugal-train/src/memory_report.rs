@@ -2,6 +2,7 @@
 //! optimizer, from shapes alone (nothing is allocated).
 
 use anyhow::Result;
+use frugal::config::DensitySchedule;
 use frugal::labels::RoleCounts;
 use frugal::memory::{by_role, plan};
 use frugal::{OptimizerConfig, StateBytes};
@@ -23,6 +24,9 @@ pub struct MemoryReport {
     pub state_full: ClassMemory,
     pub projectable: ClassMemory,
     pub total: ClassMemory,
+    /// With a decaying density: the state once ρ has reached its minimum (the figures above
+    /// are the peak, at the start).
+    pub end_state: Option<StateBytes>,
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -45,10 +49,27 @@ impl MemoryReport {
         let mut total_state = full_state;
         total_state += proj_state;
         let total = class(full.parameters + proj.parameters, total_state);
+        let end_state = match optimizer.density_schedule {
+            DensitySchedule::Constant => None,
+            _ => {
+                let end = OptimizerConfig {
+                    density: optimizer.density_min,
+                    density_schedule: DensitySchedule::Constant,
+                    ..optimizer.clone()
+                };
+                let planned = plan(&end, &model.labelled_shapes())?;
+                let mut sum = StateBytes::default();
+                for (_, b) in planned {
+                    sum += b;
+                }
+                Some(sum)
+            }
+        };
         Ok(MemoryReport {
             state_full: full,
             projectable: proj,
             total,
+            end_state,
         })
     }
 

@@ -113,7 +113,7 @@ pub fn resolve(args: TrainSettings) -> Result<RunConfig> {
     if args.stop_after == Some(0) {
         bail!("--stop-after must be at least 1 (it is a step after which to pause)");
     }
-    let mut optimizer = args.opt.resolve(args.seed)?;
+    let mut optimizer = args.opt.resolve(args.seed, args.steps)?;
     if let Some(lr) = args.lr {
         optimizer.set("lr", &lr.to_string())?;
     }

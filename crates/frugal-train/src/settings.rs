@@ -255,7 +255,8 @@ impl Default for OptimizerSettings {
 impl OptimizerSettings {
     /// The preset with every given override applied: the flags first (each named like the
     /// setting it sets), then `--opt` pairs, all checked by [`frugal::OptimizerConfig::apply`].
-    pub fn resolve(&self, seed: u64) -> Result<frugal::OptimizerConfig> {
+    /// A decaying density without `density_steps` decays over `steps`, the run's length.
+    pub fn resolve(&self, seed: u64, steps: usize) -> Result<frugal::OptimizerConfig> {
         let mut c = frugal::OptimizerConfig::parse_spec(&self.optimizer)?;
         c.seed = seed;
         let mut pairs: Vec<(String, String)> = Vec::new();
@@ -281,6 +282,9 @@ impl OptimizerSettings {
             pairs.push((k.into(), v.into()));
         }
         c.apply(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+        if c.density_schedule != frugal::config::DensitySchedule::Constant && c.density_steps == 0 {
+            c.density_steps = steps;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -385,7 +389,7 @@ mod tests {
             opt: vec!["check_finite=false".into(), "nesterov=true".into()],
             ..Default::default()
         };
-        let c = s.resolve(3).unwrap();
+        let c = s.resolve(3, 1).unwrap();
         assert!(matches!(
             c.projection,
             frugal::config::Projection::Svd {
@@ -394,12 +398,31 @@ mod tests {
             }
         ));
         assert_eq!((c.density, c.update_gap, c.seed), (0.5, 7, 3));
+        // A decaying density without a horizon decays over the run; a given horizon stays.
+        let decaying = |extra: &str| OptimizerSettings {
+            opt: vec!["density_schedule=cosine".into(), extra.into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            decaying("density_min=0")
+                .resolve(0, 800)
+                .unwrap()
+                .density_steps,
+            800
+        );
+        assert_eq!(
+            decaying("density_steps=90")
+                .resolve(0, 800)
+                .unwrap()
+                .density_steps,
+            90
+        );
         assert!(!c.reset && !c.check_finite && c.nesterov);
         let bad = OptimizerSettings {
             opt: vec!["colour=blue".into()],
             ..Default::default()
         };
-        let err = format!("{:#}", bad.resolve(0).unwrap_err());
+        let err = format!("{:#}", bad.resolve(0, 1).unwrap_err());
         assert!(
             err.contains("colour") && err.contains("block_unit"),
             "{err}"
@@ -408,7 +431,7 @@ mod tests {
             opt: vec!["density".into()],
             ..Default::default()
         };
-        assert!(format!("{:#}", bad.resolve(0).unwrap_err()).contains("key=value"));
+        assert!(format!("{:#}", bad.resolve(0, 1).unwrap_err()).contains("key=value"));
     }
 
     #[test]

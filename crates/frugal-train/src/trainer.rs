@@ -229,12 +229,19 @@ impl<M: Model> Trainer<M> {
         } else {
             None
         };
-        self.optimizer.step_grads(&grads).map_err(|e| match e {
+        let stepped = match grad_norm {
+            // A finite global norm proves every gradient finite: the optimizer's own pass over
+            // the gradients is skipped.
+            Some(norm) if norm.is_finite() => self.optimizer.step_finite_grads(&grads),
+            _ => self.optimizer.step_grads(&grads),
+        };
+        stepped.map_err(|e| match e {
             frugal::Error::NonFiniteGradient { .. } => {
                 anyhow::anyhow!("{e} at step {}", self.state.step + 1)
             }
             e => e.into(),
         })?;
+        self.optimizer.observe_loss(loss);
         let tokens = self.settings.tokens_per_step();
         let dt = t0.elapsed().as_secs_f64();
         let st = &mut self.state;

@@ -2,13 +2,14 @@
 //! random-number state) as one safetensors file whose header carries the JSON metadata. A resumed
 //! optimizer continues bit-for-bit like an uninterrupted one.
 
-use crate::config::{MomentStorage, OptimizerConfig};
+use crate::config::{DensitySchedule, MomentStorage, OptimizerConfig};
 use crate::error::{Error, Result};
 use crate::fs::write_atomically;
 use crate::labels::{ParamInfo, Role};
 use crate::optimizer::{Frugal, Slot};
 use crate::projection::{Axis, Basis, BlockSchedule, Selection, Subspace};
 use crate::quant::{self, Code, Packed};
+use crate::update_gap::UpdateGap;
 use rand_chacha::ChaCha8Rng;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::{SafeTensorError, SafeTensors};
@@ -56,6 +57,9 @@ struct StateMeta {
     step: u64,
     rng: ChaCha8Rng,
     schedule: Option<BlockSchedule>,
+    /// Absent in states saved before T could grow: T was fixed then.
+    #[serde(default)]
+    gap: Option<UpdateGap>,
     params: Vec<ParamMeta>,
 }
 
@@ -150,15 +154,23 @@ fn check_subspace(info: &ParamInfo, sub: &Subspace) -> std::result::Result<(), S
 }
 
 /// Checks a saved block schedule against the optimizer's.
+/// Checks a saved block schedule against ours; `fixed`: the density is constant, so the active
+/// counts must agree too (a decaying density changes it between periods).
 fn check_schedule(
     saved: &Option<BlockSchedule>,
     ours: &Option<BlockSchedule>,
+    fixed: bool,
 ) -> std::result::Result<(), String> {
     match (saved, ours) {
         (None, None) => Ok(()),
         (Some(s), Some(o)) => {
             let last = s.blocks.saturating_sub(1);
-            if s.blocks != o.blocks || s.active_count != o.active_count {
+            let counts_differ = if fixed {
+                s.active_count != o.active_count
+            } else {
+                s.active_count > s.blocks
+            };
+            if s.blocks != o.blocks || counts_differ {
                 Err(format!(
                     "the state has {} blocks ({} active), the model {} ({} active)",
                     s.blocks, s.active_count, o.blocks, o.active_count
@@ -257,6 +269,7 @@ impl Frugal {
             step: self.step,
             rng: self.rng.clone(),
             schedule: self.schedule.clone(),
+            gap: Some(self.gap.clone()),
             params,
         };
         let header = HashMap::from([(
@@ -313,7 +326,11 @@ impl Frugal {
                 self.slots.len()
             )));
         }
-        check_schedule(&meta.schedule, &self.schedule)
+        if meta.gap.as_ref().is_some_and(|g| g.gap == 0) {
+            return Err(file_err(path, "the saved update gap is 0"));
+        }
+        let fixed = self.config.density_schedule == DensitySchedule::Constant;
+        check_schedule(&meta.schedule, &self.schedule, fixed)
             .map_err(|e| Error::StateMismatch(format!("block schedule: {e}")))?;
         let saved: HashMap<&str, &ParamMeta> =
             meta.params.iter().map(|p| (p.name.as_str(), p)).collect();
@@ -452,6 +469,9 @@ impl Frugal {
         self.step = meta.step;
         self.rng = meta.rng;
         self.schedule = meta.schedule;
+        self.gap = meta
+            .gap
+            .unwrap_or_else(|| UpdateGap::fixed_at(&self.config, meta.step));
         Ok(())
     }
 }

@@ -228,6 +228,18 @@ named_enum!(
 );
 
 named_enum!(
+    /// How the density ρ changes over training (at subspace changes, every T steps).
+    DensitySchedule, "density schedule", default = Constant, {
+        /// ρ stays at `density`.
+        Constant => "constant",
+        /// ρ falls linearly from `density` to `density_min` over `density_steps`.
+        Linear => "linear",
+        /// ρ follows a half cosine from `density` to `density_min` over `density_steps`.
+        Cosine => "cosine",
+    }
+);
+
+named_enum!(
     /// Which tensors weight decay applies to.
     DecayMask, "weight-decay mask", default = All, {
         /// Every tensor (as in the paper's code).
@@ -391,8 +403,29 @@ pub struct OptimizerConfig {
     /// round(ρ·dimension); 0 uses the density.
     #[serde(default)]
     pub rank: usize,
-    /// Update gap T: the subspace is re-chosen every T steps.
+    /// How ρ changes over training: constant, or decaying to `density_min`.
+    #[serde(default)]
+    pub density_schedule: DensitySchedule,
+    /// The final ρ of a decaying density schedule.
+    #[serde(default)]
+    pub density_min: f64,
+    /// Steps over which a decaying ρ reaches `density_min` (a training run sets its length).
+    #[serde(default)]
+    pub density_steps: usize,
+    /// Update gap T: the subspace is re-chosen every T steps (the first T, with `gap_growth`).
     pub update_gap: usize,
+    /// Factor by which T grows at a subspace change when the training loss has plateaued (the
+    /// mean loss of the period just ended improved on the one before by less than
+    /// `plateau_tolerance`, relatively); 1 keeps T fixed. Needs the losses
+    /// ([`crate::Frugal::observe_loss`]).
+    #[serde(default = "one")]
+    pub gap_growth: f64,
+    /// Largest T that growth may reach; 0: no limit.
+    #[serde(default)]
+    pub gap_max: usize,
+    /// Relative improvement of the mean training loss below which it counts as plateaued.
+    #[serde(default = "default_plateau_tolerance")]
+    pub plateau_tolerance: f64,
     /// Zero the state-full statistics (and restart bias correction) when the subspace changes.
     pub reset: bool,
     /// Rule inside the subspace and for always-state-full parameters.
@@ -452,6 +485,14 @@ const NORM_GROWTH_LIMIT: f64 = 1.01;
 
 fn default_norm_growth_limit() -> f64 {
     NORM_GROWTH_LIMIT
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn default_plateau_tolerance() -> f64 {
+    0.01
 }
 
 impl Default for OptimizerConfig {
@@ -525,7 +566,13 @@ impl OptimizerConfig {
             },
             density: 0.25,
             rank: 0,
+            density_schedule: DensitySchedule::Constant,
+            density_min: 0.0,
+            density_steps: 0,
             update_gap: 200,
+            gap_growth: 1.0,
+            gap_max: 0,
+            plateau_tolerance: default_plateau_tolerance(),
             reset: true,
             state_full: StateFullRule::AdamW,
             state_free: StateFreeRule::SignSgd,
@@ -688,12 +735,24 @@ impl OptimizerConfig {
         Ok(())
     }
 
-    /// How many vectors the matrix projections keep (density or fixed rank).
-    pub fn rank_rule(&self) -> crate::projection::RankRule {
+    /// How many vectors the matrix projections keep at a subspace change at `step` (density or
+    /// fixed rank).
+    pub fn rank_rule(&self, step: u64) -> crate::projection::RankRule {
         crate::projection::RankRule {
-            density: self.density,
+            density: self.density_at(step),
             rank: self.rank,
         }
+    }
+
+    /// The density ρ in force from a subspace change at `step` (see [`DensitySchedule`]).
+    pub fn density_at(&self, step: u64) -> f64 {
+        let x = (step as f64 / self.density_steps.max(1) as f64).min(1.0);
+        let kept = match self.density_schedule {
+            DensitySchedule::Constant => return self.density,
+            DensitySchedule::Linear => 1.0 - x,
+            DensitySchedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * x).cos()),
+        };
+        self.density_min + (self.density - self.density_min) * kept
     }
 
     /// The blockwise projection's order and unit, if that is the projection.
@@ -740,6 +799,53 @@ impl OptimizerConfig {
                     format!("{x} must be a finite number ≥ 0"),
                 ));
             }
+        }
+        if self.density_schedule != DensitySchedule::Constant {
+            if !(0.0..=self.density).contains(&self.density_min) {
+                return Err(Error::setting(
+                    "density_min",
+                    format!(
+                        "{} must lie in [0, density = {}]",
+                        self.density_min, self.density
+                    ),
+                ));
+            }
+            if self.density_steps == 0 {
+                return Err(Error::setting(
+                    "density_steps",
+                    "a decaying density needs the steps over which it decays (e.g. the run's length)",
+                ));
+            }
+            if self.rank > 0 {
+                return Err(Error::setting(
+                    "density_schedule",
+                    "a fixed rank does not follow the density; set rank=0 to let ρ decay",
+                ));
+            }
+        }
+        if !(self.gap_growth.is_finite() && self.gap_growth >= 1.0) {
+            return Err(Error::setting(
+                "gap_growth",
+                format!(
+                    "{} must be a finite number ≥ 1 (1: T stays fixed)",
+                    self.gap_growth
+                ),
+            ));
+        }
+        if self.gap_max != 0 && self.gap_max < self.update_gap {
+            return Err(Error::setting(
+                "gap_max",
+                format!(
+                    "{} is below update_gap = {} (0: no limit)",
+                    self.gap_max, self.update_gap
+                ),
+            ));
+        }
+        if !(self.plateau_tolerance.is_finite() && self.plateau_tolerance >= 0.0) {
+            return Err(Error::setting(
+                "plateau_tolerance",
+                format!("{} must be a finite number ≥ 0", self.plateau_tolerance),
+            ));
         }
         let limit = self.norm_growth_limit;
         if !(limit == 0.0 || (limit.is_finite() && limit >= 1.0)) {
@@ -938,5 +1044,57 @@ mod tests {
         );
         assert_eq!(c.decay_mask, DecayMask::All);
         assert_eq!(c.state_full_modules, "(embed|norm|lm_head)");
+    }
+
+    #[test]
+    fn density_schedules_follow_their_curves_and_bad_ones_are_refused() {
+        let spec = |sched: &str| {
+            OptimizerConfig::parse_spec(&format!(
+                "frugal:density=0.5,density_min=0.1,density_steps=100,density_schedule={sched}"
+            ))
+            .unwrap()
+        };
+        let (constant, linear, cosine) = (spec("constant"), spec("linear"), spec("cosine"));
+        for step in [0, 25, 50, 100, 400] {
+            assert_eq!(constant.density_at(step), 0.5);
+        }
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        // Linear: 0.5 − 0.4·x; cosine: 0.1 + 0.4·(1 + cos πx)/2; both hold ρ_min after the end.
+        for (step, lin, cos) in [
+            (0, 0.5, 0.5),
+            (25, 0.4, 0.1 + 0.2 * (1.0 + std::f64::consts::FRAC_1_SQRT_2)),
+            (50, 0.3, 0.3),
+            (100, 0.1, 0.1),
+            (400, 0.1, 0.1),
+        ] {
+            assert!(close(linear.density_at(step), lin), "linear at {step}");
+            assert!(close(cosine.density_at(step), cos), "cosine at {step}");
+        }
+        assert_eq!(linear.rank_rule(50).density, linear.density_at(50));
+        linear.validate().unwrap();
+        let refused = [
+            (
+                "frugal:density_schedule=linear,density_min=0.1",
+                "density_steps",
+            ),
+            (
+                "frugal:density_schedule=linear,density_steps=9,density_min=0.5",
+                "density_min",
+            ),
+            (
+                "frugal-svd:density_schedule=cosine,density_steps=9,rank=4",
+                "fixed rank",
+            ),
+            ("frugal:gap_growth=0.5", "gap_growth"),
+            ("frugal:update_gap=100,gap_max=50", "gap_max"),
+            ("frugal:plateau_tolerance=-1", "plateau_tolerance"),
+        ];
+        for (spec, expect) in refused {
+            let err = OptimizerConfig::parse_spec(spec)
+                .and_then(|c| c.validate())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expect), "{spec}: {err}");
+        }
     }
 }

@@ -32,6 +32,7 @@ pub mod optimizer;
 pub mod projection;
 pub mod quant;
 pub mod rules;
+pub mod update_gap;
 
 pub use config::OptimizerConfig;
 pub use error::{Error, Result};

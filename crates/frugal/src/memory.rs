@@ -82,7 +82,7 @@ fn planned(config: &OptimizerConfig, info: &ParamInfo, active_block: bool) -> St
             }
         }
         Projection::Svd { proj_side, .. } | Projection::Random { proj_side, .. } => {
-            let (l, r) = matrix_ranks(proj_side, m, n, config.rank_rule());
+            let (l, r) = matrix_ranks(proj_side, m, n, config.rank_rule(0));
             if l == Some(0) || r == Some(0) {
                 return StateBytes::default();
             }

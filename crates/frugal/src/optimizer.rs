@@ -10,6 +10,7 @@ use crate::projection::{self, assign_blocks, BlockSchedule, Subspace, TensorSpli
 use crate::quant::{Code, Packed};
 use crate::rules::scaled::{self, Scaled};
 use crate::rules::{moment_slots, Free, Full};
+use crate::update_gap::UpdateGap;
 use crate::with_rules;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -67,6 +68,8 @@ pub struct Frugal {
     pub(crate) step: u64,
     pub(crate) rng: ChaCha8Rng,
     pub(crate) schedule: Option<BlockSchedule>,
+    /// T in force and the step of the next subspace change.
+    pub(crate) gap: UpdateGap,
     workspace: Workspace,
     /// 8-bit moments of the tensor being updated, unpacked (scratch, like the workspace).
     unpacked: (Vec<f32>, Vec<f32>),
@@ -143,6 +146,7 @@ impl Frugal {
             .collect();
         Ok(Frugal {
             rng: ChaCha8Rng::seed_from_u64(config.seed),
+            gap: UpdateGap::new(&config),
             config,
             slots,
             step: 0,
@@ -211,6 +215,17 @@ impl Frugal {
             .collect()
     }
 
+    /// Records the training loss of the step just taken: the plateau detector of a growing
+    /// update gap (`gap_growth`) reads it; without growth it changes nothing.
+    pub fn observe_loss(&mut self, loss: f64) {
+        self.gap.observe(loss);
+    }
+
+    /// The update gap T in force and the step of the next subspace change.
+    pub fn update_gap(&self) -> &UpdateGap {
+        &self.gap
+    }
+
     /// The block schedule of the blockwise projection (block count, active count, cursors).
     pub fn block_schedule(&self) -> Option<&BlockSchedule> {
         self.schedule.as_ref()
@@ -260,13 +275,22 @@ impl Frugal {
     /// One optimizer step from the gradients in `grads`. Parameters without a gradient are skipped.
     /// Nothing is updated if any gradient is non-finite (with `check_finite`).
     pub fn step_grads(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_with(grads, self.config.check_finite)
+    }
+
+    /// [`Frugal::step_grads`] for gradients the caller has already found finite, e.g. by a
+    /// finite global norm (a norm over f64 sums is finite only if every gradient is): skips the
+    /// optimizer's own pass over the gradients.
+    pub fn step_finite_grads(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_with(grads, false)
+    }
+
+    fn step_with(&mut self, grads: &GradStore, check_finite: bool) -> Result<()> {
         let mut work: Vec<(usize, Tensor)> = Vec::with_capacity(self.slots.len());
         for (i, slot) in self.slots.iter().enumerate() {
             if let Some(g) = grads.get(&slot.var) {
                 let g = g.contiguous()?;
-                if self.config.check_finite
-                    && !kernels::with_slice(&slot.info.name, &g, kernels::all_finite)?
-                {
+                if check_finite && !kernels::with_slice(&slot.info.name, &g, kernels::all_finite)? {
                     return Err(Error::NonFiniteGradient {
                         name: slot.info.name.clone(),
                     });
@@ -274,8 +298,9 @@ impl Frugal {
                 work.push((i, g));
             }
         }
-        if self.step.is_multiple_of(self.config.update_gap as u64) {
+        if self.gap.due(self.step) {
             self.refresh(&work)?;
+            self.gap.advance(&self.config, self.step);
         }
         for (i, g) in &work {
             self.update_slot(*i, g)?;
@@ -290,6 +315,7 @@ impl Frugal {
         let storage = self.config.moment_storage;
         let mut pool = Pool::default();
         if let Some(schedule) = self.schedule.as_mut() {
+            schedule.set_density(self.config.density_at(self.step));
             let active = schedule.next(&mut self.rng);
             let new: Vec<Option<Subspace>> = self
                 .slots
@@ -331,7 +357,7 @@ impl Frugal {
                 }
             }
         } else if let Some(split) = self.config.projection.per_tensor() {
-            let ranks = self.config.rank_rule();
+            let ranks = self.config.rank_rule(self.step);
             let projectable: Vec<&(usize, Tensor)> = work
                 .iter()
                 .filter(|(i, _)| self.slots[*i].info.role == Role::Projectable)

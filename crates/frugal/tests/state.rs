@@ -276,6 +276,8 @@ fn resumed_run_is_bit_identical() {
         "frugal:block_order=random,update_gap=2,moment_storage=8bit",
         "galore:update_gap=2,moment_transfer=project,moment_storage=8bit",
         "frugal:projection=columns,update_gap=2,moment_storage=8bit",
+        "frugal:update_gap=2,density=0.8,density_schedule=linear,density_steps=6,density_min=0.2",
+        "frugal-svd:update_gap=2,density_schedule=cosine,density_steps=6,density_min=0.1",
     ] {
         let vars = named_vars(LLAMA_LIKE, 7);
         let cfg = config(spec);
@@ -489,4 +491,89 @@ fn crafted_or_damaged_state_files_are_errors_not_panics() {
         Err(Error::StateFile { .. })
     ));
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_decaying_density_shrinks_the_active_set_and_the_ranks() {
+    let vars = named_vars(LLAMA_LIKE, 5);
+    // Five projectable tensors (blocks); ρ 0.8 → 0.2 linearly over 6 steps, T = 2: round(5ρ) =
+    // 4, 3, 2, 1 active blocks at the changes of steps 0, 2, 4, 6.
+    let cfg = config(
+        "frugal:update_gap=2,density=0.8,density_schedule=linear,density_steps=6,density_min=0.2",
+    );
+    let mut opt = Frugal::from_named(vars.clone(), cfg).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let (mut active, mut moments) = (Vec::new(), Vec::new());
+    for step in 0..8 {
+        let (_, g) = random_grads(&vars, &mut rng);
+        opt.step_grads(&g).unwrap();
+        if step % 2 == 0 {
+            active.push(opt.block_schedule().unwrap().active_count);
+            moments.push(opt.state_bytes().moments);
+        }
+    }
+    assert_eq!(active, [4, 3, 2, 1]);
+    assert!(moments.windows(2).all(|w| w[1] < w[0]), "{moments:?}");
+
+    // SVD: the 12×12 q_proj keeps round(12ρ) vectors, ρ = 0.5 → 0.25 on a half cosine over 4
+    // steps: 6, then round(4.5) = 4 (half to even), then 3.
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let cfg = config(
+        "frugal-svd:update_gap=2,density=0.5,density_schedule=cosine,density_steps=4,density_min=0.25",
+    );
+    let mut opt = Frugal::from_named(vars.clone(), cfg).unwrap();
+    let mut ranks = Vec::new();
+    for step in 0..6 {
+        let (_, g) = random_grads(&vars, &mut rng);
+        opt.step_grads(&g).unwrap();
+        if step % 2 == 0 {
+            ranks.push(opt.param_state(name).unwrap().m.len() / 12);
+        }
+    }
+    assert_eq!(ranks, [6, 4, 3]);
+}
+
+#[test]
+fn the_update_gap_grows_on_a_plateau_and_resumes_exactly() {
+    let vars = named_vars(LLAMA_LIKE, 9);
+    let cfg = config("frugal:update_gap=2,gap_growth=2,gap_max=8,block_order=ascending");
+    // A flat loss: steps 0-1 set the reference, then T doubles at each change up to 8.
+    let changes =
+        |opt: &mut Frugal, from: u64, to: u64, rng: &mut ChaCha8Rng, seen: &mut Vec<u64>| {
+            for step in from..to {
+                let before = opt.update_gap().next;
+                let (_, g) = random_grads(&vars, rng);
+                opt.step_grads(&g).unwrap();
+                opt.observe_loss(1.0);
+                if opt.update_gap().next != before || step == 0 {
+                    seen.push(step);
+                }
+            }
+        };
+    let mut straight = Frugal::from_named(clone_vars(&vars), cfg.clone()).unwrap();
+    let mut seen = Vec::new();
+    changes(
+        &mut straight,
+        0,
+        26,
+        &mut ChaCha8Rng::seed_from_u64(1),
+        &mut seen,
+    );
+    assert_eq!(seen, [0, 2, 4, 8, 16, 24]);
+    assert_eq!(straight.update_gap().gap, 8);
+
+    // Saved at step 6 (inside a period of T = 4) and resumed: the same changes follow.
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let mut first = Frugal::from_named(clone_vars(&vars), cfg.clone()).unwrap();
+    let mut seen = Vec::new();
+    changes(&mut first, 0, 6, &mut rng, &mut seen);
+    let path = std::env::temp_dir().join(format!("frugal-gap-{}.safetensors", std::process::id()));
+    first.save_state(&path).unwrap();
+    let mut resumed = Frugal::from_named(clone_vars(&vars), cfg).unwrap();
+    resumed.load_state(&path).unwrap();
+    std::fs::remove_file(&path).ok();
+    assert_eq!(resumed.update_gap(), first.update_gap());
+    changes(&mut resumed, 6, 26, &mut rng, &mut seen);
+    assert_eq!(seen, [0, 2, 4, 8, 16, 24]);
+    assert_eq!(resumed.update_gap(), straight.update_gap());
 }

@@ -38,8 +38,14 @@ impl BlockSchedule {
 
     /// The schedule over `blocks` blocks at density ρ: round(blocks·ρ) active, half to even.
     pub fn for_config(order: BlockOrder, density: f64, blocks: usize) -> Self {
-        let active = round_half_even(blocks as f64 * density);
-        Self::new(order, blocks, active)
+        let mut s = Self::new(order, blocks, 0);
+        s.set_density(density);
+        s
+    }
+
+    /// Sets the active count for density ρ (a decaying density changes it between periods).
+    pub fn set_density(&mut self, density: f64) {
+        self.active_count = round_half_even(self.blocks as f64 * density).min(self.blocks);
     }
 
     /// The active blocks of the next period, sorted.

@@ -556,4 +556,9 @@ fn compare_tunes_by_successive_halving_and_reports_the_test_split() {
     ]));
     let log = String::from_utf8_lossy(&again.stderr);
     assert!(!log.contains("done:"), "{log}");
+    // ... and reads every round's scores at that round's step, so the tuning is unchanged.
+    let report_again: Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("compare.json")).unwrap())
+            .unwrap();
+    assert_eq!(report_again["tuning"], report["tuning"]);
 }

@@ -339,7 +339,15 @@ impl Comparison<'_> {
                 let Some(r) = self.run(&method.label, &candidates[i], seed, until)? else {
                     return Ok(None);
                 };
-                scores[i].push(r.val_ppl);
+                // The evaluation at this round's step (a resumed comparison may find the run
+                // already further along).
+                let at = rung.steps as f64 * self.tokens_per_step;
+                let score = r
+                    .curve
+                    .iter()
+                    .find(|(tokens, _)| *tokens == at)
+                    .map(|c| c.1);
+                scores[i].push(score.or(r.val_ppl).filter(|_| r.failed.is_none()));
                 if r.failed.is_some() {
                     failures[i] = r.failed;
                 }

@@ -363,7 +363,7 @@ impl Comparison<'_> {
         let tuning = Tuning {
             method: method.label.clone(),
             seed,
-            rungs: rungs.clone(),
+            rungs,
             candidates: candidates
                 .iter()
                 .zip(scores)

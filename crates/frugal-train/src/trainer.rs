@@ -357,6 +357,17 @@ mod tests {
         }
     }
 
+    /// The regression weights.
+    fn w(t: &Trainer<Regression>) -> Vec<f32> {
+        t.model
+            .w
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
     fn trainer(steps: usize, batch: usize, accum: usize, stop: StopToken) -> Trainer<Regression> {
         let w = Var::zeros((1, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
         let model = Regression { w };
@@ -416,15 +427,6 @@ mod tests {
         let a = one.step(&mut Samples).unwrap();
         let b = two.step(&mut Samples).unwrap();
         assert!((a.loss - b.loss).abs() < 1e-6);
-        let w = |t: &Trainer<Regression>| {
-            t.model
-                .w
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
         for (x, y) in w(&one).iter().zip(w(&two)) {
             assert!((x - y).abs() < 1e-6, "{:?} vs {:?}", w(&one), w(&two));
         }
@@ -467,15 +469,6 @@ mod tests {
             paused.train(&mut Samples, &mut calls).unwrap(),
             Outcome::Finished
         );
-        let w = |t: &Trainer<Regression>| {
-            t.model
-                .w
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
         assert_eq!(w(&paused), w(&straight));
         assert_eq!(calls.evaluated, [3, 5, 6, 9, 12]);
     }

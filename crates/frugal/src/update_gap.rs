@@ -67,7 +67,7 @@ impl UpdateGap {
                     } else {
                         config.gap_max as u64
                     };
-                    self.gap = grown.max(self.gap + 1).min(cap).max(self.gap);
+                    self.gap = grown.max(self.gap + 1).min(cap);
                 }
             }
             self.previous = Some(mean);

@@ -63,8 +63,13 @@ fn losses(run: &Path) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// A JSON file's contents.
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 fn summary(run: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
+    json(&run.join("summary.json"))
 }
 
 #[test]
@@ -113,8 +118,7 @@ fn training_writes_the_run_directory_and_lowers_perplexity() {
     );
     assert!(end < 0.5 * start, "perplexity {start} → {end}");
     assert!(s["optimizer_state_bytes"]["moments"].as_u64().unwrap() > 0);
-    let hf: Value =
-        serde_json::from_str(&std::fs::read_to_string(ck.join("config.json")).unwrap()).unwrap();
+    let hf: Value = json(&ck.join("config.json"));
     assert_eq!(hf["model_type"], "llama");
 
     // `frugal eval` on the same split (and the run's sequence length) reproduces the final
@@ -282,8 +286,7 @@ fn config_file_values_apply_and_flags_win() {
         &run,
         &["--config", cfg.to_str().unwrap(), "--steps", "2"],
     ));
-    let config: Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let config: Value = json(&run.join("config.json"));
     assert_eq!(config["args"]["steps"], 2);
     // FAST's --batch-size 2 is on the command line and wins over the file's 3.
     assert_eq!(config["args"]["batch_size"], 2);
@@ -459,9 +462,7 @@ fn compare_reports_every_method_and_resumes() {
         c
     };
     run_ok(args(&["--out", out_dir.to_str().unwrap()]).stderr(std::process::Stdio::null()));
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(out_dir.join("compare.json")).unwrap())
-            .unwrap();
+    let report: Value = json(&out_dir.join("compare.json"));
     let rows = report["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 3);
     assert!(
@@ -506,9 +507,7 @@ fn compare_tunes_by_successive_halving_and_reports_the_test_split() {
 
     let flags = ["--test-fraction", "0.1", "--out", out_dir.to_str().unwrap()];
     run_ok(compare(&flags).stderr(std::process::Stdio::null()));
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(out_dir.join("compare.json")).unwrap())
-            .unwrap();
+    let report: Value = json(&out_dir.join("compare.json"));
     // Three candidates: rounds of 1, 2 and 4 steps with 3, 2 and 1 of them; the diverging rate
     // fails in the first round and drops out.
     let tuning = &report["tuning"][0];
@@ -557,8 +556,6 @@ fn compare_tunes_by_successive_halving_and_reports_the_test_split() {
     let log = String::from_utf8_lossy(&again.stderr);
     assert!(!log.contains("done:"), "{log}");
     // ... and reads every round's scores at that round's step, so the tuning is unchanged.
-    let report_again: Value =
-        serde_json::from_str(&std::fs::read_to_string(out_dir.join("compare.json")).unwrap())
-            .unwrap();
+    let report_again: Value = json(&out_dir.join("compare.json"));
     assert_eq!(report_again["tuning"], report["tuning"]);
 }

@@ -57,11 +57,8 @@ impl MemoryReport {
                     density_schedule: DensitySchedule::Constant,
                     ..optimizer.clone()
                 };
-                let planned = plan(&end, &model.labelled_shapes())?;
-                let mut sum = StateBytes::default();
-                for (_, b) in planned {
-                    sum += b;
-                }
+                let (mut sum, proj) = by_role(&plan(&end, &model.labelled_shapes())?);
+                sum += proj;
                 Some(sum)
             }
         };

@@ -4,6 +4,7 @@
 use clap::{Args, Parser, Subcommand};
 use frugal_train::compare::CompareSettings;
 use frugal_train::eval::EvalSettings;
+use frugal_train::settings::MemorySettings;
 use frugal_train::{OptimizerSettings, TrainSettings};
 
 /// Memory-efficient training of LLaMA-style models with FRUGAL and its baselines.
@@ -35,6 +36,18 @@ pub struct MemoryArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Sequences per micro-batch: with it, the report plans each memory mode's activations,
+    /// gradients and peak.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Tokens per sequence [default: min(256, the model's max_position_embeddings)].
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Micro-batches per optimizer step (accumulated gradients are held).
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[command(flatten)]
+    pub memory: MemorySettings,
     #[command(flatten)]
     pub opt: OptimizerSettings,
 }

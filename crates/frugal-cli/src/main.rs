@@ -48,6 +48,15 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
 }
 
+/// Returns freed memory to the operating system at once (`--memory low`): the peak RSS then
+/// shows the real peak, at the cost of page faults when memory is reused.
+fn return_freed_memory(memory: &frugal_train::settings::MemorySettings) {
+    if memory.memory == frugal_train::settings::MemoryMode::Low {
+        // SAFETY: setting an option has no preconditions; 0 purges freed pages at once.
+        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 0) };
+    }
+}
+
 /// A stop token set by Ctrl-C: runs save a checkpoint and stop at the next step boundary.
 fn ctrl_c_token() -> StopToken {
     let token = StopToken::new();
@@ -62,7 +71,28 @@ fn memory(args: &cli::MemoryArgs) -> Result<()> {
     let model = LlamaConfig::resolve(&args.model)?;
     // The plan is the peak (ρ at the start), whatever the horizon of a decaying density.
     let opt = args.opt.resolve(0, 1)?;
-    let report = MemoryReport::new(&model, &opt)?;
+    let mut report = MemoryReport::new(&model, &opt)?;
+    args.memory.validate()?;
+    if let Some(batch) = args.batch_size {
+        let seq = args
+            .seq_len
+            .unwrap_or(model.max_position_embeddings.min(256));
+        frugal_train::trainer::at_least_one(&[
+            ("--batch-size", batch),
+            ("--seq-len", seq),
+            ("--grad-accum", args.grad_accum),
+        ])?;
+        let backward = args.memory.backward();
+        let selected = frugal_nn::llama::StepMode {
+            checkpointing: backward.checkpointing,
+            per_layer_updates: backward.per_layer_updates,
+            loss_chunks: args.memory.loss_chunks(),
+            grad_accum: args.grad_accum,
+        };
+        report = report.with_steps(&model, batch, seq, selected);
+    } else if args.seq_len.is_some() {
+        bail!("--seq-len plans a step only with --batch-size");
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -93,6 +123,13 @@ fn memory(args: &cli::MemoryArgs) -> Result<()> {
             report.state_mib(),
             report.training_mib()
         );
+        if !report.steps.is_empty() {
+            println!(
+                "memory modes (MiB, micro-batch {} × {}): activations kept for the backward pass, gradients held at once, the backward working set, and the peak with weights and state; * = the mode of these flags",
+                args.batch_size.unwrap_or(0),
+                args.seq_len.unwrap_or(model.max_position_embeddings.min(256))
+            );
+        }
     }
     Ok(())
 }
@@ -108,6 +145,7 @@ fn run(matches: &ArgMatches, cli: Cli) -> Result<()> {
                 .clone()
                 .unwrap_or_else(data::default_cache_dir);
             let resume = merged.resume.clone();
+            return_freed_memory(&merged.memory);
             let config = frugal_train::run::resolve(merged)?;
             frugal_train::run::run(
                 config,
@@ -140,6 +178,7 @@ fn run(matches: &ArgMatches, cli: Cli) -> Result<()> {
                 .collect();
             args.train = args.train.clone().merge(&given)?;
             args.train.resume = resume;
+            return_freed_memory(&args.train.memory);
             let cache = args
                 .train
                 .cache_dir

@@ -559,3 +559,59 @@ fn compare_tunes_by_successive_halving_and_reports_the_test_split() {
     let report_again: Value = json(&out_dir.join("compare.json"));
     assert_eq!(report_again["tuning"], report["tuning"]);
 }
+
+#[test]
+fn low_memory_training_matches_the_normal_run_and_the_report_plans_every_mode() {
+    let dir = scratch("low-memory");
+    let normal = dir.join("normal");
+    let layered = dir.join("layered");
+    let low = dir.join("low");
+    run_ok(&mut train(&dir, &normal, &["--steps", "4"]));
+    // Checkpointing and per-layer updates change nothing, bit for bit.
+    run_ok(&mut train(
+        &dir,
+        &layered,
+        &[
+            "--steps",
+            "4",
+            "--per-layer-updates",
+            "--activation-checkpointing",
+        ],
+    ));
+    assert_eq!(losses(&normal), losses(&layered));
+    assert_eq!(summary(&normal)["val_loss"], summary(&layered)["val_loss"]);
+    // The chunked loss changes f32 rounding only.
+    run_ok(&mut train(&dir, &low, &["--steps", "4", "--memory", "low"]));
+    let (a, b) = (summary(&normal), summary(&low));
+    let (a, b) = (
+        a["val_loss"].as_f64().unwrap(),
+        b["val_loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-3 * a, "{a} vs {b}");
+    assert!(summary(&low)["peak_rss_bytes"].as_u64().unwrap() > 0);
+    let out = run_ok(frugal(&dir).args([
+        "memory",
+        "--model",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "64",
+        "--memory",
+        "low",
+        "--json",
+    ]));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let steps = report["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 5);
+    let peak = |i: usize| steps[i]["peak_bytes"].as_u64().unwrap();
+    assert_eq!(steps[4]["mode"], "low");
+    assert_eq!(steps[4]["selected"], true);
+    assert!((1..5).all(|i| peak(i) < peak(0)), "{steps:?}");
+    let err = frugal(&dir)
+        .args(["train", "--loss-chunks", "0", "--steps", "1"])
+        .output()
+        .unwrap();
+    assert!(!err.status.success());
+    assert!(String::from_utf8_lossy(&err.stderr).contains("--loss-chunks must be at least 1"));
+}

@@ -21,6 +21,10 @@ pub enum Error {
     #[error("{0}")]
     Input(String),
 
+    /// The loss of a batch is NaN or infinite; no gradient was computed from it.
+    #[error("the loss became {loss}; no gradient was computed from it")]
+    NonFiniteLoss { loss: f32 },
+
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -71,6 +71,7 @@ fn main() -> Result<()> {
         grad_accum: 1,
         seq_len: 64,
         clip: 1.0,
+        backward: Default::default(),
         log_every: 25,
         eval_every: 75,
         save_every: steps,

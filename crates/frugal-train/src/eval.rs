@@ -21,7 +21,7 @@ fn loss_sum(
     while first < windows {
         let n = batch_size.min(windows - first);
         let (x, y) = batches.sequential(first, n)?;
-        let loss = model.loss(&x, &y)?.to_scalar::<f32>()? as f64;
+        let loss = model.eval_loss(&x, &y)? as f64;
         sum += loss * n as f64;
         count += n;
         first += n;

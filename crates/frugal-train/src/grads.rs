@@ -1,7 +1,7 @@
 //! Gradient utilities: accumulation over micro-batches and global-norm clipping.
 
 use candle_core::backprop::GradStore;
-use candle_core::Result;
+use candle_core::{Result, Tensor};
 use frugal::Param;
 
 /// Adds the gradients in `more` into `acc`, parameter by parameter (gradient accumulation).
@@ -18,26 +18,39 @@ pub fn accumulate(acc: &mut GradStore, mut more: GradStore, params: &[Param]) ->
     Ok(())
 }
 
-/// The global L2 norm of the gradients, summed in name order so that it does not depend on the
-/// order in which a model lists its parameters.
+/// Σ g² of one gradient, summed in f32 and widened (every global norm adds these).
+pub fn squared_norm(g: &Tensor) -> Result<f64> {
+    Ok(g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)
+}
+
+/// The global L2 norm from each parameter's [`squared_norm`], added in name order so that it
+/// does not depend on the order in which a model lists, or a backward pass makes, them.
+pub fn norm_in_name_order(mut squares: Vec<(&str, f64)>) -> f64 {
+    squares.sort_by(|a, b| a.0.cmp(b.0));
+    squares.iter().map(|(_, s)| s).sum::<f64>().sqrt()
+}
+
+/// The global L2 norm of the gradients (see [`norm_in_name_order`]).
 pub fn global_norm(grads: &GradStore, params: &[Param]) -> Result<f64> {
-    let mut by_name: Vec<&Param> = params.iter().collect();
-    by_name.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut sq = 0.0f64;
-    for p in by_name {
+    let mut squares = Vec::with_capacity(params.len());
+    for p in params {
         if let Some(g) = grads.get(p.var.as_tensor()) {
-            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            squares.push((p.name.as_str(), squared_norm(g)?));
         }
     }
-    Ok(sq.sqrt())
+    Ok(norm_in_name_order(squares))
+}
+
+/// The factor that brings a global norm `norm` down to `max` (0: no clipping), if it is above.
+pub fn clip_factor(norm: f64, max: f64) -> Option<f64> {
+    (max > 0.0 && norm > max).then(|| max / norm)
 }
 
 /// Scales the gradients so that their global L2 norm is at most `max` (0: no clipping); returns
 /// the norm before clipping.
 pub fn clip_grad_norm(grads: &mut GradStore, params: &[Param], max: f64) -> Result<f64> {
     let norm = global_norm(grads, params)?;
-    if max > 0.0 && norm > max {
-        let scale = max / norm;
+    if let Some(scale) = clip_factor(norm, max) {
         for p in params {
             if let Some(g) = grads.remove(p.var.as_tensor()) {
                 grads.insert(p.var.as_tensor(), (g * scale)?);
@@ -50,7 +63,7 @@ pub fn clip_grad_norm(grads: &mut GradStore, params: &[Param], max: f64) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Tensor, Var};
+    use candle_core::{Device, Var};
 
     fn param(name: &str, values: &[f32]) -> Param {
         let t = Tensor::new(values, &Device::Cpu).unwrap();

@@ -6,7 +6,7 @@ use frugal::config::DensitySchedule;
 use frugal::labels::RoleCounts;
 use frugal::memory::{by_role, plan};
 use frugal::{OptimizerConfig, StateBytes};
-use frugal_nn::llama::LlamaConfig;
+use frugal_nn::llama::{LlamaConfig, StepMemory, StepMode};
 use serde::Serialize;
 
 /// Bytes of one parameter role.
@@ -27,6 +27,37 @@ pub struct MemoryReport {
     /// With a decaying density: the state once ρ has reached its minimum (the figures above
     /// are the peak, at the start).
     pub end_state: Option<StateBytes>,
+    /// With a batch shape: the planned step memory of every memory mode.
+    pub steps: Vec<ModePlan>,
+}
+
+/// The planned memory of training steps in one memory mode.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ModePlan {
+    pub mode: String,
+    pub settings: StepMode,
+    pub step: StepMemory,
+    /// Weights, optimizer state and the step's peak.
+    pub peak_bytes: usize,
+    /// The mode the given settings select.
+    pub selected: bool,
+}
+
+/// The memory modes a report plans, by name: each technique alone, and all of them.
+pub fn modes(grad_accum: usize) -> Vec<(&'static str, StepMode)> {
+    let mode = |checkpointing, per_layer_updates, loss_chunks| StepMode {
+        checkpointing,
+        per_layer_updates,
+        loss_chunks,
+        grad_accum,
+    };
+    vec![
+        ("normal", mode(false, false, 1)),
+        ("checkpointing", mode(true, false, 1)),
+        ("per-layer updates", mode(false, true, 1)),
+        ("loss chunks 8", mode(false, false, 8)),
+        ("low", mode(true, true, 8)),
+    ]
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -67,7 +98,38 @@ impl MemoryReport {
             projectable: proj,
             total,
             end_state,
+            steps: Vec::new(),
         })
+    }
+
+    /// Adds the step plans of every memory mode for micro-batches of `batch` × `seq` tokens;
+    /// `selected` (the run's mode) is listed too if it is not one of them.
+    pub fn with_steps(
+        mut self,
+        model: &LlamaConfig,
+        batch: usize,
+        seq: usize,
+        selected: StepMode,
+    ) -> Self {
+        let mut all = modes(selected.grad_accum);
+        if !all.iter().any(|(_, m)| *m == selected) {
+            all.push(("selected", selected));
+        }
+        let fixed = self.total.parameter_bytes + self.total.state.total();
+        self.steps = all
+            .into_iter()
+            .map(|(name, settings)| {
+                let step = model.step_memory(batch, seq, settings);
+                ModePlan {
+                    mode: name.to_string(),
+                    settings,
+                    peak_bytes: fixed + step.peak,
+                    step,
+                    selected: settings == selected,
+                }
+            })
+            .collect();
+        self
     }
 
     /// Optimizer state in MiB.
@@ -103,6 +165,23 @@ impl MemoryReport {
                 c.state.indices as f64 / MIB,
                 c.state.total() as f64 / MIB,
             );
+        }
+        if !self.steps.is_empty() {
+            out += &format!(
+                "\n{:<20} {:>12} {:>10} {:>10} {:>10}\n",
+                "memory mode", "activations", "grads", "working", "peak"
+            );
+            for p in &self.steps {
+                let mark = if p.selected { " *" } else { "" };
+                out += &format!(
+                    "{:<20} {:>12.1} {:>10.1} {:>10.1} {:>10.1}{mark}\n",
+                    p.mode,
+                    p.step.activations as f64 / MIB,
+                    p.step.gradients as f64 / MIB,
+                    p.step.working as f64 / MIB,
+                    p.peak_bytes as f64 / MIB,
+                );
+            }
         }
         out
     }

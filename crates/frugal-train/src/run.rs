@@ -44,6 +44,7 @@ impl RunConfig {
             grad_accum: a.grad_accum,
             seq_len: self.seq_len,
             clip: a.clip,
+            backward: a.memory.backward(),
             log_every: a.log_every,
             eval_every: self.eval_every,
             save_every: self.save_every,
@@ -110,6 +111,7 @@ pub fn resolve(args: TrainSettings) -> Result<RunConfig> {
             args.test_fraction
         );
     }
+    args.memory.validate()?;
     if args.stop_after == Some(0) {
         bail!("--stop-after must be at least 1 (it is a step after which to pause)");
     }
@@ -289,7 +291,7 @@ pub fn run(
     );
 
     // Model, optimizer, loop state.
-    let (model, opt, state) = match &resume_from {
+    let (mut model, opt, state) = match &resume_from {
         Some((_, ck)) => {
             let model = Llama::load(&run.model, &ck.join(checkpoint::MODEL), &device, DType::F32)?;
             let mut opt = Frugal::from_params(model.params(), run.optimizer.clone())?;
@@ -303,6 +305,7 @@ pub fn run(
             (model, opt, TrainerState::default())
         }
     };
+    model.set_loss_chunks(args.memory.loss_chunks());
     if resume_from.is_none() {
         let write = frugal::fs::write_atomically;
         write(

@@ -115,7 +115,77 @@ pub struct TrainSettings {
     #[serde(skip)]
     pub cache_dir: Option<PathBuf>,
     #[cfg_attr(feature = "cli", command(flatten))]
+    #[serde(flatten)]
+    pub memory: MemorySettings,
+    #[cfg_attr(feature = "cli", command(flatten))]
     pub opt: OptimizerSettings,
+}
+
+/// A preset of the memory-saving techniques.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryMode {
+    /// Only the techniques asked for by their own flags.
+    #[default]
+    Normal,
+    /// Every technique: activation checkpointing, per-layer updates, the loss in chunks, and
+    /// freed memory returned to the operating system.
+    Low,
+}
+
+/// How a run trades compute for memory: each technique alone, or all of them by `--memory low`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct MemorySettings {
+    /// Memory preset: normal, or low (all the techniques below, and freed memory returned to
+    /// the operating system so that the peak RSS is the real peak).
+    #[cfg_attr(feature = "cli", arg(long, value_enum, default_value_t = MemoryMode::Normal))]
+    #[serde(default)]
+    pub memory: MemoryMode,
+    /// Keep only each layer's input in the forward pass; recompute each layer in the backward
+    /// pass (one more forward pass of compute).
+    #[cfg_attr(feature = "cli", arg(long))]
+    #[serde(default)]
+    pub activation_checkpointing: bool,
+    /// Update each layer as soon as its gradients exist, so that the whole gradient never
+    /// exists (implies the recomputation of --activation-checkpointing).
+    #[cfg_attr(feature = "cli", arg(long))]
+    #[serde(default)]
+    pub per_layer_updates: bool,
+    /// Compute the loss over N chunks of tokens × N chunks of vocabulary, never the whole
+    /// logits [default: 1, or 8 with --memory low].
+    #[cfg_attr(feature = "cli", arg(long))]
+    #[serde(default)]
+    pub loss_chunks: Option<usize>,
+}
+
+impl MemorySettings {
+    /// The backward pass these settings ask for.
+    pub fn backward(&self) -> crate::trainer::Backward {
+        let low = self.memory == MemoryMode::Low;
+        crate::trainer::Backward {
+            checkpointing: low || self.activation_checkpointing,
+            per_layer_updates: low || self.per_layer_updates,
+        }
+    }
+
+    /// Chunks of the loss (1: the whole logits).
+    pub fn loss_chunks(&self) -> usize {
+        match (self.loss_chunks, self.memory) {
+            (Some(n), _) => n,
+            (None, MemoryMode::Low) => 8,
+            (None, MemoryMode::Normal) => 1,
+        }
+    }
+
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<()> {
+        if self.loss_chunks == Some(0) {
+            bail!("--loss-chunks must be at least 1 (1 computes the whole logits at once)");
+        }
+        Ok(())
+    }
 }
 
 impl Default for TrainSettings {
@@ -148,6 +218,7 @@ impl Default for TrainSettings {
             seed: 0,
             threads: None,
             cache_dir: None,
+            memory: MemorySettings::default(),
             opt: OptimizerSettings::default(),
         }
     }

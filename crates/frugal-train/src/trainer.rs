@@ -2,7 +2,7 @@
 //! optimizer step → log → maybe evaluate → maybe checkpoint, until the last step or until the
 //! caller's [`StopToken`] is set.
 
-use crate::grads::{accumulate, clip_grad_norm};
+use crate::grads::{accumulate, clip_factor, clip_grad_norm, norm_in_name_order, squared_norm};
 use crate::metrics::TrainRecord;
 use crate::schedule::Schedule;
 use anyhow::{bail, Result};
@@ -14,12 +14,36 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Receives parameter gradients as a backward pass makes them.
+pub type GradSink<'a> = dyn FnMut(GradStore) -> Result<()> + 'a;
+
 /// A model the trainer can train.
 pub trait Model {
     /// Mean loss of a batch (a scalar tensor that backpropagates to the parameters).
     fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor>;
     /// The trainable parameters with their labels, in model order.
     fn params(&self) -> Vec<Param>;
+    /// The loss of a batch, and its gradients (of the loss times `scale`) handed to `sink` in
+    /// parts as the backward pass makes them, each parameter once. The default is one whole
+    /// backward pass and one part; a layered model recomputes each layer from its saved input
+    /// and hands over one layer at a time (activation checkpointing). A non-finite loss is a
+    /// [`frugal_nn::Error::NonFiniteLoss`] before any gradient reaches `sink`.
+    fn backward_by_layers(
+        &self,
+        inputs: &Tensor,
+        targets: &Tensor,
+        scale: f64,
+        sink: &mut GradSink<'_>,
+    ) -> Result<f64> {
+        let loss = self.loss(inputs, targets)?;
+        let value = loss.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            return Err(frugal_nn::Error::NonFiniteLoss { loss: value }.into());
+        }
+        let scaled = if scale == 1.0 { loss } else { (loss * scale)? };
+        sink(scaled.backward()?)?;
+        Ok(value as f64)
+    }
 }
 
 impl Model for frugal_nn::llama::Llama {
@@ -30,6 +54,31 @@ impl Model for frugal_nn::llama::Llama {
     fn params(&self) -> Vec<Param> {
         frugal_nn::llama::Llama::params(self)
     }
+
+    fn backward_by_layers(
+        &self,
+        inputs: &Tensor,
+        targets: &Tensor,
+        scale: f64,
+        sink: &mut GradSink<'_>,
+    ) -> Result<f64> {
+        let loss = frugal_nn::llama::Llama::backward_by_layers(self, inputs, targets, scale, sink)?;
+        Ok(loss as f64)
+    }
+}
+
+/// How the backward pass saves memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backward {
+    /// Keep only each layer's input in the forward pass and recompute the layer in the
+    /// backward pass (see [`Model::backward_by_layers`]).
+    pub checkpointing: bool,
+    /// Update each layer's parameters as soon as its gradients exist, then free them: the
+    /// whole gradient never exists. It runs the layered backward pass, so it recomputes the
+    /// layers like `checkpointing`. Under gradient accumulation the micro-batches before the
+    /// last keep whole accumulated gradients (no gradient memory is saved then); under
+    /// clipping a first layered pass measures the global norm (one more forward and backward).
+    pub per_layer_updates: bool,
 }
 
 /// A source of training batches, addressed by position in the data order (so that a resumed
@@ -92,6 +141,8 @@ pub struct LoopSettings {
     pub seq_len: usize,
     /// Global gradient-norm bound (0: off).
     pub clip: f64,
+    /// Activation checkpointing and per-layer updates.
+    pub backward: Backward,
     pub log_every: usize,
     pub eval_every: usize,
     pub save_every: usize,
@@ -125,6 +176,38 @@ pub enum Outcome {
     Stopped,
     /// The loop reached `stop_after`; it was evaluated and a checkpoint was saved.
     Paused,
+}
+
+/// The error of a training loss that is not finite at step `step` + 1.
+fn diverged(loss: f64, step: usize) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the training loss became {loss} at step {}; lower --lr or set --clip",
+        step + 1
+    )
+}
+
+/// Fails on a non-finite training loss of step `step` + 1.
+fn check_loss(loss: f64, step: usize) -> Result<()> {
+    if !loss.is_finite() {
+        return Err(diverged(loss, step));
+    }
+    Ok(())
+}
+
+/// The error of a layered pass of step `step` + 1, naming the step when the loss was not finite.
+fn layered_error(e: anyhow::Error, step: usize) -> anyhow::Error {
+    match e.downcast_ref::<frugal_nn::Error>() {
+        Some(frugal_nn::Error::NonFiniteLoss { loss }) => diverged(*loss as f64, step),
+        _ => e,
+    }
+}
+
+/// An optimizer error of step `step` + 1, naming the step when a gradient was not finite.
+fn step_error(e: frugal::Error, step: usize) -> anyhow::Error {
+    match e {
+        frugal::Error::NonFiniteGradient { .. } => anyhow::anyhow!("{e} at step {}", step + 1),
+        e => e.into(),
+    }
 }
 
 /// Fails on the first `(name, value)` whose value is 0, naming it.
@@ -216,31 +299,11 @@ impl<M: Model> Trainer<M> {
         let t0 = Instant::now();
         let lr = self.schedule.lr(self.state.step);
         self.optimizer.set_learning_rate(lr);
-        let (loss, mut grads) = self.forward_backward(data)?;
-        if !loss.is_finite() {
-            bail!(
-                "the training loss became {loss} at step {}; lower --lr or set --clip",
-                self.state.step + 1
-            );
-        }
-        let clip = self.settings.clip;
-        let grad_norm = if clip > 0.0 {
-            Some(clip_grad_norm(&mut grads, &self.params, clip)?)
+        let (loss, grad_norm) = if self.settings.backward.per_layer_updates {
+            self.step_by_layers(data)?
         } else {
-            None
+            self.step_whole(data)?
         };
-        let stepped = match grad_norm {
-            // A finite global norm proves every gradient finite: the optimizer's own pass over
-            // the gradients is skipped.
-            Some(norm) if norm.is_finite() => self.optimizer.step_finite_grads(&grads),
-            _ => self.optimizer.step_grads(&grads),
-        };
-        stepped.map_err(|e| match e {
-            frugal::Error::NonFiniteGradient { .. } => {
-                anyhow::anyhow!("{e} at step {}", self.state.step + 1)
-            }
-            e => e.into(),
-        })?;
         self.optimizer.observe_loss(loss);
         let tokens = self.settings.tokens_per_step();
         let dt = t0.elapsed().as_secs_f64();
@@ -260,6 +323,97 @@ impl<M: Model> Trainer<M> {
         })
     }
 
+    /// The step from the whole gradient: loss and global norm (when clipping).
+    fn step_whole(&mut self, data: &mut impl BatchSource) -> Result<(f64, Option<f64>)> {
+        let (loss, mut grads) = self.forward_backward(data)?;
+        check_loss(loss, self.state.step)?;
+        let clip = self.settings.clip;
+        let grad_norm = if clip > 0.0 {
+            Some(clip_grad_norm(&mut grads, &self.params, clip)?)
+        } else {
+            None
+        };
+        let stepped = match grad_norm {
+            // A finite global norm proves every gradient finite: the optimizer's own pass over
+            // the gradients is skipped.
+            Some(norm) if norm.is_finite() => self.optimizer.step_finite_grads(&grads),
+            _ => self.optimizer.step_grads(&grads),
+        };
+        stepped.map_err(|e| step_error(e, self.state.step))?;
+        Ok((loss, grad_norm))
+    }
+
+    /// The step with per-layer updates: each layer of the last micro-batch's layered backward
+    /// pass is updated (with the earlier micro-batches' sums added, and clipped by a global
+    /// norm measured in a first pass) as soon as its gradients exist.
+    fn step_by_layers(&mut self, data: &mut impl BatchSource) -> Result<(f64, Option<f64>)> {
+        let (size, accum) = (self.settings.batch_size, self.settings.grad_accum);
+        let scale = 1.0 / accum as f64;
+        let params = &self.params;
+        let mut acc = GradStore::default();
+        let mut loss_sum = 0.0f64;
+        let step = self.state.step;
+        for _ in 1..accum {
+            let (x, y) = data.batch(self.state.position, size)?;
+            self.state.position += size as u64;
+            loss_sum += self
+                .model
+                .backward_by_layers(&x, &y, scale, &mut |g| Ok(accumulate(&mut acc, g, params)?))
+                .map_err(|e| layered_error(e, step))?;
+        }
+        let (x, y) = data.batch(self.state.position, size)?;
+        self.state.position += size as u64;
+        let clip = self.settings.clip;
+        let grad_norm = if clip > 0.0 {
+            let mut squares = Vec::with_capacity(params.len());
+            self.model
+                .backward_by_layers(&x, &y, scale, &mut |g| {
+                    for p in params {
+                        if let Some(g) = g.get(p.var.as_tensor()) {
+                            let total = match acc.get(p.var.as_tensor()) {
+                                Some(prev) => (prev + g)?,
+                                None => g.clone(),
+                            };
+                            squares.push((p.name.as_str(), squared_norm(&total)?));
+                        }
+                    }
+                    Ok(())
+                })
+                .map_err(|e| layered_error(e, step))?;
+            Some(norm_in_name_order(squares))
+        } else {
+            None
+        };
+        let factor = grad_norm.and_then(|norm| clip_factor(norm, clip));
+        let optimizer = &mut self.optimizer;
+        optimizer.begin_step()?;
+        let last = self.model.backward_by_layers(&x, &y, scale, &mut |mut g| {
+            let mut part = GradStore::default();
+            for p in params {
+                let v = p.var.as_tensor();
+                if let Some(g) = g.remove(v) {
+                    let total = match acc.remove(v) {
+                        Some(prev) => (prev + g)?,
+                        None => g,
+                    };
+                    let total = match factor {
+                        Some(f) => (total * f)?,
+                        None => total,
+                    };
+                    part.insert(v, total);
+                }
+            }
+            optimizer.step_part(&part).map_err(|e| step_error(e, step))
+        });
+        let finished = last.map_err(|e| layered_error(e, step)).and_then(|loss| {
+            self.optimizer.finish_step()?;
+            Ok(loss)
+        });
+        let loss = (loss_sum + finished?) / accum as f64;
+        check_loss(loss, step)?;
+        Ok((loss, grad_norm))
+    }
+
     /// Mean loss and summed gradients of `grad_accum` micro-batches (each loss scaled by
     /// 1/grad_accum, so the gradients are those of the mean).
     fn forward_backward(&mut self, data: &mut impl BatchSource) -> Result<(f64, GradStore)> {
@@ -269,6 +423,16 @@ impl<M: Model> Trainer<M> {
         for _ in 0..accum {
             let (x, y) = data.batch(self.state.position, size)?;
             self.state.position += size as u64;
+            if self.settings.backward.checkpointing {
+                let params = &self.params;
+                loss_sum += self
+                    .model
+                    .backward_by_layers(&x, &y, 1.0 / accum as f64, &mut |g| {
+                        Ok(accumulate(&mut grads, g, params)?)
+                    })
+                    .map_err(|e| layered_error(e, self.state.step))?;
+                continue;
+            }
             let loss = self.model.loss(&x, &y)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             let scaled = if accum > 1 {
@@ -380,6 +544,7 @@ mod tests {
             grad_accum: accum,
             seq_len: 1,
             clip: 0.0,
+            backward: Backward::default(),
             log_every: 2,
             eval_every: 3,
             save_every: 4,
@@ -471,5 +636,121 @@ mod tests {
         );
         assert_eq!(w(&paused), w(&straight));
         assert_eq!(calls.evaluated, [3, 5, 6, 9, 12]);
+    }
+
+    /// Token windows of a micro LLaMA: sample i is a fixed pseudo-random sequence.
+    struct Tokens;
+
+    impl BatchSource for Tokens {
+        fn batch(&mut self, position: u64, size: usize) -> Result<(Tensor, Tensor)> {
+            let t = 8;
+            let seq = |i: u64| -> Vec<u32> {
+                (0..=t as u64)
+                    .map(|j| ((i * 31 + j * 7 + i * j) % 50) as u32)
+                    .collect()
+            };
+            let (mut xs, mut ys) = (Vec::<u32>::new(), Vec::<u32>::new());
+            for i in position..position + size as u64 {
+                let s = seq(i);
+                xs.extend(&s[..t]);
+                ys.extend(&s[1..]);
+            }
+            Ok((
+                Tensor::from_vec(xs, (size, t), &Device::Cpu)?,
+                Tensor::from_vec(ys, (size, t), &Device::Cpu)?,
+            ))
+        }
+    }
+
+    /// Losses, gradient norms and final weights of 3 steps of a micro LLaMA.
+    fn llama_run(
+        spec: &str,
+        accum: usize,
+        clip: f64,
+        backward: Backward,
+    ) -> (Vec<f64>, Vec<Option<f64>>, Vec<Vec<f32>>) {
+        use frugal_nn::llama::{Llama, LlamaConfig};
+        let config = LlamaConfig {
+            vocab_size: 50,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_attention_heads: 4,
+            num_hidden_layers: 2,
+            num_key_value_heads: Some(2),
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            max_position_embeddings: 16,
+        };
+        let model = Llama::init(&config, 1, &Device::Cpu, candle_core::DType::F32).unwrap();
+        let cfg = frugal::OptimizerConfig::parse_spec(spec).unwrap();
+        let opt = Frugal::from_params(model.params(), cfg).unwrap();
+        let settings = LoopSettings {
+            steps: 3,
+            stop_after: None,
+            batch_size: 4 / accum,
+            grad_accum: accum,
+            seq_len: 8,
+            clip,
+            backward,
+            log_every: 1,
+            eval_every: 3,
+            save_every: 3,
+        };
+        let schedule = Schedule::new(1e-2, 0, 3, "constant", 1.0).unwrap();
+        let mut t = Trainer::new(
+            model,
+            opt,
+            schedule,
+            settings,
+            TrainerState::default(),
+            StopToken::new(),
+        )
+        .unwrap();
+        let (mut losses, mut norms) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            let r = t.step(&mut Tokens).unwrap();
+            losses.push(r.loss);
+            norms.push(r.grad_norm);
+        }
+        let weights = t
+            .model
+            .params()
+            .iter()
+            .map(|p| p.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        (losses, norms, weights)
+    }
+
+    #[test]
+    fn layered_backward_and_per_layer_updates_train_like_the_whole_step() {
+        let checkpointing = Backward {
+            checkpointing: true,
+            per_layer_updates: false,
+        };
+        let per_layer = Backward {
+            checkpointing: false,
+            per_layer_updates: true,
+        };
+        // T = 2: the subspaces change inside the run; a small clip bound clips every step.
+        for spec in ["frugal-svd:update_gap=2", "frugal:update_gap=2", "adamw"] {
+            for (accum, clip) in [(1, 0.0), (2, 0.0), (1, 0.05), (2, 0.05)] {
+                let whole = llama_run(spec, accum, clip, Backward::default());
+                assert!(
+                    whole.0[2] < whole.0[0],
+                    "{spec}: the loss must fall: {:?}",
+                    whole.0
+                );
+                if clip > 0.0 {
+                    assert!(whole.1.iter().all(|n| n.unwrap() > clip), "{:?}", whole.1);
+                }
+                for backward in [checkpointing, per_layer] {
+                    let run = llama_run(spec, accum, clip, backward);
+                    assert_eq!(
+                        run, whole,
+                        "{spec}, accum {accum}, clip {clip}, {backward:?}"
+                    );
+                }
+            }
+        }
     }
 }

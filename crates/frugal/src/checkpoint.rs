@@ -186,8 +186,14 @@ fn check_schedule(
 }
 
 impl Frugal {
-    /// Writes the complete state to `path` atomically (temporary file, fsync, rename).
+    /// Writes the complete state to `path` atomically (temporary file, fsync, rename). A step
+    /// taken in parts must be finished first.
     pub fn save_state(&self, path: &Path) -> Result<()> {
+        if self.step_is_open() {
+            return Err(Error::StepInParts(
+                "the state cannot be saved in the middle of a step; call finish_step first".into(),
+            ));
+        }
         let mut arrays: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         let mut params = Vec::with_capacity(self.slots.len());
         for s in &self.slots {

@@ -61,6 +61,10 @@ pub enum Error {
     #[error("SVD of the gradient of `{name}` did not converge")]
     SvdFailed { name: String },
 
+    /// A step taken in parts (`begin_step`, `step_part`, `finish_step`) was misused.
+    #[error("step taken in parts: {0}")]
+    StepInParts(String),
+
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -31,6 +31,7 @@ pub mod memory;
 pub mod optimizer;
 pub mod projection;
 pub mod quant;
+mod refresh;
 pub mod rules;
 pub mod update_gap;
 

@@ -1,23 +1,23 @@
 //! The FRUGAL optimizer: routes each parameter to the state-full rule, or splits its gradient
 //! with a projection into a state-full part and a state-free residual, in one fused pass.
 
-use crate::config::{DecayMask, MomentStorage, MomentTransfer, OptimizerConfig, StateFreeRule};
+use crate::config::{DecayMask, OptimizerConfig, StateFreeRule};
 use crate::error::{Error, Result};
 use crate::kernels::cpu as kernels;
 use crate::labels::{resolve, Param, ParamInfo, Role};
 use crate::memory::StateBytes;
-use crate::projection::{self, assign_blocks, BlockSchedule, Subspace, TensorSplit, Workspace};
-use crate::quant::{Code, Packed};
+use crate::projection::{assign_blocks, BlockSchedule, Subspace, Workspace};
+use crate::quant::Packed;
+use crate::refresh::OpenStep;
 use crate::rules::scaled::{self, Scaled};
-use crate::rules::{moment_slots, Free, Full};
+use crate::rules::{Free, Full};
 use crate::update_gap::UpdateGap;
 use crate::with_rules;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
-use rand::{RngCore, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
 
 /// Per-parameter optimizer state.
 pub(crate) struct Slot {
@@ -40,7 +40,7 @@ pub(crate) struct Slot {
 
 impl Slot {
     /// Length of the first moment, however stored.
-    fn moment_len(&self) -> usize {
+    pub(crate) fn moment_len(&self) -> usize {
         self.packed.as_ref().map_or(self.m.len(), |(m, _)| m.len())
     }
 }
@@ -71,12 +71,10 @@ pub struct Frugal {
     /// T in force and the step of the next subspace change.
     pub(crate) gap: UpdateGap,
     workspace: Workspace,
+    /// The step being taken in parts, between `begin_step` and `finish_step`.
+    pub(crate) open: Option<OpenStep>,
     /// 8-bit moments of the tensor being updated, unpacked (scratch, like the workspace).
     unpacked: (Vec<f32>, Vec<f32>),
-}
-
-fn zeros(len: usize) -> Vec<f32> {
-    vec![0.0; len]
 }
 
 /// Checks that a parameter is stored where the step kernels run: f32 on the CPU.
@@ -152,6 +150,7 @@ impl Frugal {
             step: 0,
             schedule,
             workspace: Workspace::default(),
+            open: None,
             unpacked: Default::default(),
         })
     }
@@ -286,7 +285,23 @@ impl Frugal {
     }
 
     fn step_with(&mut self, grads: &GradStore, check_finite: bool) -> Result<()> {
-        let mut work: Vec<(usize, Tensor)> = Vec::with_capacity(self.slots.len());
+        let work = self.gradients(grads, check_finite)?;
+        let mut planned = vec![false; self.slots.len()];
+        for (i, _) in &work {
+            planned[*i] = true;
+        }
+        self.begin(planned)?;
+        let stepped = self.apply(work).and_then(|()| self.finish_step());
+        if stepped.is_err() {
+            self.open = None;
+        }
+        stepped
+    }
+
+    /// The contiguous gradients in `grads`, in model order; with `check_finite`, an error
+    /// naming the first non-finite one.
+    fn gradients(&self, grads: &GradStore, check_finite: bool) -> Result<Vec<(usize, Tensor)>> {
+        let mut work = Vec::new();
         for (i, slot) in self.slots.iter().enumerate() {
             if let Some(g) = grads.get(&slot.var) {
                 let g = g.contiguous()?;
@@ -298,116 +313,98 @@ impl Frugal {
                 work.push((i, g));
             }
         }
-        if self.gap.due(self.step) {
-            self.refresh(&work)?;
-            self.gap.advance(&self.config, self.step);
+        Ok(work)
+    }
+
+    /// Opens a step that the caller takes in parts, e.g. layer by layer during the backward
+    /// pass so that the whole gradient never exists at once: then [`Frugal::step_part`] for
+    /// every parameter exactly once, in any order and grouping, then [`Frugal::finish_step`].
+    /// The subspaces, block schedule, step count and random choices are those of
+    /// [`Frugal::step_grads`] given every gradient at once, so the updates are bit for bit the
+    /// same. Every parameter must get a gradient in the step.
+    pub fn begin_step(&mut self) -> Result<()> {
+        self.begin(vec![true; self.slots.len()])
+    }
+
+    /// Updates the parameters whose gradients are in `grads`, within the step opened by
+    /// [`Frugal::begin_step`]. With `check_finite` set in the configuration, a non-finite
+    /// gradient is an error and none of these parameters is updated (those of earlier parts
+    /// are). A parameter given twice in one step is an error.
+    pub fn step_part(&mut self, grads: &GradStore) -> Result<()> {
+        let Some(open) = &self.open else {
+            return Err(Error::StepInParts(
+                "step_part needs an open step: call begin_step first".into(),
+            ));
+        };
+        let again = self
+            .slots
+            .iter()
+            .zip(&open.done)
+            .find(|(s, done)| **done && grads.get(&s.var).is_some());
+        if let Some((slot, _)) = again {
+            return Err(Error::StepInParts(format!(
+                "`{}` was already updated in this step",
+                slot.info.name
+            )));
         }
-        for (i, g) in &work {
-            self.update_slot(*i, g)?;
+        let work = self.gradients(grads, self.config.check_finite)?;
+        self.apply(work)
+    }
+
+    /// Closes the step opened by [`Frugal::begin_step`]; an error names a parameter that got
+    /// no gradient in it (the step stays open then).
+    pub fn finish_step(&mut self) -> Result<()> {
+        let Some(open) = &self.open else {
+            return Err(Error::StepInParts(
+                "finish_step needs an open step: call begin_step first".into(),
+            ));
+        };
+        let missing = self
+            .slots
+            .iter()
+            .zip(open.planned.iter().zip(&open.done))
+            .find(|(_, (planned, done))| **planned && !**done);
+        if let Some((slot, _)) = missing {
+            return Err(Error::StepInParts(format!(
+                "`{}` got no gradient in a step taken in parts; every parameter needs one",
+                slot.info.name
+            )));
         }
+        self.open = None;
         self.step += 1;
         Ok(())
     }
 
-    /// Re-chooses the subspaces (every T steps) and resets statistics where configured.
-    fn refresh(&mut self, work: &[(usize, Tensor)]) -> Result<()> {
-        let slots_count = moment_slots(self.config.state_full);
-        let storage = self.config.moment_storage;
-        let mut pool = Pool::default();
-        if let Some(schedule) = self.schedule.as_mut() {
-            schedule.set_density(self.config.density_at(self.step));
-            let active = schedule.next(&mut self.rng);
-            let new: Vec<Option<Subspace>> = self
-                .slots
-                .iter()
-                .map(|s| {
-                    s.block.map(|b| {
-                        if active.binary_search(&b).is_ok() {
-                            Subspace::All
-                        } else {
-                            Subspace::Nothing
-                        }
-                    })
-                })
-                .collect();
-            let changed = self
-                .slots
-                .iter()
-                .zip(&new)
-                .any(|(s, n)| n.as_ref().is_some_and(|n| *n != s.subspace))
-                || self.step == 0;
-            let reset = self.config.reset;
-            let keeps: Vec<bool> = self
-                .slots
-                .iter()
-                .zip(&new)
-                .map(|(slot, sub)| !changed || (!reset && sub.as_ref() == Some(&slot.subspace)))
-                .collect();
-            // Buffers of restarting tensors go to the pool first, so that the tensors becoming
-            // active reuse them (same shapes) instead of touching fresh pages.
-            for (slot, keep) in self.slots.iter_mut().zip(&keeps) {
-                if !keep && slot.block.is_some() {
-                    pool.give(std::mem::take(&mut slot.m));
-                    pool.give(std::mem::take(&mut slot.v));
-                }
-            }
-            for ((slot, sub), keep) in self.slots.iter_mut().zip(new).zip(keeps) {
-                if let Some(sub) = sub {
-                    install(slot, sub, keep, slots_count, storage, &mut pool);
-                }
-            }
-        } else if let Some(split) = self.config.projection.per_tensor() {
-            let ranks = self.config.rank_rule(self.step);
-            let projectable: Vec<&(usize, Tensor)> = work
-                .iter()
-                .filter(|(i, _)| self.slots[*i].info.role == Role::Projectable)
-                .collect();
-            let choose = |(i, g): &(usize, Tensor), rng: &mut ChaCha8Rng| {
-                let slot = &self.slots[*i];
-                kernels::with_slice(&slot.info.name, g, |g| {
-                    projection::choose(split, ranks, &slot.info, g, &slot.subspace, rng)
-                })?
-            };
-            let chosen: Vec<Subspace> = match split {
-                // SVDs are independent per tensor: run them in parallel. The randomized solver
-                // draws from a generator per tensor, seeded in tensor order.
-                TensorSplit::Svd(_, sketch) => {
-                    let seeds: Vec<u64> = projectable
-                        .iter()
-                        .map(|_| sketch.map_or(0, |_| self.rng.next_u64()))
-                        .collect();
-                    projectable
-                        .par_iter()
-                        .zip(seeds)
-                        .map(|(item, seed)| choose(item, &mut ChaCha8Rng::seed_from_u64(seed)))
-                        .collect::<Result<_>>()?
-                }
-                _ => {
-                    let mut rng = self.rng.clone();
-                    let chosen = projectable
-                        .iter()
-                        .map(|item| choose(item, &mut rng))
-                        .collect::<Result<_>>()?;
-                    self.rng = rng;
-                    chosen
-                }
-            };
-            for ((i, _), mut sub) in projectable.into_iter().zip(chosen) {
-                let slot = &mut self.slots[*i];
-                let same_len =
-                    sub.state_len(slot.info.numel()) == slot.subspace.state_len(slot.info.numel());
-                let keep =
-                    self.step > 0 && (sub == slot.subspace || (!self.config.reset && same_len));
-                if keep && sub != slot.subspace {
-                    transfer(self.config.moment_transfer, slot, &mut sub);
-                }
-                install(slot, sub, keep, slots_count, storage, &mut pool);
-            }
+    /// True while a step taken in parts is open.
+    pub fn step_is_open(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Opens a step for the slots in `planned`: the subspace changes that need no gradient
+    /// happen now; the SVDs wait for their tensors' gradients.
+    fn begin(&mut self, planned: Vec<bool>) -> Result<()> {
+        if self.open.is_some() {
+            return Err(Error::StepInParts(
+                "a step is already open: finish it with finish_step".into(),
+            ));
         }
-        // Parameters that are state-full as a whole allocate their moments on first use.
-        for slot in self.slots.iter_mut() {
-            if slot.info.role != Role::Projectable && self.step == 0 {
-                install(slot, Subspace::All, false, slots_count, storage, &mut pool);
+        let mut open = OpenStep::new(planned);
+        if self.gap.due(self.step) {
+            self.plan_refresh(&mut open)?;
+            self.gap.advance(&self.config, self.step);
+        }
+        self.open = Some(open);
+        Ok(())
+    }
+
+    /// Chooses the waiting subspaces of the tensors in `work` from their gradients, then
+    /// updates them.
+    fn apply(&mut self, work: Vec<(usize, Tensor)>) -> Result<()> {
+        self.resolve_svds(&work)?;
+        for (i, g) in &work {
+            self.update_slot(*i, g)?;
+            if let Some(open) = self.open.as_mut() {
+                open.done[*i] = true;
             }
         }
         Ok(())
@@ -540,89 +537,6 @@ impl Frugal {
         }
         result
     }
-}
-
-/// Makes kept moments follow a new basis (see [`MomentTransfer`]).
-fn transfer(how: MomentTransfer, slot: &mut Slot, new: &mut Subspace) {
-    if let (Subspace::Basis(old), Subspace::Basis(new)) = (&slot.subspace, new) {
-        match how {
-            MomentTransfer::Keep => {}
-            MomentTransfer::Align => new.align_to(old),
-            MomentTransfer::Project => match &mut slot.packed {
-                None => new.carry(old, [&mut slot.m, &mut slot.v]),
-                Some((pm, pv)) => {
-                    let (mut m, mut v) = (Vec::new(), Vec::new());
-                    pm.unpack_into(&mut m);
-                    pv.unpack_into(&mut v);
-                    new.carry(old, [&mut m, &mut v]);
-                    pm.pack_from(&m);
-                    pv.pack_from(&v);
-                }
-            },
-        }
-    }
-}
-
-/// Moment buffers released during a refresh, reused by tensors that need the same length (a
-/// recycled buffer is zeroed in place instead of faulting in fresh pages). Dropped after the
-/// refresh, so it holds no memory between steps.
-#[derive(Default)]
-struct Pool(Vec<Vec<f32>>);
-
-impl Pool {
-    fn give(&mut self, buffer: Vec<f32>) {
-        if buffer.capacity() > 0 {
-            self.0.push(buffer);
-        }
-    }
-
-    /// `len` zeros, in a released buffer of exactly that capacity if there is one.
-    fn zeros(&mut self, len: usize) -> Vec<f32> {
-        match self.0.iter().position(|b| b.capacity() == len) {
-            Some(i) => {
-                let mut buffer = self.0.swap_remove(i);
-                buffer.clear();
-                buffer.resize(len, 0.0);
-                buffer
-            }
-            None => zeros(len),
-        }
-    }
-}
-
-/// Installs a new subspace; `keep` retains the moments and the step count, otherwise they restart.
-fn install(
-    slot: &mut Slot,
-    sub: Subspace,
-    keep: bool,
-    moment_buffers: usize,
-    storage: MomentStorage,
-    pool: &mut Pool,
-) {
-    let len = sub.state_len(slot.info.numel());
-    slot.subspace = sub;
-    let (m_len, v_len) = (
-        if moment_buffers >= 1 { len } else { 0 },
-        if moment_buffers >= 2 { len } else { 0 },
-    );
-    if keep && slot.moment_len() == m_len {
-        return;
-    }
-    match storage {
-        MomentStorage::F32 => {
-            pool.give(std::mem::take(&mut slot.m));
-            pool.give(std::mem::take(&mut slot.v));
-            slot.m = pool.zeros(m_len);
-            slot.v = pool.zeros(v_len);
-        }
-        MomentStorage::Bits8 => {
-            slot.packed = Some((
-                Packed::zeros(m_len, Code::Signed),
-                Packed::zeros(v_len, Code::Unsigned),
-            ));
-        }
-    }
-    slot.t = 0;
 }
 
 impl candle_nn::Optimizer for Frugal {

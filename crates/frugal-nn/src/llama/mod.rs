@@ -3,11 +3,15 @@
 //! Parameter names follow Hugging Face's `LlamaForCausalLM`.
 
 mod config;
+mod memory;
 
 pub use config::{LlamaConfig, BUILTIN};
+pub use memory::{StepMemory, StepMode};
 
+use crate::chunked_loss::linear_cross_entropy;
 use crate::error::{Error, Result};
 use crate::ops::{causal_softmax, cross_entropy, rms_norm};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
 use frugal::Param;
@@ -29,6 +33,41 @@ struct Layer {
     down: Tensor,
 }
 
+impl Layer {
+    /// The weights in Hugging Face order.
+    fn weights(&self) -> [&Tensor; 9] {
+        [
+            &self.input_norm,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.o,
+            &self.post_norm,
+            &self.gate,
+            &self.up,
+            &self.down,
+        ]
+    }
+}
+
+/// The gradient of `t`, removed from `grads`.
+fn take(grads: &mut GradStore, t: &Tensor) -> Result<Tensor> {
+    grads.remove(t).ok_or_else(|| {
+        Error::Input("the backward pass left a layer input without a gradient".into())
+    })
+}
+
+/// The gradients of `params` alone (a backward pass also holds those of constants).
+fn only(mut grads: GradStore, params: &[&Tensor]) -> GradStore {
+    let mut kept = GradStore::default();
+    for p in params {
+        if let Some(g) = grads.remove(p) {
+            kept.insert(p, g);
+        }
+    }
+    kept
+}
+
 /// A LLaMA model whose parameters live in a `VarMap`, on one device in one dtype.
 pub struct Llama {
     pub config: LlamaConfig,
@@ -38,6 +77,8 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Tensor,
     head: Tensor,
+    /// Chunks of tokens and of vocabulary the loss is computed in (1: the whole logits).
+    loss_chunks: usize,
     /// Rotary tables (cos, sin) per sequence length.
     tables: std::sync::Mutex<HashMap<usize, (Tensor, Tensor)>>,
 }
@@ -141,6 +182,7 @@ impl Llama {
             layers,
             varmap,
             device: device.clone(),
+            loss_chunks: 1,
             tables: Default::default(),
         })
     }
@@ -187,8 +229,8 @@ impl Llama {
         Ok(entry)
     }
 
-    /// Logits of shape (batch, seq, vocab) for token ids of shape (batch, seq).
-    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+    /// Checks the sequence length of token ids (batch, seq).
+    fn check_input(&self, ids: &Tensor) -> Result<(usize, usize)> {
         let (b, t) = ids.dims2()?;
         if t > self.config.max_position_embeddings {
             return Err(Error::Input(format!(
@@ -196,60 +238,169 @@ impl Llama {
                 self.config.max_position_embeddings
             )));
         }
-        let c = &self.config;
-        let (heads, kv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let (cos, sin) = self.tables(t)?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let mut x = self
+        Ok((b, t))
+    }
+
+    /// Token embeddings (batch, seq, hidden) of ids (batch, seq).
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        Ok(self
             .embed
             .embedding(&ids.flatten_all()?)?
-            .reshape((b, t, c.hidden_size))?;
-        for l in &self.layers {
-            let h = rms_norm(&x, &l.input_norm, c.rms_norm_eps)?;
-            let split = |w: &Tensor, n: usize| -> Result<Tensor> {
-                Ok(linear(&h, w)?
-                    .reshape((b, t, n, d))?
-                    .transpose(1, 2)?
-                    .contiguous()?)
-            };
-            let q = rope(&split(&l.q, heads)?, &cos, &sin)?;
-            let k = rope(&split(&l.k, kv)?, &cos, &sin)?;
-            let v = split(&l.v, kv)?;
-            let (k, v) = if kv == heads {
-                (k, v)
-            } else {
-                let rep = heads / kv;
-                let expand = |x: Tensor| -> Result<Tensor> {
-                    Ok(x.unsqueeze(2)?
-                        .expand((b, kv, rep, t, d))?
-                        .reshape((b, heads, t, d))?)
-                };
-                (expand(k)?, expand(v)?)
-            };
-            let probs = causal_softmax(&q.matmul(&k.t()?)?, scale)?;
-            let att = probs
-                .matmul(&v)?
+            .reshape((b, t, self.config.hidden_size))?)
+    }
+
+    /// One decoder layer on hidden states `x` (batch, seq, hidden).
+    fn layer(&self, l: &Layer, x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let (heads, kv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let scale = 1.0 / (d as f64).sqrt();
+        let h = rms_norm(x, &l.input_norm, c.rms_norm_eps)?;
+        let split = |w: &Tensor, n: usize| -> Result<Tensor> {
+            Ok(linear(&h, w)?
+                .reshape((b, t, n, d))?
                 .transpose(1, 2)?
-                .reshape((b, t, c.hidden_size))?;
-            x = (x + linear(&att, &l.o)?)?;
-            let h = rms_norm(&x, &l.post_norm, c.rms_norm_eps)?;
-            let mlp = (linear(&h, &l.gate)?.silu()? * linear(&h, &l.up)?)?;
-            x = (x + linear(&mlp, &l.down)?)?;
+                .contiguous()?)
+        };
+        let q = rope(&split(&l.q, heads)?, cos, sin)?;
+        let k = rope(&split(&l.k, kv)?, cos, sin)?;
+        let v = split(&l.v, kv)?;
+        let (k, v) = if kv == heads {
+            (k, v)
+        } else {
+            let rep = heads / kv;
+            let expand = |x: Tensor| -> Result<Tensor> {
+                Ok(x.unsqueeze(2)?
+                    .expand((b, kv, rep, t, d))?
+                    .reshape((b, heads, t, d))?)
+            };
+            (expand(k)?, expand(v)?)
+        };
+        let probs = causal_softmax(&q.matmul(&k.t()?)?, scale)?;
+        let att = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, t, c.hidden_size))?;
+        let x = (x + linear(&att, &l.o)?)?;
+        let h = rms_norm(&x, &l.post_norm, c.rms_norm_eps)?;
+        let mlp = (linear(&h, &l.gate)?.silu()? * linear(&h, &l.up)?)?;
+        Ok((x + linear(&mlp, &l.down)?)?)
+    }
+
+    /// The final norm of the last hidden states (batch, seq, hidden) as (batch·seq, hidden).
+    fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        Ok(rms_norm(x, &self.norm, c.rms_norm_eps)?.reshape(((), c.hidden_size))?)
+    }
+
+    /// Mean cross-entropy of `targets` under the head on the last hidden states `x`: through
+    /// the whole logits, or chunk by chunk (see [`Llama::set_loss_chunks`]).
+    fn head_loss(&self, x: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let h = self.final_norm(x)?;
+        let targets = targets.flatten_all()?;
+        Ok(if self.loss_chunks > 1 {
+            linear_cross_entropy(&h, &self.head, &targets, self.loss_chunks)?
+        } else {
+            cross_entropy(&linear(&h, &self.head)?, &targets)?
+        })
+    }
+
+    /// Computes the loss over `loss_chunks` chunks of tokens × chunks of vocabulary, so that the
+    /// whole logits never exist (1: the whole logits at once, the default). The loss equals the
+    /// whole-logits one up to f32 rounding.
+    pub fn set_loss_chunks(&mut self, chunks: usize) {
+        self.loss_chunks = chunks.max(1);
+    }
+
+    /// The loss chunking in force (1: none).
+    pub fn loss_chunks(&self) -> usize {
+        self.loss_chunks
+    }
+
+    /// Logits of shape (batch, seq, vocab) for token ids of shape (batch, seq).
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = self.check_input(ids)?;
+        let tables = self.tables(t)?;
+        let mut x = self.embed(ids)?;
+        for l in &self.layers {
+            x = self.layer(l, &x, &tables)?;
         }
-        Ok(linear(
-            &rms_norm(&x, &self.norm, c.rms_norm_eps)?,
-            &self.head,
-        )?)
+        let logits = linear(&self.final_norm(&x)?, &self.head)?;
+        Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
 
     /// Mean next-token cross-entropy of `targets` (batch, seq) under the logits of `ids`.
     pub fn loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let logits = self.forward(ids)?;
-        let v = self.config.vocab_size;
-        Ok(cross_entropy(
-            &logits.reshape(((), v))?,
-            &targets.flatten_all()?,
-        )?)
+        let (_, t) = self.check_input(ids)?;
+        let tables = self.tables(t)?;
+        let mut x = self.embed(ids)?;
+        for l in &self.layers {
+            x = self.layer(l, &x, &tables)?;
+        }
+        self.head_loss(&x, targets)
+    }
+
+    /// [`Llama::loss`] for evaluation: the same value, but no layer's activations outlive it
+    /// (nothing is kept for a backward pass).
+    pub fn eval_loss(&self, ids: &Tensor, targets: &Tensor) -> Result<f32> {
+        let (_, t) = self.check_input(ids)?;
+        let tables = self.tables(t)?;
+        let mut x = self.embed(ids)?.detach();
+        for l in &self.layers {
+            x = self.layer(l, &x, &tables)?.detach();
+        }
+        Ok(self.head_loss(&x, targets)?.to_scalar::<f32>()?)
+    }
+
+    /// The loss of a batch and its gradients, layer by layer with activation checkpointing:
+    /// the forward pass keeps only each layer's input; the backward pass goes from the head
+    /// down, recomputes each layer from its input, backpropagates through it and hands that
+    /// part's parameter gradients to `sink` at once (head and final norm first, then each
+    /// layer from the top, the embeddings last). `scale` multiplies the loss before the
+    /// backward pass (1/micro-batches under accumulation). The gradients equal those of
+    /// `loss(..).backward()`, bit for bit. Returns the unscaled loss; a non-finite loss is an
+    /// error before any gradient reaches `sink`.
+    pub fn backward_by_layers<E: From<Error> + From<candle_core::Error>>(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        scale: f64,
+        mut sink: impl FnMut(GradStore) -> std::result::Result<(), E>,
+    ) -> std::result::Result<f32, E> {
+        let (_, t) = self.check_input(ids)?;
+        let tables = self.tables(t)?;
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut x = self.embed(ids)?.detach();
+        for l in &self.layers {
+            let next = self.layer(l, &x, &tables)?.detach();
+            inputs.push(x);
+            x = next;
+        }
+        let top = Var::from_tensor(&x)?;
+        drop(x);
+        let loss = self.head_loss(&top, targets)?;
+        let value = loss.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            return Err(Error::NonFiniteLoss { loss: value }.into());
+        }
+        let scaled = if scale == 1.0 { loss } else { (loss * scale)? };
+        let mut grads = scaled.backward()?;
+        drop(scaled);
+        let mut dy = take(&mut grads, top.as_tensor())?;
+        sink(only(grads, &[&self.norm, &self.head]))?;
+        for (l, x) in self.layers.iter().zip(inputs).rev() {
+            let input = Var::from_tensor(&x)?;
+            drop(x);
+            let y = self.layer(l, &input, &tables)?;
+            let mut grads = (y * &dy)?.sum_all()?.backward()?;
+            dy = take(&mut grads, input.as_tensor())?;
+            sink(only(grads, &l.weights()))?;
+        }
+        let e = self.embed(ids)?;
+        let grads = (e * dy)?.sum_all()?.backward()?;
+        sink(only(grads, &[&self.embed]))?;
+        Ok(value)
     }
 
     /// The parameters with their LLaMA labels, in model order (see
@@ -337,6 +488,60 @@ mod tests {
                 rel < 2e-2,
                 "{name}: finite difference {fd} vs autograd {norm}"
             );
+        }
+    }
+
+    /// Gradients of every parameter, by name, from a store.
+    fn by_name(model: &Llama, grads: &GradStore) -> Vec<(String, Vec<f32>)> {
+        model
+            .params()
+            .iter()
+            .filter_map(|p| {
+                let g = grads.get(p.var.as_tensor())?;
+                Some((p.name.clone(), g.flatten_all().unwrap().to_vec1().unwrap()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn layer_by_layer_backward_gives_the_whole_backward_bit_for_bit() {
+        let (x, y) = batch();
+        for chunks in [1, 3] {
+            let mut model = init(&micro(), 6);
+            model.set_loss_chunks(chunks);
+            for scale in [1.0, 0.25] {
+                let loss = model.loss(&x, &y).unwrap();
+                let value = loss.to_scalar::<f32>().unwrap();
+                let whole = if scale == 1.0 {
+                    loss
+                } else {
+                    (loss * scale).unwrap()
+                };
+                let whole = by_name(&model, &whole.backward().unwrap());
+                let mut parts: Vec<Vec<(String, Vec<f32>)>> = Vec::new();
+                let got = model
+                    .backward_by_layers(&x, &y, scale, |g| {
+                        parts.push(by_name(&model, &g));
+                        Ok::<(), Error>(())
+                    })
+                    .unwrap();
+                assert_eq!(got, value);
+                assert_eq!(model.eval_loss(&x, &y).unwrap(), value);
+                // Head and final norm, each layer from the top, then the embeddings.
+                assert_eq!(parts.len(), 2 + 2);
+                let names =
+                    |i: usize| -> Vec<&str> { parts[i].iter().map(|(n, _)| n.as_str()).collect() };
+                assert_eq!(names(0), ["model.norm.weight", "lm_head.weight"]);
+                assert!(names(1).iter().all(|n| n.starts_with("model.layers.1.")));
+                assert_eq!(names(1).len(), 9);
+                assert!(names(2).iter().all(|n| n.starts_with("model.layers.0.")));
+                assert_eq!(names(3), ["model.embed_tokens.weight"]);
+                let mut flat: Vec<(String, Vec<f32>)> = parts.into_iter().flatten().collect();
+                flat.sort_by(|a, b| a.0.cmp(&b.0));
+                let mut whole = whole;
+                whole.sort_by(|a, b| a.0.cmp(&b.0));
+                assert_eq!(flat, whole, "{chunks} loss chunks, scale {scale}");
+            }
         }
     }
 

@@ -216,19 +216,17 @@ pub fn one_side_rank(side: OneSide, m: usize, n: usize, density: f64) -> (Axis, 
     }
 }
 
-/// Chooses a new subspace for one projectable tensor from its current gradient `g`; `previous`
-/// is its current subspace (the randomized SVD starts from it).
-pub fn choose(
+/// Chooses a new subspace for one projectable tensor without looking at its gradient: every
+/// split but the SVD, which returns `None` (see [`choose_svd`]).
+pub fn choose_blind(
     split: TensorSplit,
     ranks: RankRule,
     info: &ParamInfo,
-    g: &[f32],
-    previous: &Subspace,
     rng: &mut impl Rng,
-) -> Result<Subspace> {
+) -> Option<Subspace> {
     let (m, n) = info.matrix_dims();
     let density = ranks.density;
-    Ok(match split {
+    Some(match split {
         TensorSplit::Coordinates(axis) => {
             let count = coordinate_count(axis, m, n, density);
             let axis = match axis {
@@ -242,23 +240,43 @@ pub fn choose(
             let (axis, count) = one_side_rank(side, m, n, density);
             random_selection(axis, count, m, n, rng)
         }
-        TensorSplit::Svd(side, _) | TensorSplit::Random(side, _) => {
+        TensorSplit::Random(side, kind) => {
             let (l, r) = matrix_ranks(side, m, n, ranks);
             if l == Some(0) || r == Some(0) {
-                return Ok(Subspace::Nothing);
+                return Some(Subspace::Nothing);
             }
-            Subspace::Basis(match split {
-                TensorSplit::Svd(_, None) => Basis::svd(g, m, n, l, r, &info.name)?,
-                TensorSplit::Svd(_, Some(sketch)) => {
-                    let warm = match previous {
-                        Subspace::Basis(b) => Some(b),
-                        _ => None,
-                    };
-                    Basis::randomized_svd(g, (m, n), (l, r), sketch, warm, rng, &info.name)?
-                }
-                TensorSplit::Random(_, RandomBasis::Gaussian) => Basis::gaussian(m, n, l, r, rng),
+            Subspace::Basis(match kind {
+                RandomBasis::Gaussian => Basis::gaussian(m, n, l, r, rng),
                 _ => Basis::random(m, n, l, r, rng),
             })
         }
+        TensorSplit::Svd(..) => return None,
     })
+}
+
+/// Chooses the top singular subspace of the gradient `g` of one projectable tensor, exact or
+/// randomized (`sketch`); the randomized solver starts from `previous`, the current subspace.
+pub fn choose_svd(
+    (side, sketch): (ProjSide, Option<Sketch>),
+    ranks: RankRule,
+    info: &ParamInfo,
+    g: &[f32],
+    previous: &Subspace,
+    rng: &mut impl Rng,
+) -> Result<Subspace> {
+    let (m, n) = info.matrix_dims();
+    let (l, r) = matrix_ranks(side, m, n, ranks);
+    if l == Some(0) || r == Some(0) {
+        return Ok(Subspace::Nothing);
+    }
+    Ok(Subspace::Basis(match sketch {
+        None => Basis::svd(g, m, n, l, r, &info.name)?,
+        Some(sketch) => {
+            let warm = match previous {
+                Subspace::Basis(b) => Some(b),
+                _ => None,
+            };
+            Basis::randomized_svd(g, (m, n), (l, r), sketch, warm, rng, &info.name)?
+        }
+    }))
 }

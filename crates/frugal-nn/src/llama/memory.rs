@@ -1,0 +1,119 @@
+//! The memory a training step of the LLaMA model needs beyond its weights and optimizer state:
+//! activations kept for the backward pass, parameter gradients, and the backward pass's
+//! working set, for each way of running the backward pass.
+//!
+//! Activations are counted from the tensors each operation of [`super::Llama`] keeps for its
+//! backward pass (checked against counted allocations to within a few percent). The working set
+//! of the backward pass (gradients in flight, the accumulation of each node's gradient, the
+//! matrix multiplications' packing buffers) is modelled per layer as a·n·f + b·n·h + c·P, with
+//! coefficients measured on this implementation; the plan's test checks the resulting peak
+//! against counted allocations.
+
+use super::LlamaConfig;
+use serde::Serialize;
+
+/// How a step runs its backward pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StepMode {
+    /// Activation checkpointing: each layer is recomputed from its saved input.
+    pub checkpointing: bool,
+    /// Per-layer updates: each part's gradients are freed once the optimizer has used them.
+    pub per_layer_updates: bool,
+    /// Chunks of tokens × chunks of vocabulary of the loss (1: the whole logits).
+    pub loss_chunks: usize,
+    /// Micro-batches per step: with more than one, whole gradients are accumulated.
+    pub grad_accum: usize,
+}
+
+/// Planned bytes of one training step beyond weights and optimizer state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct StepMemory {
+    /// Activations the forward pass keeps for the backward pass.
+    pub activations: usize,
+    /// Parameter gradients held at once, at most.
+    pub gradients: usize,
+    /// The rest of the peak: gradients in flight through the backward pass, a recomputed
+    /// layer, the loss's logits and their gradient.
+    pub working: usize,
+    /// The planned peak of the step.
+    pub peak: usize,
+}
+
+const F32: usize = 4;
+
+impl LlamaConfig {
+    /// Plans the memory of a training step on micro-batches of `batch` sequences of `seq`
+    /// tokens (beyond weights and optimizer state).
+    pub fn step_memory(&self, batch: usize, seq: usize, mode: StepMode) -> StepMemory {
+        let n = (batch * seq) as f64;
+        let h = self.hidden_size as f64;
+        let f = self.intermediate_size as f64;
+        let kv = (self.kv_heads() * self.head_dim()) as f64;
+        let vocab = self.vocab_size as f64;
+        let layers = self.num_hidden_layers as f64;
+        let scores = (batch * self.num_attention_heads * seq * seq) as f64;
+        let grouped = if self.kv_heads() != self.num_attention_heads {
+            2.0
+        } else {
+            0.0
+        };
+        let chunks = mode.loss_chunks.max(1) as f64;
+        let p_layer = 2.0 * h * h + 2.0 * kv * h + 3.0 * h * f + 2.0 * h;
+        let p_vocab = vocab * h;
+        let p_all = 2.0 * p_vocab + layers * p_layer + h;
+        // Kept by each layer: norms, projections and their head-major copies, rotary terms,
+        // scores and probabilities, the MLP's four products and the two residual sums.
+        let a_layer = 14.5 * n * h + 8.5 * n * kv + grouped * n * h + 2.0 * scores + 4.0 * n * f;
+        let whole_logits = mode.loss_chunks <= 1;
+        let (a_top, w_top) = if whole_logits {
+            // The final norm and the logits; their gradient, its zero start and their sum.
+            (n * h + n * vocab, 3.0 * n * vocab)
+        } else {
+            let chunk = (n / chunks).ceil() * (vocab / chunks).ceil();
+            (n * h + n, 3.0 * p_vocab + 3.0 * n * h + 3.0 * chunk)
+        };
+        let w_embed = 3.0 * p_vocab + 2.0 * n * h;
+        // Gradients held at each phase (head, a layer, the embeddings) besides the working set:
+        // the parameters' gradients made so far, those accumulated over earlier micro-batches
+        // (all of them, released part by part in the last micro-batch by per-layer updates),
+        // or, with per-layer updates and one micro-batch, none (each part is freed once used).
+        let accumulating = mode.grad_accum > 1;
+        let accumulated = if accumulating { p_all } else { 0.0 };
+        let held = |so_far: f64, left: f64| match (mode.per_layer_updates, accumulating) {
+            (true, true) => left,
+            (true, false) => 0.0,
+            (false, _) => accumulated + so_far,
+        };
+        let layered = mode.checkpointing || mode.per_layer_updates;
+        let (activations, phases) = if layered {
+            let saved = layers * n * h;
+            let w_layer = 12.5 * n * f + 10.0 * n * h + 2.0 * p_layer;
+            let forward = saved + a_layer + accumulated;
+            let top = saved + n * h + a_top + w_top + held(0.0, p_all);
+            let layer = saved + n * h + a_layer + w_layer + held(p_vocab + h, p_all - p_vocab);
+            let embed = 2.0 * n * h + w_embed + held(p_all - p_vocab, p_vocab);
+            (saved + n * h + a_top, [forward, top, layer, embed])
+        } else {
+            let kept = n * h + layers * a_layer + a_top;
+            let w_layer = 9.0 * n * f + 28.0 * n * h + 9.0 * p_layer;
+            let top = kept + w_top + accumulated;
+            let layer = kept + p_vocab + h + w_layer + accumulated;
+            let embed = kept + p_all - p_vocab + w_embed + accumulated;
+            (kept, [kept + accumulated, top, layer, embed])
+        };
+        let gradients = if mode.per_layer_updates && !accumulating {
+            p_vocab.max(p_layer)
+        } else {
+            p_all
+        };
+        let peak = phases.iter().copied().fold(0.0, f64::max);
+        let working = peak - activations - gradients;
+        let bytes = |x: f64| (x * F32 as f64).round() as usize;
+        StepMemory {
+            activations: bytes(activations),
+            gradients: bytes(gradients),
+            working: bytes(working.max(0.0)),
+            peak: bytes(peak),
+        }
+    }
+}

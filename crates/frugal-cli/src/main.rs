@@ -82,14 +82,7 @@ fn memory(args: &cli::MemoryArgs) -> Result<()> {
             ("--seq-len", seq),
             ("--grad-accum", args.grad_accum),
         ])?;
-        let backward = args.memory.backward();
-        let selected = frugal_nn::llama::StepMode {
-            checkpointing: backward.checkpointing,
-            per_layer_updates: backward.per_layer_updates,
-            loss_chunks: args.memory.loss_chunks(),
-            grad_accum: args.grad_accum,
-        };
-        report = report.with_steps(&model, batch, seq, selected);
+        report = report.with_steps(&model, batch, seq, args.memory.step_mode(args.grad_accum));
     } else if args.seq_len.is_some() {
         bail!("--seq-len plans a step only with --batch-size");
     }

@@ -92,6 +92,8 @@ pub struct Summary {
     pub optimizer_state_total_bytes: usize,
     pub optimizer_workspace_bytes: usize,
     pub parameter_bytes: usize,
+    /// Parameter gradients held at once, at most (all of them, or one part with per-layer
+    /// updates).
     pub gradient_bytes: usize,
     pub peak_rss_bytes: u64,
     pub wall_s: f64,

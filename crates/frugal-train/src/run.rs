@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use frugal::labels::RoleCounts;
 use frugal::Frugal;
-use frugal_nn::llama::{Llama, LlamaConfig};
+use frugal_nn::llama::{Llama, LlamaConfig, StepMode};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -49,6 +49,11 @@ impl RunConfig {
             eval_every: self.eval_every,
             save_every: self.save_every,
         }
+    }
+
+    /// How this run's steps use memory (what [`LlamaConfig::step_memory`] plans).
+    pub fn step_mode(&self) -> StepMode {
+        self.args.memory.step_mode(self.args.grad_accum)
     }
 
     /// The learning-rate schedule of this run.
@@ -418,7 +423,10 @@ pub fn run(
         optimizer_state_total_bytes: opt.state_bytes().total(),
         optimizer_workspace_bytes: opt.workspace_bytes(),
         parameter_bytes: 4 * n_params,
-        gradient_bytes: 4 * n_params,
+        gradient_bytes: run
+            .model
+            .step_memory(args.batch_size, run.seq_len, run.step_mode())
+            .gradients,
         peak_rss_bytes: peak_rss_bytes(),
         wall_s: state.elapsed_s,
         tokens_per_s: state.tokens as f64 / state.train_s.max(1e-9),

@@ -170,6 +170,17 @@ impl MemorySettings {
         }
     }
 
+    /// The step mode these settings ask for, with `grad_accum` micro-batches per step.
+    pub fn step_mode(&self, grad_accum: usize) -> frugal_nn::llama::StepMode {
+        let backward = self.backward();
+        frugal_nn::llama::StepMode {
+            checkpointing: backward.checkpointing,
+            per_layer_updates: backward.per_layer_updates,
+            loss_chunks: self.loss_chunks(),
+            grad_accum,
+        }
+    }
+
     /// Chunks of the loss (1: the whole logits).
     pub fn loss_chunks(&self) -> usize {
         match (self.loss_chunks, self.memory) {

@@ -1,12 +1,12 @@
 //! Subspace changes (every T steps): the choices that need no gradient (blocks, random
 //! projections and coordinates) when a step opens, the SVDs when each tensor's gradient arrives.
 
-use crate::config::{MomentStorage, MomentTransfer};
+use crate::config::{MomentStorage, MomentTransfer, ProjSide};
 use crate::error::Result;
 use crate::kernels::cpu as kernels;
 use crate::labels::Role;
 use crate::optimizer::{Frugal, Slot};
-use crate::projection::{self, RankRule, Subspace, TensorSplit};
+use crate::projection::{self, RankRule, Sketch, Subspace, TensorSplit};
 use crate::quant::{Code, Packed};
 use crate::rules::moment_slots;
 use candle_core::Tensor;
@@ -21,10 +21,17 @@ pub(crate) struct OpenStep {
     pub planned: Vec<bool>,
     /// Per slot: already updated.
     pub done: Vec<bool>,
-    /// Per slot: an SVD subspace to choose from the gradient, with the randomized solver's seed.
-    svd: Vec<Option<u64>>,
-    /// The ranks of the SVDs of this step.
+    /// The SVDs of a step that changes SVD subspaces.
+    svds: Option<PendingSvds>,
+}
+
+/// SVD subspaces to choose from gradients as they arrive.
+struct PendingSvds {
+    side: ProjSide,
+    sketch: Option<Sketch>,
     ranks: RankRule,
+    /// Per slot: a waiting choice, with the randomized solver's seed.
+    seeds: Vec<Option<u64>>,
 }
 
 impl OpenStep {
@@ -33,8 +40,7 @@ impl OpenStep {
         OpenStep {
             planned,
             done: vec![false; n],
-            svd: vec![None; n],
-            ranks: RankRule::from_density(0.0),
+            svds: None,
         }
     }
 }
@@ -90,22 +96,27 @@ impl Frugal {
                 }
             }
         } else if let Some(split) = self.config.projection.per_tensor() {
-            open.ranks = self.config.rank_rule(self.step);
-            for (i, planned) in open.planned.iter().enumerate() {
-                if !planned || self.slots[i].info.role != Role::Projectable {
-                    continue;
+            let ranks = self.config.rank_rule(self.step);
+            let projectable: Vec<usize> = (0..self.slots.len())
+                .filter(|&i| open.planned[i] && self.slots[i].info.role == Role::Projectable)
+                .collect();
+            if let TensorSplit::Svd(side, sketch) = split {
+                // The randomized solver draws from a generator per tensor, seeded in tensor
+                // order, so that the SVDs can run in any order and in parallel.
+                let mut seeds = vec![None; self.slots.len()];
+                for i in projectable {
+                    seeds[i] = Some(sketch.map_or(0, |_| self.rng.next_u64()));
                 }
-                match split {
-                    // The randomized solver draws from a generator per tensor, seeded in
-                    // tensor order, so that the SVDs can run in any order and in parallel.
-                    TensorSplit::Svd(_, sketch) => {
-                        open.svd[i] = Some(sketch.map_or(0, |_| self.rng.next_u64()));
-                    }
-                    _ => {
-                        let slot = &self.slots[i];
-                        let sub =
-                            projection::choose_blind(split, open.ranks, &slot.info, &mut self.rng)
-                                .expect("every split but the SVD is chosen blind");
+                open.svds = Some(PendingSvds {
+                    side,
+                    sketch,
+                    ranks,
+                    seeds,
+                });
+            } else {
+                for i in projectable {
+                    let info = &self.slots[i].info;
+                    if let Some(sub) = projection::choose_blind(split, ranks, info, &mut self.rng) {
                         self.install_choice(i, sub, &mut pool);
                     }
                 }
@@ -123,20 +134,17 @@ impl Frugal {
     /// Runs the waiting SVDs of the tensors in `work` (in parallel: they are independent) and
     /// installs their subspaces.
     pub(crate) fn resolve_svds(&mut self, work: &[(usize, Tensor)]) -> Result<()> {
-        let Some(open) = self.open.as_mut() else {
+        let Some(svds) = self.open.as_mut().and_then(|open| open.svds.as_mut()) else {
             return Ok(());
         };
         let pending: Vec<(&(usize, Tensor), u64)> = work
             .iter()
-            .filter_map(|item| open.svd[item.0].take().map(|seed| (item, seed)))
+            .filter_map(|item| svds.seeds[item.0].take().map(|seed| (item, seed)))
             .collect();
         if pending.is_empty() {
             return Ok(());
         }
-        let (ranks, split) = (open.ranks, self.config.projection.per_tensor());
-        let Some(TensorSplit::Svd(side, sketch)) = split else {
-            unreachable!("only SVD projections wait for gradients")
-        };
+        let (side, sketch, ranks) = (svds.side, svds.sketch, svds.ranks);
         let chosen: Vec<Subspace> = pending
             .par_iter()
             .map(|((i, g), seed)| {

@@ -43,6 +43,7 @@ ms = statistics.median(1000 * tokens / r["tok_per_s"] for r in steps[1:] or step
 print(s["peak_rss_bytes"] / 1e6, ms)
 PY
 )
+  rm -rf "$dir/checkpoints" # hundreds of MB per mode; the summary and metrics stay
   base_rss=${base_rss:-$rss}
   base_ms=${base_ms:-$ms}
   python3 -c "import sys; n,r,m,br,bm=sys.argv[1:]; print(f'{n:<14} {float(r):>12.0f} {float(r)/float(br):>12.2f} {float(m):>10.0f} {float(m)/float(bm):>8.2f}')" \

@@ -48,12 +48,14 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
 }
 
-/// Returns freed memory to the operating system at once (`--memory low`): the peak RSS then
-/// shows the real peak, at the cost of page faults when memory is reused.
+/// Returns freed memory to the operating system a second after it is freed (`--memory low`):
+/// the peak RSS then shows the real peak, while memory freed and reused within a layer's work
+/// is not faulted in again (purging at once made `60m` steps 1.65× slower, against 1.35× with
+/// this delay).
 fn return_freed_memory(memory: &frugal_train::settings::MemorySettings) {
     if memory.memory == frugal_train::settings::MemoryMode::Low {
-        // SAFETY: setting an option has no preconditions; 0 purges freed pages at once.
-        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 0) };
+        // SAFETY: setting an option has no preconditions; the delay is in milliseconds.
+        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 1000) };
     }
 }
 

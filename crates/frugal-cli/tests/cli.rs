@@ -594,9 +594,9 @@ fn low_memory_training_matches_the_normal_run_and_the_report_plans_every_mode() 
         "--model",
         "tiny",
         "--batch-size",
-        "4",
+        "8",
         "--seq-len",
-        "64",
+        "128",
         "--memory",
         "low",
         "--json",
@@ -607,6 +607,7 @@ fn low_memory_training_matches_the_normal_run_and_the_report_plans_every_mode() 
     let peak = |i: usize| steps[i]["peak_bytes"].as_u64().unwrap();
     assert_eq!(steps[4]["mode"], "low");
     assert_eq!(steps[4]["selected"], true);
+    // At 8 × 128 tokens the logits outweigh the head's gradient, so every technique saves.
     assert!((1..5).all(|i| peak(i) < peak(0)), "{steps:?}");
     let err = frugal(&dir)
         .args(["train", "--loss-chunks", "0", "--steps", "1"])

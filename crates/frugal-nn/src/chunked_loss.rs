@@ -1,10 +1,45 @@
-//! Cross-entropy of a linear head's logits computed in chunks of rows (tokens) and of the
-//! vocabulary, so that the logits of the whole batch, (tokens × vocabulary) floats, and their
-//! gradient never exist at once: each pass holds one chunk of logits.
+//! Cross-entropy of a linear head's logits computed in chunks of tokens (and, optionally, of
+//! the vocabulary), so that the logits of the whole batch, (tokens × vocabulary) floats, and
+//! their gradient never exist at once.
+//!
+//! With whole-vocabulary chunks the loss and its gradients are formed in one pass: each token
+//! chunk's logits are computed once, turned into softmax − onehot, and multiplied out into the
+//! gradients of the hidden states and the head, which wait for the backward pass. With
+//! vocabulary chunks as well, the forward pass keeps only each row's log-sum-exp and the
+//! backward pass computes the logits again, chunk by chunk.
 
-use crate::ops::cpu_f32;
+use crate::ops::{cpu_f32, log_sum_exp};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use serde::Serialize;
+
+/// How the loss is split: chunks of tokens, and chunks of the vocabulary within each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct LossChunks {
+    /// Chunks of tokens (rows of the logits).
+    pub tokens: usize,
+    /// Chunks of the vocabulary (1: each token chunk's logits at once, and one pass).
+    pub vocab: usize,
+}
+
+impl Default for LossChunks {
+    fn default() -> Self {
+        Self::WHOLE
+    }
+}
+
+impl LossChunks {
+    /// The whole logits at once.
+    pub const WHOLE: LossChunks = LossChunks {
+        tokens: 1,
+        vocab: 1,
+    };
+
+    /// True when nothing is split.
+    pub fn is_whole(self) -> bool {
+        self.tokens <= 1 && self.vocab <= 1
+    }
+}
 
 /// Runs `f` on the contiguous f32 contents of a CPU tensor.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
@@ -36,20 +71,45 @@ fn logits(h: &Tensor, w: &Tensor) -> Result<Tensor> {
     h.detach().matmul(&w.detach().t()?)
 }
 
-/// The loss as a candle operation on (hidden states, head weight): the forward pass already
-/// computed each row's log-sum-exp and the mean loss chunk by chunk; the backward pass
-/// recomputes each chunk's logits to form its gradient.
-struct LinearCrossEntropy {
-    targets: Vec<u32>,
-    /// log Σ exp(logits) of each row.
-    lse: Vec<f32>,
-    loss: f32,
-    chunks: usize,
+/// Adds `part` to the running sum in `acc`.
+fn add_to(acc: &mut Option<Tensor>, part: Tensor) -> Result<()> {
+    *acc = Some(match acc.take() {
+        Some(sum) => (sum + part)?,
+        None => part,
+    });
+    Ok(())
 }
 
-impl CustomOp2 for LinearCrossEntropy {
+/// The sum of an accumulation that saw at least one part.
+fn total(acc: Option<Tensor>) -> Result<Tensor> {
+    match acc {
+        Some(t) => Ok(t),
+        None => bail!("chunked cross-entropy: an empty chunk"),
+    }
+}
+
+/// scale·(softmax(row) − onehot(target − v0)) of one row of a vocabulary chunk starting at
+/// `v0`, given the row's log-sum-exp.
+fn softmax_grad(o: &mut [f32], row: &[f32], lse: f32, target: usize, v0: usize, scale: f32) {
+    for (o, x) in o.iter_mut().zip(row) {
+        *o = scale * (x - lse).exp();
+    }
+    if (v0..v0 + row.len()).contains(&target) {
+        o[target - v0] -= scale;
+    }
+}
+
+/// A loss whose value and gradients the forward pass computed: the backward pass scales the
+/// waiting gradients by the incoming one.
+struct Precomputed {
+    loss: f32,
+    dh: Tensor,
+    dw: Tensor,
+}
+
+impl CustomOp2 for Precomputed {
     fn name(&self) -> &'static str {
-        "chunked-linear-cross-entropy"
+        "linear-cross-entropy-one-pass"
     }
 
     fn cpu_fwd(
@@ -64,99 +124,74 @@ impl CustomOp2 for LinearCrossEntropy {
 
     fn bwd(
         &self,
-        h: &Tensor,
-        w: &Tensor,
+        _h: &Tensor,
+        _w: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (n, d) = h.dims2()?;
-        let vocab = w.dim(0)?;
-        let scale = grad.to_scalar::<f32>()? / n as f32;
-        let rows = ranges(n, self.chunks);
-        let mut dh: Vec<Option<Tensor>> = vec![None; rows.len()];
-        let mut dw = Vec::new();
-        for (v0, vn) in ranges(vocab, self.chunks) {
-            let wc = w.narrow(0, v0, vn)?.detach();
-            let mut dwc: Option<Tensor> = None;
-            for (slot, &(r0, rn)) in dh.iter_mut().zip(&rows) {
-                let hc = h.narrow(0, r0, rn)?.detach();
-                let z = logits(&hc, &wc)?;
-                // scale·(softmax − onehot) of this chunk.
-                let dz = with_f32(&z, |z| {
-                    let mut out = vec![0f32; z.len()];
-                    out.par_chunks_mut(vn)
-                        .zip(z.par_chunks(vn))
-                        .enumerate()
-                        .for_each(|(i, (o, row))| {
-                            let lse = self.lse[r0 + i];
-                            for (o, x) in o.iter_mut().zip(row) {
-                                *o = scale * (x - lse).exp();
-                            }
-                            let t = self.targets[r0 + i] as usize;
-                            if (v0..v0 + vn).contains(&t) {
-                                o[t - v0] -= scale;
-                            }
-                        });
-                    out
-                })?;
-                let dz = Tensor::from_vec(dz, (rn, vn), h.device())?;
-                let part = dz.matmul(&wc)?;
-                *slot = Some(match slot.take() {
-                    Some(acc) => (acc + part)?,
-                    None => part,
-                });
-                let part = dz.t()?.matmul(&hc)?;
-                dwc = Some(match dwc {
-                    Some(acc) => (acc + part)?,
-                    None => part,
-                });
-            }
-            dw.push(dwc.expect("at least one row chunk"));
+        let g = grad.to_scalar::<f32>()?;
+        if g == 1.0 {
+            return Ok((Some(self.dh.clone()), Some(self.dw.clone())));
         }
-        let dh: Vec<Tensor> = dh
-            .into_iter()
-            .map(|t| t.expect("every row chunk"))
-            .collect();
-        let dh = Tensor::cat(&dh, 0)?;
-        let dw = Tensor::cat(&dw, 0)?;
-        debug_assert_eq!(dh.dims(), [n, d]);
-        Ok((Some(dh), Some(dw)))
+        let g = g as f64;
+        Ok((Some((&self.dh * g)?), Some((&self.dw * g)?)))
     }
 }
 
-/// Mean cross-entropy of the logits h·wᵀ, for hidden states `h` (n, d), head weight `w`
-/// (vocab, d) and `targets` (n, u32), over `chunks` row chunks × `chunks` vocabulary chunks:
-/// at most (n / chunks) × (vocab / chunks) logits exist at a time. It backpropagates to `h` and
-/// `w`; the backward pass recomputes the logits chunk by chunk.
-pub fn linear_cross_entropy(
+/// The loss and its gradients in one pass over token chunks of whole-vocabulary logits.
+fn one_pass(h: &Tensor, w: &Tensor, targets: &[u32], tokens: usize) -> Result<Tensor> {
+    let (n, _) = h.dims2()?;
+    let vocab = w.dim(0)?;
+    let scale = 1.0 / n as f32;
+    let (hd, wd) = (h.detach(), w.detach());
+    let mut losses = vec![0f64; n];
+    let (mut dh, mut dw) = (Vec::new(), None);
+    for (r0, rn) in ranges(n, tokens) {
+        let hc = hd.narrow(0, r0, rn)?;
+        let z = logits(&hc, &wd)?;
+        let dz = with_f32(&z, |z| {
+            let mut out = vec![0f32; z.len()];
+            out.par_chunks_mut(vocab)
+                .zip(z.par_chunks(vocab))
+                .zip(&mut losses[r0..r0 + rn])
+                .zip(&targets[r0..r0 + rn])
+                .for_each(|(((o, row), loss), &t)| {
+                    let lse = log_sum_exp(row);
+                    *loss = (lse - row[t as usize]) as f64;
+                    softmax_grad(o, row, lse, t as usize, 0, scale);
+                });
+            out
+        })?;
+        drop(z);
+        let dz = Tensor::from_vec(dz, (rn, vocab), h.device())?;
+        dh.push(dz.matmul(&wd)?);
+        add_to(&mut dw, dz.t()?.matmul(&hc)?)?;
+    }
+    // Summed sequentially in f64, like the fused loss: independent of scheduling.
+    let loss = (losses.iter().sum::<f64>() / n as f64) as f32;
+    let op = Precomputed {
+        loss,
+        dh: Tensor::cat(&dh, 0)?,
+        dw: total(dw)?,
+    };
+    h.apply_op2(w, op)
+}
+
+/// Each row's log-sum-exp and the summed loss, over token chunks × vocabulary chunks, with a
+/// running maximum and rescaled sum of exponentials per row.
+fn lse_pass(
     h: &Tensor,
     w: &Tensor,
-    targets: &Tensor,
-    chunks: usize,
-) -> Result<Tensor> {
-    cpu_f32("linear_cross_entropy", h)?;
-    cpu_f32("linear_cross_entropy", w)?;
-    let (n, d) = h.dims2()?;
-    let (vocab, wd) = w.dims2()?;
-    if wd != d {
-        bail!("linear_cross_entropy: hidden size {d} but head rows of {wd}");
-    }
-    let targets = targets.flatten_all()?.to_vec1::<u32>()?;
-    if targets.len() != n {
-        bail!(
-            "linear_cross_entropy: {n} rows but {} targets",
-            targets.len()
-        );
-    }
-    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= vocab) {
-        bail!("cross_entropy: target {bad} outside the vocabulary of {vocab}");
-    }
-    // Running maximum and rescaled sum of exponentials of each row, over vocabulary chunks.
+    targets: &[u32],
+    chunks: LossChunks,
+) -> Result<(Vec<f32>, f64)> {
+    let (n, _) = h.dims2()?;
+    let vocab = w.dim(0)?;
     let mut max = vec![f32::NEG_INFINITY; n];
     let mut sum = vec![0f32; n];
     let mut target_logit = vec![0f32; n];
-    let rows = ranges(n, chunks);
-    for (v0, vn) in ranges(vocab, chunks) {
+    let rows = ranges(n, chunks.tokens);
+    for (v0, vn) in ranges(vocab, chunks.vocab) {
         let wc = w.narrow(0, v0, vn)?;
         for &(r0, rn) in &rows {
             let z = logits(&h.narrow(0, r0, rn)?, &wc)?;
@@ -192,13 +227,133 @@ pub fn linear_cross_entropy(
         .zip(&target_logit)
         .map(|(l, t)| (l - t) as f64)
         .sum();
-    let op = LinearCrossEntropy {
+    Ok((lse, total))
+}
+
+/// A loss whose forward pass kept each row's log-sum-exp: the backward pass recomputes each
+/// chunk's logits to form its gradient.
+struct Recomputed {
+    targets: Vec<u32>,
+    /// log Σ exp(logits) of each row.
+    lse: Vec<f32>,
+    loss: f32,
+    chunks: LossChunks,
+}
+
+impl CustomOp2 for Recomputed {
+    fn name(&self) -> &'static str {
+        "linear-cross-entropy-two-pass"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(vec![self.loss]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, _) = h.dims2()?;
+        let vocab = w.dim(0)?;
+        let scale = grad.to_scalar::<f32>()? / n as f32;
+        let rows = ranges(n, self.chunks.tokens);
+        let mut dh: Vec<Option<Tensor>> = vec![None; rows.len()];
+        let mut dw = Vec::new();
+        for (v0, vn) in ranges(vocab, self.chunks.vocab) {
+            let wc = w.narrow(0, v0, vn)?.detach();
+            let mut dwc = None;
+            for (slot, &(r0, rn)) in dh.iter_mut().zip(&rows) {
+                let hc = h.narrow(0, r0, rn)?.detach();
+                let z = logits(&hc, &wc)?;
+                let dz = with_f32(&z, |z| {
+                    let mut out = vec![0f32; z.len()];
+                    out.par_chunks_mut(vn)
+                        .zip(z.par_chunks(vn))
+                        .enumerate()
+                        .for_each(|(i, (o, row))| {
+                            let t = self.targets[r0 + i] as usize;
+                            softmax_grad(o, row, self.lse[r0 + i], t, v0, scale);
+                        });
+                    out
+                })?;
+                let dz = Tensor::from_vec(dz, (rn, vn), h.device())?;
+                add_to(slot, dz.matmul(&wc)?)?;
+                add_to(&mut dwc, dz.t()?.matmul(&hc)?)?;
+            }
+            dw.push(total(dwc)?);
+        }
+        let dh = dh.into_iter().map(total).collect::<Result<Vec<_>>>()?;
+        Ok((Some(Tensor::cat(&dh, 0)?), Some(Tensor::cat(&dw, 0)?)))
+    }
+}
+
+/// Checks the shapes and targets; returns the targets.
+fn checked_targets(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Vec<u32>> {
+    cpu_f32("linear_cross_entropy", h)?;
+    cpu_f32("linear_cross_entropy", w)?;
+    let (n, d) = h.dims2()?;
+    let (vocab, wd) = w.dims2()?;
+    if wd != d {
+        bail!("linear_cross_entropy: hidden size {d} but head rows of {wd}");
+    }
+    let targets = targets.flatten_all()?.to_vec1::<u32>()?;
+    if targets.len() != n {
+        bail!(
+            "linear_cross_entropy: {n} rows but {} targets",
+            targets.len()
+        );
+    }
+    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+        bail!("cross_entropy: target {bad} outside the vocabulary of {vocab}");
+    }
+    Ok(targets)
+}
+
+/// Mean cross-entropy of the logits h·wᵀ, for hidden states `h` (n, d), head weight `w`
+/// (vocab, d) and `targets` (n, u32), in `chunks`: at most (n / tokens) × (vocab / vocab
+/// chunks) logits exist at a time. It backpropagates to `h` and `w`. With one vocabulary chunk
+/// the gradients are formed in the forward pass (no logits are computed twice); with more,
+/// the backward pass recomputes the logits chunk by chunk.
+pub fn linear_cross_entropy(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    chunks: LossChunks,
+) -> Result<Tensor> {
+    let targets = checked_targets(h, w, targets)?;
+    let (h, w) = (h.contiguous()?, w.contiguous()?);
+    if chunks.vocab <= 1 {
+        return one_pass(&h, &w, &targets, chunks.tokens);
+    }
+    let (lse, total) = lse_pass(&h, &w, &targets, chunks)?;
+    let op = Recomputed {
+        loss: (total / targets.len() as f64) as f32,
         targets,
         lse,
-        loss: (total / n as f64) as f32,
         chunks,
     };
-    h.contiguous()?.apply_op2(&w.contiguous()?, op)
+    h.apply_op2(&w, op)
+}
+
+/// The value of [`linear_cross_entropy`] alone (evaluation): no gradient is formed or kept.
+pub fn linear_cross_entropy_value(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    chunks: LossChunks,
+) -> Result<f32> {
+    let targets = checked_targets(h, w, targets)?;
+    let (_, total) = lse_pass(&h.detach(), &w.detach(), &targets, chunks)?;
+    Ok((total / targets.len() as f64) as f32)
 }
 
 #[cfg(test)]
@@ -225,17 +380,36 @@ mod tests {
         let targets = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
         let whole = cross_entropy(&h.matmul(&w.t().unwrap()).unwrap(), &targets).unwrap();
         let g = (&whole * 2.5).unwrap().backward().unwrap();
-        for chunks in [1, 2, 5, 13, 40] {
+        for (tokens, vocab) in [
+            (1, 1),
+            (2, 1),
+            (5, 1),
+            (13, 1),
+            (40, 1),
+            (2, 2),
+            (5, 3),
+            (13, 40),
+        ] {
+            let chunks = LossChunks { tokens, vocab };
             let loss = linear_cross_entropy(&h, &w, &targets, chunks).unwrap();
-            assert!(max_diff(&loss, &whole) < 1e-5, "{chunks} chunks");
+            assert!(max_diff(&loss, &whole) < 1e-5, "{chunks:?}");
+            let value = linear_cross_entropy_value(&h, &w, &targets, chunks).unwrap();
+            assert!(
+                (value - whole.to_scalar::<f32>().unwrap()).abs() < 1e-5,
+                "{chunks:?}"
+            );
             let gc = (&loss * 2.5).unwrap().backward().unwrap();
             for v in [&h, &w] {
                 let (a, b) = (gc.get(v).unwrap(), g.get(v).unwrap());
                 assert_eq!(a.dims(), b.dims());
-                assert!(max_diff(a, b) < 1e-5, "{chunks} chunks");
+                assert!(max_diff(a, b) < 1e-5, "{chunks:?}");
             }
         }
         let bad = Tensor::new(&[vocab as u32; 13], &Device::Cpu).unwrap();
-        assert!(linear_cross_entropy(&h, &w, &bad, 2).is_err());
+        let chunks = LossChunks {
+            tokens: 2,
+            vocab: 1,
+        };
+        assert!(linear_cross_entropy(&h, &w, &bad, chunks).is_err());
     }
 }

@@ -3,8 +3,8 @@
 //!
 //! - [`ops`]: fused CPU operations with their own backward passes (cross-entropy, causal softmax,
 //!   RMSNorm).
-//! - [`chunked_loss`]: cross-entropy of a linear head in chunks of tokens and vocabulary, without
-//!   the whole logits.
+//! - [`chunked_loss`]: cross-entropy of a linear head in chunks of tokens (and vocabulary),
+//!   without the whole logits.
 //! - [`llama`]: the LLaMA decoder (Hugging Face names and layout) and its configurations.
 //! - [`labels`]: labels for LLaMA and BERT/RoBERTa parameter names.
 //! - [`init`]: the seeded initialisation stream.

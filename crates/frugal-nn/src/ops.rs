@@ -92,7 +92,7 @@ impl<P: GradPass> CustomOp2 for Pass<P> {
 }
 
 /// log Σ exp(row).
-fn log_sum_exp(row: &[f32]) -> f32 {
+pub(crate) fn log_sum_exp(row: &[f32]) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     max + row.iter().map(|x| (x - max).exp()).sum::<f32>().ln()
 }

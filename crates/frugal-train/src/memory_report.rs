@@ -6,6 +6,7 @@ use frugal::config::DensitySchedule;
 use frugal::labels::RoleCounts;
 use frugal::memory::{by_role, plan};
 use frugal::{OptimizerConfig, StateBytes};
+use frugal_nn::chunked_loss::LossChunks;
 use frugal_nn::llama::{LlamaConfig, StepMemory, StepMode};
 use serde::Serialize;
 
@@ -45,10 +46,10 @@ pub struct ModePlan {
 
 /// The memory modes a report plans, by name: each technique alone, and all of them.
 pub fn modes(grad_accum: usize) -> Vec<(&'static str, StepMode)> {
-    let mode = |checkpointing, per_layer_updates, loss_chunks| StepMode {
+    let mode = |checkpointing, per_layer_updates, tokens| StepMode {
         checkpointing,
         per_layer_updates,
-        loss_chunks,
+        loss_chunks: LossChunks { tokens, vocab: 1 },
         grad_accum,
     };
     vec![

@@ -216,5 +216,6 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");
         assert!(bytes.len() > 10_000, "suspiciously small image");
+        std::fs::remove_file(&path).ok();
     }
 }

@@ -153,11 +153,16 @@ pub struct MemorySettings {
     #[cfg_attr(feature = "cli", arg(long))]
     #[serde(default)]
     pub per_layer_updates: bool,
-    /// Compute the loss over N chunks of tokens × N chunks of vocabulary, never the whole
-    /// logits [default: 1, or 8 with --memory low].
+    /// Compute the loss and its gradient over N chunks of tokens, one chunk's logits at a
+    /// time, never the whole logits [default: 1, or 8 with --memory low].
     #[cfg_attr(feature = "cli", arg(long))]
     #[serde(default)]
     pub loss_chunks: Option<usize>,
+    /// Also split each chunk's vocabulary into M chunks (for very large vocabularies): at most
+    /// (tokens / N) × (vocabulary / M) logits at a time, computed twice [default: 1].
+    #[cfg_attr(feature = "cli", arg(long))]
+    #[serde(default)]
+    pub loss_vocab_chunks: Option<usize>,
 }
 
 impl MemorySettings {
@@ -181,12 +186,16 @@ impl MemorySettings {
         }
     }
 
-    /// Chunks of the loss (1: the whole logits).
-    pub fn loss_chunks(&self) -> usize {
-        match (self.loss_chunks, self.memory) {
+    /// How the loss is split.
+    pub fn loss_chunks(&self) -> frugal_nn::chunked_loss::LossChunks {
+        let tokens = match (self.loss_chunks, self.memory) {
             (Some(n), _) => n,
             (None, MemoryMode::Low) => 8,
             (None, MemoryMode::Normal) => 1,
+        };
+        frugal_nn::chunked_loss::LossChunks {
+            tokens,
+            vocab: self.loss_vocab_chunks.unwrap_or(1),
         }
     }
 
@@ -194,6 +203,9 @@ impl MemorySettings {
     pub fn validate(&self) -> Result<()> {
         if self.loss_chunks == Some(0) {
             bail!("--loss-chunks must be at least 1 (1 computes the whole logits at once)");
+        }
+        if self.loss_vocab_chunks == Some(0) {
+            bail!("--loss-vocab-chunks must be at least 1 (1 keeps each chunk's whole vocabulary)");
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use frugal::Frugal;
+use frugal_nn::chunked_loss::LossChunks;
 use frugal_nn::llama::{Llama, LlamaConfig, StepMode};
 use frugal_train::schedule::Schedule;
 use frugal_train::trainer::{Backward, BatchSource, LoopSettings, Trainer, TrainerState};
@@ -117,10 +118,10 @@ fn the_planned_peak_matches_counted_allocations_in_every_mode() {
         max_position_embeddings: 48,
         ..small.clone()
     };
-    let mode = |checkpointing, per_layer_updates, loss_chunks, grad_accum| StepMode {
+    let mode = |checkpointing, per_layer_updates, tokens, grad_accum| StepMode {
         checkpointing,
         per_layer_updates,
-        loss_chunks,
+        loss_chunks: LossChunks { tokens, vocab: 1 },
         grad_accum,
     };
     let modes = [
@@ -130,6 +131,16 @@ fn the_planned_peak_matches_counted_allocations_in_every_mode() {
         ("per-layer updates", mode(false, true, 1, 1)),
         ("low", mode(true, true, 4, 1)),
         ("low, 2 micro-batches", mode(true, true, 4, 2)),
+        (
+            "low, vocabulary chunks",
+            StepMode {
+                loss_chunks: LossChunks {
+                    tokens: 4,
+                    vocab: 4,
+                },
+                ..mode(true, true, 4, 1)
+            },
+        ),
     ];
     let mut peaks = Vec::new();
     for (c, batch, seq) in [(&small, 4, 64), (&grouped, 6, 48)] {
@@ -146,8 +157,7 @@ fn the_planned_peak_matches_counted_allocations_in_every_mode() {
             peaks.push(real);
         }
         // Each technique saves memory on its own, and together they save the most.
-        let n = modes.len();
-        let run = &peaks[peaks.len() - n..];
+        let run = &peaks[peaks.len() - modes.len()..];
         assert!(run[1..5].iter().all(|p| *p < run[0]), "{run:?}");
         assert!(run[4] < run[1] && run[4] < run[2], "{run:?}");
     }

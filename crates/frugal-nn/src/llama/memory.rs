@@ -10,6 +10,7 @@
 //! against counted allocations.
 
 use super::LlamaConfig;
+use crate::chunked_loss::LossChunks;
 use serde::Serialize;
 
 /// How a step runs its backward pass.
@@ -19,8 +20,8 @@ pub struct StepMode {
     pub checkpointing: bool,
     /// Per-layer updates: each part's gradients are freed once the optimizer has used them.
     pub per_layer_updates: bool,
-    /// Chunks of tokens × chunks of vocabulary of the loss (1: the whole logits).
-    pub loss_chunks: usize,
+    /// How the loss is split.
+    pub loss_chunks: LossChunks,
     /// Micro-batches per step: with more than one, whole gradients are accumulated.
     pub grad_accum: usize,
 }
@@ -57,19 +58,26 @@ impl LlamaConfig {
         } else {
             0.0
         };
-        let chunks = mode.loss_chunks.max(1) as f64;
+        let chunks = mode.loss_chunks;
         let p_layer = 2.0 * h * h + 2.0 * kv * h + 3.0 * h * f + 2.0 * h;
         let p_vocab = vocab * h;
         let p_all = 2.0 * p_vocab + layers * p_layer + h;
         // Kept by each layer: norms, projections and their head-major copies, rotary terms,
         // scores and probabilities, the MLP's four products and the two residual sums.
         let a_layer = 14.5 * n * h + 8.5 * n * kv + grouped * n * h + 2.0 * scores + 4.0 * n * f;
-        let whole_logits = mode.loss_chunks <= 1;
-        let (a_top, w_top) = if whole_logits {
+        let rows = (n / chunks.tokens.max(1) as f64).ceil();
+        let (a_top, w_top) = if chunks.is_whole() {
             // The final norm and the logits; their gradient, its zero start and their sum.
             (n * h + n * vocab, 3.0 * n * vocab)
+        } else if chunks.vocab <= 1 {
+            // The final norm and the gradients the one pass made; a chunk's logits and their
+            // gradient, and the head gradient's running sum.
+            (
+                2.0 * n * h + p_vocab,
+                2.0 * rows * vocab + 3.0 * p_vocab + 3.0 * n * h,
+            )
         } else {
-            let chunk = (n / chunks).ceil() * (vocab / chunks).ceil();
+            let chunk = rows * (vocab / chunks.vocab as f64).ceil();
             (n * h + n, 3.0 * p_vocab + 3.0 * n * h + 3.0 * chunk)
         };
         let w_embed = 3.0 * p_vocab + 2.0 * n * h;

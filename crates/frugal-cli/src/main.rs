@@ -84,7 +84,7 @@ fn memory(args: &cli::MemoryArgs) -> Result<()> {
             ("--seq-len", seq),
             ("--grad-accum", args.grad_accum),
         ])?;
-        report = report.with_steps(&model, batch, seq, args.memory.step_mode(args.grad_accum));
+        report = report.with_steps(&model, batch, seq, args.memory.step_mode(args.grad_accum))?;
     } else if args.seq_len.is_some() {
         bail!("--seq-len plans a step only with --batch-size");
     }

@@ -30,6 +30,8 @@ pub struct MemoryReport {
     pub end_state: Option<StateBytes>,
     /// With a batch shape: the planned step memory of every memory mode.
     pub steps: Vec<ModePlan>,
+    /// With a batch shape: the peak of plain AdamW in the normal mode, for comparison.
+    pub adamw_normal_peak_bytes: Option<usize>,
 }
 
 /// The planned memory of training steps in one memory mode.
@@ -100,6 +102,7 @@ impl MemoryReport {
             total,
             end_state,
             steps: Vec::new(),
+            adamw_normal_peak_bytes: None,
         })
     }
 
@@ -111,7 +114,7 @@ impl MemoryReport {
         batch: usize,
         seq: usize,
         selected: StepMode,
-    ) -> Self {
+    ) -> Result<Self> {
         let mut all = modes(selected.grad_accum);
         if !all.iter().any(|(_, m)| *m == selected) {
             all.push(("selected", selected));
@@ -130,7 +133,17 @@ impl MemoryReport {
                 }
             })
             .collect();
-        self
+        let adamw = MemoryReport::new(model, &OptimizerConfig::preset("adamw")?)?;
+        let normal = StepMode {
+            grad_accum: selected.grad_accum,
+            ..StepMode::default()
+        };
+        self.adamw_normal_peak_bytes = Some(
+            adamw.total.parameter_bytes
+                + adamw.total.state.total()
+                + model.step_memory(batch, seq, normal).peak,
+        );
+        Ok(self)
     }
 
     /// Optimizer state in MiB.
@@ -181,6 +194,16 @@ impl MemoryReport {
                     p.step.gradients as f64 / MIB,
                     p.step.working as f64 / MIB,
                     p.peak_bytes as f64 / MIB,
+                );
+            }
+            if let Some(adamw) = self.adamw_normal_peak_bytes {
+                out += &format!(
+                    "{:<20} {:>12} {:>10} {:>10} {:>10.1}\n",
+                    "adamw, normal",
+                    "",
+                    "",
+                    "",
+                    adamw as f64 / MIB
                 );
             }
         }

@@ -56,6 +56,26 @@ impl RunConfig {
         self.args.memory.step_mode(self.args.grad_accum)
     }
 
+    /// What the memory settings cost or save under accumulation and clipping, one line each.
+    pub fn step_mode_notes(&self) -> Vec<String> {
+        let (mode, a) = (self.step_mode(), &self.args);
+        let mut notes = Vec::new();
+        if mode.per_layer_updates && a.grad_accum > 1 {
+            notes.push(format!(
+                "per-layer updates with --grad-accum {}: the first {} micro-batches keep whole summed gradients (no gradient memory is saved); the last one updates layer by layer",
+                a.grad_accum,
+                a.grad_accum - 1
+            ));
+        }
+        if mode.per_layer_updates && a.clip > 0.0 {
+            notes.push(format!(
+                "per-layer updates with --clip {}: a first layer-by-layer pass measures the global gradient norm before any update (one more forward and backward per step)",
+                a.clip
+            ));
+        }
+        notes
+    }
+
     /// The learning-rate schedule of this run.
     pub fn schedule(&self) -> Result<Schedule> {
         let a = &self.args;
@@ -352,6 +372,9 @@ pub fn run(
             );
         }
     }
+    for line in run.step_mode_notes() {
+        eprintln!("note: {line}");
+    }
 
     let bar = ProgressBar::new(args.steps as u64).with_position(state.step as u64);
     bar.set_style(
@@ -457,4 +480,38 @@ pub fn run(
         out.display()
     );
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::MemorySettings;
+
+    #[test]
+    fn per_layer_updates_say_what_accumulation_and_clipping_cost() {
+        let settings = |grad_accum, clip| TrainSettings {
+            grad_accum,
+            clip,
+            memory: MemorySettings {
+                per_layer_updates: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(resolve(settings(1, 0.0))
+            .unwrap()
+            .step_mode_notes()
+            .is_empty());
+        let notes = resolve(settings(3, 1.0)).unwrap().step_mode_notes();
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].contains("first 2 micro-batches keep whole summed gradients"));
+        assert!(notes[1].contains("measures the global gradient norm before any update"));
+        // Without per-layer updates neither applies.
+        let plain = TrainSettings {
+            grad_accum: 3,
+            clip: 1.0,
+            ..Default::default()
+        };
+        assert!(resolve(plain).unwrap().step_mode_notes().is_empty());
+    }
 }

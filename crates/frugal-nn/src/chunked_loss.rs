@@ -99,17 +99,24 @@ fn softmax_grad(o: &mut [f32], row: &[f32], lse: f32, target: usize, v0: usize, 
     }
 }
 
-/// A loss whose value and gradients the forward pass computed: the backward pass scales the
-/// waiting gradients by the incoming one.
-struct Precomputed {
-    loss: f32,
-    dh: Tensor,
-    dw: Tensor,
+/// How a [`Loss`] forms its gradients in the backward pass.
+trait LossGrads: Send + Sync {
+    /// The operation's name.
+    const NAME: &'static str;
+    /// The gradients of `h` and `w` for the incoming gradient `grad` of the loss.
+    fn grads(&self, h: &Tensor, w: &Tensor, grad: f32) -> Result<(Tensor, Tensor)>;
 }
 
-impl CustomOp2 for Precomputed {
+/// The loss as a candle operation on (hidden states, head weight): its value was computed
+/// chunk by chunk before; `grads` forms the gradients.
+struct Loss<G> {
+    loss: f32,
+    grads: G,
+}
+
+impl<G: LossGrads> CustomOp2 for Loss<G> {
     fn name(&self) -> &'static str {
-        "linear-cross-entropy-one-pass"
+        G::NAME
     }
 
     fn cpu_fwd(
@@ -124,17 +131,31 @@ impl CustomOp2 for Precomputed {
 
     fn bwd(
         &self,
-        _h: &Tensor,
-        _w: &Tensor,
+        h: &Tensor,
+        w: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = grad.to_scalar::<f32>()?;
-        if g == 1.0 {
-            return Ok((Some(self.dh.clone()), Some(self.dw.clone())));
+        let (dh, dw) = self.grads.grads(h, w, grad.to_scalar::<f32>()?)?;
+        Ok((Some(dh), Some(dw)))
+    }
+}
+
+/// Gradients the forward pass already formed, scaled by the incoming one.
+struct Waiting {
+    dh: Tensor,
+    dw: Tensor,
+}
+
+impl LossGrads for Waiting {
+    const NAME: &'static str = "linear-cross-entropy-one-pass";
+
+    fn grads(&self, _h: &Tensor, _w: &Tensor, grad: f32) -> Result<(Tensor, Tensor)> {
+        if grad == 1.0 {
+            return Ok((self.dh.clone(), self.dw.clone()));
         }
-        let g = g as f64;
-        Ok((Some((&self.dh * g)?), Some((&self.dw * g)?)))
+        let g = grad as f64;
+        Ok(((&self.dh * g)?, (&self.dw * g)?))
     }
 }
 
@@ -169,12 +190,11 @@ fn one_pass(h: &Tensor, w: &Tensor, targets: &[u32], tokens: usize) -> Result<Te
     }
     // Summed sequentially in f64, like the fused loss: independent of scheduling.
     let loss = (losses.iter().sum::<f64>() / n as f64) as f32;
-    let op = Precomputed {
-        loss,
+    let grads = Waiting {
         dh: Tensor::cat(&dh, 0)?,
         dw: total(dw)?,
     };
-    h.apply_op2(w, op)
+    h.apply_op2(w, Loss { loss, grads })
 }
 
 /// Each row's log-sum-exp and the summed loss, over token chunks × vocabulary chunks, with a
@@ -230,41 +250,22 @@ fn lse_pass(
     Ok((lse, total))
 }
 
-/// A loss whose forward pass kept each row's log-sum-exp: the backward pass recomputes each
-/// chunk's logits to form its gradient.
+/// Gradients from each row's log-sum-exp, kept by the forward pass: each chunk's logits are
+/// computed again.
 struct Recomputed {
     targets: Vec<u32>,
     /// log Σ exp(logits) of each row.
     lse: Vec<f32>,
-    loss: f32,
     chunks: LossChunks,
 }
 
-impl CustomOp2 for Recomputed {
-    fn name(&self) -> &'static str {
-        "linear-cross-entropy-two-pass"
-    }
+impl LossGrads for Recomputed {
+    const NAME: &'static str = "linear-cross-entropy-two-pass";
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok((CpuStorage::F32(vec![self.loss]), Shape::from(())))
-    }
-
-    fn bwd(
-        &self,
-        h: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn grads(&self, h: &Tensor, w: &Tensor, grad: f32) -> Result<(Tensor, Tensor)> {
         let (n, _) = h.dims2()?;
         let vocab = w.dim(0)?;
-        let scale = grad.to_scalar::<f32>()? / n as f32;
+        let scale = grad / n as f32;
         let rows = ranges(n, self.chunks.tokens);
         let mut dh: Vec<Option<Tensor>> = vec![None; rows.len()];
         let mut dw = Vec::new();
@@ -292,7 +293,7 @@ impl CustomOp2 for Recomputed {
             dw.push(total(dwc)?);
         }
         let dh = dh.into_iter().map(total).collect::<Result<Vec<_>>>()?;
-        Ok((Some(Tensor::cat(&dh, 0)?), Some(Tensor::cat(&dw, 0)?)))
+        Ok((Tensor::cat(&dh, 0)?, Tensor::cat(&dw, 0)?))
     }
 }
 
@@ -335,13 +336,13 @@ pub fn linear_cross_entropy(
         return one_pass(&h, &w, &targets, chunks.tokens);
     }
     let (lse, total) = lse_pass(&h, &w, &targets, chunks)?;
-    let op = Recomputed {
-        loss: (total / targets.len() as f64) as f32,
+    let loss = (total / targets.len() as f64) as f32;
+    let grads = Recomputed {
         targets,
         lse,
         chunks,
     };
-    h.apply_op2(&w, op)
+    h.apply_op2(&w, Loss { loss, grads })
 }
 
 /// The value of [`linear_cross_entropy`] alone (evaluation): no gradient is formed or kept.

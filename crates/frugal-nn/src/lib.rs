@@ -2,10 +2,14 @@
 //! optimizer routes by.
 //!
 //! - [`ops`]: fused CPU operations with their own backward passes (cross-entropy, causal softmax,
-//!   RMSNorm).
+//!   RMSNorm, LayerNorm, softmax over unpadded keys).
 //! - [`chunked_loss`]: cross-entropy of a linear head in chunks of tokens (and vocabulary),
 //!   without the whole logits.
 //! - [`llama`]: the LLaMA decoder (Hugging Face names and layout) and its configurations.
+//! - [`encoder`]: BERT and RoBERTa encoders loaded from Hugging Face folders, and a sequence
+//!   classifier on top.
+//! - [`dropout`]: dropout masks from a seeded stream.
+//! - [`hf`]: reading Hugging Face model folders (config, single or sharded safetensors).
 //! - [`labels`]: labels for LLaMA and BERT/RoBERTa parameter names.
 //! - [`init`]: the seeded initialisation stream.
 //!
@@ -21,7 +25,10 @@
 //! ```
 
 pub mod chunked_loss;
+pub mod dropout;
+pub mod encoder;
 pub mod error;
+pub mod hf;
 pub mod init;
 pub mod labels;
 pub mod llama;

@@ -10,7 +10,7 @@ pub use memory::{StepMemory, StepMode};
 
 use crate::chunked_loss::{linear_cross_entropy, linear_cross_entropy_value, LossChunks};
 use crate::error::{Error, Result};
-use crate::ops::{causal_softmax, cross_entropy, rms_norm};
+use crate::ops::{causal_softmax, cross_entropy, linear, rms_norm};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
@@ -81,17 +81,6 @@ pub struct Llama {
     loss_chunks: LossChunks,
     /// Rotary tables (cos, sin) per sequence length.
     tables: std::sync::Mutex<HashMap<usize, (Tensor, Tensor)>>,
-}
-
-/// x·Wᵀ for x of shape (..., in) and W of shape (out, in).
-fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let (last, lead) = dims.split_last().expect("non-scalar");
-    let rows: usize = lead.iter().product();
-    let y = x.reshape((rows, *last))?.matmul(&w.t()?)?;
-    let mut out = lead.to_vec();
-    out.push(w.dim(0)?);
-    y.reshape(out)
 }
 
 /// Rotary embedding in Hugging Face's rotate-half convention: x·cos + rotate_half(x)·sin.

@@ -1,7 +1,13 @@
-//! Fused CPU operations with their own backward passes: cross-entropy, causal softmax and
-//! RMSNorm. Each reads its inputs once per pass instead of chaining a dozen tensor operations
+//! Fused CPU operations with their own backward passes: cross-entropy, causal softmax,
+//! RMSNorm, and for encoders LayerNorm and softmax over unpadded keys. Each reads its inputs once per pass instead of chaining a dozen tensor operations
 //! (candle's built-in fast variants of these have no backward). They run on f32 CPU tensors only
 //! and check so on entry ([`cpu_f32`]).
+
+mod key_softmax;
+mod layer_norm;
+
+pub use key_softmax::key_masked_softmax;
+pub use layer_norm::layer_norm;
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -89,6 +95,19 @@ impl<P: GradPass> CustomOp2 for Pass<P> {
         let (out, shape) = self.0.run(a, b, l1);
         Ok((CpuStorage::F32(out), shape))
     }
+}
+
+/// x·Wᵀ for x of shape (..., in) and W of shape (out, in).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let Some((last, lead)) = dims.split_last() else {
+        bail!("linear: the input is a scalar");
+    };
+    let rows: usize = lead.iter().product();
+    let y = x.reshape((rows, *last))?.matmul(&w.t()?)?;
+    let mut out = lead.to_vec();
+    out.push(w.dim(0)?);
+    y.reshape(out)
 }
 
 /// log Σ exp(row).
@@ -362,28 +381,41 @@ impl GradPass for RmsNormGradW {
 
     fn run(&self, x: &[f32], dy: &[f32], layout: &Layout) -> (Vec<f32>, Shape) {
         let d = layout.dims()[layout.dims().len() - 1];
-        let rows_per = (4096 / d).max(1);
-        let partials: Vec<Vec<f32>> = x
-            .par_chunks(d * rows_per)
-            .zip(dy.par_chunks(d * rows_per))
-            .map(|(x, dy)| {
-                let mut acc = vec![0f32; d];
-                for (x, dy) in x.chunks(d).zip(dy.chunks(d)) {
-                    let r = inv_rms(x, self.eps);
-                    for ((a, &x), &dy) in acc.iter_mut().zip(x).zip(dy) {
-                        *a += dy * x * r;
-                    }
-                }
-                acc
-            })
-            .collect();
-        // Partial sums are combined in a fixed order so results are reproducible.
-        let mut dw = vec![0f32; d];
-        for p in partials {
-            dw.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
-        }
+        let dw = sum_over_rows(x, dy, d, |acc, x, dy| {
+            let r = inv_rms(x, self.eps);
+            for ((a, &x), &dy) in acc.iter_mut().zip(x).zip(dy) {
+                *a += dy * x * r;
+            }
+        });
         (dw, Shape::from(d))
     }
+}
+
+/// Σ over rows of `add(acc, x_row, dy_row)` for rows of `d` elements: partial sums over runs of
+/// rows in parallel, combined in a fixed order so that results are reproducible.
+fn sum_over_rows(
+    x: &[f32],
+    dy: &[f32],
+    d: usize,
+    add: impl Fn(&mut [f32], &[f32], &[f32]) + Sync,
+) -> Vec<f32> {
+    let rows_per = (4096 / d).max(1);
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(d * rows_per)
+        .zip(dy.par_chunks(d * rows_per))
+        .map(|(x, dy)| {
+            let mut acc = vec![0f32; d];
+            for (x, dy) in x.chunks(d).zip(dy.chunks(d)) {
+                add(&mut acc, x, dy);
+            }
+            acc
+        })
+        .collect();
+    let mut sum = vec![0f32; d];
+    for p in partials {
+        sum.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+    }
+    sum
 }
 
 /// RMSNorm of `x` (..., d) with weight `w` (d).

@@ -1,0 +1,130 @@
+//! Softmax over the keys that are not padding, for encoder attention.
+
+use super::{cpu_f32, f32s, Pass, SoftmaxGrad};
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Softmax of scale·x over the last dimension of scores (batch, heads, q, k), where key j of
+/// batch item i takes part only if `keep[i·k + j]`.
+struct KeyMaskedSoftmax {
+    scale: f32,
+    keep: Arc<[bool]>,
+    /// Score rows per batch item (heads · q).
+    rows_per_item: usize,
+}
+
+impl CustomOp1 for KeyMaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-key-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, self.name())?;
+        let k = l.dims()[l.dims().len() - 1];
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(k)
+            .zip(x.par_chunks(k))
+            .enumerate()
+            .for_each(|(r, (o, row))| {
+                let item = r / self.rows_per_item;
+                let keep = &self.keep[item * k..(item + 1) * k];
+                let max = row
+                    .iter()
+                    .zip(keep)
+                    .filter(|(_, &keep)| keep)
+                    .fold(f32::NEG_INFINITY, |m, (&v, _)| m.max(v * self.scale));
+                let mut sum = 0.0;
+                for ((o, &v), &keep) in o.iter_mut().zip(row).zip(keep) {
+                    if keep {
+                        *o = (v * self.scale - max).exp();
+                        sum += *o;
+                    }
+                }
+                let inv = 1.0 / sum;
+                o.iter_mut().for_each(|o| *o *= inv);
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(
+            &dy.contiguous()?,
+            &Pass(SoftmaxGrad { scale: self.scale }),
+        )?))
+    }
+}
+
+/// Softmax of `scale·scores` over the last dimension of scores (batch, heads, q, k), over the
+/// keys whose entry in `keep` (batch · k, row-major) is true; the others get probability zero.
+/// Every batch item needs at least one kept key.
+pub fn key_masked_softmax(scores: &Tensor, scale: f64, keep: Arc<[bool]>) -> Result<Tensor> {
+    cpu_f32("key_masked_softmax", scores)?;
+    let (b, h, q, k) = scores.dims4()?;
+    if keep.len() != b * k {
+        bail!(
+            "key_masked_softmax: a key mask of {} entries for {b} items of {k} keys",
+            keep.len()
+        );
+    }
+    if let Some(i) = (0..b).find(|i| !keep[i * k..(i + 1) * k].iter().any(|&x| x)) {
+        bail!("key_masked_softmax: batch item {i} has no key to attend to");
+    }
+    scores.contiguous()?.apply_op1(KeyMaskedSoftmax {
+        scale: scale as f32,
+        keep,
+        rows_per_item: h * q,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::tests::{max_diff, randn};
+    use candle_core::{Device, Var, D};
+
+    #[test]
+    fn masked_keys_get_no_weight_and_the_gradient_matches_composed_ops() {
+        let (b, h, t) = (2, 3, 4);
+        let keep: Vec<bool> = vec![true, true, true, true, true, true, false, false];
+        let x = Var::from_tensor(&randn(&[b, h, t, t], 21)).unwrap();
+        let a = key_masked_softmax(&x, 0.6, keep.clone().into()).unwrap();
+        let bias: Vec<f32> = keep
+            .iter()
+            .map(|&k| if k { 0.0 } else { f32::NEG_INFINITY })
+            .collect();
+        let bias = Tensor::from_vec(bias, (b, 1, 1, t), &Device::Cpu).unwrap();
+        let composed = candle_nn::ops::softmax(
+            &(x.as_tensor() * 0.6).unwrap().broadcast_add(&bias).unwrap(),
+            D::Minus1,
+        )
+        .unwrap();
+        assert!(max_diff(&a, &composed) < 1e-6);
+        let second = a
+            .get(1)
+            .unwrap()
+            .flatten_to(1)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert!(second.iter().all(|row| row[2] == 0.0 && row[3] == 0.0));
+        let dy = randn(&[b, h, t, t], 22);
+        let ga = (&a * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&composed * &dy)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn a_batch_item_without_keys_is_an_error() {
+        let x = randn(&[2, 1, 2, 2], 23);
+        let err = key_masked_softmax(&x, 1.0, vec![true, true, false, false].into()).unwrap_err();
+        assert!(err.to_string().contains("item 1 has no key"), "{err}");
+        let err = key_masked_softmax(&x, 1.0, vec![true; 3].into()).unwrap_err();
+        assert!(err.to_string().contains("3 entries"), "{err}");
+    }
+}

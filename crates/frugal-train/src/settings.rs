@@ -312,6 +312,11 @@ pub struct OptimizerSettings {
     /// Regex of parameters that may be projected (overrides the model's labels).
     #[cfg_attr(feature = "cli", arg(long))]
     pub projectable_modules: Option<String>,
+    /// Regex of parameters that are state-free as a whole: no state, the state-free rule on the
+    /// whole gradient (overrides the model's labels).
+    #[cfg_attr(feature = "cli", arg(long))]
+    #[serde(default)]
+    pub state_free_modules: Option<String>,
     /// Any optimizer setting as key=value (repeatable), e.g. `--opt block_unit=layer
     /// --opt nesterov=true`; an unknown key lists the valid ones.
     #[cfg_attr(feature = "cli", arg(long = "opt", value_name = "KEY=VALUE"))]
@@ -341,6 +346,7 @@ impl Default for OptimizerSettings {
             state_free_lr_scale: None,
             state_full_modules: None,
             projectable_modules: None,
+            state_free_modules: None,
             opt: Vec::new(),
         }
     }

@@ -19,8 +19,11 @@ pub type GradSink<'a> = dyn FnMut(GradStore) -> Result<()> + 'a;
 
 /// A model the trainer can train.
 pub trait Model {
+    /// What a batch's inputs are: token ids (batch, seq) for a decoder, a padded
+    /// [`EncoderBatch`](frugal_nn::encoder::EncoderBatch) for an encoder.
+    type Input;
     /// Mean loss of a batch (a scalar tensor that backpropagates to the parameters).
-    fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor>;
+    fn loss(&self, inputs: &Self::Input, targets: &Tensor) -> Result<Tensor>;
     /// The trainable parameters with their labels, in model order.
     fn params(&self) -> Vec<Param>;
     /// The loss of a batch, and its gradients (of the loss times `scale`) handed to `sink` in
@@ -30,7 +33,7 @@ pub trait Model {
     /// [`frugal_nn::Error::NonFiniteLoss`] before any gradient reaches `sink`.
     fn backward_by_layers(
         &self,
-        inputs: &Tensor,
+        inputs: &Self::Input,
         targets: &Tensor,
         scale: f64,
         sink: &mut GradSink<'_>,
@@ -47,6 +50,8 @@ pub trait Model {
 }
 
 impl Model for frugal_nn::llama::Llama {
+    type Input = Tensor;
+
     fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
         Ok(frugal_nn::llama::Llama::loss(self, inputs, targets)?)
     }
@@ -83,9 +88,9 @@ pub struct Backward {
 
 /// A source of training batches, addressed by position in the data order (so that a resumed
 /// run continues with the very batch it would have seen).
-pub trait BatchSource {
+pub trait BatchSource<I = Tensor> {
     /// `size` (inputs, targets) pairs starting at sample `position`.
-    fn batch(&mut self, position: u64, size: usize) -> Result<(Tensor, Tensor)>;
+    fn batch(&mut self, position: u64, size: usize) -> Result<(I, Tensor)>;
 }
 
 /// Asks a running loop to stop at the next step boundary (after a checkpoint). The caller owns
@@ -264,7 +269,7 @@ impl<M: Model> Trainer<M> {
     /// Runs steps until the last one or until the stop token is set.
     pub fn train(
         &mut self,
-        data: &mut impl BatchSource,
+        data: &mut impl BatchSource<M::Input>,
         hooks: &mut impl Hooks<M>,
     ) -> Result<Outcome> {
         let s = self.settings;
@@ -295,7 +300,7 @@ impl<M: Model> Trainer<M> {
     }
 
     /// One optimizer step: gradients of `grad_accum` micro-batches, clipping, the update.
-    pub fn step(&mut self, data: &mut impl BatchSource) -> Result<TrainRecord> {
+    pub fn step(&mut self, data: &mut impl BatchSource<M::Input>) -> Result<TrainRecord> {
         let t0 = Instant::now();
         let lr = self.schedule.lr(self.state.step);
         self.optimizer.set_learning_rate(lr);
@@ -324,7 +329,7 @@ impl<M: Model> Trainer<M> {
     }
 
     /// The step from the whole gradient: loss and global norm (when clipping).
-    fn step_whole(&mut self, data: &mut impl BatchSource) -> Result<(f64, Option<f64>)> {
+    fn step_whole(&mut self, data: &mut impl BatchSource<M::Input>) -> Result<(f64, Option<f64>)> {
         let (loss, mut grads) = self.forward_backward(data)?;
         check_loss(loss, self.state.step)?;
         let clip = self.settings.clip;
@@ -346,7 +351,10 @@ impl<M: Model> Trainer<M> {
     /// The step with per-layer updates: each layer of the last micro-batch's layered backward
     /// pass is updated (with the earlier micro-batches' sums added, and clipped by a global
     /// norm measured in a first pass) as soon as its gradients exist.
-    fn step_by_layers(&mut self, data: &mut impl BatchSource) -> Result<(f64, Option<f64>)> {
+    fn step_by_layers(
+        &mut self,
+        data: &mut impl BatchSource<M::Input>,
+    ) -> Result<(f64, Option<f64>)> {
         let (size, accum) = (self.settings.batch_size, self.settings.grad_accum);
         let scale = 1.0 / accum as f64;
         let params = &self.params;
@@ -416,7 +424,10 @@ impl<M: Model> Trainer<M> {
 
     /// Mean loss and summed gradients of `grad_accum` micro-batches (each loss scaled by
     /// 1/grad_accum, so the gradients are those of the mean).
-    fn forward_backward(&mut self, data: &mut impl BatchSource) -> Result<(f64, GradStore)> {
+    fn forward_backward(
+        &mut self,
+        data: &mut impl BatchSource<M::Input>,
+    ) -> Result<(f64, GradStore)> {
         let (size, accum) = (self.settings.batch_size, self.settings.grad_accum);
         let mut grads = GradStore::default();
         let mut loss_sum = 0.0f64;
@@ -462,6 +473,8 @@ mod tests {
     }
 
     impl Model for Regression {
+        type Input = Tensor;
+
         fn loss(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
             let pred = x.matmul(&self.w.as_tensor().t()?)?.squeeze(1)?;
             Ok((pred - y)?.sqr()?.mean_all()?)

@@ -98,6 +98,7 @@ fn structural(c: &OptimizerConfig) -> serde_json::Value {
             "preset",
             "projectable_modules",
             "state_full_modules",
+            "state_free_modules",
         ] {
             obj.remove(volatile);
         }
@@ -111,6 +112,9 @@ fn check_subspace(info: &ParamInfo, sub: &Subspace) -> std::result::Result<(), S
     let (m, n) = info.matrix_dims();
     if info.role == Role::StateFull && *sub != Subspace::All {
         return Err("it is state-full in this model but projected in the state".into());
+    }
+    if info.role == Role::StateFree && *sub != Subspace::Nothing {
+        return Err("it is state-free in this model but has state in the file".into());
     }
     match sub {
         Subspace::All | Subspace::Nothing => Ok(()),

@@ -451,6 +451,11 @@ pub struct OptimizerConfig {
     /// `projectable_modules`. Empty: the labels decide.
     #[serde(default)]
     pub state_full_modules: String,
+    /// Regex of parameters that are state-free as a whole (density 0 for them alone: no state,
+    /// the state-free rule on the whole gradient); between `state_full_modules` and
+    /// `projectable_modules` in precedence. Empty: the labels decide.
+    #[serde(default)]
+    pub state_free_modules: String,
     /// Which tensors weight decay applies to.
     #[serde(default)]
     pub decay_mask: DecayMask,
@@ -582,6 +587,7 @@ impl OptimizerConfig {
             norm_growth_limit: NORM_GROWTH_LIMIT,
             projectable_modules: String::new(),
             state_full_modules: String::new(),
+            state_free_modules: String::new(),
             decay_mask: DecayMask::All,
             moment_transfer: MomentTransfer::Keep,
             moment_storage: MomentStorage::F32,

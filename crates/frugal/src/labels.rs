@@ -1,7 +1,7 @@
 //! Parameter labels: how the optimizer treats each tensor.
 //!
 //! The caller, who knows the model, hands the optimizer its parameters in model order, each with
-//! a [`Label`]: its [`Role`] (projectable, or always state-full), the block it belongs to (for the
+//! a [`Label`]: its [`Role`] (projectable, always state-full, or always state-free), the block it belongs to (for the
 //! blockwise projection) and whether weight decay applies. Without labels, [`Label::default_for`]
 //! makes 2-D (and larger) weights projectable and everything else state-full. Regular expressions
 //! on names ([`Patterns`]) are a convenience that overrides the roles.
@@ -20,6 +20,9 @@ pub enum Role {
     Projectable,
     /// The state-full rule on the whole tensor (embeddings, norms, heads, biases).
     StateFull,
+    /// The state-free rule on the whole gradient and no state: density 0 for this tensor alone
+    /// (the other linears of the fine-tuning recipe).
+    StateFree,
 }
 
 /// The caller's description of one parameter.
@@ -149,6 +152,8 @@ impl ParamInfo {
 pub struct RoleCounts {
     pub state_full: usize,
     pub projectable: usize,
+    #[serde(default)]
+    pub state_free: usize,
 }
 
 impl RoleCounts {
@@ -159,6 +164,7 @@ impl RoleCounts {
             match p.role {
                 Role::StateFull => c.state_full += p.numel(),
                 Role::Projectable => c.projectable += p.numel(),
+                Role::StateFree => c.state_free += p.numel(),
             }
         }
         c
@@ -166,10 +172,12 @@ impl RoleCounts {
 }
 
 /// Roles by regular expressions on names: a name matching `state_full` is state-full, else one
-/// matching `projectable` is projectable, else state-full.
+/// matching `state_free` is state-free, else one matching `projectable` is projectable, else
+/// state-full.
 #[derive(Clone, Debug)]
 pub struct Patterns {
     state_full: Option<Regex>,
+    state_free: Option<Regex>,
     projectable: Option<Regex>,
 }
 
@@ -189,25 +197,43 @@ fn compile(which: &'static str, pattern: &str) -> Result<Option<Regex>> {
 impl Patterns {
     /// Compiles the two patterns; an empty pattern matches nothing.
     pub fn new(state_full: &str, projectable: &str) -> Result<Self> {
+        Self::with_state_free(state_full, "", projectable)
+    }
+
+    /// Compiles the three patterns; an empty pattern matches nothing.
+    pub fn with_state_free(state_full: &str, state_free: &str, projectable: &str) -> Result<Self> {
         Ok(Patterns {
             state_full: compile("state-full", state_full)?,
+            state_free: compile("state-free", state_free)?,
             projectable: compile("projectable", projectable)?,
         })
     }
 
-    /// The patterns of a configuration (`state_full_modules`, `projectable_modules`); `None` when
-    /// both are empty, so the caller's labels decide.
+    /// The patterns of a configuration (`state_full_modules`, `state_free_modules`,
+    /// `projectable_modules`); `None` when all are empty, so the caller's labels decide.
     pub fn of(config: &OptimizerConfig) -> Result<Option<Self>> {
-        if config.state_full_modules.is_empty() && config.projectable_modules.is_empty() {
+        let c = config;
+        if c.state_full_modules.is_empty()
+            && c.state_free_modules.is_empty()
+            && c.projectable_modules.is_empty()
+        {
             return Ok(None);
         }
-        Self::new(&config.state_full_modules, &config.projectable_modules).map(Some)
+        Self::with_state_free(
+            &c.state_full_modules,
+            &c.state_free_modules,
+            &c.projectable_modules,
+        )
+        .map(Some)
     }
 
     /// The role of a parameter called `name`.
     pub fn role(&self, name: &str) -> Role {
-        if self.state_full.as_ref().is_some_and(|r| r.is_match(name)) {
+        let matches = |re: &Option<Regex>| re.as_ref().is_some_and(|r| r.is_match(name));
+        if matches(&self.state_full) {
             Role::StateFull
+        } else if matches(&self.state_free) {
+            Role::StateFree
         } else if self.projectable.as_ref().is_some_and(|r| r.is_match(name)) {
             Role::Projectable
         } else {
@@ -221,6 +247,7 @@ impl Patterns {
         let example = names.clone().next().unwrap_or_default().to_string();
         for (which, re) in [
             ("state-full", &self.state_full),
+            ("state-free", &self.state_free),
             ("projectable", &self.projectable),
         ] {
             if let Some(re) = re {

@@ -51,8 +51,10 @@ fn planned(config: &OptimizerConfig, info: &ParamInfo, active_block: bool) -> St
         moments: moments(numel),
         ..Default::default()
     };
-    if info.role != Role::Projectable {
-        return whole;
+    match info.role {
+        Role::StateFull => return whole,
+        Role::StateFree => return StateBytes::default(),
+        Role::Projectable => {}
     }
     let (m, n) = info.matrix_dims();
     let coords = |count: usize, total: usize, per_index: usize| match count {
@@ -133,13 +135,13 @@ pub fn plan(
         .collect())
 }
 
-/// Sums planned state by role: (always state-full, projectable).
+/// Sums planned state by role: (always state-full, projectable); state-free tensors hold none.
 pub fn by_role(plan: &[(ParamInfo, StateBytes)]) -> (StateBytes, StateBytes) {
     let mut full = StateBytes::default();
     let mut proj = StateBytes::default();
     for (info, b) in plan {
         match info.role {
-            Role::Projectable => proj += *b,
+            Role::Projectable | Role::StateFree => proj += *b,
             Role::StateFull => full += *b,
         }
     }

@@ -127,11 +127,12 @@ impl Frugal {
             .zip(params)
             .map(|((info, block), param)| Slot {
                 var: param.var,
-                // Projectable tensors get their subspace from their first gradient.
-                subspace: if info.role == Role::Projectable {
-                    Subspace::Nothing
-                } else {
+                // Projectable tensors get their subspace from their first gradient; state-free
+                // ones never get one.
+                subspace: if info.role == Role::StateFull {
                     Subspace::All
+                } else {
+                    Subspace::Nothing
                 },
                 m: Vec::new(),
                 v: Vec::new(),
@@ -420,8 +421,7 @@ impl Frugal {
         } else {
             1.0
         };
-        let projectable = slot.info.role == Role::Projectable;
-        let (lr_full, lr_free) = if projectable {
+        let (lr_full, lr_free) = if slot.info.role != Role::StateFull {
             (
                 lr * config.proj_lr_scale,
                 lr * config.proj_lr_scale * config.state_free_lr_scale,

@@ -124,7 +124,7 @@ impl Frugal {
         }
         // Parameters that are state-full as a whole allocate their moments on first use.
         for slot in self.slots.iter_mut() {
-            if slot.info.role != Role::Projectable && self.step == 0 {
+            if slot.info.role == Role::StateFull && self.step == 0 {
                 install(slot, Subspace::All, false, slots_count, storage, &mut pool);
             }
         }

@@ -88,3 +88,50 @@ fn unsupported_parameters_are_refused_when_the_optimizer_is_built() {
         .unwrap();
     assert!(err.to_string().contains("given twice"), "{err}");
 }
+
+#[test]
+fn state_free_modules_take_signsgd_steps_without_state() {
+    // Coordinates on q (2 of 4 columns), ρ = 0 on o: o's update is −lr·s_free·sign(g) exactly.
+    let vars = named_vars(
+        &[
+            ("layers.0.q.weight", &[3, 4]),
+            ("layers.0.o.weight", &[3, 4]),
+            ("norm.weight", &[4]),
+        ],
+        3,
+    );
+    let spec = "frugal:projection=coordinates,density=0.5,lr=0.01,state_free_lr_scale=0.1,\
+                projectable_modules=q\\.weight,state_free_modules=o\\.weight";
+    let mut opt =
+        Frugal::from_named(vars.clone(), OptimizerConfig::parse_spec(spec).unwrap()).unwrap();
+    let roles: Vec<Role> = opt.params().map(|p| p.role).collect();
+    assert_eq!(roles, [Role::Projectable, Role::StateFree, Role::StateFull]);
+    let before = values(&vars[1].1);
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(4);
+    let (flat, grads) = random_grads(&vars, &mut rng);
+    opt.step_grads(&grads).unwrap();
+    let after = values(&vars[1].1);
+    for ((b, a), g) in before.iter().zip(&after).zip(&flat[1]) {
+        let want = b - 0.01 * 0.1 * g.signum();
+        assert!((a - want).abs() < 1e-7, "{a} vs {want}");
+    }
+    // State: 2 columns × 3 rows × 2 moments for q, 4 × 2 for the norm, nothing for o.
+    let bytes = opt.state_bytes();
+    assert_eq!(bytes.moments, 4 * (2 * 3 * 2 + 4 * 2));
+    // The memory plan agrees with the optimizer.
+    let infos: Vec<_> = opt.params().cloned().collect();
+    let shapes: Vec<frugal::labels::ParamShape> = vars
+        .iter()
+        .map(|(name, v)| frugal::labels::ParamShape {
+            name: name.clone(),
+            shape: v.dims().to_vec(),
+            label: Label::default_for(name, v.dims()),
+        })
+        .collect();
+    let plan = frugal::memory::plan(&OptimizerConfig::parse_spec(spec).unwrap(), &shapes).unwrap();
+    assert_eq!(
+        plan.iter().map(|(_, b)| b.total()).sum::<usize>(),
+        bytes.total()
+    );
+    assert_eq!(frugal::labels::RoleCounts::of(&infos).state_free, 12);
+}

@@ -4,6 +4,7 @@
 use clap::{Args, Parser, Subcommand};
 use frugal_train::compare::CompareSettings;
 use frugal_train::eval::EvalSettings;
+use frugal_train::finetune::run::FinetuneSettings;
 use frugal_train::settings::MemorySettings;
 use frugal_train::{OptimizerSettings, TrainSettings};
 
@@ -19,6 +20,9 @@ pub struct Cli {
 pub enum Command {
     /// Pre-train a LLaMA model (default: `tiny` on the embedded corpus with the `frugal` preset).
     Train(Box<TrainSettings>),
+    /// Fine-tune a pretrained BERT or RoBERTa encoder on text classification (default: the
+    /// paper's FRUGAL recipe).
+    Finetune(Box<FinetuneSettings>),
     /// Validation loss and perplexity of a checkpoint.
     Eval(EvalSettings),
     /// Exact memory of weights, gradients and optimizer state, without training.

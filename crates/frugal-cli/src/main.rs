@@ -162,6 +162,18 @@ fn run(matches: &ArgMatches, cli: Cli) -> Result<()> {
                 r.perplexity
             );
         }
+        Command::Finetune(args) => {
+            set_threads(args.threads)?;
+            let merged = args.merge(&given("finetune"))?;
+            let resume = merged.resume.clone();
+            let config = frugal_train::finetune::run::resolve(merged)?;
+            frugal_train::finetune::run::run(
+                config,
+                resume.as_deref(),
+                &ctrl_c_token(),
+                &Device::Cpu,
+            )?;
+        }
         Command::Memory(args) => memory(&args)?,
         Command::Compare(mut args) => {
             set_threads(args.train.threads)?;

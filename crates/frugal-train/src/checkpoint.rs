@@ -19,7 +19,7 @@ fn checkpoints(run: &Path) -> PathBuf {
     run.join("checkpoints")
 }
 
-/// Saves a checkpoint of step `state.step`; keeps the newest `keep` checkpoints.
+/// Saves a checkpoint of step `state.step` of a LLaMA run; keeps the newest `keep` checkpoints.
 pub fn save(
     run: &Path,
     model: &Llama,
@@ -27,6 +27,24 @@ pub fn save(
     state: &TrainerState,
     tokenizer: &crate::data::TextTokenizer,
     keep: usize,
+) -> Result<PathBuf> {
+    save_with(run, opt, state, keep, |tmp| {
+        model.save(&tmp.join(MODEL))?;
+        let hf = model.config.to_hf_json(tokenizer.eos);
+        std::fs::write(tmp.join(MODEL_CONFIG), serde_json::to_string_pretty(&hf)?)?;
+        std::fs::write(tmp.join(TOKENIZER), tokenizer.to_json()?)?;
+        Ok(())
+    })
+}
+
+/// Saves a checkpoint of step `state.step` whose model files `write_model` writes into the
+/// directory it is given; keeps the newest `keep` checkpoints.
+pub fn save_with(
+    run: &Path,
+    opt: &Frugal,
+    state: &TrainerState,
+    keep: usize,
+    write_model: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     let root = checkpoints(run);
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
@@ -36,10 +54,7 @@ pub fn save(
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    model.save(&tmp.join(MODEL))?;
-    let hf = model.config.to_hf_json(tokenizer.eos);
-    std::fs::write(tmp.join(MODEL_CONFIG), serde_json::to_string_pretty(&hf)?)?;
-    std::fs::write(tmp.join(TOKENIZER), tokenizer.to_json()?)?;
+    write_model(&tmp)?;
     opt.save_state(&tmp.join(OPTIMIZER))?;
     std::fs::write(tmp.join(TRAINER), serde_json::to_string_pretty(state)?)?;
     for f in std::fs::read_dir(&tmp)? {

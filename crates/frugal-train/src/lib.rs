@@ -8,6 +8,7 @@
 //! - [`schedule`]: learning-rate schedules.
 //! - [`settings`]: the settings of a run (the command line and TOML files, with the `cli` feature).
 //! - [`run`]: a pre-training run in a run directory: metrics, plots, checkpoints, resume.
+//! - [`finetune`]: fine-tuning pretrained encoders on text classification.
 //! - [`compare`]: comparisons of optimizer configurations, with [`tune`]d settings.
 //! - [`checkpoint`], [`metrics`], [`eval`], [`memory_report`], [`plot`].
 
@@ -15,6 +16,7 @@ pub mod checkpoint;
 pub mod compare;
 pub mod data;
 pub mod eval;
+pub mod finetune;
 pub mod grads;
 pub mod memory_report;
 pub mod metrics;

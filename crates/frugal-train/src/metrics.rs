@@ -32,6 +32,12 @@ pub struct EvalRecord {
     pub step: usize,
     pub val_loss: f64,
     pub val_ppl: f64,
+    /// Validation accuracy (classification).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    /// Validation macro-F1 (classification).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub macro_f1: Option<f64>,
 }
 
 impl EvalRecord {
@@ -41,6 +47,17 @@ impl EvalRecord {
             step,
             val_loss: loss,
             val_ppl: loss.exp(),
+            accuracy: None,
+            macro_f1: None,
+        }
+    }
+
+    /// The record with classification scores.
+    pub fn with_scores(self, scores: crate::finetune::scores::Scores) -> Self {
+        EvalRecord {
+            accuracy: Some(scores.accuracy),
+            macro_f1: Some(scores.macro_f1),
+            ..self
         }
     }
 }

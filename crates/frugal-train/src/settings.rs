@@ -410,51 +410,68 @@ fn toml_value(key: &str, v: toml::Value, file: &Path) -> Result<serde_json::Valu
     }
 }
 
+/// The settings `value` (a command line's, as JSON) with those of the TOML file `config` for the
+/// keys not `given` on the command line, or, when resuming, the run in `resume`'s saved settings
+/// (a `given` key that differs from them is an error).
+pub(crate) fn merged_value(
+    mut value: serde_json::Value,
+    config: Option<&Path>,
+    resume: Option<&Path>,
+    given: &[String],
+) -> Result<serde_json::Value> {
+    if let Some(path) = config {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!("config file {} is not valid TOML: {e}", path.display())
+        })?;
+        for (key, v) in table {
+            let key = key.replace('-', "_");
+            let v = toml_value(&key, v, path)?;
+            let Some(target) = setting(&mut value, &key) else {
+                bail!("config file {}: unknown setting `{key}`", path.display());
+            };
+            if !given.contains(&key) {
+                *target = v;
+            }
+        }
+    }
+    if let Some(dir) = resume {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("{} is not a run directory (no config.json)", dir.display())
+        })?;
+        let saved: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))?;
+        let mut saved_args = saved["args"].clone();
+        for key in given {
+            let now = setting(&mut value, key).map(|v| v.clone());
+            if let (Some(now), Some(then)) = (now, setting(&mut saved_args, key)) {
+                if now != *then {
+                    bail!(
+                        "--{} {now} differs from the run in {} ({then}); resume with the run's settings",
+                        key.replace('_', "-"),
+                        dir.display()
+                    );
+                }
+            }
+        }
+        value = saved_args;
+    }
+    Ok(value)
+}
+
 impl TrainSettings {
     /// Applies the TOML file named by `config` (settings given on the command line, named in
     /// `given`, win) and, for `resume`, the saved settings of that run (given settings that
     /// contradict them are an error).
     pub fn merge(self, given: &[String]) -> Result<TrainSettings> {
-        let mut value = serde_json::to_value(&self)?;
-        if let Some(path) = &self.config {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read config file {}", path.display()))?;
-            let table: toml::Table = toml::from_str(&text).map_err(|e| {
-                anyhow::anyhow!("config file {} is not valid TOML: {e}", path.display())
-            })?;
-            for (key, v) in table {
-                let key = key.replace('-', "_");
-                let v = toml_value(&key, v, path)?;
-                let Some(target) = setting(&mut value, &key) else {
-                    bail!("config file {}: unknown setting `{key}`", path.display());
-                };
-                if !given.contains(&key) {
-                    *target = v;
-                }
-            }
-        }
-        if let Some(dir) = &self.resume {
-            let path = dir.join("config.json");
-            let text = std::fs::read_to_string(&path).with_context(|| {
-                format!("{} is not a run directory (no config.json)", dir.display())
-            })?;
-            let saved: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("corrupt {}", path.display()))?;
-            let mut saved_args = saved["args"].clone();
-            for key in given {
-                let now = setting(&mut value, key).map(|v| v.clone());
-                if let (Some(now), Some(then)) = (now, setting(&mut saved_args, key)) {
-                    if now != *then {
-                        bail!(
-                            "--{} {now} differs from the run in {} ({then}); resume with the run's settings",
-                            key.replace('_', "-"),
-                            dir.display()
-                        );
-                    }
-                }
-            }
-            value = saved_args;
-        }
+        let value = merged_value(
+            serde_json::to_value(&self)?,
+            self.config.as_deref(),
+            self.resume.as_deref(),
+            given,
+        )?;
         let mut merged: TrainSettings =
             serde_json::from_value(value).context("invalid settings")?;
         merged.config = self.config;

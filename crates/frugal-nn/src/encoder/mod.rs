@@ -13,7 +13,7 @@ pub use config::EncoderConfig;
 
 use crate::dropout::{maybe, Dropout};
 use crate::error::{Error, Result};
-use crate::ops::{key_masked_softmax, layer_norm, linear};
+use crate::ops::{add_bias, gelu_erf, key_masked_softmax, layer_norm, linear};
 use candle_core::{DType, Device, Tensor, Var};
 use frugal::Param;
 use rand::SeedableRng;
@@ -29,7 +29,7 @@ struct Dense {
 
 impl Dense {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(linear(x, &self.w)?.broadcast_add(&self.b)?)
+        Ok(add_bias(&linear(x, &self.w)?, &self.b)?)
     }
 }
 
@@ -271,7 +271,7 @@ impl Encoder {
         let x = l.attention_norm.forward(&(attended + x)?)?;
         let h = l.intermediate.forward(&x)?;
         let h = match c.hidden_act.as_str() {
-            "gelu" => h.gelu_erf()?,
+            "gelu" => gelu_erf(&h)?,
             "relu" => h.relu()?,
             _ => h.gelu()?,
         };

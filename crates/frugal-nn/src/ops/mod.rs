@@ -1,11 +1,15 @@
 //! Fused CPU operations with their own backward passes: cross-entropy, causal softmax,
-//! RMSNorm, and for encoders LayerNorm and softmax over unpadded keys. Each reads its inputs once per pass instead of chaining a dozen tensor operations
+//! RMSNorm, and for encoders LayerNorm, softmax over unpadded keys, exact GELU and bias addition. Each reads its inputs once per pass instead of chaining a dozen tensor operations
 //! (candle's built-in fast variants of these have no backward). They run on f32 CPU tensors only
 //! and check so on entry ([`cpu_f32`]).
 
+mod bias;
+mod gelu;
 mod key_softmax;
 mod layer_norm;
 
+pub use bias::add_bias;
+pub use gelu::gelu_erf;
 pub use key_softmax::key_masked_softmax;
 pub use layer_norm::layer_norm;
 

@@ -1,0 +1,31 @@
+//! Fine-tuning pretrained encoders (BERT, RoBERTa) on text classification.
+//!
+//! - [`task`]: labelled examples from CSV / TSV / JSONL or class folders, split by text hash.
+//! - [`tokenize`]: the model's own tokenizer, with truncation counted.
+//! - [`batches`]: shuffled training batches with dropout seeds, and evaluation.
+//! - [`scores`]: accuracy and macro-F1.
+//! - [`run`]: a fine-tuning run in a run directory: metrics, plots, checkpoints, resume.
+
+pub mod batches;
+pub mod run;
+pub mod scores;
+pub mod task;
+pub mod tokenize;
+
+use crate::trainer::Model;
+use anyhow::Result;
+use candle_core::Tensor;
+use frugal::Param;
+use frugal_nn::encoder::{Classifier, EncoderBatch};
+
+impl Model for Classifier {
+    type Input = EncoderBatch;
+
+    fn loss(&self, inputs: &EncoderBatch, targets: &Tensor) -> Result<Tensor> {
+        Ok(Classifier::loss(self, inputs, targets)?)
+    }
+
+    fn params(&self) -> Vec<Param> {
+        Classifier::params(self)
+    }
+}

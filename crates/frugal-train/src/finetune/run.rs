@@ -1,0 +1,780 @@
+//! A fine-tuning run on disk: read and split the task, tokenize it with the model's tokenizer,
+//! load the pretrained encoder with a new head (or resume), and drive the [`Trainer`] with hooks
+//! that write metrics, plots, evaluations and checkpoints into the run directory.
+
+use super::batches::{evaluate, ClassBatches};
+use super::scores::Scores;
+use super::task::{read_examples, Columns, Task, TaskChoice};
+use super::tokenize::{ClassTokenizer, Encoded};
+use crate::checkpoint;
+use crate::metrics::{peak_rss_bytes, EvalRecord, Metrics, Record, TrainRecord};
+use crate::schedule::Schedule;
+use crate::trainer::{
+    at_least_one, Backward, Hooks, LoopSettings, Outcome, StopToken, Trainer, TrainerState,
+};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use frugal::labels::RoleCounts;
+use frugal::{Frugal, OptimizerConfig};
+use frugal_nn::encoder::{Classifier, Encoder, EncoderConfig, Pooling};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Everything that defines a fine-tuning run (also a TOML file's keys, `--config`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct FinetuneSettings {
+    /// TOML file with any of these settings.
+    #[cfg_attr(feature = "cli", arg(long))]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Hugging Face BERT or RoBERTa folder (config.json, model.safetensors, tokenizer.json).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, default_value = "data/finetune/all-MiniLM-L6-v2")
+    )]
+    pub model: PathBuf,
+    /// Labelled text: a .csv, .tsv or .jsonl file, or a folder with one subfolder of text files
+    /// per class.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub data: Option<PathBuf>,
+    /// Column (or JSON field) with the text.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "text"))]
+    pub text_column: String,
+    /// Column with the second text of sentence pairs.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub text_pair_column: Option<String>,
+    /// Column with the label.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "label"))]
+    pub label_column: String,
+    /// The classes to keep, comma-separated, in class-id order; examples of other labels are
+    /// dropped [default: every label, sorted].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub labels: Option<String>,
+    /// Keep at most N examples, chosen by a hash of the text (never by file position).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub max_examples: Option<usize>,
+    /// Share of examples held out for validation.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = crate::settings::non_negative, default_value_t = 0.1))]
+    pub val_fraction: f64,
+    /// Share of examples held out as a test split, scored once at the end.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = crate::settings::non_negative, default_value_t = 0.1))]
+    pub test_fraction: f64,
+    /// Longest input in tokens; longer ones are cut (and counted) [at most the model's positions].
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 128))]
+    pub max_len: usize,
+    /// How the hidden states become one vector: mean (over real tokens) or cls.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "mean"))]
+    pub pooling: String,
+    /// Dropout before the head [default: the model's hidden_dropout_prob].
+    #[cfg_attr(feature = "cli", arg(long, value_parser = crate::settings::non_negative))]
+    pub dropout: Option<f64>,
+    /// What is trained and how: adamw, galore, frugal-ft (the paper's fine-tuning recipe:
+    /// columns of query/value at rank 8, ρ = 0 on the other linears, T = 500, state-free scale
+    /// 0.1, weight decay 0.1; `frugal-ft:rank=0` is ρ = 0 on every linear), or any optimizer spec.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "frugal-ft"))]
+    pub method: String,
+    /// Any optimizer setting as key=value (repeatable).
+    #[cfg_attr(feature = "cli", arg(long = "opt", value_name = "KEY=VALUE"))]
+    #[serde(default)]
+    pub opt: Vec<String>,
+    /// Examples per micro-batch.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 32))]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 1))]
+    pub grad_accum: usize,
+    /// Optimizer steps.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 300))]
+    pub steps: usize,
+    /// Pause after this step (evaluating and saving there); `--resume` continues.
+    #[cfg_attr(feature = "cli", arg(long))]
+    #[serde(skip)]
+    pub stop_after: Option<usize>,
+    /// Peak learning rate [default: 5e-5].
+    #[cfg_attr(feature = "cli", arg(long, value_parser = crate::settings::non_negative))]
+    pub lr: Option<f64>,
+    /// Linear warm-up steps [default: 10% of --steps].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub warmup: Option<usize>,
+    /// Learning-rate schedule after warm-up: linear, cosine or constant.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "linear"))]
+    pub schedule: String,
+    /// Final learning rate as a fraction of the peak.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = crate::settings::non_negative, default_value_t = 0.0))]
+    pub min_lr_ratio: f64,
+    /// Clip the global gradient norm to this value (0: off).
+    #[cfg_attr(feature = "cli", arg(long, value_parser = crate::settings::non_negative, default_value_t = 1.0))]
+    pub clip: f64,
+    /// Evaluate on the validation split every N steps (and at the end) [default: --steps / 5].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub eval_every: Option<usize>,
+    /// Save a checkpoint every N steps (and at the end) [default: --eval-every].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub save_every: Option<usize>,
+    /// Write a metrics line every N steps.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 10))]
+    pub log_every: usize,
+    /// Checkpoints to keep.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 2))]
+    pub keep_checkpoints: usize,
+    /// Run directory [default: runs/finetune-<timestamp>].
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub out: Option<PathBuf>,
+    /// Continue the run in this directory from its latest complete checkpoint.
+    #[cfg_attr(feature = "cli", arg(long))]
+    #[serde(skip)]
+    pub resume: Option<PathBuf>,
+    /// Seed of the head, the data order, dropout and the optimizer's random choices.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
+    pub seed: u64,
+    /// Worker threads [default: all cores].
+    #[cfg_attr(feature = "cli", arg(long))]
+    #[serde(skip)]
+    pub threads: Option<usize>,
+}
+
+impl Default for FinetuneSettings {
+    fn default() -> Self {
+        FinetuneSettings {
+            config: None,
+            model: "data/finetune/all-MiniLM-L6-v2".into(),
+            data: None,
+            text_column: "text".into(),
+            text_pair_column: None,
+            label_column: "label".into(),
+            labels: None,
+            max_examples: None,
+            val_fraction: 0.1,
+            test_fraction: 0.1,
+            max_len: 128,
+            pooling: "mean".into(),
+            dropout: None,
+            method: "frugal-ft".into(),
+            opt: Vec::new(),
+            batch_size: 32,
+            grad_accum: 1,
+            steps: 300,
+            stop_after: None,
+            lr: None,
+            warmup: None,
+            schedule: "linear".into(),
+            min_lr_ratio: 0.0,
+            clip: 1.0,
+            eval_every: None,
+            save_every: None,
+            log_every: 10,
+            keep_checkpoints: 2,
+            out: None,
+            resume: None,
+            seed: 0,
+            threads: None,
+        }
+    }
+}
+
+impl FinetuneSettings {
+    /// Applies the TOML file named by `config` and, for `resume`, the run's saved settings (see
+    /// [`crate::settings::TrainSettings::merge`]).
+    pub fn merge(self, given: &[String]) -> Result<FinetuneSettings> {
+        let value = crate::settings::merged_value(
+            serde_json::to_value(&self)?,
+            self.config.as_deref(),
+            self.resume.as_deref(),
+            given,
+        )?;
+        let mut merged: FinetuneSettings =
+            serde_json::from_value(value).context("invalid settings")?;
+        merged.config = self.config;
+        merged.resume = self.resume;
+        merged.threads = self.threads;
+        merged.stop_after = self.stop_after;
+        Ok(merged)
+    }
+}
+
+/// The optimizer of a fine-tuning method for an encoder of `hidden` features.
+pub fn method_optimizer(
+    method: &str,
+    hidden: usize,
+    seed: u64,
+    opt: &[String],
+) -> Result<OptimizerConfig> {
+    let (name, options) = method.split_once(':').unwrap_or((method, ""));
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    let spec = if name == "frugal-ft" {
+        let mut rank = 8usize;
+        for kv in options.split(',').filter(|s| !s.is_empty()) {
+            match kv.split_once('=') {
+                Some(("rank", r)) => {
+                    rank = r.parse().with_context(|| {
+                        format!("method {method}: rank `{r}` is not a whole number")
+                    })?
+                }
+                Some((k, v)) => pairs.push((k.into(), v.into())),
+                None => bail!("method {method}: expected key=value, got `{kv}`"),
+            }
+        }
+        if rank > hidden {
+            bail!("method {method}: rank {rank} exceeds the model's hidden size {hidden}");
+        }
+        // Columns of query and value keep state; the other linears are state-free (ρ = 0);
+        // embeddings, norms, biases and the head keep full AdamW state.
+        let density = rank as f64 / hidden as f64;
+        let density = if (hidden as f64 * density).floor() < rank as f64 {
+            density + 1e-12
+        } else {
+            density
+        };
+        format!(
+            "frugal:projection=coordinates,density={density},update_gap=500,state_free_lr_scale=0.1,weight_decay=0.1,decay_mask=labels,projectable_modules=(query|value)\\.weight$,state_free_modules=(key|dense)\\.weight$"
+        )
+    } else {
+        method.to_string()
+    };
+    let mut c = OptimizerConfig::parse_spec(&spec)?;
+    c.seed = seed;
+    for kv in opt {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--opt `{kv}`: expected key=value"))?;
+        pairs.push((k.into(), v.into()));
+    }
+    c.apply(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+    c.validate()?;
+    Ok(c)
+}
+
+/// The resolved settings of a fine-tuning run, written to `config.json` in the run directory.
+#[derive(Serialize, Deserialize)]
+pub struct FinetuneConfig {
+    pub args: FinetuneSettings,
+    pub encoder: EncoderConfig,
+    pub optimizer: OptimizerConfig,
+    pub pooling: Pooling,
+    pub dropout: f64,
+    pub warmup: usize,
+    pub eval_every: usize,
+    pub save_every: usize,
+    /// The classes, in class-id order (known once the data is read).
+    #[serde(default)]
+    pub classes: Vec<String>,
+}
+
+impl FinetuneConfig {
+    fn loop_settings(&self) -> LoopSettings {
+        let a = &self.args;
+        LoopSettings {
+            steps: a.steps,
+            stop_after: a.stop_after,
+            batch_size: a.batch_size,
+            grad_accum: a.grad_accum,
+            // Counts examples as the loop's "tokens".
+            seq_len: 1,
+            clip: a.clip,
+            backward: Backward::default(),
+            log_every: a.log_every,
+            eval_every: self.eval_every,
+            save_every: self.save_every,
+        }
+    }
+
+    fn schedule(&self) -> Result<Schedule> {
+        let a = &self.args;
+        Schedule::new(
+            self.optimizer.lr,
+            self.warmup,
+            a.steps,
+            &a.schedule,
+            a.min_lr_ratio,
+        )
+    }
+}
+
+/// Checks the settings against the model's configuration and fills in the defaults.
+pub fn resolve(args: FinetuneSettings) -> Result<FinetuneConfig> {
+    let encoder: EncoderConfig = frugal_nn::hf::read_config(&args.model).with_context(|| {
+        format!(
+            "--model {}: scripts/fetch-finetune.sh installs all-MiniLM-L6-v2",
+            args.model.display()
+        )
+    })?;
+    encoder.validate()?;
+    at_least_one(&[
+        ("--batch-size", args.batch_size),
+        ("--grad-accum", args.grad_accum),
+        ("--steps", args.steps),
+        ("--log-every", args.log_every),
+        ("--max-len", args.max_len),
+    ])?;
+    if args.data.is_none() {
+        bail!("--data is required: a .csv, .tsv or .jsonl file or a folder of class subfolders (scripts/fetch-finetune.sh installs two tasks)");
+    }
+    if args.stop_after == Some(0) {
+        bail!("--stop-after must be at least 1 (it is a step after which to pause)");
+    }
+    let pooling: Pooling = args.pooling.parse()?;
+    let dropout = args.dropout.unwrap_or(encoder.hidden_dropout_prob);
+    if !(0.0..1.0).contains(&dropout) {
+        bail!("--dropout {dropout} must be in [0, 1)");
+    }
+    let mut optimizer = method_optimizer(&args.method, encoder.hidden_size, args.seed, &args.opt)?;
+    optimizer.set("lr", &args.lr.unwrap_or(5e-5).to_string())?;
+    let warmup = args.warmup.unwrap_or(args.steps / 10);
+    let eval_every = args.eval_every.unwrap_or((args.steps / 5).max(1)).max(1);
+    let save_every = args.save_every.unwrap_or(eval_every).max(1);
+    let config = FinetuneConfig {
+        args,
+        encoder,
+        optimizer,
+        pooling,
+        dropout,
+        warmup,
+        eval_every,
+        save_every,
+        classes: Vec::new(),
+    };
+    config.schedule()?;
+    Ok(config)
+}
+
+/// Figures of a finished (or interrupted) fine-tuning run, written to `summary.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FinetuneSummary {
+    pub method: String,
+    pub steps: usize,
+    pub examples: u64,
+    pub classes: Vec<String>,
+    pub val_loss: f64,
+    pub val: Scores,
+    /// Scores on the test split (finished runs with one).
+    pub test: Option<Scores>,
+    pub initial_val: Option<Scores>,
+    /// Weights of the model.
+    pub parameters: usize,
+    /// Weights the optimizer updates.
+    pub trainable_parameters: usize,
+    pub parameters_by_class: RoleCounts,
+    pub optimizer_state_bytes: frugal::StateBytes,
+    pub optimizer_state_total_bytes: usize,
+    pub peak_rss_bytes: u64,
+    pub wall_s: f64,
+    /// Training examples per second of step time.
+    pub examples_per_s: f64,
+    /// Inputs cut to the longest length: training, validation, test.
+    pub truncated: [usize; 3],
+    pub interrupted: bool,
+}
+
+/// Writes a classifier checkpoint's model files: weights, a Hugging Face config with the labels,
+/// and the tokenizer.
+fn write_model(
+    dir: &Path,
+    model: &Classifier,
+    config: &FinetuneConfig,
+    tokenizer: &Path,
+) -> Result<()> {
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> =
+        model.named_tensors().into_iter().collect();
+    candle_core::safetensors::save(&tensors, dir.join(checkpoint::MODEL))?;
+    let mut hf = serde_json::to_value(&config.encoder)?;
+    let arch = if config.encoder.model_type == "roberta" {
+        "RobertaForSequenceClassification"
+    } else {
+        "BertForSequenceClassification"
+    };
+    hf["architectures"] = serde_json::json!([arch]);
+    hf["id2label"] = config
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i.to_string(), serde_json::Value::from(c.clone())))
+        .collect();
+    hf["label2id"] = config
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.clone(), serde_json::Value::from(i)))
+        .collect();
+    hf["classifier_dropout"] = config.dropout.into();
+    hf["frugal_pooling"] = serde_json::to_value(config.pooling)?;
+    std::fs::write(
+        dir.join(checkpoint::MODEL_CONFIG),
+        serde_json::to_string_pretty(&hf)?,
+    )?;
+    std::fs::copy(tokenizer, dir.join(checkpoint::TOKENIZER))
+        .with_context(|| format!("cannot copy {}", tokenizer.display()))?;
+    Ok(())
+}
+
+/// Loads the classifier of a checkpoint written by a fine-tuning run.
+pub fn load_classifier(
+    dir: &Path,
+    pooling: Pooling,
+    dropout: f64,
+    device: &Device,
+) -> Result<Classifier> {
+    let encoder: EncoderConfig = frugal_nn::hf::read_config(dir)?;
+    let tensors = frugal_nn::hf::read_weights(dir)?;
+    let (encoder, rest) = Encoder::from_checkpoint(&encoder, tensors, device)?;
+    Ok(Classifier::from_head(encoder, rest, pooling, dropout)?)
+}
+
+struct FinetuneHooks<'a> {
+    out: &'a Path,
+    config: &'a FinetuneConfig,
+    tokenizer: &'a Path,
+    metrics: Metrics,
+    bar: ProgressBar,
+    val: &'a Encoded,
+    last_val: Option<(f64, Scores)>,
+}
+
+impl FinetuneHooks<'_> {
+    fn plot(&self) -> Result<()> {
+        let title = format!(
+            "{} · {}",
+            self.config.args.model.display(),
+            self.config.args.method
+        );
+        self.metrics.plot(&self.out.join("loss.png"), &title)
+    }
+}
+
+impl Hooks<Classifier> for FinetuneHooks<'_> {
+    fn step_done(&mut self, r: &TrainRecord) {
+        self.bar.set_position(r.step as u64);
+        self.bar
+            .set_message(format!("loss {:.4} {:.1} examples/s", r.loss, r.tok_per_s));
+    }
+
+    fn log(&mut self, r: &TrainRecord) -> Result<()> {
+        self.metrics.log(Record::Train(r.clone()))
+    }
+
+    fn evaluate(&mut self, model: &Classifier, state: &TrainerState) -> Result<()> {
+        let (loss, scores) = evaluate(model, self.val, self.config.args.batch_size)?;
+        if !loss.is_finite() {
+            bail!("the validation loss became {loss}: the weights diverged; lower --lr");
+        }
+        self.last_val = Some((loss, scores));
+        self.metrics.log(Record::Eval(
+            EvalRecord::new(state.step, loss).with_scores(scores),
+        ))?;
+        self.bar.suspend(|| {
+            eprintln!(
+                "step {}: validation loss {loss:.4}, accuracy {:.4}, macro-F1 {:.4}",
+                state.step, scores.accuracy, scores.macro_f1
+            )
+        });
+        self.plot()
+    }
+
+    fn checkpoint(&mut self, t: &Trainer<Classifier>, stopped: bool) -> Result<()> {
+        let dir = checkpoint::save_with(
+            self.out,
+            &t.optimizer,
+            &t.state,
+            self.config.args.keep_checkpoints,
+            |tmp| write_model(tmp, &t.model, self.config, self.tokenizer),
+        )?;
+        if stopped {
+            self.bar.suspend(|| {
+                eprintln!(
+                    "interrupted: saved {}; continue with `frugal finetune --resume {}`",
+                    dir.display(),
+                    self.out.display()
+                )
+            });
+        }
+        Ok(())
+    }
+}
+
+fn default_out() -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    PathBuf::from("runs").join(format!("finetune-{secs}"))
+}
+
+/// Runs (or resumes, from the latest checkpoint of `resume`) a fine-tuning run on `device`;
+/// stops early, with a checkpoint, when `stop` is set. Returns the run directory.
+pub fn run(
+    mut config: FinetuneConfig,
+    resume: Option<&Path>,
+    stop: &StopToken,
+    device: &Device,
+) -> Result<PathBuf> {
+    let args = config.args.clone();
+    let out = match resume {
+        Some(dir) => dir.to_path_buf(),
+        None => args.out.clone().unwrap_or_else(default_out),
+    };
+    let resume_from = match resume {
+        Some(dir) => Some(checkpoint::list(dir)?.pop().with_context(|| {
+            format!(
+                "run directory {} has no complete checkpoint to resume from",
+                dir.display()
+            )
+        })?),
+        None => {
+            if out.join("config.json").exists() {
+                bail!("{} already holds a run; use --resume {} to continue it or choose another --out", out.display(), out.display());
+            }
+            None
+        }
+    };
+
+    // The task.
+    let started = Instant::now();
+    let data = args.data.as_deref().context("--data is required")?;
+    let columns = Columns {
+        text: &args.text_column,
+        pair: args.text_pair_column.as_deref(),
+        label: &args.label_column,
+    };
+    let labels: Vec<String> = args
+        .labels
+        .as_deref()
+        .map(|l| {
+            l.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    let task = Task::new(
+        read_examples(data, &columns)?,
+        &TaskChoice {
+            labels: &labels,
+            max_examples: args.max_examples,
+            val_fraction: args.val_fraction,
+            test_fraction: args.test_fraction,
+        },
+    )?;
+    if resume_from.is_some() {
+        let saved: FinetuneConfig =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json"))?)
+                .with_context(|| format!("corrupt {}", out.join("config.json").display()))?;
+        if saved.classes != task.classes {
+            bail!(
+                "the data's classes ({}) differ from the run's ({}); resume with the run's data",
+                task.classes.join(", "),
+                saved.classes.join(", ")
+            );
+        }
+    }
+    config.classes = task.classes.clone();
+    let tokenizer_path = match &resume_from {
+        Some((_, ck)) => ck.join(checkpoint::TOKENIZER),
+        None => args.model.join("tokenizer.json"),
+    };
+    let tokenizer = ClassTokenizer::load(&tokenizer_path, &config.encoder, args.max_len)?;
+    let (train, val, test) = (
+        tokenizer.encode(&task.train)?,
+        tokenizer.encode(&task.val)?,
+        tokenizer.encode(&task.test)?,
+    );
+    let per_class: Vec<String> = task
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            format!(
+                "{c} {}",
+                train.labels.iter().filter(|&&l| l == i as u32).count()
+            )
+        })
+        .collect();
+    eprintln!(
+        "data: {} training, {} validation, {} test examples in {} classes (training: {}){}{}, read in {:.1}s",
+        train.labels.len(),
+        val.labels.len(),
+        test.labels.len(),
+        task.classes.len(),
+        per_class.join(", "),
+        if task.dropped > 0 { format!("; {} examples of other labels dropped", task.dropped) } else { String::new() },
+        if task.subsampled_out > 0 { format!("; {} left out by --max-examples", task.subsampled_out) } else { String::new() },
+        started.elapsed().as_secs_f64()
+    );
+    let truncated = [train.truncated, val.truncated, test.truncated];
+    if truncated.iter().any(|&t| t > 0) {
+        eprintln!(
+            "note: inputs longer than {} tokens were cut: {} training, {} validation, {} test",
+            tokenizer.max_len(),
+            truncated[0],
+            truncated[1],
+            truncated[2]
+        );
+    }
+
+    // Model, optimizer, loop state.
+    let (model, opt, state) = match &resume_from {
+        Some((_, ck)) => {
+            let model = load_classifier(ck, config.pooling, config.dropout, device)?;
+            let mut opt = Frugal::from_params(model.params(), config.optimizer.clone())?;
+            opt.load_state(&ck.join(checkpoint::OPTIMIZER))
+                .with_context(|| format!("cannot resume from {}", ck.display()))?;
+            (model, opt, checkpoint::trainer_state(ck)?)
+        }
+        None => {
+            let encoder = Encoder::load(&args.model, device)?;
+            let model = Classifier::new(
+                encoder,
+                task.classes.len(),
+                config.pooling,
+                config.dropout,
+                args.seed,
+            )?;
+            let opt = Frugal::from_params(model.params(), config.optimizer.clone())?;
+            (model, opt, TrainerState::default())
+        }
+    };
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("cannot create run directory {}", out.display()))?;
+    if resume_from.is_none() {
+        frugal::fs::write_atomically(
+            &out.join("config.json"),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )?;
+    }
+    let infos: Vec<_> = opt.params().cloned().collect();
+    let counts = RoleCounts::of(&infos);
+    let parameters = counts.state_full + counts.projectable + counts.state_free;
+    eprintln!(
+        "model: {} ({} parameters: {} state-full, {} projectable, {} state-free), method `{}` ({:.2} MiB of optimizer state), {} examples per step{}",
+        args.model.display(),
+        parameters,
+        counts.state_full,
+        counts.projectable,
+        counts.state_free,
+        args.method,
+        frugal::memory::plan(&config.optimizer, &model_shapes(&model))?.iter().map(|(_, b)| b.total()).sum::<usize>() as f64 / (1024.0 * 1024.0),
+        args.batch_size * args.grad_accum,
+        match &resume_from {
+            Some((s, _)) => format!(", resuming at step {s}"),
+            None => String::new(),
+        }
+    );
+
+    let bar = ProgressBar::new(args.steps as u64).with_position(state.step as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    let mut hooks = FinetuneHooks {
+        out: &out,
+        config: &config,
+        tokenizer: &tokenizer_path,
+        metrics: Metrics::open(&out.join("metrics.jsonl"), state.step)?,
+        bar,
+        val: &val,
+        last_val: None,
+    };
+    let mut initial = None;
+    if state.step == 0 {
+        let (loss, scores) = evaluate(&model, &val, args.batch_size)?;
+        initial = Some(scores);
+        hooks
+            .metrics
+            .log(Record::Eval(EvalRecord::new(0, loss).with_scores(scores)))?;
+        eprintln!(
+            "step 0: validation loss {loss:.4}, accuracy {:.4}, macro-F1 {:.4}",
+            scores.accuracy, scores.macro_f1
+        );
+    }
+    let mut batches = ClassBatches::new(&train, &config.encoder, args.seed, device);
+    let mut trainer = Trainer::new(
+        model,
+        opt,
+        config.schedule()?,
+        config.loop_settings(),
+        state,
+        stop.clone(),
+    )?;
+    let outcome = trainer.train(&mut batches, &mut hooks)?;
+    hooks.bar.finish_and_clear();
+    let (val_loss, val_scores) = match hooks.last_val {
+        Some(v) => v,
+        None => evaluate(&trainer.model, &val, args.batch_size)?,
+    };
+    let test_scores = match outcome {
+        Outcome::Finished if !test.labels.is_empty() => {
+            let (loss, s) = evaluate(&trainer.model, &test, args.batch_size)?;
+            eprintln!(
+                "test: loss {loss:.4}, accuracy {:.4}, macro-F1 {:.4}",
+                s.accuracy, s.macro_f1
+            );
+            Some(s)
+        }
+        _ => None,
+    };
+    let (state, opt) = (&trainer.state, &trainer.optimizer);
+    let summary = FinetuneSummary {
+        method: args.method.clone(),
+        steps: state.step,
+        examples: state.tokens,
+        classes: config.classes.clone(),
+        val_loss,
+        val: val_scores,
+        test: test_scores,
+        initial_val: initial,
+        parameters: trainer
+            .model
+            .named_tensors()
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum(),
+        trainable_parameters: parameters,
+        parameters_by_class: counts,
+        optimizer_state_bytes: opt.state_bytes(),
+        optimizer_state_total_bytes: opt.state_bytes().total(),
+        peak_rss_bytes: peak_rss_bytes(),
+        wall_s: state.elapsed_s,
+        examples_per_s: state.tokens as f64 / state.train_s.max(1e-9),
+        truncated,
+        interrupted: outcome != Outcome::Finished,
+    };
+    frugal::fs::write_atomically(
+        &out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    hooks.plot()?;
+    if outcome == Outcome::Paused {
+        eprintln!(
+            "paused after step {} of {}; continue with `frugal finetune --resume {}`",
+            state.step,
+            args.steps,
+            out.display()
+        );
+    }
+    eprintln!(
+        "done: {} steps, {} examples ({:.1} examples/s in training steps); validation accuracy {:.4}, macro-F1 {:.4}; run in {}",
+        state.step,
+        state.tokens,
+        summary.examples_per_s,
+        val_scores.accuracy,
+        val_scores.macro_f1,
+        out.display()
+    );
+    Ok(out)
+}
+
+/// The labelled shapes of a classifier's parameters, for the memory plan.
+fn model_shapes(model: &Classifier) -> Vec<frugal::labels::ParamShape> {
+    model
+        .params()
+        .into_iter()
+        .map(|p| frugal::labels::ParamShape {
+            shape: p.var.dims().to_vec(),
+            name: p.name,
+            label: p.label,
+        })
+        .collect()
+}

@@ -1,0 +1,205 @@
+//! Fine-tuning end to end on a tiny BERT (the `transformers` fixture of frugal-nn) with a word-level
+//! tokenizer and a synthetic task: the loss falls, the model learns the task, a resumed run
+//! continues bit for bit, and FRUGAL's recipe holds less state than AdamW.
+
+use candle_core::Device;
+use frugal_nn::encoder::Encoder;
+use frugal_train::finetune::run::{resolve, run, FinetuneSettings, FinetuneSummary};
+use frugal_train::StopToken;
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tokenizers::models::wordlevel::WordLevel;
+use tokenizers::pre_tokenizers::whitespace::Whitespace;
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::Tokenizer;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("frugal-ft-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A tiny BERT (the fixture's configuration, initialised as `transformers` does) with a
+/// word-level tokenizer: [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, w4…w49.
+fn model_folder(dir: &Path) -> PathBuf {
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../frugal-nn/tests/fixtures/tiny-bert");
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::copy(fixture.join("config.json"), model.join("config.json")).unwrap();
+    let config = frugal_nn::hf::read_config(&model).unwrap();
+    let encoder = Encoder::init(&config, 5, &Device::Cpu).unwrap();
+    let tensors: HashMap<String, candle_core::Tensor> =
+        encoder.named_tensors().into_iter().collect();
+    candle_core::safetensors::save(&tensors, model.join("model.safetensors")).unwrap();
+    let mut vocab: HashMap<String, u32> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), i as u32))
+        .collect();
+    vocab.extend((4..50).map(|i| (format!("w{i}"), i)));
+    let words = WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("[UNK]".into())
+        .build()
+        .unwrap();
+    let mut tok = Tokenizer::new(words);
+    tok.with_pre_tokenizer(Some(Whitespace {}));
+    let template = TemplateProcessing::builder()
+        .try_single("[CLS] $A [SEP]")
+        .unwrap()
+        .try_pair("[CLS] $A [SEP] $B:1 [SEP]:1")
+        .unwrap()
+        .special_tokens(vec![("[CLS]", 2), ("[SEP]", 3)])
+        .build()
+        .unwrap();
+    tok.with_post_processor(Some(template));
+    tok.save(model.join("tokenizer.json"), false).unwrap();
+    model
+}
+
+/// 400 texts of 4–12 words; `pos` exactly when one of w10…w13 occurs.
+fn task_file(dir: &Path) -> PathBuf {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let mut csv = String::from("label,text\n");
+    for i in 0..400 {
+        let pos = i % 2 == 0;
+        let n = rng.random_range(4..12);
+        let mut words: Vec<String> = (0..n)
+            .map(|_| format!("w{}", rng.random_range(14..50)))
+            .collect();
+        if pos {
+            let at = rng.random_range(0..n);
+            words[at] = format!("w{}", rng.random_range(10..14));
+        }
+        csv += &format!("{},{}\n", if pos { "pos" } else { "neg" }, words.join(" "));
+    }
+    let path = dir.join("task.csv");
+    std::fs::write(&path, csv).unwrap();
+    path
+}
+
+fn settings(dir: &Path, out: &str, method: &str, steps: usize) -> FinetuneSettings {
+    FinetuneSettings {
+        model: model_folder(dir),
+        data: Some(task_file(dir)),
+        method: method.into(),
+        steps,
+        batch_size: 16,
+        lr: Some(1e-2),
+        log_every: 1,
+        eval_every: Some(steps),
+        out: Some(dir.join(out)),
+        ..Default::default()
+    }
+}
+
+fn train(s: FinetuneSettings) -> (PathBuf, FinetuneSummary) {
+    let resume = s.resume.clone();
+    let out = run(
+        resolve(s).unwrap(),
+        resume.as_deref(),
+        &StopToken::new(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let summary =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    (out, summary)
+}
+
+/// (step, loss) of every logged training step, as written.
+fn losses(run: &Path) -> Vec<String> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"loss\""))
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!("{} {}", v["step"], v["loss"])
+        })
+        .collect()
+}
+
+#[test]
+fn full_fine_tuning_learns_the_task_and_a_resumed_run_continues_bit_for_bit() {
+    let dir = scratch("learn");
+    let (out, summary) = train(settings(&dir, "adamw", "adamw", 100));
+    let initial = summary.initial_val.unwrap();
+    assert!(summary.val.accuracy >= 0.95, "{summary:?}");
+    assert!(summary.val.accuracy > initial.accuracy + 0.4, "{summary:?}");
+    assert!(summary.test.unwrap().accuracy >= 0.9, "{summary:?}");
+    assert_eq!(summary.classes, ["neg", "pos"]);
+    assert_eq!(summary.trainable_parameters, summary.parameters);
+    assert!(out.join("loss.png").exists());
+    // The checkpoint is a Hugging Face classification folder with its labels.
+    let ck = out.join("checkpoints/step-100");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["id2label"]["1"], "pos");
+    assert_eq!(config["architectures"][0], "BertForSequenceClassification");
+
+    // 10 steps straight against 5, a pause, and 5 more.
+    let (straight, _) = train(settings(&dir, "straight", "adamw", 10));
+    let mut first = settings(&dir, "paused", "adamw", 10);
+    first.stop_after = Some(5);
+    let (paused, _) = train(first);
+    let mut resumed = settings(&dir, "paused", "adamw", 10);
+    resumed.resume = Some(paused.clone());
+    let merged = resumed.merge(&[]).unwrap();
+    train(merged);
+    assert_eq!(losses(&straight), losses(&paused));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_frugal_recipe_keeps_little_state_and_trains() {
+    let dir = scratch("recipe");
+    let (_, adamw) = train(settings(&dir, "adamw", "adamw", 10));
+    let (_, frugal) = train(settings(&dir, "frugal", "frugal-ft:rank=2", 100));
+    let counts = &frugal.parameters_by_class;
+    // Key and the dense linears are state-free; query and value projectable.
+    assert_eq!(counts.projectable, 2 * 2 * 16 * 16);
+    assert!(counts.state_free > counts.projectable);
+    assert!(frugal.optimizer_state_total_bytes * 2 < adamw.optimizer_state_total_bytes);
+    // From ln 2 = 0.69 (chance) on the validation split; the training losses carry dropout.
+    assert!(frugal.val_loss < 0.45, "{frugal:?}");
+    assert!(frugal.val.accuracy >= 0.85, "{frugal:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_tasks_and_tokenizers_are_named() {
+    let dir = scratch("bad");
+    let mut s = settings(&dir, "one", "adamw", 2);
+    std::fs::write(dir.join("one.csv"), "label,text\nx,w4 w5\nx,w6 w7\n").unwrap();
+    s.data = Some(dir.join("one.csv"));
+    let err = run(resolve(s).unwrap(), None, &StopToken::new(), &Device::Cpu).unwrap_err();
+    assert!(format!("{err:#}").contains("1 class (x)"), "{err:#}");
+    // A tokenizer without the model's special tokens.
+    let s = settings(&dir, "plain", "adamw", 2);
+    let mut tok = Tokenizer::from_file(s.model.join("tokenizer.json")).unwrap();
+    tok.with_post_processor(None::<TemplateProcessing>);
+    tok.save(s.model.join("tokenizer.json"), false).unwrap();
+    let err = run(resolve(s).unwrap(), None, &StopToken::new(), &Device::Cpu).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("adds no special tokens"),
+        "{err:#}"
+    );
+    let mut s = settings(&dir, "x", "frugal-ft:rank=99", 2);
+    assert!(resolve(s.clone())
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("rank 99 exceeds the model's hidden size 16"));
+    s.data = None;
+    s.method = "adamw".into();
+    assert!(resolve(s)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("--data is required"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -203,3 +203,55 @@ fn bad_tasks_and_tokenizers_are_named() {
         .contains("--data is required"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn lora_trains_its_adapters_and_the_merged_folder_predicts_like_them() {
+    let dir = scratch("lora");
+    let (out, lora) = train(settings(&dir, "lora", "lora:rank=4,alpha=8", 100));
+    // Adapters on query and value of 2 layers (A 4×16, B 16×4), and the head (2×16 + 2).
+    assert_eq!(lora.trainable_parameters, 2 * 2 * (64 + 64) + 34);
+    assert_eq!(lora.parameters, 5730 + 2 * 2 * 128);
+    // (A random base gives LoRA nothing to adapt: the task is not learnt here, only the adapters
+    // move. all-MiniLM-L6-v2 on real tasks is in docs/results.md.)
+    // The merged folder is a plain model that predicts what the adapted checkpoint predicts.
+    let batch_of = |model: &frugal_nn::encoder::Classifier| {
+        let inputs: Vec<(Vec<u32>, Vec<u32>)> = (4..40u32)
+            .map(|i| (vec![2, i, i + 1, i + 7, 3], vec![0; 5]))
+            .collect();
+        let batch =
+            frugal_nn::encoder::EncoderBatch::new(&model.encoder.config, &inputs, &Device::Cpu)
+                .unwrap();
+        model.logits(&batch).unwrap()
+    };
+    let pooling = frugal_nn::encoder::Pooling::Mean;
+    let merged = frugal_train::finetune::run::load_classifier(
+        &out.join("merged"),
+        pooling,
+        0.1,
+        None,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(merged.encoder.lora().is_none());
+    let config: frugal_train::finetune::run::FinetuneConfig =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let adapted = frugal_train::finetune::run::load_classifier(
+        &out.join("checkpoints/step-100"),
+        pooling,
+        0.1,
+        config.lora.as_ref(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (a, m) = (batch_of(&adapted), batch_of(&merged));
+    let diff = (a - m)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-5, "{diff}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

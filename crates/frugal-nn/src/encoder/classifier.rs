@@ -119,8 +119,10 @@ impl Classifier {
             pooling,
             dropout,
             head: Dense {
+                name: "classifier".into(),
                 w: head_vars[0].as_tensor().clone(),
                 b: head_vars[1].as_tensor().clone(),
+                lora: None,
             },
             head_vars,
         })
@@ -148,7 +150,7 @@ impl Classifier {
             }
         };
         let pooled = maybe(&mut dropout, &pooled, self.dropout)?;
-        self.head.forward(&pooled)
+        self.head.forward(&pooled, &mut None)
     }
 
     /// Mean cross-entropy of the batch against `labels` (batch, u32).
@@ -175,6 +177,17 @@ impl Classifier {
                 .map(|(n, v)| (n.to_string(), v.as_tensor().clone())),
         );
         out
+    }
+
+    /// Every weight with the LoRA adapters merged in: a plain classifier's weights.
+    pub fn merged_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = self.encoder.merged_tensors()?;
+        out.extend(
+            self.named_tensors()
+                .into_iter()
+                .filter(|(n, _)| HEAD.contains(&n.as_str())),
+        );
+        Ok(out)
     }
 
     /// The parameters in model order with their BERT labels: the encoder's, then the head's

@@ -6,10 +6,14 @@
 mod batch;
 mod classifier;
 mod config;
+mod lora;
 
 pub use batch::EncoderBatch;
 pub use classifier::{Classifier, Pooling};
 pub use config::EncoderConfig;
+pub use lora::{LoraConfig, LoraTargets};
+
+use lora::Adapter;
 
 use crate::dropout::{maybe, Dropout};
 use crate::error::{Error, Result};
@@ -21,15 +25,22 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::path::Path;
 
-/// A linear layer y = x·Wᵀ + b.
+/// A linear layer y = x·Wᵀ + b, with a LoRA adapter or not.
 struct Dense {
+    /// The name without `.weight` (`encoder.layer.0.attention.self.query`).
+    name: String,
     w: Tensor,
     b: Tensor,
+    lora: Option<Adapter>,
 }
 
 impl Dense {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(add_bias(&linear(x, &self.w)?, &self.b)?)
+    fn forward(&self, x: &Tensor, dropout: &mut Option<&mut Dropout>) -> Result<Tensor> {
+        let y = add_bias(&linear(x, &self.w)?, &self.b)?;
+        match &self.lora {
+            Some(adapter) => Ok((y + adapter.forward(x, dropout)?)?),
+            None => Ok(y),
+        }
     }
 }
 
@@ -58,11 +69,15 @@ struct Layer {
     output_norm: Norm,
 }
 
-/// A BERT or RoBERTa encoder with trainable weights.
+/// A BERT or RoBERTa encoder: trainable weights, or frozen weights with trainable LoRA adapters.
 pub struct Encoder {
     pub config: EncoderConfig,
     /// The weights by name (without the model-type prefix), in Hugging Face order.
+    weights: Vec<(String, Tensor)>,
+    /// The trainable weights (all of them, or none under LoRA).
     vars: Vec<(String, Var)>,
+    /// The adapters' settings, when the encoder has them.
+    lora: Option<LoraConfig>,
     device: Device,
     word: Tensor,
     position: Tensor,
@@ -115,7 +130,7 @@ impl Encoder {
             };
             tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
         }
-        Self::from_tensors(config, tensors, device)
+        Self::from_tensors(config, tensors, device, None)
     }
 
     /// Loads a Hugging Face BERT or RoBERTa folder (`config.json` and safetensors weights,
@@ -124,7 +139,7 @@ impl Encoder {
         let config: EncoderConfig = crate::hf::read_config(dir)?;
         config.validate()?;
         let tensors = crate::hf::read_weights(dir)?;
-        Self::from_checkpoint(&config, tensors, device)
+        Self::from_checkpoint(&config, tensors, device, None)
             .map(|(e, _)| e)
             .map_err(|e| match e {
                 Error::Weights(m) => Error::Weights(format!("{}: {m}", dir.display())),
@@ -133,22 +148,47 @@ impl Encoder {
     }
 
     /// The encoder from a checkpoint's tensors (any prefix and LayerNorm naming), and the
-    /// tensors that are not the encoder's.
+    /// tensors that are not the encoder's. With `lora`, the weights are frozen and the
+    /// checkpoint's adapters (`….lora_A.weight`, `….lora_B.weight`) are trained.
     pub fn from_checkpoint(
         config: &EncoderConfig,
         tensors: HashMap<String, Tensor>,
         device: &Device,
+        lora: Option<&LoraConfig>,
     ) -> Result<(Self, HashMap<String, Tensor>)> {
         let (encoder, other) = canonical_names(tensors);
-        Ok((Self::from_tensors(config, encoder, device)?, other))
+        Ok((Self::from_tensors(config, encoder, device, lora)?, other))
+    }
+
+    /// The encoder with its weights frozen and new LoRA adapters (B = 0: the output is
+    /// unchanged until they train), drawn from `seed`.
+    pub fn with_lora(self, lora: &LoraConfig, seed: u64) -> Result<Self> {
+        lora.validate()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut tensors: HashMap<String, Tensor> = self.weights.into_iter().collect();
+        for (name, shape) in self.config.parameter_shapes() {
+            if let Some(module) = lora_module(&name, lora) {
+                let adapter = Adapter::new(lora, shape[1], shape[0], &mut rng, &self.device)?;
+                tensors.insert(
+                    format!("{module}.lora_A.weight"),
+                    adapter.a.as_tensor().clone(),
+                );
+                tensors.insert(
+                    format!("{module}.lora_B.weight"),
+                    adapter.b.as_tensor().clone(),
+                );
+            }
+        }
+        Self::from_tensors(&self.config, tensors, &self.device, Some(lora))
     }
 
     fn from_tensors(
         config: &EncoderConfig,
         mut tensors: HashMap<String, Tensor>,
         device: &Device,
+        lora: Option<&LoraConfig>,
     ) -> Result<Self> {
-        let mut vars = Vec::new();
+        let (mut weights, mut vars) = (Vec::new(), Vec::new());
         let mut by_name = HashMap::new();
         for (name, shape) in config.parameter_shapes() {
             let t = tensors.remove(&name).ok_or_else(|| {
@@ -162,15 +202,41 @@ impl Encoder {
                     t.dims()
                 )));
             }
-            let var = Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(device)?)?;
-            by_name.insert(name.clone(), var.as_tensor().clone());
-            vars.push((name, var));
+            let t = t.to_dtype(DType::F32)?.to_device(device)?;
+            // Frozen weights are plain tensors: the backward pass computes no gradient for them.
+            let t = if lora.is_some() {
+                t.detach()
+            } else {
+                let var = Var::from_tensor(&t)?;
+                vars.push((name.clone(), var.clone()));
+                var.as_tensor().clone()
+            };
+            by_name.insert(name.clone(), t.clone());
+            weights.push((name, t));
+        }
+        let mut adapters = HashMap::new();
+        if let Some(lora) = lora {
+            for (name, _) in config.parameter_shapes() {
+                if let Some(module) = lora_module(&name, lora) {
+                    let mut take = |part: &str| {
+                        let key = format!("{module}.{part}.weight");
+                        tensors.remove(&key).ok_or_else(|| {
+                            Error::Weights(format!("the weights have no LoRA tensor `{key}`"))
+                        })
+                    };
+                    let (a, b) = (take("lora_A")?, take("lora_B")?);
+                    let (a, b) = (a.to_device(device)?, b.to_device(device)?);
+                    adapters.insert(module.to_string(), Adapter::from_tensors(lora, a, b)?);
+                }
+            }
         }
         let get = |n: &str| by_name[n].clone();
         let eps = config.layer_norm_eps;
-        let dense = |p: &str| Dense {
+        let mut dense = |p: &str| Dense {
+            name: p.to_string(),
             w: get(&format!("{p}.weight")),
             b: get(&format!("{p}.bias")),
+            lora: adapters.remove(p),
         };
         let norm = |p: &str| Norm {
             w: get(&format!("{p}.weight")),
@@ -199,7 +265,9 @@ impl Encoder {
             token_type: get("embeddings.token_type_embeddings.weight"),
             embedding_norm: norm("embeddings.LayerNorm"),
             layers,
+            weights,
             vars,
+            lora: lora.copied(),
             device: device.clone(),
         })
     }
@@ -248,9 +316,9 @@ impl Encoder {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
         let (heads, d) = (c.num_attention_heads, c.head_dim());
-        let split = |dense: &Dense| -> Result<Tensor> {
+        let mut split = |dense: &Dense| -> Result<Tensor> {
             Ok(dense
-                .forward(x)?
+                .forward(x, dropout)?
                 .reshape((b, t, heads, d))?
                 .transpose(1, 2)?
                 .contiguous()?)
@@ -263,33 +331,105 @@ impl Encoder {
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((b, t, c.hidden_size))?;
-        let attended = maybe(
-            dropout,
-            &l.attention_out.forward(&context)?,
-            c.hidden_dropout_prob,
-        )?;
+        let attended = l.attention_out.forward(&context, dropout)?;
+        let attended = maybe(dropout, &attended, c.hidden_dropout_prob)?;
         let x = l.attention_norm.forward(&(attended + x)?)?;
-        let h = l.intermediate.forward(&x)?;
+        let h = l.intermediate.forward(&x, dropout)?;
         let h = match c.hidden_act.as_str() {
             "gelu" => gelu_erf(&h)?,
             "relu" => h.relu()?,
             _ => h.gelu()?,
         };
-        let out = maybe(dropout, &l.output.forward(&h)?, c.hidden_dropout_prob)?;
+        let out = l.output.forward(&h, dropout)?;
+        let out = maybe(dropout, &out, c.hidden_dropout_prob)?;
         l.output_norm.forward(&(out + x)?)
     }
 
-    /// The weights with their full names (`bert.` or `roberta.` prefix), in Hugging Face order.
-    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+    fn dense_layers(&self) -> impl Iterator<Item = &Dense> {
+        self.layers.iter().flat_map(|l| {
+            [
+                &l.query,
+                &l.key,
+                &l.value,
+                &l.attention_out,
+                &l.intermediate,
+                &l.output,
+            ]
+        })
+    }
+
+    /// The LoRA settings, when the encoder has adapters.
+    pub fn lora(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref()
+    }
+
+    /// The adapters (A, B) by full name, in model order.
+    fn adapters(&self) -> Vec<(String, &Var)> {
         let prefix = self.prefix();
-        self.vars
-            .iter()
-            .map(|(n, v)| (format!("{prefix}{n}"), v.as_tensor().clone()))
+        self.dense_layers()
+            .filter_map(|d| d.lora.as_ref().map(|a| (d, a)))
+            .flat_map(|(d, a)| {
+                [
+                    (format!("{prefix}{}.lora_A.weight", d.name), &a.a),
+                    (format!("{prefix}{}.lora_B.weight", d.name), &a.b),
+                ]
+            })
             .collect()
     }
 
-    /// The parameters with their BERT labels, in model order.
+    /// The weights with their full names (`bert.` or `roberta.` prefix), in Hugging Face order,
+    /// then the adapters.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let prefix = self.prefix();
+        let mut out: Vec<(String, Tensor)> = self
+            .weights
+            .iter()
+            .map(|(n, t)| (format!("{prefix}{n}"), t.clone()))
+            .collect();
+        out.extend(
+            self.adapters()
+                .into_iter()
+                .map(|(n, v)| (n, v.as_tensor().clone())),
+        );
+        out
+    }
+
+    /// The weights with the adapters merged into them (W + (α/r)·B·A): a plain encoder's.
+    pub fn merged_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let deltas: HashMap<String, Tensor> = self
+            .dense_layers()
+            .filter_map(|d| {
+                d.lora
+                    .as_ref()
+                    .map(|a| Ok((format!("{}.weight", d.name), a.delta()?)))
+            })
+            .collect::<Result<_>>()?;
+        let prefix = self.prefix();
+        self.weights
+            .iter()
+            .map(|(n, t)| {
+                let t = match deltas.get(n) {
+                    Some(d) => (t + d)?,
+                    None => t.clone(),
+                };
+                Ok((format!("{prefix}{n}"), t))
+            })
+            .collect()
+    }
+
+    /// The parameters the optimizer trains, with their BERT labels, in model order: every
+    /// weight, or under LoRA the adapters alone.
     pub fn params(&self) -> Vec<Param> {
+        if self.lora.is_some() {
+            return self
+                .adapters()
+                .into_iter()
+                .map(|(name, v)| {
+                    let label = crate::labels::bert(&name).with_weight_decay(false);
+                    Param::new(name, v.clone(), label)
+                })
+                .collect();
+        }
         let prefix = self.prefix();
         self.vars
             .iter()
@@ -300,6 +440,14 @@ impl Encoder {
             })
             .collect()
     }
+}
+
+/// The module of a weight that `lora` adapts (`encoder.layer.0.attention.self.query` for
+/// `encoder.layer.0.attention.self.query.weight`).
+fn lora_module<'a>(name: &'a str, lora: &LoraConfig) -> Option<&'a str> {
+    let module = name.strip_suffix(".weight")?;
+    let (_, rest) = module.strip_prefix("encoder.layer.")?.split_once('.')?;
+    (!rest.ends_with("LayerNorm") && lora.targets(rest)).then_some(module)
 }
 
 #[cfg(test)]

@@ -114,3 +114,91 @@ fn bad_inputs_are_named() {
         .to_string()
         .contains("at least 2 classes"));
 }
+
+#[test]
+fn lora_trains_only_its_adapters_and_merged_weights_predict_the_same() {
+    let c = micro();
+    let lora = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.1,
+        targets: LoraTargets::Qv,
+    };
+    let plain = Classifier::new(
+        Encoder::init(&c, 1, &Device::Cpu).unwrap(),
+        3,
+        Pooling::Mean,
+        0.1,
+        2,
+    )
+    .unwrap();
+    let encoder = Encoder::init(&c, 1, &Device::Cpu)
+        .unwrap()
+        .with_lora(&lora, 3)
+        .unwrap();
+    let model = Classifier::new(encoder, 3, Pooling::Mean, 0.1, 2).unwrap();
+    let batch = EncoderBatch::new(&c, &inputs(&[&[2, 7, 9], &[5, 6]]), &Device::Cpu).unwrap();
+    // B = 0: the adapters change nothing yet.
+    let max = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert_eq!(
+        max(
+            &plain.logits(&batch).unwrap(),
+            &model.logits(&batch).unwrap()
+        ),
+        0.0
+    );
+    // Adapters on query and value of 2 layers, then the head.
+    let params = model.params();
+    let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names.len(), 2 * 2 * 2 + 2);
+    assert_eq!(
+        names[0],
+        "bert.encoder.layer.0.attention.self.query.lora_A.weight"
+    );
+    assert_eq!(
+        names[3],
+        "bert.encoder.layer.0.attention.self.value.lora_B.weight"
+    );
+    let labels = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
+    let grads = model
+        .loss(&batch.clone().with_dropout(4), &labels)
+        .unwrap()
+        .backward()
+        .unwrap();
+    for p in &params {
+        assert!(grads.get(p.var.as_tensor()).is_some(), "{}", p.name);
+    }
+    // The frozen weights get no gradient at all.
+    let frozen = &model.encoder.named_tensors()[0].1;
+    assert!(grads.get(frozen).is_none());
+    // Trained adapters (B set at random), merged: the same predictions from a plain model.
+    let mut rng = <ChaCha8Rng as SeedableRng>::seed_from_u64(6);
+    for p in params.iter().filter(|p| p.name.contains("lora_B")) {
+        let n = p.var.elem_count();
+        let values = crate::init::normal(&mut rng, n, 0.5);
+        p.var
+            .set(&Tensor::from_vec(values, p.var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let adapted = model.logits(&batch).unwrap();
+    assert!(max(&adapted, &plain.logits(&batch).unwrap()) > 1e-3);
+    let merged: HashMap<String, Tensor> = model.merged_tensors().unwrap().into_iter().collect();
+    assert!(!merged.keys().any(|n| n.contains("lora")));
+    let (encoder, head) = Encoder::from_checkpoint(&c, merged, &Device::Cpu, None).unwrap();
+    let reloaded = Classifier::from_head(encoder, head, Pooling::Mean, 0.1).unwrap();
+    assert!(max(&adapted, &reloaded.logits(&batch).unwrap()) < 1e-5);
+    // A checkpoint with adapters resumes as the same adapted model.
+    let saved: HashMap<String, Tensor> = model.named_tensors().into_iter().collect();
+    let (encoder, head) = Encoder::from_checkpoint(&c, saved, &Device::Cpu, Some(&lora)).unwrap();
+    let resumed = Classifier::from_head(encoder, head, Pooling::Mean, 0.1).unwrap();
+    assert_eq!(max(&adapted, &resumed.logits(&batch).unwrap()), 0.0);
+}

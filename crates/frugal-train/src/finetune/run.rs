@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use frugal::labels::RoleCounts;
 use frugal::{Frugal, OptimizerConfig};
-use frugal_nn::encoder::{Classifier, Encoder, EncoderConfig, Pooling};
+use frugal_nn::encoder::{Classifier, Encoder, EncoderConfig, LoraConfig, LoraTargets, Pooling};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -71,7 +71,9 @@ pub struct FinetuneSettings {
     /// Dropout before the head [default: the model's hidden_dropout_prob].
     #[cfg_attr(feature = "cli", arg(long, value_parser = crate::settings::non_negative))]
     pub dropout: Option<f64>,
-    /// What is trained and how: adamw, galore, frugal-ft (the paper's fine-tuning recipe:
+    /// What is trained and how: adamw, galore, lora (adapters of rank 8, alpha 16, dropout 0.1
+    /// on query/value, trained with AdamW, e.g. `lora:rank=4,alpha=8,targets=all`; the merged
+    /// model is written to `merged/` at the end), frugal-ft (the paper's fine-tuning recipe:
     /// columns of query/value at rank 8, ρ = 0 on the other linears, T = 500, state-free scale
     /// 0.1, weight decay 0.1; `frugal-ft:rank=0` is ρ = 0 on every linear), or any optimizer spec.
     #[cfg_attr(feature = "cli", arg(long, default_value = "frugal-ft"))]
@@ -93,7 +95,7 @@ pub struct FinetuneSettings {
     #[cfg_attr(feature = "cli", arg(long))]
     #[serde(skip)]
     pub stop_after: Option<usize>,
-    /// Peak learning rate [default: 5e-5].
+    /// Peak learning rate [default: 5e-5, or 5e-4 for lora].
     #[cfg_attr(feature = "cli", arg(long, value_parser = crate::settings::non_negative))]
     pub lr: Option<f64>,
     /// Linear warm-up steps [default: 10% of --steps].
@@ -195,16 +197,65 @@ impl FinetuneSettings {
     }
 }
 
-/// The optimizer of a fine-tuning method for an encoder of `hidden` features.
-pub fn method_optimizer(
+/// What a fine-tuning method trains and with which optimizer.
+pub struct Method {
+    pub optimizer: OptimizerConfig,
+    /// LoRA adapters on the frozen encoder (trained with the optimizer), or none.
+    pub lora: Option<LoraConfig>,
+}
+
+/// The LoRA settings of `lora[:rank=R,alpha=A,dropout=P,targets=qv|all]`; the other keys are
+/// the optimizer's.
+fn lora_method(
     method: &str,
-    hidden: usize,
-    seed: u64,
-    opt: &[String],
-) -> Result<OptimizerConfig> {
+    options: &str,
+    pairs: &mut Vec<(String, String)>,
+) -> Result<LoraConfig> {
+    let mut lora = LoraConfig {
+        rank: 8,
+        alpha: 16.0,
+        dropout: 0.1,
+        targets: LoraTargets::Qv,
+    };
+    for kv in options.split(',').filter(|s| !s.is_empty()) {
+        let Some((k, v)) = kv.split_once('=') else {
+            bail!("method {method}: expected key=value, got `{kv}`");
+        };
+        let number = || {
+            v.parse::<f64>()
+                .with_context(|| format!("method {method}: {k} `{v}` is not a number"))
+        };
+        match k {
+            "rank" => {
+                lora.rank = v
+                    .parse()
+                    .with_context(|| format!("method {method}: rank `{v}` is not a whole number"))?
+            }
+            "alpha" => lora.alpha = number()?,
+            "dropout" => lora.dropout = number()?,
+            "targets" => {
+                lora.targets = match v {
+                    "qv" => LoraTargets::Qv,
+                    "all" => LoraTargets::All,
+                    _ => bail!("method {method}: targets `{v}` is not qv or all"),
+                }
+            }
+            _ => pairs.push((k.into(), v.into())),
+        }
+    }
+    lora.validate()?;
+    Ok(lora)
+}
+
+/// The optimizer (and adapters) of a fine-tuning method for an encoder of `hidden` features.
+pub fn method(method: &str, hidden: usize, seed: u64, opt: &[String]) -> Result<Method> {
     let (name, options) = method.split_once(':').unwrap_or((method, ""));
     let mut pairs: Vec<(String, String)> = Vec::new();
-    let spec = if name == "frugal-ft" {
+    let mut lora = None;
+    let spec = if name == "lora" {
+        lora = Some(lora_method(method, options, &mut pairs)?);
+        "adamw".to_string()
+    } else if name == "frugal-ft" {
         let mut rank = 8usize;
         for kv in options.split(',').filter(|s| !s.is_empty()) {
             match kv.split_once('=') {
@@ -244,7 +295,7 @@ pub fn method_optimizer(
     }
     c.apply(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
     c.validate()?;
-    Ok(c)
+    Ok(Method { optimizer: c, lora })
 }
 
 /// The resolved settings of a fine-tuning run, written to `config.json` in the run directory.
@@ -255,6 +306,9 @@ pub struct FinetuneConfig {
     pub optimizer: OptimizerConfig,
     pub pooling: Pooling,
     pub dropout: f64,
+    /// LoRA adapters (method `lora`).
+    #[serde(default)]
+    pub lora: Option<LoraConfig>,
     pub warmup: usize,
     pub eval_every: usize,
     pub save_every: usize,
@@ -320,8 +374,12 @@ pub fn resolve(args: FinetuneSettings) -> Result<FinetuneConfig> {
     if !(0.0..1.0).contains(&dropout) {
         bail!("--dropout {dropout} must be in [0, 1)");
     }
-    let mut optimizer = method_optimizer(&args.method, encoder.hidden_size, args.seed, &args.opt)?;
-    optimizer.set("lr", &args.lr.unwrap_or(5e-5).to_string())?;
+    let Method {
+        mut optimizer,
+        lora,
+    } = method(&args.method, encoder.hidden_size, args.seed, &args.opt)?;
+    let default_lr = if lora.is_some() { 5e-4 } else { 5e-5 };
+    optimizer.set("lr", &args.lr.unwrap_or(default_lr).to_string())?;
     let warmup = args.warmup.unwrap_or(args.steps / 10);
     let eval_every = args.eval_every.unwrap_or((args.steps / 5).max(1)).max(1);
     let save_every = args.save_every.unwrap_or(eval_every).max(1);
@@ -331,6 +389,7 @@ pub fn resolve(args: FinetuneSettings) -> Result<FinetuneConfig> {
         optimizer,
         pooling,
         dropout,
+        lora,
         warmup,
         eval_every,
         save_every,
@@ -368,16 +427,16 @@ pub struct FinetuneSummary {
     pub interrupted: bool,
 }
 
-/// Writes a classifier checkpoint's model files: weights, a Hugging Face config with the labels,
-/// and the tokenizer.
+/// Writes a classifier's model files: `tensors`, a Hugging Face config with the labels, and the
+/// tokenizer.
 fn write_model(
     dir: &Path,
-    model: &Classifier,
+    tensors: Vec<(String, candle_core::Tensor)>,
     config: &FinetuneConfig,
     tokenizer: &Path,
 ) -> Result<()> {
     let tensors: std::collections::HashMap<String, candle_core::Tensor> =
-        model.named_tensors().into_iter().collect();
+        tensors.into_iter().collect();
     candle_core::safetensors::save(&tensors, dir.join(checkpoint::MODEL))?;
     let mut hf = serde_json::to_value(&config.encoder)?;
     let arch = if config.encoder.model_type == "roberta" {
@@ -409,16 +468,18 @@ fn write_model(
     Ok(())
 }
 
-/// Loads the classifier of a checkpoint written by a fine-tuning run.
+/// Loads the classifier of a checkpoint written by a fine-tuning run (with its LoRA adapters
+/// for `lora`; a merged folder loads without).
 pub fn load_classifier(
     dir: &Path,
     pooling: Pooling,
     dropout: f64,
+    lora: Option<&LoraConfig>,
     device: &Device,
 ) -> Result<Classifier> {
     let encoder: EncoderConfig = frugal_nn::hf::read_config(dir)?;
     let tensors = frugal_nn::hf::read_weights(dir)?;
-    let (encoder, rest) = Encoder::from_checkpoint(&encoder, tensors, device)?;
+    let (encoder, rest) = Encoder::from_checkpoint(&encoder, tensors, device, lora)?;
     Ok(Classifier::from_head(encoder, rest, pooling, dropout)?)
 }
 
@@ -478,7 +539,7 @@ impl Hooks<Classifier> for FinetuneHooks<'_> {
             &t.optimizer,
             &t.state,
             self.config.args.keep_checkpoints,
-            |tmp| write_model(tmp, &t.model, self.config, self.tokenizer),
+            |tmp| write_model(tmp, t.model.named_tensors(), self.config, self.tokenizer),
         )?;
         if stopped {
             self.bar.suspend(|| {
@@ -615,14 +676,18 @@ pub fn run(
     // Model, optimizer, loop state.
     let (model, opt, state) = match &resume_from {
         Some((_, ck)) => {
-            let model = load_classifier(ck, config.pooling, config.dropout, device)?;
+            let lora = config.lora.as_ref();
+            let model = load_classifier(ck, config.pooling, config.dropout, lora, device)?;
             let mut opt = Frugal::from_params(model.params(), config.optimizer.clone())?;
             opt.load_state(&ck.join(checkpoint::OPTIMIZER))
                 .with_context(|| format!("cannot resume from {}", ck.display()))?;
             (model, opt, checkpoint::trainer_state(ck)?)
         }
         None => {
-            let encoder = Encoder::load(&args.model, device)?;
+            let mut encoder = Encoder::load(&args.model, device)?;
+            if let Some(lora) = &config.lora {
+                encoder = encoder.with_lora(lora, args.seed ^ 0x4c6f5241)?;
+            }
             let model = Classifier::new(
                 encoder,
                 task.classes.len(),
@@ -715,6 +780,20 @@ pub fn run(
         }
         _ => None,
     };
+    if config.lora.is_some() && outcome == Outcome::Finished {
+        let merged = out.join("merged");
+        std::fs::create_dir_all(&merged)?;
+        write_model(
+            &merged,
+            trainer.model.merged_tensors()?,
+            &config,
+            &tokenizer_path,
+        )?;
+        eprintln!(
+            "LoRA adapters merged into the weights: {} loads as a plain model",
+            merged.display()
+        );
+    }
     let (state, opt) = (&trainer.state, &trainer.optimizer);
     let summary = FinetuneSummary {
         method: args.method.clone(),

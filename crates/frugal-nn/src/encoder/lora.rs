@@ -1,0 +1,113 @@
+//! LoRA adapters on an encoder's frozen linears: y = x·Wᵀ + b + (α/r)·(dropout(x)·Aᵀ)·Bᵀ, with
+//! A (r × in) uniform in ±1/√in and B (out × r) zero, so training starts from the pretrained
+//! model. Merging adds (α/r)·B·A into W.
+
+use crate::dropout::{maybe, Dropout};
+use crate::error::{Error, Result};
+use crate::ops::linear;
+use candle_core::{Device, Tensor, Var};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Which linears get adapters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraTargets {
+    /// Attention query and value (the LoRA paper's choice).
+    #[default]
+    Qv,
+    /// Every linear of every layer.
+    All,
+}
+
+/// LoRA settings.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Dropout on the adapter's input.
+    pub dropout: f64,
+    pub targets: LoraTargets,
+}
+
+impl LoraConfig {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<()> {
+        if self.rank == 0 {
+            return Err(Error::Config("LoRA rank must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&self.dropout) || !self.alpha.is_finite() || self.alpha <= 0.0 {
+            return Err(Error::Config(format!(
+                "LoRA needs alpha > 0 and dropout in [0, 1), got alpha {} and dropout {}",
+                self.alpha, self.dropout
+            )));
+        }
+        Ok(())
+    }
+
+    /// True if the linear `module` (`attention.self.query`, `intermediate.dense`, …) gets an
+    /// adapter.
+    pub fn targets(&self, module: &str) -> bool {
+        match self.targets {
+            LoraTargets::Qv => matches!(module, "attention.self.query" | "attention.self.value"),
+            LoraTargets::All => true,
+        }
+    }
+}
+
+/// The trainable low-rank update of one linear.
+pub(super) struct Adapter {
+    pub a: Var,
+    pub b: Var,
+    scale: f64,
+    dropout: f64,
+}
+
+impl Adapter {
+    /// A new adapter for a linear of `inputs` → `outputs` features.
+    pub fn new(
+        c: &LoraConfig,
+        inputs: usize,
+        outputs: usize,
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> Result<Self> {
+        let bound = 1.0 / (inputs as f32).sqrt();
+        let a: Vec<f32> = (0..c.rank * inputs)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        let a = Tensor::from_vec(a, (c.rank, inputs), device)?;
+        let b = Tensor::zeros((outputs, c.rank), candle_core::DType::F32, device)?;
+        Self::from_tensors(c, a, b)
+    }
+
+    /// An adapter with the given A (r × in) and B (out × r).
+    pub fn from_tensors(c: &LoraConfig, a: Tensor, b: Tensor) -> Result<Self> {
+        if a.dim(0)? != c.rank || b.dim(1)? != c.rank {
+            return Err(Error::Weights(format!(
+                "LoRA tensors of shapes {:?} and {:?} do not have rank {}",
+                a.dims(),
+                b.dims(),
+                c.rank
+            )));
+        }
+        Ok(Self {
+            a: Var::from_tensor(&a)?,
+            b: Var::from_tensor(&b)?,
+            scale: c.alpha / c.rank as f64,
+            dropout: c.dropout,
+        })
+    }
+
+    /// (α/r)·(dropout(x)·Aᵀ)·Bᵀ.
+    pub fn forward(&self, x: &Tensor, dropout: &mut Option<&mut Dropout>) -> Result<Tensor> {
+        let x = maybe(dropout, x, self.dropout)?;
+        Ok((linear(&linear(&x, self.a.as_tensor())?, self.b.as_tensor())? * self.scale)?)
+    }
+
+    /// (α/r)·B·A, the update of W.
+    pub fn delta(&self) -> Result<Tensor> {
+        Ok((self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale)?)
+    }
+}

@@ -34,7 +34,8 @@ pub enum Command {
 /// Flags of `frugal memory`.
 #[derive(Args, Debug)]
 pub struct MemoryArgs {
-    /// Built-in model or Hugging Face config.json.
+    /// Built-in model or Hugging Face config.json; a BERT or RoBERTa folder plans fine-tuning by
+    /// method (--methods).
     #[arg(long, default_value = "130m")]
     pub model: String,
     /// Print JSON instead of a table.
@@ -50,6 +51,15 @@ pub struct MemoryArgs {
     /// Micro-batches per optimizer step (accumulated gradients are held).
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
+    /// Fine-tuning methods to plan for an encoder folder (see `frugal finetune --method`).
+    #[arg(
+        long,
+        default_value = "adamw galore lora frugal-ft frugal-ft:embeddings=state-free frugal-ft:rank=0"
+    )]
+    pub methods: String,
+    /// Classes of the fine-tuning head.
+    #[arg(long, default_value_t = 2)]
+    pub labels: usize,
     #[command(flatten)]
     pub memory: MemorySettings,
     #[command(flatten)]

@@ -69,7 +69,40 @@ fn ctrl_c_token() -> StopToken {
 }
 
 /// `frugal memory`: prints the planned memory of a model and optimizer.
+/// Fine-tuning memory by method for the encoder folder `dir`.
+fn finetune_memory(args: &cli::MemoryArgs, dir: &std::path::Path) -> Result<()> {
+    let config: frugal_nn::encoder::EncoderConfig = frugal_nn::hf::read_config(dir)?;
+    config.validate()?;
+    if args.labels < 2 {
+        bail!("--labels must be at least 2");
+    }
+    let methods: Vec<String> = args.methods.split_whitespace().map(String::from).collect();
+    let plans = frugal_train::finetune::memory::plan(&config, args.labels, &methods)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&plans)?);
+    } else {
+        println!(
+            "fine-tuning {} ({} {} layers, hidden {}) with a head of {} classes; state and gradients in MiB:",
+            dir.display(),
+            config.model_type,
+            config.num_hidden_layers,
+            config.hidden_size,
+            args.labels
+        );
+        print!("{}", frugal_train::finetune::memory::table(&plans));
+    }
+    Ok(())
+}
+
 fn memory(args: &cli::MemoryArgs) -> Result<()> {
+    let dir = std::path::Path::new(&args.model);
+    if dir.join("config.json").exists() {
+        let kind: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
+        if matches!(kind["model_type"].as_str(), Some("bert" | "roberta")) {
+            return finetune_memory(args, dir);
+        }
+    }
     let model = LlamaConfig::resolve(&args.model)?;
     // The plan is the peak (ρ at the start), whatever the horizon of a decaying density.
     let opt = args.opt.resolve(0, 1)?;

@@ -2,6 +2,7 @@
 //! A (r × in) uniform in ±1/√in and B (out × r) zero, so training starts from the pretrained
 //! model. Merging adds (α/r)·B·A into W.
 
+use super::EncoderConfig;
 use crate::dropout::{maybe, Dropout};
 use crate::error::{Error, Result};
 use crate::ops::linear;
@@ -53,6 +54,31 @@ impl LoraConfig {
             LoraTargets::Qv => matches!(module, "attention.self.query" | "attention.self.value"),
             LoraTargets::All => true,
         }
+    }
+
+    /// The module of a weight these settings adapt (`encoder.layer.0.attention.self.query` for
+    /// `encoder.layer.0.attention.self.query.weight`).
+    pub fn module<'a>(&self, weight: &'a str) -> Option<&'a str> {
+        let module = weight.strip_suffix(".weight")?;
+        let (_, rest) = module.strip_prefix("encoder.layer.")?.split_once('.')?;
+        (!rest.ends_with("LayerNorm") && self.targets(rest)).then_some(module)
+    }
+
+    /// The adapters of an encoder of `config`: (name without prefix, shape), A then B of each
+    /// adapted linear in model order.
+    pub fn adapter_shapes(&self, config: &EncoderConfig) -> Vec<(String, Vec<usize>)> {
+        config
+            .parameter_shapes()
+            .into_iter()
+            .filter_map(|(name, shape)| {
+                let module = self.module(&name)?.to_string();
+                Some([
+                    (format!("{module}.lora_A.weight"), vec![self.rank, shape[1]]),
+                    (format!("{module}.lora_B.weight"), vec![shape[0], self.rank]),
+                ])
+            })
+            .flatten()
+            .collect()
     }
 }
 

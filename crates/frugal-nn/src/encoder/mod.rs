@@ -167,7 +167,7 @@ impl Encoder {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut tensors: HashMap<String, Tensor> = self.weights.into_iter().collect();
         for (name, shape) in self.config.parameter_shapes() {
-            if let Some(module) = lora_module(&name, lora) {
+            if let Some(module) = lora.module(&name) {
                 let adapter = Adapter::new(lora, shape[1], shape[0], &mut rng, &self.device)?;
                 tensors.insert(
                     format!("{module}.lora_A.weight"),
@@ -217,7 +217,7 @@ impl Encoder {
         let mut adapters = HashMap::new();
         if let Some(lora) = lora {
             for (name, _) in config.parameter_shapes() {
-                if let Some(module) = lora_module(&name, lora) {
+                if let Some(module) = lora.module(&name) {
                     let mut take = |part: &str| {
                         let key = format!("{module}.{part}.weight");
                         tensors.remove(&key).ok_or_else(|| {
@@ -440,14 +440,6 @@ impl Encoder {
             })
             .collect()
     }
-}
-
-/// The module of a weight that `lora` adapts (`encoder.layer.0.attention.self.query` for
-/// `encoder.layer.0.attention.self.query.weight`).
-fn lora_module<'a>(name: &'a str, lora: &LoraConfig) -> Option<&'a str> {
-    let module = name.strip_suffix(".weight")?;
-    let (_, rest) = module.strip_prefix("encoder.layer.")?.split_once('.')?;
-    (!rest.ends_with("LayerNorm") && lora.targets(rest)).then_some(module)
 }
 
 #[cfg(test)]

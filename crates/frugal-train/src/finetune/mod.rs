@@ -4,9 +4,11 @@
 //! - [`tokenize`]: the model's own tokenizer, with truncation counted.
 //! - [`batches`]: shuffled training batches with dropout seeds, and evaluation.
 //! - [`scores`]: accuracy and macro-F1.
+//! - [`memory`]: fine-tuning memory by method.
 //! - [`run`]: a fine-tuning run in a run directory: metrics, plots, checkpoints, resume.
 
 pub mod batches;
+pub mod memory;
 pub mod run;
 pub mod scores;
 pub mod task;

@@ -75,7 +75,9 @@ pub struct FinetuneSettings {
     /// on query/value, trained with AdamW, e.g. `lora:rank=4,alpha=8,targets=all`; the merged
     /// model is written to `merged/` at the end), frugal-ft (the paper's fine-tuning recipe:
     /// columns of query/value at rank 8, ρ = 0 on the other linears, T = 500, state-free scale
-    /// 0.1, weight decay 0.1; `frugal-ft:rank=0` is ρ = 0 on every linear), or any optimizer spec.
+    /// 0.1, weight decay 0.1; `frugal-ft:rank=0` is ρ = 0 on every linear, and
+    /// `frugal-ft:embeddings=state-free` makes the embeddings state-free too), or any optimizer
+    /// spec.
     #[cfg_attr(feature = "cli", arg(long, default_value = "frugal-ft"))]
     pub method: String,
     /// Any optimizer setting as key=value (repeatable).
@@ -256,13 +258,20 @@ pub fn method(method: &str, hidden: usize, seed: u64, opt: &[String]) -> Result<
         lora = Some(lora_method(method, options, &mut pairs)?);
         "adamw".to_string()
     } else if name == "frugal-ft" {
-        let mut rank = 8usize;
+        let (mut rank, mut state_free) = (8usize, r"(key|dense)\.weight$");
         for kv in options.split(',').filter(|s| !s.is_empty()) {
             match kv.split_once('=') {
                 Some(("rank", r)) => {
                     rank = r.parse().with_context(|| {
                         format!("method {method}: rank `{r}` is not a whole number")
                     })?
+                }
+                Some(("embeddings", "state-free")) => {
+                    state_free = r"((key|dense)\.weight|_embeddings\.weight)$"
+                }
+                Some(("embeddings", "state-full")) => {}
+                Some(("embeddings", e)) => {
+                    bail!("method {method}: embeddings `{e}` is not state-full or state-free")
                 }
                 Some((k, v)) => pairs.push((k.into(), v.into())),
                 None => bail!("method {method}: expected key=value, got `{kv}`"),
@@ -272,7 +281,8 @@ pub fn method(method: &str, hidden: usize, seed: u64, opt: &[String]) -> Result<
             bail!("method {method}: rank {rank} exceeds the model's hidden size {hidden}");
         }
         // Columns of query and value keep state; the other linears are state-free (ρ = 0);
-        // embeddings, norms, biases and the head keep full AdamW state.
+        // embeddings (unless `embeddings=state-free`), norms, biases and the head keep full
+        // AdamW state.
         let density = rank as f64 / hidden as f64;
         let density = if (hidden as f64 * density).floor() < rank as f64 {
             density + 1e-12
@@ -280,7 +290,7 @@ pub fn method(method: &str, hidden: usize, seed: u64, opt: &[String]) -> Result<
             density
         };
         format!(
-            "frugal:projection=coordinates,density={density},update_gap=500,state_free_lr_scale=0.1,weight_decay=0.1,decay_mask=labels,projectable_modules=(query|value)\\.weight$,state_free_modules=(key|dense)\\.weight$"
+            "frugal:projection=coordinates,density={density},update_gap=500,state_free_lr_scale=0.1,weight_decay=0.1,decay_mask=labels,projectable_modules=(query|value)\\.weight$,state_free_modules={state_free}"
         )
     } else {
         method.to_string()

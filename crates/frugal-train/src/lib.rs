@@ -10,7 +10,7 @@
 //! - [`run`]: a pre-training run in a run directory: metrics, plots, checkpoints, resume.
 //! - [`finetune`]: fine-tuning pretrained encoders on text classification.
 //! - [`compare`]: comparisons of optimizer configurations, with [`tune`]d settings.
-//! - [`checkpoint`], [`metrics`], [`eval`], [`memory_report`], [`plot`].
+//! - [`checkpoint`], [`metrics`], [`eval`], [`memory_report`], [`plot`], [`run_dir`].
 
 pub mod checkpoint;
 pub mod compare;
@@ -22,6 +22,7 @@ pub mod memory_report;
 pub mod metrics;
 pub mod plot;
 pub mod run;
+pub mod run_dir;
 pub mod schedule;
 pub mod settings;
 pub mod trainer;

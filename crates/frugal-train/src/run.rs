@@ -16,7 +16,7 @@ use candle_core::{DType, Device};
 use frugal::labels::RoleCounts;
 use frugal::Frugal;
 use frugal_nn::llama::{Llama, LlamaConfig, StepMode};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -87,14 +87,6 @@ impl RunConfig {
             a.min_lr_ratio,
         )
     }
-}
-
-fn default_out() -> PathBuf {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    PathBuf::from("runs").join(format!("run-{secs}"))
 }
 
 /// Checks the settings and fills in defaults that depend on the model.
@@ -255,26 +247,7 @@ pub fn run(
 ) -> Result<PathBuf> {
     let args = &run.args;
     let device = device.clone();
-    let out = match resume {
-        Some(dir) => dir.to_path_buf(),
-        None => args.out.clone().unwrap_or_else(default_out),
-    };
-    let resume_from = match resume {
-        Some(dir) => Some(checkpoint::list(dir)?.pop().with_context(|| {
-            format!(
-                "run directory {} has no complete checkpoint to resume from",
-                dir.display()
-            )
-        })?),
-        None => {
-            if out.join("config.json").exists() {
-                bail!("{} already holds a run; use --resume {} to continue it or choose another --out", out.display(), out.display());
-            }
-            None
-        }
-    };
-    std::fs::create_dir_all(&out)
-        .with_context(|| format!("cannot create run directory {}", out.display()))?;
+    let (out, resume_from) = crate::run_dir::open(args.out.as_deref(), resume, "run")?;
 
     // Data and tokenizer; a resumed run uses the tokenizer saved with its checkpoint.
     let source = Source::resolve(&args.data)?;
@@ -376,13 +349,7 @@ pub fn run(
         eprintln!("note: {line}");
     }
 
-    let bar = ProgressBar::new(args.steps as u64).with_position(state.step as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
-        )
-        .expect("valid template"),
-    );
+    let bar = crate::run_dir::progress_bar(args.steps, state.step);
     let mut hooks = RunHooks {
         out: &out,
         run: &run,

@@ -17,7 +17,7 @@ use candle_core::Device;
 use frugal::labels::RoleCounts;
 use frugal::{Frugal, OptimizerConfig};
 use frugal_nn::encoder::{Classifier, Encoder, EncoderConfig, LoraConfig, LoraTargets, Pooling};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -564,14 +564,6 @@ impl Hooks<Classifier> for FinetuneHooks<'_> {
     }
 }
 
-fn default_out() -> PathBuf {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    PathBuf::from("runs").join(format!("finetune-{secs}"))
-}
-
 /// Runs (or resumes, from the latest checkpoint of `resume`) a fine-tuning run on `device`;
 /// stops early, with a checkpoint, when `stop` is set. Returns the run directory.
 pub fn run(
@@ -581,24 +573,7 @@ pub fn run(
     device: &Device,
 ) -> Result<PathBuf> {
     let args = config.args.clone();
-    let out = match resume {
-        Some(dir) => dir.to_path_buf(),
-        None => args.out.clone().unwrap_or_else(default_out),
-    };
-    let resume_from = match resume {
-        Some(dir) => Some(checkpoint::list(dir)?.pop().with_context(|| {
-            format!(
-                "run directory {} has no complete checkpoint to resume from",
-                dir.display()
-            )
-        })?),
-        None => {
-            if out.join("config.json").exists() {
-                bail!("{} already holds a run; use --resume {} to continue it or choose another --out", out.display(), out.display());
-            }
-            None
-        }
-    };
+    let (out, resume_from) = crate::run_dir::open(args.out.as_deref(), resume, "finetune")?;
 
     // The task.
     let started = Instant::now();
@@ -709,8 +684,6 @@ pub fn run(
             (model, opt, TrainerState::default())
         }
     };
-    std::fs::create_dir_all(&out)
-        .with_context(|| format!("cannot create run directory {}", out.display()))?;
     if resume_from.is_none() {
         frugal::fs::write_atomically(
             &out.join("config.json"),
@@ -736,13 +709,7 @@ pub fn run(
         }
     );
 
-    let bar = ProgressBar::new(args.steps as u64).with_position(state.step as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
-        )
-        .expect("valid template"),
-    );
+    let bar = crate::run_dir::progress_bar(args.steps, state.step);
     let mut hooks = FinetuneHooks {
         out: &out,
         config: &config,

@@ -642,3 +642,45 @@ fn low_memory_training_matches_the_normal_run_and_the_report_plans_every_mode() 
     assert!(!err.status.success());
     assert!(String::from_utf8_lossy(&err.stderr).contains("--loss-chunks must be at least 1"));
 }
+
+#[test]
+fn finetune_names_what_is_missing_and_memory_plans_each_method() {
+    let dir = scratch("finetune");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../frugal-nn/tests/fixtures/tiny-bert");
+    let out = frugal(&dir)
+        .arg("finetune")
+        .arg("--model")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--data is required"));
+    let out = frugal(&dir)
+        .arg("finetune")
+        .arg("--model")
+        .arg(dir.join("nowhere"))
+        .args(["--data", "x.csv"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("config.json") && err.contains("fetch-finetune.sh"),
+        "{err}"
+    );
+    let out = run_ok(
+        frugal(&dir)
+            .arg("memory")
+            .arg("--model")
+            .arg(&model)
+            .args(["--json", "--labels", "3"]),
+    );
+    let plans: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plans = plans.as_array().unwrap();
+    let by = |m: &str| plans.iter().find(|p| p["method"] == m).unwrap();
+    // The tiny model: 5696 encoder weights and a head of 3 × 16 + 3.
+    assert_eq!(by("adamw")["trainable"], 5696 + 51);
+    assert_eq!(by("adamw")["state_bytes"], 8 * (5696 + 51));
+    // LoRA rank 8 on query and value of 2 layers: A 8×16 and B 16×8.
+    assert_eq!(by("lora")["adapters"], 2 * 2 * 2 * 128);
+    assert!(by("frugal-ft:rank=0")["state_bytes"].as_u64() < by("adamw")["state_bytes"].as_u64());
+}

@@ -17,7 +17,7 @@ use lora::Adapter;
 
 use crate::dropout::{maybe, Dropout};
 use crate::error::{Error, Result};
-use crate::ops::{add_bias, gelu_erf, key_masked_softmax, layer_norm, linear};
+use crate::ops::{add_bias, frozen_linear, gelu_erf, key_masked_softmax, layer_norm, linear};
 use candle_core::{DType, Device, Tensor, Var};
 use frugal::Param;
 use rand::SeedableRng;
@@ -36,7 +36,12 @@ struct Dense {
 
 impl Dense {
     fn forward(&self, x: &Tensor, dropout: &mut Option<&mut Dropout>) -> Result<Tensor> {
-        let y = add_bias(&linear(x, &self.w)?, &self.b)?;
+        let xw = if self.w.is_variable() {
+            linear(x, &self.w)?
+        } else {
+            frozen_linear(x, &self.w)?
+        };
+        let y = add_bias(&xw, &self.b)?;
         match &self.lora {
             Some(adapter) => Ok((y + adapter.forward(x, dropout)?)?),
             None => Ok(y),

@@ -4,11 +4,13 @@
 //! and check so on entry ([`cpu_f32`]).
 
 mod bias;
+mod frozen_linear;
 mod gelu;
 mod key_softmax;
 mod layer_norm;
 
 pub use bias::add_bias;
+pub use frozen_linear::frozen_linear;
 pub use gelu::gelu_erf;
 pub use key_softmax::key_masked_softmax;
 pub use layer_norm::layer_norm;

@@ -109,6 +109,18 @@ pub fn locate(path: &Path) -> Result<PathBuf> {
     })
 }
 
+/// The optimizer of `params` with the state saved in checkpoint `dir`, and the trainer state.
+pub fn restore(
+    params: Vec<frugal::Param>,
+    config: frugal::OptimizerConfig,
+    dir: &Path,
+) -> Result<(Frugal, TrainerState)> {
+    let mut opt = Frugal::from_params(params, config)?;
+    opt.load_state(&dir.join(OPTIMIZER))
+        .with_context(|| format!("cannot resume from {}", dir.display()))?;
+    Ok((opt, trainer_state(dir)?))
+}
+
 /// Reads the trainer state of a checkpoint.
 pub fn trainer_state(dir: &Path) -> Result<TrainerState> {
     let text = std::fs::read_to_string(dir.join(TRAINER))

@@ -11,7 +11,7 @@ use crate::settings::TrainSettings;
 use crate::trainer::{
     at_least_one, Hooks, LoopSettings, Outcome, StopToken, Trainer, TrainerState,
 };
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use frugal::labels::RoleCounts;
 use frugal::Frugal;
@@ -292,10 +292,8 @@ pub fn run(
     let (mut model, opt, state) = match &resume_from {
         Some((_, ck)) => {
             let model = Llama::load(&run.model, &ck.join(checkpoint::MODEL), &device, DType::F32)?;
-            let mut opt = Frugal::from_params(model.params(), run.optimizer.clone())?;
-            opt.load_state(&ck.join(checkpoint::OPTIMIZER))
-                .with_context(|| format!("cannot resume from {}", ck.display()))?;
-            (model, opt, checkpoint::trainer_state(ck)?)
+            let (opt, state) = checkpoint::restore(model.params(), run.optimizer.clone(), ck)?;
+            (model, opt, state)
         }
         None => {
             let model = Llama::init(&run.model, args.seed, &device, DType::F32)?;

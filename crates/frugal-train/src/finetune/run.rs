@@ -663,10 +663,8 @@ pub fn run(
         Some((_, ck)) => {
             let lora = config.lora.as_ref();
             let model = load_classifier(ck, config.pooling, config.dropout, lora, device)?;
-            let mut opt = Frugal::from_params(model.params(), config.optimizer.clone())?;
-            opt.load_state(&ck.join(checkpoint::OPTIMIZER))
-                .with_context(|| format!("cannot resume from {}", ck.display()))?;
-            (model, opt, checkpoint::trainer_state(ck)?)
+            let (opt, state) = checkpoint::restore(model.params(), config.optimizer.clone(), ck)?;
+            (model, opt, state)
         }
         None => {
             let mut encoder = Encoder::load(&args.model, device)?;

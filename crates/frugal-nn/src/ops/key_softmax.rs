@@ -1,6 +1,6 @@
 //! Softmax over the keys that are not padding, for encoder attention.
 
-use super::{cpu_f32, f32s, Pass, SoftmaxGrad};
+use super::{cpu_f32, f32s, softmax_grad};
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -48,10 +48,7 @@ impl CustomOp1 for KeyMaskedSoftmax {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(
-            &dy.contiguous()?,
-            &Pass(SoftmaxGrad { scale: self.scale }),
-        )?))
+        softmax_grad(y, dy, self.scale).map(Some)
     }
 }
 

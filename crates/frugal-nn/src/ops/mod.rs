@@ -248,11 +248,13 @@ impl CustomOp1 for CausalSoftmax {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(
-            &dy.contiguous()?,
-            &Pass(SoftmaxGrad { scale: self.scale }),
-        )?))
+        softmax_grad(y, dy, self.scale).map(Some)
     }
+}
+
+/// The gradient of softmax(scale·x) from its output `y` and the output's gradient `dy`.
+fn softmax_grad(y: &Tensor, dy: &Tensor, scale: f32) -> Result<Tensor> {
+    y.apply_op2_no_bwd(&dy.contiguous()?, &Pass(SoftmaxGrad { scale }))
 }
 
 /// dx = scale·y⊙(dy − Σ y⊙dy) per row.

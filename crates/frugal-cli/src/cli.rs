@@ -2,6 +2,7 @@
 //! `compare` are the settings types of `frugal-train`.
 
 use clap::{Args, Parser, Subcommand};
+use frugal_train::compare::finetune::FinetuneCompareSettings;
 use frugal_train::compare::CompareSettings;
 use frugal_train::eval::EvalSettings;
 use frugal_train::finetune::run::FinetuneSettings;
@@ -27,8 +28,28 @@ pub enum Command {
     Eval(EvalSettings),
     /// Exact memory of weights, gradients and optimizer state, without training.
     Memory(Box<MemoryArgs>),
-    /// Train several optimizer configurations on the same data and compare them.
-    Compare(Box<CompareSettings>),
+    /// Train several optimizer configurations on the same data and compare them (`compare
+    /// finetune`: fine-tuning methods on a classification task).
+    Compare(Box<CompareArgs>),
+}
+
+/// Flags of `frugal compare`: a pre-training comparison, or `compare finetune`.
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct CompareArgs {
+    #[command(subcommand)]
+    pub task: Option<CompareTask>,
+    #[command(flatten)]
+    pub pretraining: CompareSettings,
+}
+
+/// What else `frugal compare` compares.
+#[derive(Subcommand, Debug)]
+pub enum CompareTask {
+    /// Fine-tune a pretrained encoder with several methods and seeds (default: adamw, galore,
+    /// lora, frugal-ft and frugal-ft at ρ = 0 over seeds 0, 1, 2) and tabulate test accuracy
+    /// against trainable parameters and optimizer memory.
+    Finetune(Box<FinetuneCompareSettings>),
 }
 
 /// Flags of `frugal memory`.

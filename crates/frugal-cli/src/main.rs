@@ -162,6 +162,27 @@ fn memory(args: &cli::MemoryArgs) -> Result<()> {
     Ok(())
 }
 
+/// `frugal compare` of pre-training runs; `given` names the flags on the command line.
+fn compare_pretraining(
+    mut args: frugal_train::compare::CompareSettings,
+    given: Vec<String>,
+    command: &str,
+) -> Result<()> {
+    set_threads(args.train.threads)?;
+    // --resume names the comparison directory, not a single run.
+    let resume = args.train.resume.take();
+    let given: Vec<String> = given.into_iter().filter(|k| k != "resume").collect();
+    args.train = args.train.clone().merge(&given)?;
+    args.train.resume = resume;
+    return_freed_memory(&args.train.memory);
+    let cache = args
+        .train
+        .cache_dir
+        .clone()
+        .unwrap_or_else(data::default_cache_dir);
+    frugal_train::compare::run(args, &cache, command, &ctrl_c_token(), &Device::Cpu)
+}
+
 fn run(matches: &ArgMatches, cli: Cli) -> Result<()> {
     let given = |name: &str| explicit(matches.subcommand_matches(name).expect("subcommand"));
     match cli.command {
@@ -208,24 +229,30 @@ fn run(matches: &ArgMatches, cli: Cli) -> Result<()> {
             )?;
         }
         Command::Memory(args) => memory(&args)?,
-        Command::Compare(mut args) => {
-            set_threads(args.train.threads)?;
-            // --resume names the comparison directory, not a single run.
-            let resume = args.train.resume.take();
-            let given: Vec<String> = given("compare")
-                .into_iter()
-                .filter(|k| k != "resume")
-                .collect();
-            args.train = args.train.clone().merge(&given)?;
-            args.train.resume = resume;
-            return_freed_memory(&args.train.memory);
-            let cache = args
-                .train
-                .cache_dir
-                .clone()
-                .unwrap_or_else(data::default_cache_dir);
+        Command::Compare(args) => {
+            let compare = matches.subcommand_matches("compare").expect("subcommand");
             let command = std::env::args().collect::<Vec<_>>().join(" ");
-            frugal_train::compare::run(*args, &cache, &command, &ctrl_c_token(), &Device::Cpu)?;
+            match args.task {
+                None => compare_pretraining(args.pretraining, explicit(compare), &command)?,
+                Some(cli::CompareTask::Finetune(mut args)) => {
+                    let given = explicit(compare.subcommand_matches("finetune").expect("task"));
+                    if given.iter().any(|k| k == "method") {
+                        bail!("compare finetune runs the methods of --methods; --method names one run's (frugal finetune)");
+                    }
+                    set_threads(args.finetune.threads)?;
+                    // --resume names the comparison directory, not a single run.
+                    let resume = args.finetune.resume.take();
+                    let given: Vec<String> = given.into_iter().filter(|k| k != "resume").collect();
+                    args.finetune = args.finetune.clone().merge(&given)?;
+                    args.finetune.resume = resume;
+                    frugal_train::compare::finetune::compare(
+                        *args,
+                        &command,
+                        &ctrl_c_token(),
+                        &Device::Cpu,
+                    )?;
+                }
+            }
         }
     }
     Ok(())

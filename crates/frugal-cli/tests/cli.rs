@@ -549,11 +549,11 @@ fn compare_tunes_by_successive_halving_and_reports_the_test_split() {
     assert_eq!(rounds, [(1, 3), (2, 2), (4, 1)]);
     let candidates = tuning["candidates"].as_array().unwrap();
     assert!(candidates[0]["failed"].as_str().unwrap().contains("loss"));
-    assert_eq!(candidates[0]["val_ppl"].as_array().unwrap().len(), 1);
+    assert_eq!(candidates[0]["val"].as_array().unwrap().len(), 1);
     let chosen = &candidates[tuning["chosen"].as_u64().unwrap() as usize];
-    assert_eq!(chosen["val_ppl"].as_array().unwrap().len(), 3);
+    assert_eq!(chosen["val"].as_array().unwrap().len(), 3);
     // The winner is the better of the two survivors at step 2, and its run went on to step 4.
-    let at2 = |c: &Value| c["val_ppl"][1].as_f64().unwrap();
+    let at2 = |c: &Value| c["val"][1].as_f64().unwrap();
     assert!(at2(chosen) <= at2(&candidates[1]).min(at2(&candidates[2])));
     let run = Path::new(chosen["dir"].as_str().unwrap());
     let s = summary(run);
@@ -665,6 +665,26 @@ fn finetune_names_what_is_missing_and_memory_plans_each_method() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("config.json") && err.contains("fetch-finetune.sh"),
+        "{err}"
+    );
+    // A comparison runs the methods of --methods, never one --method.
+    let out = frugal(&dir)
+        .args([
+            "compare", "finetune", "--method", "adamw", "--data", "x.csv",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--methods"), "{err}");
+    let out = frugal(&dir)
+        .args(["compare", "finetune", "--methods", "adamw lora"])
+        .arg("--model")
+        .arg(&model)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--data is required"),
         "{err}"
     );
     let out = run_ok(

@@ -255,3 +255,98 @@ fn lora_trains_its_adapters_and_the_merged_folder_predicts_like_them() {
     assert!(diff < 1e-5, "{diff}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_comparison_tunes_each_method_and_tabulates_test_scores_over_seeds() {
+    use frugal_train::compare::finetune::{compare, FinetuneCompareSettings};
+    let dir = scratch("compare");
+    let mut base = settings(&dir, "cmp", "adamw", 12);
+    (base.lr, base.eval_every) = (None, None);
+    let args = FinetuneCompareSettings {
+        methods: "adamw lora:rank=4,alpha=8 frugal-ft:rank=2".into(),
+        seeds: "0,1".into(),
+        tune: vec!["lr=1e-5,1e-2".into()],
+        halving_rate: 2,
+        finetune: base,
+    };
+    let stop = StopToken::new();
+    compare(args.clone(), "test", &stop, &Device::Cpu).unwrap();
+    let out = dir.join("cmp");
+    let read = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap()
+    };
+    let report = read();
+    // Each method: both rates for 6 steps, the better one (by validation macro-F1) to step 12.
+    for tuning in report["tuning"].as_array().unwrap() {
+        let rungs: Vec<u64> = tuning["rungs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["steps"].as_u64().unwrap())
+            .collect();
+        assert_eq!(rungs, [6, 12]);
+        let c = tuning["candidates"].as_array().unwrap();
+        let chosen = tuning["chosen"].as_u64().unwrap() as usize;
+        let (won, lost) = (&c[chosen]["val"], &c[1 - chosen]["val"]);
+        assert_eq!(
+            (
+                won.as_array().unwrap().len(),
+                lost.as_array().unwrap().len()
+            ),
+            (2, 1)
+        );
+        assert!(
+            won[0].as_f64().unwrap() >= lost[0].as_f64().unwrap(),
+            "{tuning}"
+        );
+    }
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(report["runs"].as_array().unwrap().len(), 6);
+    let runs = report["runs"].as_array().unwrap();
+    for (row, method) in rows.iter().zip(["adamw", "lora", "frugal-ft"]) {
+        assert!(row["spec"].as_str().unwrap().starts_with(method), "{row}");
+        assert!(row["spec"].as_str().unwrap().contains("lr="), "{row}");
+        // The row's mean is that of its two seeds' test accuracies, as their summaries say.
+        let mine: Vec<f64> = runs
+            .iter()
+            .filter(|r| r["method"] == row["method"])
+            .map(|r| r["test"]["accuracy"].as_f64().unwrap())
+            .collect();
+        assert_eq!(mine.len(), 2);
+        let mean = row["test_accuracy_mean"].as_f64().unwrap();
+        assert!((mean - (mine[0] + mine[1]) / 2.0).abs() < 1e-12, "{row}");
+        assert!(
+            (row["test_accuracy_spread"].as_f64().unwrap() - (mine[0] - mine[1]).abs() / 2.0).abs()
+                < 1e-12
+        );
+    }
+    let param = |i: usize, k: &str| rows[i][k].as_f64().unwrap();
+    assert!(param(1, "trainable_parameters") < param(0, "trainable_parameters") / 10.0);
+    assert!(param(2, "state_mib") < param(0, "state_mib") / 2.0);
+    let md = std::fs::read_to_string(out.join("compare.md")).unwrap();
+    assert!(
+        md.contains("test accuracy") && md.contains("## Tuning"),
+        "{md}"
+    );
+    assert!(out.join("compare.png").exists());
+    // A second comparison into the same folder is refused; continuing the finished one trains
+    // nothing (the runs' wall times are unchanged).
+    let again = compare(args.clone(), "test", &stop, &Device::Cpu).unwrap_err();
+    assert!(again.to_string().contains("--resume"), "{again}");
+    let mut resumed = args;
+    resumed.finetune.resume = Some(out.clone());
+    compare(resumed, "test", &stop, &Device::Cpu).unwrap();
+    let walls = |r: &serde_json::Value| {
+        r["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["wall_s"].as_f64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let report_again = read();
+    assert_eq!(walls(&report_again), walls(&report));
+    assert_eq!(report_again["tuning"], report["tuning"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

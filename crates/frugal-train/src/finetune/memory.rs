@@ -53,7 +53,7 @@ pub fn plan(
     methods
         .iter()
         .map(|m| {
-            let Method { optimizer, lora } = method(m, config.hidden_size, 0, &[])?;
+            let Method { optimizer, lora } = method(m, config.hidden_size, 0, None, &[])?;
             let adapters: Vec<ParamShape> = lora
                 .map(|l| {
                     l.adapter_shapes(config)

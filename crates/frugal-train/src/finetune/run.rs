@@ -97,7 +97,7 @@ pub struct FinetuneSettings {
     #[cfg_attr(feature = "cli", arg(long))]
     #[serde(skip)]
     pub stop_after: Option<usize>,
-    /// Peak learning rate [default: 5e-5, or 5e-4 for lora].
+    /// Peak learning rate [default: the method's `lr=`, or 5e-5, or 5e-4 for lora].
     #[cfg_attr(feature = "cli", arg(long, value_parser = crate::settings::non_negative))]
     pub lr: Option<f64>,
     /// Linear warm-up steps [default: 10% of --steps].
@@ -249,8 +249,16 @@ fn lora_method(
     Ok(lora)
 }
 
-/// The optimizer (and adapters) of a fine-tuning method for an encoder of `hidden` features.
-pub fn method(method: &str, hidden: usize, seed: u64, opt: &[String]) -> Result<Method> {
+/// The optimizer (and adapters) of a fine-tuning method for an encoder of `hidden` features,
+/// with `--opt` settings. The peak rate is `lr`, or an `lr=` of the method, or the default:
+/// 5e-4 for LoRA, 5e-5 otherwise.
+pub fn method(
+    method: &str,
+    hidden: usize,
+    seed: u64,
+    lr: Option<f64>,
+    opt: &[String],
+) -> Result<Method> {
     let (name, options) = method.split_once(':').unwrap_or((method, ""));
     let mut pairs: Vec<(String, String)> = Vec::new();
     let mut lora = None;
@@ -293,7 +301,13 @@ pub fn method(method: &str, hidden: usize, seed: u64, opt: &[String]) -> Result<
             "frugal:projection=coordinates,density={density},update_gap=500,state_free_lr_scale=0.1,weight_decay=0.1,decay_mask=labels,projectable_modules=(query|value)\\.weight$,state_free_modules={state_free}"
         )
     } else {
-        method.to_string()
+        for kv in options.split(',').filter(|s| !s.trim().is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("method {method}: expected key=value, got `{kv}`"))?;
+            pairs.push((k.into(), v.into()));
+        }
+        name.to_string()
     };
     let mut c = OptimizerConfig::parse_spec(&spec)?;
     c.seed = seed;
@@ -302,6 +316,18 @@ pub fn method(method: &str, hidden: usize, seed: u64, opt: &[String]) -> Result<
             .split_once('=')
             .with_context(|| format!("--opt `{kv}`: expected key=value"))?;
         pairs.push((k.into(), v.into()));
+    }
+    let named = pairs.iter().any(|(k, _)| k.trim() == "lr");
+    match lr {
+        Some(_) if named => {
+            bail!("method {method}: the rate is given twice (--lr and lr=); give only one")
+        }
+        Some(lr) => pairs.push(("lr".into(), lr.to_string())),
+        None if !named => {
+            let default = if lora.is_some() { 5e-4 } else { 5e-5 };
+            pairs.push(("lr".into(), default.to_string()));
+        }
+        None => {}
     }
     c.apply(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
     c.validate()?;
@@ -384,12 +410,13 @@ pub fn resolve(args: FinetuneSettings) -> Result<FinetuneConfig> {
     if !(0.0..1.0).contains(&dropout) {
         bail!("--dropout {dropout} must be in [0, 1)");
     }
-    let Method {
-        mut optimizer,
-        lora,
-    } = method(&args.method, encoder.hidden_size, args.seed, &args.opt)?;
-    let default_lr = if lora.is_some() { 5e-4 } else { 5e-5 };
-    optimizer.set("lr", &args.lr.unwrap_or(default_lr).to_string())?;
+    let Method { optimizer, lora } = method(
+        &args.method,
+        encoder.hidden_size,
+        args.seed,
+        args.lr,
+        &args.opt,
+    )?;
     let warmup = args.warmup.unwrap_or(args.steps / 10);
     let eval_every = args.eval_every.unwrap_or((args.steps / 5).max(1)).max(1);
     let save_every = args.save_every.unwrap_or(eval_every).max(1);

@@ -360,6 +360,11 @@ fn bad_input_exits_with_one_clear_message() {
         ),
         (vec!["--model".into(), "13m".into()], "built-in"),
         (
+            vec!["--init-from".into(), s(&dir.join("nowhere"))],
+            "not a Hugging Face LLaMA folder",
+        ),
+        (vec!["--instructions".into()], "an instruction record needs"),
+        (
             vec!["--optimizer".into(), "adam".into()],
             "unknown optimizer preset",
         ),

@@ -8,7 +8,7 @@
 //! vocabulary chunks as well, the forward pass keeps only each row's log-sum-exp and the
 //! backward pass computes the logits again, chunk by chunk.
 
-use crate::ops::{cpu_f32, log_sum_exp};
+use crate::ops::{counted, cpu_f32, log_sum_exp, IGNORE};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -90,7 +90,11 @@ fn total(acc: Option<Tensor>) -> Result<Tensor> {
 
 /// scale·(softmax(row) − onehot(target − v0)) of one row of a vocabulary chunk starting at
 /// `v0`, given the row's log-sum-exp.
-fn softmax_grad(o: &mut [f32], row: &[f32], lse: f32, target: usize, v0: usize, scale: f32) {
+fn softmax_grad(o: &mut [f32], row: &[f32], lse: f32, target: u32, v0: usize, scale: f32) {
+    if target == IGNORE {
+        return; // `o` stays zero
+    }
+    let target = target as usize;
     for (o, x) in o.iter_mut().zip(row) {
         *o = scale * (x - lse).exp();
     }
@@ -163,7 +167,8 @@ impl LossGrads for Waiting {
 fn one_pass(h: &Tensor, w: &Tensor, targets: &[u32], tokens: usize) -> Result<Tensor> {
     let (n, _) = h.dims2()?;
     let vocab = w.dim(0)?;
-    let scale = 1.0 / n as f32;
+    let counted = counted(targets);
+    let scale = 1.0 / counted as f32;
     let (hd, wd) = (h.detach(), w.detach());
     let mut losses = vec![0f64; n];
     let (mut dh, mut dw) = (Vec::new(), None);
@@ -177,9 +182,12 @@ fn one_pass(h: &Tensor, w: &Tensor, targets: &[u32], tokens: usize) -> Result<Te
                 .zip(&mut losses[r0..r0 + rn])
                 .zip(&targets[r0..r0 + rn])
                 .for_each(|(((o, row), loss), &t)| {
+                    if t == IGNORE {
+                        return; // no loss, no gradient
+                    }
                     let lse = log_sum_exp(row);
                     *loss = (lse - row[t as usize]) as f64;
-                    softmax_grad(o, row, lse, t as usize, 0, scale);
+                    softmax_grad(o, row, lse, t, 0, scale);
                 });
             out
         })?;
@@ -189,7 +197,7 @@ fn one_pass(h: &Tensor, w: &Tensor, targets: &[u32], tokens: usize) -> Result<Te
         add_to(&mut dw, dz.t()?.matmul(&hc)?)?;
     }
     // Summed sequentially in f64, like the fused loss: independent of scheduling.
-    let loss = (losses.iter().sum::<f64>() / n as f64) as f32;
+    let loss = (losses.iter().sum::<f64>() / counted as f64) as f32;
     let grads = Waiting {
         dh: Tensor::cat(&dh, 0)?,
         dw: total(dw)?,
@@ -232,9 +240,9 @@ fn lse_pass(
                         };
                         *s = rescaled + row.iter().map(|x| (x - new_max).exp()).sum::<f32>();
                         *m = new_max;
-                        let t = targets[r0 + i] as usize;
-                        if (v0..v0 + vn).contains(&t) {
-                            *tl = row[t - v0];
+                        let t = targets[r0 + i];
+                        if t != IGNORE && (v0..v0 + vn).contains(&(t as usize)) {
+                            *tl = row[t as usize - v0];
                         }
                     });
             })?;
@@ -245,7 +253,14 @@ fn lse_pass(
     let total: f64 = lse
         .iter()
         .zip(&target_logit)
-        .map(|(l, t)| (l - t) as f64)
+        .zip(targets)
+        .map(|((l, t), &target)| {
+            if target == IGNORE {
+                0.0
+            } else {
+                (l - t) as f64
+            }
+        })
         .sum();
     Ok((lse, total))
 }
@@ -265,7 +280,7 @@ impl LossGrads for Recomputed {
     fn grads(&self, h: &Tensor, w: &Tensor, grad: f32) -> Result<(Tensor, Tensor)> {
         let (n, _) = h.dims2()?;
         let vocab = w.dim(0)?;
-        let scale = grad / n as f32;
+        let scale = grad / counted(&self.targets) as f32;
         let rows = ranges(n, self.chunks.tokens);
         let mut dh: Vec<Option<Tensor>> = vec![None; rows.len()];
         let mut dw = Vec::new();
@@ -281,7 +296,7 @@ impl LossGrads for Recomputed {
                         .zip(z.par_chunks(vn))
                         .enumerate()
                         .for_each(|(i, (o, row))| {
-                            let t = self.targets[r0 + i] as usize;
+                            let t = self.targets[r0 + i];
                             softmax_grad(o, row, self.lse[r0 + i], t, v0, scale);
                         });
                     out
@@ -313,7 +328,10 @@ fn checked_targets(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Vec<u32>>
             targets.len()
         );
     }
-    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+    if let Some(&bad) = targets
+        .iter()
+        .find(|&&t| t != IGNORE && t as usize >= vocab)
+    {
         bail!("cross_entropy: target {bad} outside the vocabulary of {vocab}");
     }
     Ok(targets)
@@ -336,7 +354,7 @@ pub fn linear_cross_entropy(
         return one_pass(&h, &w, &targets, chunks.tokens);
     }
     let (lse, total) = lse_pass(&h, &w, &targets, chunks)?;
-    let loss = (total / targets.len() as f64) as f32;
+    let loss = (total / counted(&targets) as f64) as f32;
     let grads = Recomputed {
         targets,
         lse,
@@ -354,7 +372,7 @@ pub fn linear_cross_entropy_value(
 ) -> Result<f32> {
     let targets = checked_targets(h, w, targets)?;
     let (_, total) = lse_pass(&h.detach(), &w.detach(), &targets, chunks)?;
-    Ok((total / targets.len() as f64) as f32)
+    Ok((total / counted(&targets) as f64) as f32)
 }
 
 #[cfg(test)]
@@ -412,5 +430,55 @@ mod tests {
             vocab: 1,
         };
         assert!(linear_cross_entropy(&h, &w, &bad, chunks).is_err());
+    }
+
+    /// Ignored targets add nothing: the loss and gradients are those of the other rows alone
+    /// (their rows of `h` get no gradient), fused or chunked.
+    #[test]
+    fn ignored_targets_count_for_nothing() {
+        let (n, d, vocab) = (12, 5, 17);
+        let h = Var::from_tensor(&randn(&[n, d], 3)).unwrap();
+        let w = Var::from_tensor(&randn(&[vocab, d], 4)).unwrap();
+        let ids: Vec<u32> = (0..n as u32)
+            .map(|i| {
+                if i % 3 == 1 {
+                    IGNORE
+                } else {
+                    (i * 5 + 2) % vocab as u32
+                }
+            })
+            .collect();
+        let kept: Vec<u32> = (0..n as u32).filter(|&i| i % 3 != 1).collect();
+        let kept_ids: Vec<u32> = kept.iter().map(|&i| ids[i as usize]).collect();
+        let rows = Tensor::new(kept.as_slice(), &Device::Cpu).unwrap();
+        let sub = h.index_select(&rows, 0).unwrap();
+        let reference = cross_entropy(
+            &sub.matmul(&w.t().unwrap()).unwrap(),
+            &Tensor::new(kept_ids.as_slice(), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let g = reference.backward().unwrap();
+        let targets = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
+        let fused = cross_entropy(&h.matmul(&w.t().unwrap()).unwrap(), &targets).unwrap();
+        let mut losses = vec![fused];
+        for (tokens, vocab) in [(1, 1), (5, 1), (4, 3)] {
+            let chunks = LossChunks { tokens, vocab };
+            losses.push(linear_cross_entropy(&h, &w, &targets, chunks).unwrap());
+            let value = linear_cross_entropy_value(&h, &w, &targets, chunks).unwrap();
+            assert!((value - reference.to_scalar::<f32>().unwrap()).abs() < 1e-5);
+        }
+        for loss in losses {
+            assert!(max_diff(&loss, &reference) < 1e-5);
+            let gl = loss.backward().unwrap();
+            for v in [&h, &w] {
+                assert!(max_diff(gl.get(v).unwrap(), g.get(v).unwrap()) < 1e-5);
+            }
+            let dh = gl.get(&h).unwrap().to_vec2::<f32>().unwrap();
+            assert!(dh[1].iter().chain(&dh[4]).all(|&x| x == 0.0));
+        }
+        // Nothing to predict: loss 0, no gradient.
+        let none = Tensor::new(&[IGNORE; 12], &Device::Cpu).unwrap();
+        let loss = cross_entropy(&h.matmul(&w.t().unwrap()).unwrap(), &none).unwrap();
+        assert_eq!(loss.to_scalar::<f32>().unwrap(), 0.0);
     }
 }

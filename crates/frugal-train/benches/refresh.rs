@@ -19,7 +19,9 @@ use frugal::config::ProjSide;
 use frugal::projection::{matrix_ranks, Basis, RankRule, Subspace};
 use frugal::{Frugal, OptimizerConfig, Role};
 use frugal_nn::llama::{Llama, LlamaConfig};
-use frugal_train::data::{default_cache_dir, Batches, Dataset, Holdout, Source, TokenizerChoice};
+use frugal_train::data::{
+    default_cache_dir, Batches, Dataset, Format, Holdout, Source, TokenizerChoice,
+};
 use frugal_train::settings::EMBEDDED_NAME;
 use std::time::Instant;
 
@@ -64,6 +66,7 @@ fn main() -> Result<()> {
         &source,
         TokenizerChoice::Train(4096),
         Holdout::validation(0.05),
+        Format::Packed,
         &default_cache_dir(),
     )?;
     let mut batches = Batches::new(&data.train, 256, 0, "training", &device)?;

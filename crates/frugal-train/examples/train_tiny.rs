@@ -7,7 +7,9 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use frugal::{Frugal, OptimizerConfig};
 use frugal_nn::llama::{Llama, LlamaConfig};
-use frugal_train::data::{default_cache_dir, Batches, Dataset, Holdout, Source, TokenizerChoice};
+use frugal_train::data::{
+    default_cache_dir, Batches, Dataset, Format, Holdout, Source, TokenizerChoice,
+};
 use frugal_train::eval::mean_loss;
 use frugal_train::metrics::TrainRecord;
 use frugal_train::schedule::Schedule;
@@ -49,6 +51,7 @@ fn main() -> Result<()> {
         &source,
         TokenizerChoice::Train(4096),
         Holdout::validation(0.05),
+        Format::Packed,
         &default_cache_dir(),
     )?;
     let mut train = Batches::new(&data.train, 64, 0, "training", &device)?;

@@ -2,31 +2,48 @@
 //! saved checkpoint.
 
 use crate::checkpoint;
-use crate::data::{Batches, Dataset, Holdout, Source, TokenizerChoice};
+use crate::data::{Batches, Dataset, Format, Holdout, Source, TokenizerChoice};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use frugal_nn::llama::{Llama, LlamaConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// Summed loss and number of windows over the first `windows` windows of `batches`, in order.
+/// What a pass over some windows summed.
+#[derive(Clone, Copy, Default)]
+struct LossSum {
+    /// Σ batch loss × the batch's predicted tokens.
+    sum: f64,
+    /// Predicted tokens (targets that are not ignored).
+    predicted: usize,
+    windows: usize,
+}
+
+impl LossSum {
+    /// The mean loss per predicted token.
+    fn mean(&self) -> f64 {
+        self.sum / self.predicted.max(1) as f64
+    }
+}
+
+/// The summed loss over the first `windows` windows of `batches`, in order.
 fn loss_sum(
     model: &Llama,
     batches: &Batches,
     batch_size: usize,
     windows: usize,
-) -> Result<(f64, usize)> {
-    let (mut sum, mut count) = (0.0f64, 0usize);
-    let mut first = 0;
-    while first < windows {
-        let n = batch_size.min(windows - first);
-        let (x, y) = batches.sequential(first, n)?;
+) -> Result<LossSum> {
+    let mut total = LossSum::default();
+    while total.windows < windows {
+        let n = batch_size.min(windows - total.windows);
+        let (x, y) = batches.sequential(total.windows, n)?;
+        let predicted = frugal_nn::ops::counted(&y.flatten_all()?.to_vec1::<u32>()?);
         let loss = model.eval_loss(&x, &y)? as f64;
-        sum += loss * n as f64;
-        count += n;
-        first += n;
+        total.sum += loss * predicted as f64;
+        total.predicted += predicted;
+        total.windows += n;
     }
-    Ok((sum, count))
+    Ok(total)
 }
 
 /// Windows to evaluate of `batches` for a budget of `max_tokens` (0: all; at least one).
@@ -47,8 +64,7 @@ pub fn mean_loss(
     max_tokens: usize,
 ) -> Result<f64> {
     let windows = window_budget(batches, seq_len, max_tokens);
-    let (sum, count) = loss_sum(model, batches, batch_size, windows)?;
-    Ok(sum / count as f64)
+    Ok(loss_sum(model, batches, batch_size, windows)?.mean())
 }
 
 /// Which part of a corpus to evaluate on.
@@ -116,6 +132,9 @@ pub struct EvalSettings {
     /// Sequences per batch.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 8))]
     pub batch_size: usize,
+    /// The data is instruction records: score the responses only (as `train --instructions`).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub instructions: bool,
     /// Tokens to evaluate (0: all).
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
     pub eval_tokens: usize,
@@ -156,18 +175,6 @@ pub fn evaluate(settings: &EvalSettings, device: &Device) -> Result<EvalReport> 
         .clone()
         .unwrap_or_else(crate::data::default_cache_dir);
     let tokenizer_path = dir.join(checkpoint::TOKENIZER);
-    let data = Dataset::prepare(
-        &source,
-        TokenizerChoice::File(&tokenizer_path),
-        Holdout {
-            val: settings.val_fraction,
-            test: settings.test_fraction,
-        },
-        &cache,
-    )?;
-    if data.tokenizer.vocab_size() > config.vocab_size {
-        bail!("the checkpoint's tokenizer has more ids than the model's vocabulary");
-    }
     let seq_len = match settings.seq_len {
         Some(n) => n,
         None => run_seq_len(&dir).unwrap_or(config.max_position_embeddings.min(256)),
@@ -178,6 +185,23 @@ pub fn evaluate(settings: &EvalSettings, device: &Device) -> Result<EvalReport> 
             config.max_position_embeddings
         );
     }
+    let data = Dataset::prepare(
+        &source,
+        TokenizerChoice::File(&tokenizer_path),
+        Holdout {
+            val: settings.val_fraction,
+            test: settings.test_fraction,
+        },
+        if settings.instructions {
+            Format::Instructions { seq_len }
+        } else {
+            Format::Packed
+        },
+        &cache,
+    )?;
+    if data.tokenizer.vocab_size() > config.vocab_size {
+        bail!("the checkpoint's tokenizer has more ids than the model's vocabulary");
+    }
     let shards = match settings.split {
         Split::Val => vec![(&data.val, "validation")],
         Split::Train => vec![(&data.train, "training")],
@@ -187,25 +211,27 @@ pub fn evaluate(settings: &EvalSettings, device: &Device) -> Result<EvalReport> 
         },
         Split::All => vec![(&data.val, "validation"), (&data.train, "training")],
     };
-    let (mut sum, mut count) = (0.0, 0);
+    let mut total = LossSum::default();
     let mut budget = settings.eval_tokens;
     for (shard, what) in shards {
         let batches = Batches::new(shard, seq_len, 0, what, device)?;
         let windows = window_budget(&batches, seq_len, budget);
-        let (s, c) = loss_sum(&model, &batches, settings.batch_size, windows)?;
-        (sum, count) = (sum + s, count + c);
+        let part = loss_sum(&model, &batches, settings.batch_size, windows)?;
+        total.sum += part.sum;
+        total.predicted += part.predicted;
+        total.windows += part.windows;
         if settings.eval_tokens > 0 {
-            budget = budget.saturating_sub(c * seq_len);
+            budget = budget.saturating_sub(part.windows * seq_len);
             if budget < seq_len {
                 break;
             }
         }
     }
-    let loss = sum / count as f64;
+    let loss = total.mean();
     Ok(EvalReport {
         checkpoint: dir,
         split: settings.split,
-        tokens: count * seq_len,
+        tokens: total.predicted,
         loss,
         perplexity: loss.exp(),
     })

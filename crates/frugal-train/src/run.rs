@@ -3,7 +3,7 @@
 //! evaluations and checkpoints into the run directory.
 
 use crate::checkpoint;
-use crate::data::{Batches, Dataset, Holdout, Source, TextTokenizer, TokenizerChoice};
+use crate::data::{Batches, Dataset, Format, Holdout, Source, TextTokenizer, TokenizerChoice};
 use crate::eval::mean_loss;
 use crate::metrics::{peak_rss_bytes, EvalRecord, Metrics, Record, Summary, TrainRecord};
 use crate::schedule::Schedule;
@@ -11,7 +11,7 @@ use crate::settings::TrainSettings;
 use crate::trainer::{
     at_least_one, Hooks, LoopSettings, Outcome, StopToken, Trainer, TrainerState,
 };
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use frugal::labels::RoleCounts;
 use frugal::Frugal;
@@ -90,8 +90,28 @@ impl RunConfig {
 }
 
 /// Checks the settings and fills in defaults that depend on the model.
-pub fn resolve(args: TrainSettings) -> Result<RunConfig> {
-    let model = LlamaConfig::resolve(&args.model)?;
+pub fn resolve(mut args: TrainSettings) -> Result<RunConfig> {
+    let model = match &args.init_from {
+        Some(dir) => {
+            let config = dir.join("config.json");
+            if ![TrainSettings::default().model, config.display().to_string()].contains(&args.model)
+            {
+                bail!(
+                    "--init-from takes the model's configuration from {}; drop --model {}",
+                    config.display(),
+                    args.model
+                );
+            }
+            args.model = config.display().to_string();
+            LlamaConfig::from_file(&config).with_context(|| {
+                format!(
+                    "--init-from {}: not a Hugging Face LLaMA folder",
+                    dir.display()
+                )
+            })?
+        }
+        None => LlamaConfig::resolve(&args.model)?,
+    };
     let seq_len = args
         .seq_len
         .unwrap_or(model.max_position_embeddings.min(256));
@@ -254,16 +274,35 @@ pub fn run(
     let saved_tokenizer = resume_from
         .as_ref()
         .map(|(_, ck)| ck.join(checkpoint::TOKENIZER));
-    let tokenizer_choice = match (&saved_tokenizer, &args.tokenizer) {
-        (Some(p), _) | (None, Some(p)) => TokenizerChoice::File(p),
-        (None, None) => TokenizerChoice::Train(args.vocab_size.unwrap_or(run.model.vocab_size)),
+    let pretrained_tokenizer = args.init_from.as_ref().map(|d| d.join("tokenizer.json"));
+    let tokenizer_choice = match (&saved_tokenizer, &args.tokenizer, &pretrained_tokenizer) {
+        (Some(p), _, _) | (None, Some(p), _) => TokenizerChoice::File(p),
+        (None, None, Some(p)) => {
+            if !p.exists() {
+                bail!("--init-from: {} does not exist; the model's tokenizer is needed (or give --tokenizer)", p.display());
+            }
+            TokenizerChoice::File(p)
+        }
+        (None, None, None) => {
+            TokenizerChoice::Train(args.vocab_size.unwrap_or(run.model.vocab_size))
+        }
     };
     let started = Instant::now();
     let holdout = Holdout {
         val: args.val_fraction,
         test: args.test_fraction,
     };
-    let data = Dataset::prepare(&source, tokenizer_choice, holdout, cache)?;
+    let format = if args.instructions {
+        Format::Instructions {
+            seq_len: run.seq_len,
+        }
+    } else {
+        Format::Packed
+    };
+    let data = Dataset::prepare(&source, tokenizer_choice, holdout, format, cache)?;
+    for note in &data.notes {
+        eprintln!("note: {note}");
+    }
     if data.tokenizer.vocab_size() > run.model.vocab_size {
         bail!(
             "the tokenizer has {} ids but the model's vocab_size is {}; use a larger model vocabulary or --vocab-size ≤ {}",
@@ -296,7 +335,13 @@ pub fn run(
             (model, opt, state)
         }
         None => {
-            let model = Llama::init(&run.model, args.seed, &device, DType::F32)?;
+            let model = match &args.init_from {
+                Some(dir) => {
+                    eprintln!("model: weights of {}", dir.display());
+                    Llama::from_hf(dir, &device, DType::F32)?.1
+                }
+                None => Llama::init(&run.model, args.seed, &device, DType::F32)?,
+            };
             let opt = Frugal::from_params(model.params(), run.optimizer.clone())?;
             (model, opt, TrainerState::default())
         }

@@ -36,6 +36,18 @@ pub struct TrainSettings {
     /// Corpus: a .txt/.jsonl/.json(.gz) file, a directory of them, or the embedded corpus.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = TrainSettings::default().data))]
     pub data: String,
+    /// Start from a pretrained Hugging Face LLaMA folder: its config.json (instead of --model),
+    /// its weights (model.safetensors, or shards listed in model.safetensors.index.json) and its
+    /// tokenizer.json (unless --tokenizer).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "DIR"))]
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
+    /// The data is instruction records (JSONL with `instruction`, optional `input`, and
+    /// `output` fields, or their aliases): one sequence per record, and the loss is on the
+    /// response tokens only.
+    #[cfg_attr(feature = "cli", arg(long))]
+    #[serde(default)]
+    pub instructions: bool,
     /// Hugging Face tokenizer.json; without it a byte-level BPE is trained on the training split.
     #[cfg_attr(feature = "cli", arg(long))]
     pub tokenizer: Option<PathBuf>,
@@ -217,6 +229,8 @@ impl Default for TrainSettings {
             config: None,
             model: "tiny".into(),
             data: EMBEDDED_NAME.into(),
+            init_from: None,
+            instructions: false,
             tokenizer: None,
             vocab_size: None,
             val_fraction: 0.05,

@@ -141,18 +141,24 @@ impl CustomOp2 for CrossEntropy {
         let targets = u32::slice(s2, l2, self.name())?;
         let v = l1.dims()[1];
         // Checked here, where the targets are at hand; the backward pass runs only after this.
-        if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
+        if let Some(&bad) = targets.iter().find(|&&t| t != IGNORE && t as usize >= v) {
             bail!("cross_entropy: target {bad} outside the vocabulary of {v}");
         }
         // Collected in order and summed sequentially: the result does not depend on scheduling.
         let losses: Vec<f64> = logits
             .par_chunks(v)
             .zip(targets.par_iter())
-            .map(|(row, &t)| (log_sum_exp(row) - row[t as usize]) as f64)
+            .map(|(row, &t)| {
+                if t == IGNORE {
+                    0.0
+                } else {
+                    (log_sum_exp(row) - row[t as usize]) as f64
+                }
+            })
             .collect();
         let total: f64 = losses.iter().sum();
         Ok((
-            CpuStorage::F32(vec![(total / targets.len() as f64) as f32]),
+            CpuStorage::F32(vec![(total / counted(targets) as f64) as f32]),
             Shape::from(()),
         ))
     }
@@ -164,7 +170,8 @@ impl CustomOp2 for CrossEntropy {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let scale = grad.to_scalar::<f32>()? / targets.elem_count() as f32;
+        let counted = counted(&targets.flatten_all()?.to_vec1::<u32>()?);
+        let scale = grad.to_scalar::<f32>()? / counted as f32;
         Ok((
             Some(logits.apply_op2_no_bwd(targets, &Pass(CrossEntropyGrad { scale }))?),
             None,
@@ -188,6 +195,9 @@ impl GradPass for CrossEntropyGrad {
             .zip(logits.par_chunks(v))
             .zip(targets.par_iter())
             .for_each(|((o, row), &t)| {
+                if t == IGNORE {
+                    return;
+                }
                 let lse = log_sum_exp(row);
                 for (o, x) in o.iter_mut().zip(row) {
                     *o = self.scale * (x - lse).exp();
@@ -198,7 +208,18 @@ impl GradPass for CrossEntropyGrad {
     }
 }
 
-/// Mean next-token cross-entropy of `logits` (n, vocab) against `targets` (n, u32).
+/// A target that is not predicted: its row adds nothing to a cross-entropy, which is the mean
+/// over the other rows (the prompt of an instruction, padding).
+pub const IGNORE: u32 = u32::MAX;
+
+/// The number of targets that count in a mean cross-entropy (at least 1, so that a batch of
+/// ignored targets has loss 0).
+pub fn counted(targets: &[u32]) -> usize {
+    targets.iter().filter(|&&t| t != IGNORE).count().max(1)
+}
+
+/// Mean next-token cross-entropy of `logits` (n, vocab) against `targets` (n, u32), over the
+/// targets that are not [`IGNORE`].
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     cpu_f32("cross_entropy", logits)?;
     let (n, _) = logits.dims2()?;

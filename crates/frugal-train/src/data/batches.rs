@@ -1,10 +1,13 @@
 //! Packing and batching: the token stream is cut into windows of seq_len + 1 tokens (inputs and
-//! shifted targets); each epoch visits the windows in a seeded random order.
+//! shifted targets); each epoch visits the windows in a seeded random order. Targets marked
+//! not predicted (instruction prompts, padding) become [`IGNORE`].
 
+use super::instructions::NOT_PREDICTED;
 use super::shard::TokenShard;
 use crate::trainer::BatchSource;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
+use frugal_nn::ops::IGNORE;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -85,8 +88,17 @@ impl<'a> Batches<'a> {
         let mut targets = Vec::with_capacity(windows.len() * t);
         for &w in windows {
             let tokens = self.shard.range(w * t, t + 1);
-            inputs.extend_from_slice(&tokens[..t]);
-            targets.extend_from_slice(&tokens[1..]);
+            // Instruction streams mark the tokens that are inputs only.
+            inputs.extend(tokens[..t].iter().map(|&x| x & !NOT_PREDICTED));
+            targets.extend(tokens[1..].iter().map(
+                |&x| {
+                    if x & NOT_PREDICTED == 0 {
+                        x
+                    } else {
+                        IGNORE
+                    }
+                },
+            ));
         }
         let shape = (windows.len(), t);
         Ok((

@@ -142,13 +142,24 @@ pub fn documents(label: &str, bytes: &[u8]) -> Result<Vec<String>> {
             _ => bail!("{label}{place}: expected a JSON object with a string field `text`"),
         }
     };
+    let docs = json_records(label, text, field)?;
+    Ok(docs.into_iter().filter(|d| !d.trim().is_empty()).collect())
+}
+
+/// The records of a JSON array or of JSON lines (blank lines skipped), each read by `record`
+/// with its place in the file (` item 3`, ` line 4`) for messages.
+pub fn json_records<T>(
+    label: &str,
+    text: &str,
+    record: impl Fn(&serde_json::Value, &str) -> Result<T>,
+) -> Result<Vec<T>> {
     if text.trim_start().starts_with('[') {
         let items: Vec<serde_json::Value> = serde_json::from_str(text)
             .map_err(|e| anyhow::anyhow!("{label} is not a valid JSON array: {e}"))?;
         return items
             .iter()
             .enumerate()
-            .map(|(i, v)| field(v, &format!(" item {i}")))
+            .map(|(i, v)| record(v, &format!(" item {i}")))
             .collect();
     }
     text.lines()
@@ -157,10 +168,9 @@ pub fn documents(label: &str, bytes: &[u8]) -> Result<Vec<String>> {
         .map(|(i, l)| {
             let v: serde_json::Value = serde_json::from_str(l)
                 .map_err(|e| anyhow::anyhow!("{label} line {}: not valid JSON ({e})", i + 1))?;
-            field(&v, &format!(" line {}", i + 1))
+            record(&v, &format!(" line {}", i + 1))
         })
-        .collect::<Result<Vec<_>>>()
-        .map(|docs| docs.into_iter().filter(|d| !d.trim().is_empty()).collect())
+        .collect()
 }
 
 /// Where document `index` falls in [0, 1): a fixed, well-mixed position independent of the
@@ -188,13 +198,13 @@ impl Holdout {
     }
 }
 
-/// A corpus' documents by split.
-#[derive(Debug, Default)]
-pub struct Documents {
-    pub train: Vec<String>,
-    pub val: Vec<String>,
+/// A corpus' documents (or records) by split.
+#[derive(Debug)]
+pub struct Documents<T = String> {
+    pub train: Vec<T>,
+    pub val: Vec<T>,
     /// Empty when no test split is held out.
-    pub test: Vec<String>,
+    pub test: Vec<T>,
 }
 
 /// All documents of a source, split into training, validation and (optionally) test documents.
@@ -203,6 +213,11 @@ pub fn load_split(source: &Source, holdout: Holdout) -> Result<Documents> {
     for (label, bytes) in source.contents()? {
         docs.extend(documents(&label, &bytes)?);
     }
+    split(docs, holdout)
+}
+
+/// Splits `docs` by their positions into training, validation and (optionally) test parts.
+pub fn split<T>(docs: Vec<T>, holdout: Holdout) -> Result<Documents<T>> {
     if docs.is_empty() {
         bail!("the corpus holds no text (every file is empty)");
     }
@@ -214,7 +229,11 @@ pub fn load_split(source: &Source, holdout: Holdout) -> Result<Documents> {
             if needed == 3 { " and test" } else { "" }
         );
     }
-    let mut split = Documents::default();
+    let mut split = Documents {
+        train: Vec::new(),
+        val: Vec::new(),
+        test: Vec::new(),
+    };
     for (i, d) in docs.into_iter().enumerate() {
         let u = position(i);
         if u < holdout.val {

@@ -2,12 +2,15 @@
 
 pub mod batches;
 pub mod corpus;
+pub mod instructions;
 pub mod shard;
 pub mod tokenizer;
 
 use anyhow::{Context, Result};
 pub use batches::Batches;
+use corpus::Documents;
 pub use corpus::{Holdout, Source};
+use instructions::Instruction;
 use shard::{fnv1a, TokenShard, FNV_OFFSET};
 use std::path::{Path, PathBuf};
 pub use tokenizer::TextTokenizer;
@@ -20,6 +23,86 @@ pub enum TokenizerChoice<'a> {
     Train(usize),
 }
 
+/// How documents become token sequences.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Documents packed end to end, each followed by the end-of-text token.
+    Packed,
+    /// Instruction records (see [`instructions`]), one per window of `seq_len` tokens; only
+    /// the responses are predicted.
+    Instructions { seq_len: usize },
+}
+
+/// The documents or records of a corpus, by split.
+enum Parts {
+    Text(Documents),
+    Records(Documents<Instruction>),
+}
+
+impl Parts {
+    fn load(source: &Source, holdout: Holdout, format: Format) -> Result<Self> {
+        Ok(match format {
+            Format::Packed => Parts::Text(corpus::load_split(source, holdout)?),
+            Format::Instructions { .. } => {
+                let mut records = Vec::new();
+                for (label, bytes) in source.contents()? {
+                    records.extend(instructions::instructions(&label, &bytes)?);
+                }
+                Parts::Records(corpus::split(records, holdout)?)
+            }
+        })
+    }
+
+    /// The training texts (to train a tokenizer on).
+    fn training_texts(&self) -> Vec<String> {
+        match self {
+            Parts::Text(d) => d.train.clone(),
+            Parts::Records(d) => d.train.iter().map(Instruction::text).collect(),
+        }
+    }
+
+    /// The token streams of the training, validation and test parts, and notes on what did
+    /// not fit.
+    fn encode(&self, tok: &TextTokenizer, format: Format) -> Result<([Vec<u32>; 3], Vec<String>)> {
+        match (self, format) {
+            (Parts::Text(d), _) => Ok((
+                [
+                    tok.encode_packed(&d.train)?,
+                    tok.encode_packed(&d.val)?,
+                    tok.encode_packed(&d.test)?,
+                ],
+                Vec::new(),
+            )),
+            (Parts::Records(d), Format::Instructions { seq_len }) => {
+                let mut notes = Vec::new();
+                let mut streams = Vec::new();
+                for (name, part) in [
+                    ("training", &d.train),
+                    ("validation", &d.val),
+                    ("test", &d.test),
+                ] {
+                    let e = instructions::encode(tok, part, seq_len)?;
+                    if e.truncated + e.dropped > 0 {
+                        notes.push(format!(
+                            "{name} instructions longer than {seq_len} tokens: {} responses cut, {} records left out (the prompt alone fills the sequence)",
+                            e.truncated, e.dropped
+                        ));
+                    }
+                    if e.tokens.len() <= 1 && !part.is_empty() {
+                        anyhow::bail!("every {name} instruction has a prompt of {seq_len} tokens or more; raise --seq-len");
+                    }
+                    streams.push(e.tokens);
+                }
+                let [train, val, test] = <[Vec<u32>; 3]>::try_from(streams).expect("three parts");
+                Ok(([train, val, test], notes))
+            }
+            (Parts::Records(_), Format::Packed) => {
+                unreachable!("records are read for instructions only")
+            }
+        }
+    }
+}
+
 /// A tokenized corpus: the tokenizer and memory-mapped train / validation (/ test) token shards.
 pub struct Dataset {
     pub tokenizer: TextTokenizer,
@@ -29,6 +112,8 @@ pub struct Dataset {
     pub test: Option<TokenShard>,
     /// True if the shards came from the cache.
     pub cached: bool,
+    /// What did not fit (instruction records too long), when the shards were written now.
+    pub notes: Vec<String>,
 }
 
 /// Default cache directory: `$FRUGAL_CACHE`, else `$XDG_CACHE_HOME/frugal`, else `~/.cache/frugal`.
@@ -44,12 +129,13 @@ pub fn default_cache_dir() -> PathBuf {
 }
 
 impl Dataset {
-    /// Reads, splits and tokenizes the corpus, or maps the cached shards of an earlier run with
-    /// the same data, tokenizer and split.
+    /// Reads, splits and tokenizes the corpus in `format`, or maps the cached shards of an
+    /// earlier run with the same data, format, tokenizer and split.
     pub fn prepare(
         source: &Source,
         tokenizer: TokenizerChoice,
         holdout: Holdout,
+        format: Format,
         cache: &Path,
     ) -> Result<Self> {
         std::fs::create_dir_all(cache)
@@ -63,8 +149,11 @@ impl Dataset {
         if holdout.test > 0.0 {
             data_key = fnv1a(data_key, &holdout.test.to_le_bytes());
         }
+        if let Format::Instructions { seq_len } = format {
+            data_key = fnv1a(data_key, format!("instructions {seq_len}").as_bytes());
+        }
         let mut split = None;
-        let load_split = || corpus::load_split(source, holdout);
+        let load_split = || Parts::load(source, holdout, format);
         let tokenizer = match tokenizer {
             TokenizerChoice::File(p) => TextTokenizer::load(p)?,
             TokenizerChoice::Train(vocab) => {
@@ -73,7 +162,7 @@ impl Dataset {
                     TextTokenizer::load(&path)?
                 } else {
                     let docs = load_split()?;
-                    let tok = TextTokenizer::train(&docs.train, vocab)?;
+                    let tok = TextTokenizer::train(&docs.training_texts(), vocab)?;
                     frugal::fs::write_atomically(&path, tok.to_json()?.as_bytes())?;
                     split = Some(docs);
                     tok
@@ -91,13 +180,16 @@ impl Dataset {
             .map(|s| cache.join(format!("tokens-{key:016x}.{s}.bin")))
             .collect();
         let cached = paths.iter().all(|p| p.exists());
+        let mut notes = Vec::new();
         if !cached {
             let docs = match split {
                 Some(s) => s,
                 None => load_split()?,
             };
-            for (path, part) in paths.iter().zip([&docs.train, &docs.val, &docs.test]) {
-                TokenShard::write(path, &tokenizer.encode_packed(part)?)?;
+            let (streams, why) = docs.encode(&tokenizer, format)?;
+            notes = why;
+            for (path, tokens) in paths.iter().zip(&streams) {
+                TokenShard::write(path, tokens)?;
             }
         }
         Ok(Dataset {
@@ -106,6 +198,7 @@ impl Dataset {
             val: TokenShard::open(&paths[1])?,
             test: paths.get(2).map(|p| TokenShard::open(p)).transpose()?,
             cached,
+            notes,
         })
     }
 }

@@ -9,7 +9,14 @@ use tokenizers::{AddedToken, Tokenizer};
 
 /// The end-of-text token added to trained tokenizers and separating packed documents.
 pub const EOS: &str = "<|endoftext|>";
-const EOS_CANDIDATES: &[&str] = &[EOS, "</s>", "<eos>", "<|eot_id|>", "[SEP]"];
+const EOS_CANDIDATES: &[&str] = &[
+    EOS,
+    "</s>",
+    "<|end_of_text|>",
+    "<eos>",
+    "<|eot_id|>",
+    "[SEP]",
+];
 
 /// A tokenizer and its document separator.
 pub struct TextTokenizer {

@@ -5,44 +5,76 @@
 use anyhow::{bail, Context, Result};
 
 /// Optimizer settings and the values to try for each; every combination is a candidate.
+/// Values given for one method (`lora:lr=...`) replace the shared ones for that method.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Grid {
     axes: Vec<(String, Vec<String>)>,
+    /// (method name, setting, values).
+    by_method: Vec<(String, String, Vec<String>)>,
 }
 
 impl Grid {
-    /// Parses `key=v1,v2,...` flags, one per setting.
+    /// Parses `key=v1,v2,...` flags, one per setting, or `method:key=v1,v2,...` for the
+    /// methods of that name (the spec before its `:`).
     pub fn parse(flags: &[String]) -> Result<Self> {
-        let mut axes: Vec<(String, Vec<String>)> = Vec::new();
+        let mut grid = Grid::default();
         for flag in flags {
             let (key, values) = flag.split_once('=').with_context(|| {
                 format!("--tune `{flag}`: expected key=v1,v2,... (e.g. lr=1e-3,3e-3,1e-2)")
             })?;
+            let (method, key) = match key.split_once(':') {
+                Some((m, k)) => (Some(m.trim().to_string()), k),
+                None => (None, key),
+            };
             let key = key.trim().replace('-', "_");
             let values: Vec<String> = values
                 .split(',')
                 .map(|v| v.trim().to_string())
                 .filter(|v| !v.is_empty())
                 .collect();
-            if key.is_empty() || values.is_empty() {
+            if key.is_empty() || values.is_empty() || method.as_deref() == Some("") {
                 bail!("--tune `{flag}`: name a setting and at least one value");
             }
-            if axes.iter().any(|(k, _)| *k == key) {
+            let twice = match &method {
+                None => grid.axes.iter().any(|(k, _)| *k == key),
+                Some(m) => grid.by_method.iter().any(|(bm, k, _)| bm == m && *k == key),
+            };
+            if twice {
                 bail!("--tune names `{key}` twice; give all its values in one flag");
             }
-            axes.push((key, values));
+            match method {
+                None => grid.axes.push((key, values)),
+                Some(m) => grid.by_method.push((m, key, values)),
+            }
         }
-        Ok(Grid { axes })
+        Ok(grid)
+    }
+
+    /// The grid of the method `spec` (its name is the part before `:`): the shared settings,
+    /// with those given for that method in their place.
+    pub fn for_method(&self, spec: &str) -> Grid {
+        let name = spec.split(':').next().unwrap_or(spec).trim();
+        let mut axes = self.axes.clone();
+        for (_, key, values) in self.by_method.iter().filter(|(m, _, _)| m == name) {
+            match axes.iter_mut().find(|(k, _)| k == key) {
+                Some(axis) => axis.1 = values.clone(),
+                None => axes.push((key.clone(), values.clone())),
+            }
+        }
+        Grid {
+            axes,
+            by_method: Vec::new(),
+        }
     }
 
     /// True if nothing is tuned.
     pub fn is_empty(&self) -> bool {
-        self.axes.is_empty()
+        self.axes.is_empty() && self.by_method.is_empty()
     }
 
-    /// True if `key` is one of the tuned settings.
+    /// True if `key` is one of the tuned settings (of any method).
     pub fn tunes(&self, key: &str) -> bool {
-        self.axes.iter().any(|(k, _)| k == key)
+        self.axes.iter().any(|(k, _)| k == key) || self.by_method.iter().any(|(_, k, _)| k == key)
     }
 
     /// Every combination of values as `(key, value)` pairs, the first setting varying slowest.
@@ -152,6 +184,24 @@ mod tests {
         }
         let twice = Grid::parse(&["lr=1".into(), "lr=2".into()]).unwrap_err();
         assert!(twice.to_string().contains("twice"), "{twice}");
+        // A method's own values replace the shared ones for that method only.
+        let g = Grid::parse(&[
+            "lr=1,2".into(),
+            "lora:lr=5,6,7".into(),
+            "lora:rank=4".into(),
+        ])
+        .unwrap();
+        let lrs = |spec: &str| g.for_method(spec).points().len();
+        assert_eq!((lrs("adamw"), lrs("lora:alpha=8"), lrs("lora")), (2, 3, 3));
+        assert_eq!(
+            g.for_method("lora").points()[0],
+            [
+                ("lr".to_string(), "5".to_string()),
+                ("rank".to_string(), "4".to_string())
+            ]
+        );
+        assert!(g.tunes("rank") && !g.for_method("adamw").tunes("rank"));
+        assert!(Grid::parse(&[":lr=1".into()]).is_err());
     }
 
     #[test]

@@ -27,8 +27,10 @@ pub struct FinetuneCompareSettings {
     /// Seeds, comma-separated; every method runs once per seed.
     #[cfg_attr(feature = "cli", arg(long, default_value = "0,1,2"))]
     pub seeds: String,
-    /// Tune a setting for every method (repeatable), e.g. `--tune lr=1e-4,1e-3`: candidates
-    /// are ranked by validation macro-F1 (first seed); the table reports the test split.
+    /// Tune a setting for every method (repeatable), e.g. `--tune lr=1e-4,1e-3`, or for the
+    /// methods of one name (`--tune lora:lr=1e-3,3e-3`, in place of the shared values):
+    /// candidates are ranked by validation macro-F1 (first seed); the table reports the test
+    /// split.
     #[cfg_attr(feature = "cli", arg(long, value_name = "KEY=V1,V2,..."))]
     pub tune: Vec<String>,
     /// Successive halving while tuning: each round keeps the best 1/N of the candidates for an

@@ -37,8 +37,10 @@ pub struct CompareSettings {
     #[cfg_attr(feature = "cli", arg(long, default_value = "0,1"))]
     pub seeds: String,
     /// Tune a setting for every method (repeatable), e.g. `--tune lr=1e-3,3e-3,1e-2 --tune
-    /// proj_lr_scale=0.25,1`: the grid's candidates are picked on the validation split (first
-    /// seed) and the table reports the winners on the test split (needs --test-fraction).
+    /// proj_lr_scale=0.25,1`, or for the methods of one name (`--tune galore:lr=1e-2,3e-2`,
+    /// in place of the shared values): the grid's candidates are picked on the validation split
+    /// (first seed) and the table reports the winners on the test split (needs
+    /// --test-fraction).
     #[cfg_attr(feature = "cli", arg(long, value_name = "KEY=V1,V2,..."))]
     pub tune: Vec<String>,
     /// Successive halving while tuning: each round keeps the best 1/N of the candidates for an

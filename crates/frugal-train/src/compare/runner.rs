@@ -347,6 +347,7 @@ impl<J: Job> Runner<'_, J> {
         seed: u64,
     ) -> Result<Option<(Method, Tuning)>> {
         let candidates: Vec<Method> = grid
+            .for_method(&method.spec)
             .points()
             .iter()
             .map(|point| {
@@ -431,7 +432,7 @@ impl<J: Job> Runner<'_, J> {
         'outer: for (m, row) in methods.iter().zip(chosen.iter_mut()) {
             // The runs are named after the candidate when tuned, so the winner's run is reused.
             let mut run = m.clone();
-            if !grid.is_empty() {
+            if !grid.for_method(&m.spec).is_empty() {
                 let Some((winner, tuning)) = self.tune(m, grid, rate, seeds[0])? else {
                     break 'outer;
                 };
@@ -543,36 +544,34 @@ pub struct Candidate {
     pub failed: Option<String>,
 }
 
-/// The tuning rounds of every method: the validation score of each candidate per round.
+/// The tuning rounds of every method: the validation score of each candidate after each
+/// round it ran in.
 pub fn tuning_markdown(tunings: &[Tuning], rate: usize, decimals: usize) -> String {
     let Some(first) = tunings.first() else {
         return String::new();
     };
     let mut s = format!(
-        "\n## Tuning (seed {}, successive halving at rate {rate}: {} after each round)\n\n| method | candidate |",
+        "\n## Tuning (seed {}, successive halving at rate {rate}: {} after each round)\n\n| method | candidate | rounds |\n|---|---|---|\n",
         first.seed, first.score
     );
-    for r in &first.rungs {
-        s += &format!(
-            " step {} ({} run{}) |",
-            r.steps,
-            r.candidates,
-            if r.candidates == 1 { "" } else { "s" }
-        );
-    }
-    s += &format!("\n|---|---|{}\n", "---|".repeat(first.rungs.len()));
     for t in tunings {
         for (i, c) in t.candidates.iter().enumerate() {
             let mark = if i == t.chosen { "**" } else { "" };
-            s += &format!("| {} | {mark}{}{mark} |", t.method, c.values);
-            for j in 0..t.rungs.len() {
-                s += &match c.val.get(j) {
-                    Some(Some(p)) => format!(" {p:.decimals$} |"),
-                    Some(None) => " failed |".into(),
-                    None => " |".into(),
-                };
-            }
-            s += "\n";
+            let rounds: Vec<String> = t
+                .rungs
+                .iter()
+                .zip(&c.val)
+                .map(|(r, v)| match v {
+                    Some(p) => format!("step {}: {p:.decimals$}", r.steps),
+                    None => format!("step {}: failed", r.steps),
+                })
+                .collect();
+            s += &format!(
+                "| {} | {mark}{}{mark} | {} |\n",
+                t.method,
+                c.values,
+                rounds.join(" → ")
+            );
         }
     }
     s
@@ -601,11 +600,12 @@ pub fn check_grid(
     check: impl Fn(&str) -> Result<()>,
 ) -> Result<()> {
     for m in methods {
-        for point in grid.points() {
-            check(&with_settings(&m.spec, &point))
+        let points = grid.for_method(&m.spec).points();
+        for point in &points {
+            check(&with_settings(&m.spec, point))
                 .with_context(|| format!("--tune on method `{}`", m.spec))?;
         }
+        tune::rungs(points.len(), steps, rate)?;
     }
-    tune::rungs(grid.points().len(), steps, rate)?;
     Ok(())
 }

@@ -93,12 +93,51 @@ impl LlamaConfig {
         Self::from_file(path)
     }
 
-    /// Reads a Hugging Face `config.json`.
+    /// Reads a Hugging Face `config.json` (the rotary base also from `rope_parameters`, as
+    /// `transformers` 5 writes it). Architectures this model does not implement (biases, other
+    /// activations, scaled rotary embeddings, a head size other than hidden / heads) are errors.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::file(path, format!("cannot read model config: {e}")))?;
-        let c: LlamaConfig = serde_json::from_str(&text)
+        let mut raw: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
+        let unsupported = |why: String| Err(Error::file(path, why));
+        match raw["model_type"].as_str() {
+            Some("llama") | None => {}
+            Some(other) => return unsupported(format!("model_type `{other}` is not llama")),
+        }
+        for key in ["attention_bias", "mlp_bias"] {
+            if raw[key].as_bool() == Some(true) {
+                return unsupported(format!("{key} is true; this LLaMA has no biases"));
+            }
+        }
+        if let Some(act) = raw["hidden_act"].as_str().filter(|a| *a != "silu") {
+            return unsupported(format!("hidden_act `{act}` is not silu"));
+        }
+        if !raw["rope_scaling"].is_null() {
+            return unsupported(
+                "rope_scaling is set; scaled rotary embeddings are not implemented".into(),
+            );
+        }
+        let rope = raw["rope_parameters"].clone();
+        if let Some(kind) = rope["rope_type"].as_str().filter(|k| *k != "default") {
+            return unsupported(format!(
+                "rope_type `{kind}`: scaled rotary embeddings are not implemented"
+            ));
+        }
+        if let Some(theta) = rope["rope_theta"].as_f64() {
+            raw["rope_theta"] = theta.into();
+        }
+        let c: LlamaConfig = serde_json::from_value(raw.clone())
             .map_err(|e| Error::file(path, format!("not a valid LlamaConfig: {e}")))?;
+        if let Some(d) = raw["head_dim"].as_u64() {
+            if c.num_attention_heads > 0 && d as usize * c.num_attention_heads != c.hidden_size {
+                return unsupported(format!(
+                    "head_dim {d} is not hidden_size / num_attention_heads ({} / {})",
+                    c.hidden_size, c.num_attention_heads
+                ));
+            }
+        }
         c.validate()
             .map_err(|e| Error::file(path, format!("model config: {e}")))?;
         Ok(c)

@@ -122,33 +122,14 @@ impl Llama {
     /// Loads a Hugging Face LLaMA folder (`config.json`, and `model.safetensors` or shards
     /// listed in `model.safetensors.index.json`) onto `device` in `dtype`: its configuration and
     /// weights. A tied LM head (`tie_word_embeddings`, no `lm_head.weight`) starts as a copy of
-    /// the embeddings and is trained apart from them. Architectures this model does not
-    /// implement (biases, other activations, scaled rotary embeddings) and tensors it would not
-    /// use are errors.
+    /// the embeddings and is trained apart from them. Tensors it would not use are errors, as
+    /// are architectures it does not implement ([`LlamaConfig::from_file`]).
     pub fn from_hf(dir: &Path, device: &Device, dtype: DType) -> Result<(LlamaConfig, Self)> {
         let path = dir.join("config.json");
         let config = LlamaConfig::from_file(&path)?;
         let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
         let raw: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::file(&path, e))?;
-        let unsupported = |why: String| Err(Error::file(&path, why));
-        match raw["model_type"].as_str() {
-            Some("llama") | None => {}
-            Some(other) => return unsupported(format!("model_type `{other}` is not llama")),
-        }
-        for key in ["attention_bias", "mlp_bias"] {
-            if raw[key].as_bool() == Some(true) {
-                return unsupported(format!("{key} is true; this LLaMA has no biases"));
-            }
-        }
-        if let Some(act) = raw["hidden_act"].as_str().filter(|a| *a != "silu") {
-            return unsupported(format!("hidden_act `{act}` is not silu"));
-        }
-        if !raw["rope_scaling"].is_null() {
-            return unsupported(
-                "rope_scaling is set; scaled rotary embeddings are not implemented".into(),
-            );
-        }
         let mut tensors = crate::hf::read_weights(dir)?;
         tensors.retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
         if !tensors.contains_key("lm_head.weight")

@@ -36,19 +36,20 @@ pub enum Format {
 /// The documents or records of a corpus, by split.
 enum Parts {
     Text(Documents),
-    Records(Documents<Instruction>),
+    /// Instruction records, laid out in windows of this many tokens.
+    Records(Documents<Instruction>, usize),
 }
 
 impl Parts {
     fn load(source: &Source, holdout: Holdout, format: Format) -> Result<Self> {
         Ok(match format {
             Format::Packed => Parts::Text(corpus::load_split(source, holdout)?),
-            Format::Instructions { .. } => {
+            Format::Instructions { seq_len } => {
                 let mut records = Vec::new();
                 for (label, bytes) in source.contents()? {
                     records.extend(instructions::instructions(&label, &bytes)?);
                 }
-                Parts::Records(corpus::split(records, holdout)?)
+                Parts::Records(corpus::split(records, holdout)?, seq_len)
             }
         })
     }
@@ -57,15 +58,15 @@ impl Parts {
     fn training_texts(&self) -> Vec<String> {
         match self {
             Parts::Text(d) => d.train.clone(),
-            Parts::Records(d) => d.train.iter().map(Instruction::text).collect(),
+            Parts::Records(d, _) => d.train.iter().map(Instruction::text).collect(),
         }
     }
 
     /// The token streams of the training, validation and test parts, and notes on what did
     /// not fit.
-    fn encode(&self, tok: &TextTokenizer, format: Format) -> Result<([Vec<u32>; 3], Vec<String>)> {
-        match (self, format) {
-            (Parts::Text(d), _) => Ok((
+    fn encode(&self, tok: &TextTokenizer) -> Result<([Vec<u32>; 3], Vec<String>)> {
+        match self {
+            Parts::Text(d) => Ok((
                 [
                     tok.encode_packed(&d.train)?,
                     tok.encode_packed(&d.val)?,
@@ -73,14 +74,15 @@ impl Parts {
                 ],
                 Vec::new(),
             )),
-            (Parts::Records(d), Format::Instructions { seq_len }) => {
+            Parts::Records(d, seq_len) => {
+                let seq_len = *seq_len;
                 let mut notes = Vec::new();
-                let mut streams = Vec::new();
-                for (name, part) in [
+                let mut streams: [Vec<u32>; 3] = Default::default();
+                for (stream, (name, part)) in streams.iter_mut().zip([
                     ("training", &d.train),
                     ("validation", &d.val),
                     ("test", &d.test),
-                ] {
+                ]) {
                     let e = instructions::encode(tok, part, seq_len)?;
                     if e.truncated + e.dropped > 0 {
                         notes.push(format!(
@@ -91,13 +93,9 @@ impl Parts {
                     if e.tokens.len() <= 1 && !part.is_empty() {
                         anyhow::bail!("every {name} instruction has a prompt of {seq_len} tokens or more; raise --seq-len");
                     }
-                    streams.push(e.tokens);
+                    *stream = e.tokens;
                 }
-                let [train, val, test] = <[Vec<u32>; 3]>::try_from(streams).expect("three parts");
-                Ok(([train, val, test], notes))
-            }
-            (Parts::Records(_), Format::Packed) => {
-                unreachable!("records are read for instructions only")
+                Ok((streams, notes))
             }
         }
     }
@@ -186,7 +184,7 @@ impl Dataset {
                 Some(s) => s,
                 None => load_split()?,
             };
-            let (streams, why) = docs.encode(&tokenizer, format)?;
+            let (streams, why) = docs.encode(&tokenizer)?;
             notes = why;
             for (path, tokens) in paths.iter().zip(&streams) {
                 TokenShard::write(path, tokens)?;

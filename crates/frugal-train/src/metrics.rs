@@ -122,11 +122,16 @@ pub struct Summary {
 impl Summary {
     /// Reads a run's `summary.json`.
     pub fn read(run: &Path) -> Result<Self> {
-        let path = run.join("summary.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))
+        read_summary(run)
     }
+}
+
+/// Reads the `summary.json` of a run (pre-training or fine-tuning) as `T`.
+pub fn read_summary<T: serde::de::DeserializeOwned>(run: &Path) -> Result<T> {
+    let path = run.join("summary.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))
 }
 
 /// Append-only metrics file with the history needed for plots.

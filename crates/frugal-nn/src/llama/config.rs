@@ -97,6 +97,11 @@ impl LlamaConfig {
     /// `transformers` 5 writes it). Architectures this model does not implement (biases, other
     /// activations, scaled rotary embeddings, a head size other than hidden / heads) are errors.
     pub fn from_file(path: &Path) -> Result<Self> {
+        Self::from_file_with_json(path).map(|(c, _)| c)
+    }
+
+    /// [`LlamaConfig::from_file`], and the file's JSON for the keys outside the architecture.
+    pub(crate) fn from_file_with_json(path: &Path) -> Result<(Self, serde_json::Value)> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::file(path, format!("cannot read model config: {e}")))?;
         let mut raw: serde_json::Value = serde_json::from_str(&text)
@@ -140,7 +145,7 @@ impl LlamaConfig {
         }
         c.validate()
             .map_err(|e| Error::file(path, format!("model config: {e}")))?;
-        Ok(c)
+        Ok((c, raw))
     }
 
     /// Checks that the shapes fit together.

@@ -125,11 +125,7 @@ impl Llama {
     /// the embeddings and is trained apart from them. Tensors it would not use are errors, as
     /// are architectures it does not implement ([`LlamaConfig::from_file`]).
     pub fn from_hf(dir: &Path, device: &Device, dtype: DType) -> Result<(LlamaConfig, Self)> {
-        let path = dir.join("config.json");
-        let config = LlamaConfig::from_file(&path)?;
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
-        let raw: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::file(&path, e))?;
+        let (config, raw) = LlamaConfig::from_file_with_json(&dir.join("config.json"))?;
         let mut tensors = crate::hf::read_weights(dir)?;
         tensors.retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
         if !tensors.contains_key("lm_head.weight")

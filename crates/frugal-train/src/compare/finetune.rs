@@ -5,7 +5,7 @@
 use super::runner::{self, Curve, Job, Method, MethodRuns, Outcome, Progress, Runner};
 use crate::finetune::run::{resolve, run, FinetuneSettings, FinetuneSummary};
 use crate::finetune::scores::Scores;
-use crate::metrics::{read_records, Record};
+use crate::metrics::{read_records, read_summary, Record};
 use crate::plot::{write_png, Panel, Series};
 use crate::trainer::StopToken;
 use crate::tune::Grid;
@@ -64,10 +64,7 @@ struct Finetuning<'a> {
 }
 
 fn summary(dir: &Path) -> Result<FinetuneSummary> {
-    let path = dir.join("summary.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))
+    read_summary(dir)
 }
 
 impl Job for Finetuning<'_> {

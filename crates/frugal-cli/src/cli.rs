@@ -15,6 +15,17 @@ use frugal_train::{OptimizerSettings, TrainSettings};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Under `mpirun`: seconds a rank waits in a collective for the others before it ends the
+    /// job (a rank died or hangs).
+    #[arg(long, global = true, default_value_t = 600.0, value_parser = collective_timeout)]
+    pub collective_timeout: f64,
+}
+
+fn collective_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err(format!("`{s}` is not a positive number of seconds")),
+    }
 }
 
 #[derive(Subcommand, Debug)]

@@ -7,15 +7,33 @@ use candle_core::Device;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use cli::{Cli, Command};
+use frugal_dist::Collectives;
 use frugal_nn::llama::LlamaConfig;
+use frugal_train::data_parallel::{DataParallel, SharedError};
 use frugal_train::memory_report::MemoryReport;
 use frugal_train::{data, StopToken};
+use std::sync::Arc;
+use std::time::Duration;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Uses `threads` worker threads for candle, faer and the optimizer (before any pool starts).
+/// Ranks of this job on this machine, from the MPI launcher (1 when alone).
+fn local_ranks() -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(1)
+}
+
+/// Uses `threads` worker threads for candle, faer and the optimizer (before any pool starts);
+/// by default, the cores shared among the ranks on this machine.
 fn set_threads(threads: Option<usize>) -> Result<()> {
+    let local = local_ranks();
+    let threads = threads.or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (local > 1).then(|| (cores / local).max(1))
+    });
     if let Some(n) = threads {
         if n == 0 {
             bail!("--threads must be at least 1");
@@ -183,8 +201,15 @@ fn compare_pretraining(
     frugal_train::compare::run(args, &cache, command, &ctrl_c_token(), &Device::Cpu)
 }
 
-fn run(matches: &ArgMatches, cli: Cli) -> Result<()> {
+fn run(matches: &ArgMatches, cli: Cli, comm: &Arc<dyn Collectives>) -> Result<()> {
     let given = |name: &str| explicit(matches.subcommand_matches(name).expect("subcommand"));
+    if comm.world_size() > 1 && !matches!(cli.command, Command::Train(_)) {
+        return Err(SharedError(format!(
+            "{} ranks were launched, but only `frugal train` runs across ranks; run this command as one process",
+            comm.world_size()
+        ))
+        .into());
+    }
     match cli.command {
         Command::Train(args) => {
             set_threads(args.threads)?;
@@ -202,6 +227,7 @@ fn run(matches: &ArgMatches, cli: Cli) -> Result<()> {
                 &cache,
                 &ctrl_c_token(),
                 &Device::Cpu,
+                &DataParallel::new(Arc::clone(comm)),
             )?;
         }
         Command::Eval(args) => {
@@ -265,10 +291,35 @@ fn main() {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
-    if let Err(e) = run(&matches, cli) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    let timeout = Duration::from_secs_f64(cli.collective_timeout);
+    let comm = match frugal_dist::from_environment(timeout) {
+        Ok(comm) => comm,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = run(&matches, cli, &comm);
+    if let Err(e) = result {
+        report(&e, comm);
     }
+}
+
+/// Reports a failed command and ends the process. Under data parallelism an error that every
+/// rank met alike is reported by rank 0; one rank's own failure ends the whole job, since the
+/// other ranks would wait for it.
+fn report(e: &anyhow::Error, comm: Arc<dyn Collectives>) -> ! {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    if world == 1 {
+        eprintln!("error: {e:#}");
+    } else if e.downcast_ref::<SharedError>().is_none() {
+        eprintln!("error: rank {rank} of {world}: {e:#}");
+        comm.abort(1);
+    } else if rank == 0 {
+        eprintln!("error: {e:#}");
+    }
+    drop(comm);
+    std::process::exit(1)
 }
 
 #[cfg(test)]

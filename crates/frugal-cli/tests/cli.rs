@@ -1,100 +1,13 @@
 //! End-to-end tests of the `frugal` binary: training, resuming, evaluation and bad input.
 
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const FAST: &[&str] = &[
-    "--batch-size",
-    "2",
-    "--seq-len",
-    "32",
-    "--eval-tokens",
-    "512",
-    "--vocab-size",
-    "512",
-];
+mod common;
 
-/// A test's own folder, removed when the test passes (kept for a look when it fails).
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<std::ffi::OsStr> for Scratch {
-    fn as_ref(&self) -> &std::ffi::OsStr {
-        self.0.as_os_str()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-fn scratch(name: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("frugal-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    Scratch(dir)
-}
-
-fn frugal(cache: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_frugal"));
-    c.env("FRUGAL_CACHE", cache);
-    c
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    out
-}
-
-fn train(cache: &Path, out: &Path, extra: &[&str]) -> Command {
-    let mut c = frugal(cache);
-    c.arg("train").args(FAST).arg("--out").arg(out).args(extra);
-    c
-}
-
-fn metrics(run: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// (step, loss) of every logged training step.
-fn losses(run: &Path) -> Vec<(u64, String)> {
-    metrics(run)
-        .iter()
-        .filter(|v| v.get("loss").is_some())
-        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].to_string()))
-        .collect()
-}
-
-/// A JSON file's contents.
-fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn summary(run: &Path) -> Value {
-    json(&run.join("summary.json"))
-}
+use common::*;
 
 #[test]
 fn training_writes_the_run_directory_and_lowers_perplexity() {

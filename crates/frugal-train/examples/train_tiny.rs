@@ -30,7 +30,7 @@ impl Hooks<Llama> for Print<'_> {
     }
 
     fn evaluate(&mut self, model: &Llama, state: &TrainerState) -> Result<()> {
-        let loss = mean_loss(model, &self.val, 8, 64, 8192)?;
+        let loss = mean_loss(model, &self.val, 8, 64, 8192, &Default::default())?;
         println!(
             "step {:3}  validation perplexity {:.1}",
             state.step,

@@ -3,6 +3,7 @@
 
 use crate::checkpoint;
 use crate::data::{Batches, Dataset, Format, Holdout, Source, TokenizerChoice};
+use crate::data_parallel::DataParallel;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use frugal_nn::llama::{Llama, LlamaConfig};
@@ -26,22 +27,36 @@ impl LossSum {
     }
 }
 
-/// The summed loss over the first `windows` windows of `batches`, in order.
+/// The summed loss over the first `windows` windows of `batches`, in order. Under data
+/// parallelism the ranks take turns batch by batch and add their sums.
 fn loss_sum(
     model: &Llama,
     batches: &Batches,
     batch_size: usize,
     windows: usize,
+    parallel: &DataParallel,
 ) -> Result<LossSum> {
     let mut total = LossSum::default();
-    while total.windows < windows {
-        let n = batch_size.min(windows - total.windows);
-        let (x, y) = batches.sequential(total.windows, n)?;
-        let predicted = frugal_nn::ops::counted(&y.flatten_all()?.to_vec1::<u32>()?);
-        let loss = model.eval_loss(&x, &y)? as f64;
-        total.sum += loss * predicted as f64;
-        total.predicted += predicted;
-        total.windows += n;
+    let (rank, world) = (parallel.rank(), parallel.world_size());
+    let (mut first, mut turn) = (0, 0);
+    while first < windows {
+        let n = batch_size.min(windows - first);
+        if turn % world == rank {
+            let (x, y) = batches.sequential(first, n)?;
+            let predicted = frugal_nn::ops::counted(&y.flatten_all()?.to_vec1::<u32>()?);
+            let loss = model.eval_loss(&x, &y)? as f64;
+            total.sum += loss * predicted as f64;
+            total.predicted += predicted;
+        }
+        first += n;
+        turn += 1;
+    }
+    total.windows = windows;
+    if world > 1 {
+        let mut sums = [total.sum, total.predicted as f64];
+        parallel.comm().all_reduce_sum_f64(&mut sums);
+        total.sum = sums[0];
+        total.predicted = sums[1] as usize;
     }
     Ok(total)
 }
@@ -55,16 +70,18 @@ fn window_budget(batches: &Batches, seq_len: usize, max_tokens: usize) -> usize 
     }
 }
 
-/// Mean loss over the first `max_tokens` tokens of `batches` in order (0: all windows).
+/// Mean loss over the first `max_tokens` tokens of `batches` in order (0: all windows), shared
+/// among the ranks of `parallel`.
 pub fn mean_loss(
     model: &Llama,
     batches: &Batches,
     batch_size: usize,
     seq_len: usize,
     max_tokens: usize,
+    parallel: &DataParallel,
 ) -> Result<f64> {
     let windows = window_budget(batches, seq_len, max_tokens);
-    Ok(loss_sum(model, batches, batch_size, windows)?.mean())
+    Ok(loss_sum(model, batches, batch_size, windows, parallel)?.mean())
 }
 
 /// Which part of a corpus to evaluate on.
@@ -216,7 +233,13 @@ pub fn evaluate(settings: &EvalSettings, device: &Device) -> Result<EvalReport> 
     for (shard, what) in shards {
         let batches = Batches::new(shard, seq_len, 0, what, device)?;
         let windows = window_budget(&batches, seq_len, budget);
-        let part = loss_sum(&model, &batches, settings.batch_size, windows)?;
+        let part = loss_sum(
+            &model,
+            &batches,
+            settings.batch_size,
+            windows,
+            &DataParallel::default(),
+        )?;
         total.sum += part.sum;
         total.predicted += part.predicted;
         total.windows += part.windows;

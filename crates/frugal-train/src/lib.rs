@@ -5,6 +5,7 @@
 //! - [`trainer`]: the training loop over any [`Model`](trainer::Model), stopped by a
 //!   [`StopToken`](trainer::StopToken) the caller owns.
 //! - [`grads`]: gradient accumulation and global-norm clipping.
+//! - [`data_parallel`]: gradients averaged across ranks.
 //! - [`schedule`]: learning-rate schedules.
 //! - [`settings`]: the settings of a run (the command line and TOML files, with the `cli` feature).
 //! - [`run`]: a pre-training run in a run directory: metrics, plots, checkpoints, resume.
@@ -15,6 +16,7 @@
 pub mod checkpoint;
 pub mod compare;
 pub mod data;
+pub mod data_parallel;
 pub mod eval;
 pub mod finetune;
 pub mod grads;

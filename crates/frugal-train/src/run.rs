@@ -4,6 +4,7 @@
 
 use crate::checkpoint;
 use crate::data::{Batches, Dataset, Format, Holdout, Source, TextTokenizer, TokenizerChoice};
+use crate::data_parallel::DataParallel;
 use crate::eval::mean_loss;
 use crate::metrics::{peak_rss_bytes, EvalRecord, Metrics, Record, Summary, TrainRecord};
 use crate::schedule::Schedule;
@@ -30,7 +31,15 @@ pub struct RunConfig {
     pub warmup: usize,
     pub eval_every: usize,
     pub save_every: usize,
+    /// Training tokens per optimizer step, over all ranks.
     pub tokens_per_step: usize,
+    /// Ranks the run was started on (data parallelism; `batch_size` is per rank).
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl RunConfig {
@@ -74,6 +83,39 @@ impl RunConfig {
             ));
         }
         notes
+    }
+
+    /// Sequences per optimizer step, over all ranks.
+    pub fn global_batch(&self) -> usize {
+        self.world_size * self.args.batch_size * self.args.grad_accum
+    }
+
+    /// The settings for training on `world` ranks. A new run is started on them; a resumed run
+    /// started on another number of ranks keeps its global batch by changing the micro-batches
+    /// per step (or else the batch per rank), and says so.
+    pub fn on_ranks(&mut self, world: usize) -> Result<Option<String>> {
+        let (started, global) = (self.world_size, self.global_batch());
+        self.world_size = world;
+        self.tokens_per_step = global * self.seq_len;
+        if started == world {
+            return Ok(None);
+        }
+        let a = &mut self.args;
+        if global % (world * a.batch_size) == 0 {
+            a.grad_accum = global / (world * a.batch_size);
+        } else if global % (world * a.grad_accum) == 0 {
+            a.batch_size = global / (world * a.grad_accum);
+        } else {
+            bail!(
+                "the run's global batch of {global} sequences ({started} ranks × batch {} × {} micro-batches) cannot be shared evenly by {world} ranks; resume on a number of ranks that divides it",
+                a.batch_size,
+                a.grad_accum
+            );
+        }
+        Ok(Some(format!(
+            "the run was started on {started} rank(s); on {world} it keeps its global batch of {global} sequences as batch {} × {} micro-batches per rank",
+            a.batch_size, a.grad_accum
+        )))
     }
 
     /// The learning-rate schedule of this run.
@@ -169,6 +211,7 @@ pub fn resolve(mut args: TrainSettings) -> Result<RunConfig> {
         warmup,
         eval_every,
         save_every,
+        world_size: 1,
     };
     run.schedule()?;
     Ok(run)
@@ -178,9 +221,12 @@ pub fn resolve(mut args: TrainSettings) -> Result<RunConfig> {
 struct RunHooks<'a> {
     out: &'a Path,
     run: &'a RunConfig,
-    metrics: Metrics,
+    /// The metrics file, on rank 0 only: the other ranks of a data-parallel run only take
+    /// their share of evaluations.
+    metrics: Option<Metrics>,
     bar: ProgressBar,
     val: Batches<'a>,
+    parallel: &'a DataParallel,
     tokenizer: &'a TextTokenizer,
     last_val: Option<f64>,
 }
@@ -194,6 +240,7 @@ impl RunHooks<'_> {
             a.batch_size,
             self.run.seq_len,
             a.eval_tokens,
+            self.parallel,
         )?;
         if !l.is_finite() {
             bail!("the validation loss became {l}: the weights diverged; lower --lr or set --clip");
@@ -203,7 +250,10 @@ impl RunHooks<'_> {
 
     fn plot(&self) -> Result<()> {
         let title = format!("{} · {}", self.run.args.model, self.run.optimizer.preset);
-        self.metrics.plot(&self.out.join("loss.png"), &title)
+        match &self.metrics {
+            Some(m) => m.plot(&self.out.join("loss.png"), &title),
+            None => Ok(()),
+        }
     }
 }
 
@@ -215,14 +265,19 @@ impl Hooks<Llama> for RunHooks<'_> {
     }
 
     fn log(&mut self, r: &TrainRecord) -> Result<()> {
-        self.metrics.log(Record::Train(r.clone()))
+        match &mut self.metrics {
+            Some(m) => m.log(Record::Train(r.clone())),
+            None => Ok(()),
+        }
     }
 
     fn evaluate(&mut self, model: &Llama, state: &TrainerState) -> Result<()> {
         let l = self.validation_loss(model)?;
         self.last_val = Some(l);
-        self.metrics
-            .log(Record::Eval(EvalRecord::new(state.step, l)))?;
+        let Some(metrics) = &mut self.metrics else {
+            return Ok(());
+        };
+        metrics.log(Record::Eval(EvalRecord::new(state.step, l)))?;
         self.bar.suspend(|| {
             eprintln!(
                 "step {}: validation loss {l:.4}, perplexity {:.2}",
@@ -234,6 +289,10 @@ impl Hooks<Llama> for RunHooks<'_> {
     }
 
     fn checkpoint(&mut self, t: &Trainer<Llama>, stopped: bool) -> Result<()> {
+        // The replicas are equal: rank 0 saves for all.
+        if self.metrics.is_none() {
+            return Ok(());
+        }
         let keep = self.run.args.keep_checkpoints;
         let dir = checkpoint::save(
             self.out,
@@ -256,18 +315,64 @@ impl Hooks<Llama> for RunHooks<'_> {
     }
 }
 
+/// The number of ranks the run in `dir` was started on.
+fn started_on(dir: &Path) -> Result<usize> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let saved: RunConfig =
+        serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))?;
+    Ok(saved.world_size)
+}
+
+/// Prints a line on rank 0 only.
+macro_rules! say {
+    ($lead:expr, $($line:tt)*) => {
+        if $lead {
+            eprintln!($($line)*)
+        }
+    };
+}
+
+/// What every rank of a run must agree on: its flags (less those that may differ between
+/// machines; the rest of the run's settings follow from them) and the code that runs them.
+fn agreed_settings(run: &RunConfig) -> Result<serde_json::Value> {
+    let mut flags = serde_json::to_value(&run.args)?;
+    if let Some(flags) = flags.as_object_mut() {
+        flags.remove("threads");
+        flags.remove("cache_dir");
+    }
+    Ok(serde_json::json!({ "flags": flags, "code": crate::data_parallel::code_fingerprint()? }))
+}
+
 /// Runs (or resumes, from the latest checkpoint of `resume`) a training run with f32 weights on
-/// `device`; stops early, with a checkpoint, when `stop` is set. Returns the run directory.
+/// `device`, as one of the ranks of `parallel` (see [`Trainer::with_data_parallel`]); stops
+/// early, with a checkpoint, when `stop` is set. Rank 0 writes the run directory. Returns the
+/// run directory.
 pub fn run(
-    run: RunConfig,
+    mut run: RunConfig,
     resume: Option<&Path>,
     cache: &Path,
     stop: &StopToken,
     device: &Device,
+    parallel: &DataParallel,
 ) -> Result<PathBuf> {
-    let args = &run.args;
     let device = device.clone();
-    let (out, resume_from) = crate::run_dir::open(args.out.as_deref(), resume, "run")?;
+    let (lead, world) = (parallel.rank() == 0, parallel.world_size());
+    if world > 1 {
+        parallel.agree("settings or code", &agreed_settings(&run)?)?;
+    }
+    let (out, resume_from) =
+        parallel.on_lead(|| crate::run_dir::open(run.args.out.as_deref(), resume, "run"))?;
+    run.world_size = match resume_from {
+        Some(_) => started_on(&out)?,
+        None => world,
+    };
+    if let Some(note) = run.on_ranks(world)? {
+        say!(lead, "note: {note}");
+    }
+    let run = run;
+    let args = &run.args;
 
     // Data and tokenizer; a resumed run uses the tokenizer saved with its checkpoint.
     let source = Source::resolve(&args.data)?;
@@ -299,9 +404,19 @@ pub fn run(
     } else {
         Format::Packed
     };
-    let data = Dataset::prepare(&source, tokenizer_choice, holdout, format, cache)?;
+    // Rank 0 prepares (and caches) the data first; the other ranks then read the cache.
+    let prepare = || Dataset::prepare(&source, tokenizer_choice, holdout, format, cache);
+    let mut prepared = None;
+    parallel.on_lead(|| {
+        prepared = Some(prepare()?);
+        Ok(())
+    })?;
+    let data = match prepared {
+        Some(data) => data,
+        None => prepare()?,
+    };
     for note in &data.notes {
-        eprintln!("note: {note}");
+        say!(lead, "note: {note}");
     }
     if data.tokenizer.vocab_size() > run.model.vocab_size {
         bail!(
@@ -313,7 +428,8 @@ pub fn run(
     }
     let mut train_batches = Batches::new(&data.train, run.seq_len, args.seed, "training", &device)?;
     let val_batches = Batches::new(&data.val, run.seq_len, args.seed, "validation", &device)?;
-    eprintln!(
+    say!(
+        lead,
         "data: {} training tokens ({} sequences of {}), {} validation tokens{}{}, prepared in {:.1}s",
         data.train.len(),
         train_batches.windows(),
@@ -337,7 +453,7 @@ pub fn run(
         None => {
             let model = match &args.init_from {
                 Some(dir) => {
-                    eprintln!("model: weights of {}", dir.display());
+                    say!(lead, "model: weights of {}", dir.display());
                     Llama::from_hf(dir, &device, DType::F32)?.1
                 }
                 None => Llama::init(&run.model, args.seed, &device, DType::F32)?,
@@ -347,7 +463,7 @@ pub fn run(
         }
     };
     model.set_loss_chunks(args.memory.loss_chunks());
-    if resume_from.is_none() {
+    if resume_from.is_none() && lead {
         let write = frugal::fs::write_atomically;
         write(
             &out.join("tokenizer.json"),
@@ -365,7 +481,8 @@ pub fn run(
         .iter()
         .map(|(_, bytes)| bytes.total())
         .sum();
-    eprintln!(
+    say!(
+        lead,
         "model: {} parameters ({} projectable, {} state-full), optimizer `{}` ({:.1} MiB of state), {} tokens per step{}",
         n_params,
         counts.projectable,
@@ -380,7 +497,8 @@ pub fn run(
     );
     if let Some(b) = opt.block_schedule() {
         if b.active_count == 0 && run.optimizer.density > 0.0 {
-            eprintln!(
+            say!(
+                lead,
                 "warning: density {} of {} blocks rounds to no active block; every projectable tensor is {}",
                 run.optimizer.density,
                 b.blocks,
@@ -389,16 +507,34 @@ pub fn run(
         }
     }
     for line in run.step_mode_notes() {
-        eprintln!("note: {line}");
+        say!(lead, "note: {line}");
+    }
+    if world > 1 {
+        say!(
+            lead,
+            "data parallel: {world} ranks × batch {} × {} micro-batches = a global batch of {} sequences ({} tokens per step)",
+            args.batch_size,
+            args.grad_accum,
+            run.global_batch(),
+            run.tokens_per_step
+        );
     }
 
-    let bar = crate::run_dir::progress_bar(args.steps, state.step);
+    let bar = if lead {
+        crate::run_dir::progress_bar(args.steps, state.step)
+    } else {
+        ProgressBar::hidden()
+    };
     let mut hooks = RunHooks {
         out: &out,
         run: &run,
-        metrics: Metrics::open(&out.join("metrics.jsonl"), state.step)?,
+        metrics: match lead {
+            true => Some(Metrics::open(&out.join("metrics.jsonl"), state.step)?),
+            false => None,
+        },
         bar,
         val: val_batches,
+        parallel,
         tokenizer: &data.tokenizer,
         last_val: None,
     };
@@ -406,8 +542,14 @@ pub fn run(
     if state.step == 0 {
         let l = hooks.validation_loss(&model)?;
         initial_val = Some(l.exp());
-        hooks.metrics.log(Record::Eval(EvalRecord::new(0, l)))?;
-        eprintln!("step 0: validation loss {l:.4}, perplexity {:.1}", l.exp());
+        if let Some(m) = &mut hooks.metrics {
+            m.log(Record::Eval(EvalRecord::new(0, l)))?;
+        }
+        say!(
+            lead,
+            "step 0: validation loss {l:.4}, perplexity {:.1}",
+            l.exp()
+        );
     }
     let session = Instant::now();
     let mut trainer = Trainer::new(
@@ -417,7 +559,8 @@ pub fn run(
         run.loop_settings(),
         state,
         stop.clone(),
-    )?;
+    )?
+    .with_data_parallel(parallel.clone());
     let outcome = trainer.train(&mut train_batches, &mut hooks)?;
     hooks.bar.finish_and_clear();
 
@@ -435,8 +578,9 @@ pub fn run(
                 args.batch_size,
                 run.seq_len,
                 args.eval_tokens,
+                parallel,
             )?;
-            eprintln!("test loss {l:.4}, perplexity {:.2}", l.exp());
+            say!(lead, "test loss {l:.4}, perplexity {:.2}", l.exp());
             Some(l)
         }
         _ => None,
@@ -465,6 +609,9 @@ pub fn run(
         tokens_per_s: state.tokens as f64 / state.train_s.max(1e-9),
         interrupted: outcome != Outcome::Finished,
     };
+    if !lead {
+        return Ok(out);
+    }
     frugal::fs::write_atomically(
         &out.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),

@@ -2,6 +2,7 @@
 //! optimizer step → log → maybe evaluate → maybe checkpoint, until the last step or until the
 //! caller's [`StopToken`] is set.
 
+use crate::data_parallel::DataParallel;
 use crate::grads::{accumulate, clip_factor, clip_grad_norm, norm_in_name_order, squared_norm};
 use crate::metrics::TrainRecord;
 use crate::schedule::Schedule;
@@ -120,9 +121,9 @@ impl StopToken {
 pub struct TrainerState {
     /// Completed optimizer steps.
     pub step: usize,
-    /// Training sequences consumed (position in the shuffled data order).
+    /// Training sequences consumed by all ranks (position in the shuffled data order).
     pub position: u64,
-    /// Training tokens consumed.
+    /// Training tokens consumed by all ranks.
     pub tokens: u64,
     /// Wall time so far, over all sessions (including evaluation and checkpoints).
     pub elapsed_s: f64,
@@ -138,7 +139,7 @@ pub struct LoopSettings {
     /// Pause after this step (evaluating and saving a checkpoint there) without changing the
     /// schedule of `steps`; a resumed loop continues from it.
     pub stop_after: Option<usize>,
-    /// Sequences per micro-batch.
+    /// Sequences per micro-batch (per rank under data parallelism).
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
@@ -154,7 +155,7 @@ pub struct LoopSettings {
 }
 
 impl LoopSettings {
-    /// Training tokens per optimizer step.
+    /// Training tokens per optimizer step of one rank.
     pub fn tokens_per_step(&self) -> usize {
         self.batch_size * self.grad_accum * self.seq_len
     }
@@ -232,6 +233,7 @@ pub struct Trainer<M> {
     pub state: TrainerState,
     params: Vec<Param>,
     stop: StopToken,
+    parallel: DataParallel,
     /// Wall time of earlier sessions and the start of this one.
     clock: (f64, Instant),
 }
@@ -263,7 +265,20 @@ impl<M: Model> Trainer<M> {
             settings,
             state,
             stop,
+            parallel: DataParallel::default(),
         })
+    }
+
+    /// Trains as one of the ranks of `parallel`: each rank reads its share of every global
+    /// batch, gradients and losses are averaged across the ranks, and the ranks stop together.
+    pub fn with_data_parallel(mut self, parallel: DataParallel) -> Self {
+        self.parallel = parallel;
+        self
+    }
+
+    /// The ranks this trainer shares its batches with.
+    pub fn data_parallel(&self) -> &DataParallel {
+        &self.parallel
     }
 
     /// Runs steps until the last one or until the stop token is set.
@@ -288,7 +303,7 @@ impl<M: Model> Trainer<M> {
             if step % s.eval_every == 0 || last || paused {
                 hooks.evaluate(&self.model, &self.state)?;
             }
-            let stopped = self.stop.is_stopped();
+            let stopped = self.parallel.any(self.stop.is_stopped());
             if stopped || paused || step % s.save_every == 0 || last {
                 hooks.checkpoint(self, stopped)?;
             }
@@ -310,7 +325,7 @@ impl<M: Model> Trainer<M> {
             self.step_whole(data)?
         };
         self.optimizer.observe_loss(loss);
-        let tokens = self.settings.tokens_per_step();
+        let tokens = self.settings.tokens_per_step() * self.parallel.world_size();
         let dt = t0.elapsed().as_secs_f64();
         let st = &mut self.state;
         st.step += 1;
@@ -331,7 +346,9 @@ impl<M: Model> Trainer<M> {
     /// The step from the whole gradient: loss and global norm (when clipping).
     fn step_whole(&mut self, data: &mut impl BatchSource<M::Input>) -> Result<(f64, Option<f64>)> {
         let (loss, mut grads) = self.forward_backward(data)?;
+        let loss = self.parallel.mean(loss);
         check_loss(loss, self.state.step)?;
+        self.parallel.average(&mut grads, &self.params)?;
         let clip = self.settings.clip;
         let grad_norm = if clip > 0.0 {
             Some(clip_grad_norm(&mut grads, &self.params, clip)?)
@@ -355,34 +372,40 @@ impl<M: Model> Trainer<M> {
         &mut self,
         data: &mut impl BatchSource<M::Input>,
     ) -> Result<(f64, Option<f64>)> {
-        let (size, accum) = (self.settings.batch_size, self.settings.grad_accum);
+        let accum = self.settings.grad_accum;
         let scale = 1.0 / accum as f64;
-        let params = &self.params;
         let mut acc = GradStore::default();
         let mut loss_sum = 0.0f64;
         let step = self.state.step;
         for _ in 1..accum {
-            let (x, y) = data.batch(self.state.position, size)?;
-            self.state.position += size as u64;
+            let (x, y) = self.next_batch(data)?;
+            let params = &self.params;
             loss_sum += self
                 .model
                 .backward_by_layers(&x, &y, scale, &mut |g| Ok(accumulate(&mut acc, g, params)?))
                 .map_err(|e| layered_error(e, step))?;
         }
-        let (x, y) = data.batch(self.state.position, size)?;
-        self.state.position += size as u64;
+        let (x, y) = self.next_batch(data)?;
+        let (params, parallel) = (&self.params, &self.parallel);
         let clip = self.settings.clip;
         let grad_norm = if clip > 0.0 {
             let mut squares = Vec::with_capacity(params.len());
             self.model
                 .backward_by_layers(&x, &y, scale, &mut |g| {
+                    let mut totals = GradStore::default();
                     for p in params {
                         if let Some(g) = g.get(p.var.as_tensor()) {
                             let total = match acc.get(p.var.as_tensor()) {
                                 Some(prev) => (prev + g)?,
                                 None => g.clone(),
                             };
-                            squares.push((p.name.as_str(), squared_norm(&total)?));
+                            totals.insert(p.var.as_tensor(), total);
+                        }
+                    }
+                    parallel.average(&mut totals, params)?;
+                    for p in params {
+                        if let Some(total) = totals.get(p.var.as_tensor()) {
+                            squares.push((p.name.as_str(), squared_norm(total)?));
                         }
                     }
                     Ok(())
@@ -404,11 +427,16 @@ impl<M: Model> Trainer<M> {
                         Some(prev) => (prev + g)?,
                         None => g,
                     };
-                    let total = match factor {
-                        Some(f) => (total * f)?,
-                        None => total,
-                    };
                     part.insert(v, total);
+                }
+            }
+            parallel.average(&mut part, params)?;
+            if let Some(f) = factor {
+                for p in params {
+                    let v = p.var.as_tensor();
+                    if let Some(total) = part.remove(v) {
+                        part.insert(v, (total * f)?);
+                    }
                 }
             }
             optimizer.step_part(&part).map_err(|e| step_error(e, step))
@@ -417,7 +445,7 @@ impl<M: Model> Trainer<M> {
             self.optimizer.finish_step()?;
             Ok(loss)
         });
-        let loss = (loss_sum + finished?) / accum as f64;
+        let loss = self.parallel.mean((loss_sum + finished?) / accum as f64);
         check_loss(loss, step)?;
         Ok((loss, grad_norm))
     }
@@ -428,12 +456,11 @@ impl<M: Model> Trainer<M> {
         &mut self,
         data: &mut impl BatchSource<M::Input>,
     ) -> Result<(f64, GradStore)> {
-        let (size, accum) = (self.settings.batch_size, self.settings.grad_accum);
+        let accum = self.settings.grad_accum;
         let mut grads = GradStore::default();
         let mut loss_sum = 0.0f64;
         for _ in 0..accum {
-            let (x, y) = data.batch(self.state.position, size)?;
-            self.state.position += size as u64;
+            let (x, y) = self.next_batch(data)?;
             if self.settings.backward.checkpointing {
                 let params = &self.params;
                 loss_sum += self
@@ -454,6 +481,16 @@ impl<M: Model> Trainer<M> {
             accumulate(&mut grads, scaled.backward()?, &self.params)?;
         }
         Ok((loss_sum / accum as f64, grads))
+    }
+
+    /// This rank's share of the next micro-batch: the global micro-batch holds `batch_size`
+    /// sequences per rank, in rank order.
+    fn next_batch(&mut self, data: &mut impl BatchSource<M::Input>) -> Result<(M::Input, Tensor)> {
+        let size = self.settings.batch_size;
+        let p = &self.parallel;
+        let start = self.state.position + (p.rank() * size) as u64;
+        self.state.position += (p.world_size() * size) as u64;
+        data.batch(start, size)
     }
 
     /// The stop token this trainer watches.

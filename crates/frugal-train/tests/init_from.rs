@@ -114,6 +114,7 @@ fn train(s: TrainSettings, cache: &Path) -> Summary {
         cache,
         &StopToken::new(),
         &Device::Cpu,
+        &Default::default(),
     )
     .unwrap();
     Summary::read(&out).unwrap()
@@ -170,7 +171,15 @@ fn folders_that_do_not_fit_are_refused_with_the_reason() {
     let cache = dir.join("cache");
     let attempt = |s: TrainSettings| {
         let err = match resolve(s) {
-            Ok(c) => run(c, None, &cache, &StopToken::new(), &Device::Cpu).unwrap_err(),
+            Ok(c) => run(
+                c,
+                None,
+                &cache,
+                &StopToken::new(),
+                &Device::Cpu,
+                &Default::default(),
+            )
+            .unwrap_err(),
             Err(e) => e,
         };
         format!("{err:#}")

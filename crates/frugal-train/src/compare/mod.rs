@@ -191,6 +191,7 @@ impl Job for Pretraining<'_> {
             self.cache,
             self.stop,
             self.device,
+            &crate::data_parallel::DataParallel::default(),
         )?;
         Ok(())
     }

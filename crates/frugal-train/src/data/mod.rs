@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 pub use tokenizer::TextTokenizer;
 
 /// Where the tokenizer comes from.
+#[derive(Clone, Copy, Debug)]
 pub enum TokenizerChoice<'a> {
     /// A `tokenizer.json` file.
     File(&'a Path),

@@ -1,0 +1,256 @@
+//! Data-parallel training under `mpirun` (the `mpi` feature; `scripts/setup-mpi.sh` installs
+//! MPI): two ranks against one process, checkpoints across world sizes, a killed rank, and
+//! ranks that disagree.
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Flags of every run here: those of the other tests but the batch size (each test sets it),
+/// 30 steps, every loss logged.
+fn dp(extra: &[&'static str]) -> Vec<&'static str> {
+    let fast = FAST
+        .iter()
+        .position(|f| *f == "--batch-size")
+        .map_or(FAST.to_vec(), |i| [&FAST[..i], &FAST[i + 2..]].concat());
+    let steps = ["--steps", "30", "--log-every", "1", "--eval-every", "30"];
+    [&fast[..], &steps, extra].concat()
+}
+
+/// `mpirun -np <ranks> frugal <args>`, allowed to run as root.
+fn mpirun(ranks: usize, cache: &Path) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["-np", &ranks.to_string(), "--oversubscribe"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("FRUGAL_CACHE", cache)
+        .arg(env!("CARGO_BIN_EXE_frugal"));
+    c
+}
+
+/// `mpirun -np 2 frugal train <flags> --out <out>`.
+fn mpi_train(cache: &Path, flags: &[&str], out: &Path) -> Command {
+    let mut c = mpirun(2, cache);
+    c.arg("train").args(flags).arg("--out").arg(out);
+    c
+}
+
+/// The logged training losses, as numbers.
+fn loss_values(run: &Path) -> Vec<f64> {
+    metrics(run)
+        .iter()
+        .filter_map(|v| v.get("loss").and_then(|l| l.as_f64()))
+        .collect()
+}
+
+/// Asserts that two runs' losses agree within `tol` at every step.
+fn assert_close(a: &[f64], b: &[f64], tol: f64, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for (step, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= tol,
+            "{what}, step {}: {x} vs {y}",
+            step + 1
+        );
+    }
+}
+
+#[test]
+fn two_ranks_of_batch_4_train_like_one_process_of_batch_8() {
+    let dir = scratch("dp-equal");
+    for (optimizer, tol) in [
+        ("adamw", 1e-5),
+        ("frugal", 2e-3),
+        ("frugal-svd", 2e-3),
+        ("galore", 1e-2),
+    ] {
+        // T = 10: blocks and SVD subspaces change twice within the run.
+        let flags = dp(&["--optimizer", optimizer, "--update-gap", "10"]);
+        // One thread, as each of the two ranks on two cores has: the SVD's sums depend on the
+        // number of threads.
+        let run = |name: &str, extra: &[&str]| {
+            let out = dir.join(format!("{optimizer}-{name}"));
+            let extra = [extra, &["--threads", "1"]].concat();
+            run_ok(&mut train(&dir, &out, &[&flags[..], &extra].concat()));
+            out
+        };
+        let whole = run("batch-8", &["--batch-size", "8"]);
+        let halves = run("two-halves", &["--batch-size", "4", "--grad-accum", "2"]);
+        let ranks = dir.join(format!("{optimizer}-two-ranks"));
+        let out = run_ok(&mut mpi_train(
+            &dir,
+            &[&flags[..], &["--batch-size", "4"]].concat(),
+            &ranks,
+        ));
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(log.contains("a global batch of 8 sequences"), "{log}");
+        // Rank 0 alone logs: one summary line.
+        assert_eq!(log.matches("done: 30 steps").count(), 1, "{log}");
+        // Two micro-batches of 4 in one process add the same two halves of each gradient in the
+        // same order as the two ranks: the same losses, bit for bit.
+        assert_eq!(losses(&ranks), losses(&halves), "{optimizer}");
+        assert_eq!(summary(&ranks)["val_loss"], summary(&halves)["val_loss"]);
+        // One batch of 8 sums in another order. signSGD (FRUGAL's state-free rule) turns the
+        // last-bit differences of near-zero gradient entries into whole steps of ±lr, so FRUGAL's
+        // losses drift (1.4e-4 with blocks, 1.1e-3 with SVD subspaces by step 30); GaLore's rate
+        // of 1e-2 and its SVD subspaces, which turn with small changes of the gradient, let it
+        // drift 5e-3. AdamW stays within 5e-7.
+        let (a, b) = (loss_values(&whole), loss_values(&ranks));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        eprintln!("{optimizer}: largest loss difference to one batch of 8: {worst:e}");
+        assert_eq!(a.len(), 30);
+        assert_close(&a, &b, tol, optimizer);
+        assert!(a[29] < a[0] - 1.0, "{optimizer}: the loss must fall: {a:?}");
+        assert_eq!(summary(&ranks)["tokens"], summary(&whole)["tokens"]);
+    }
+}
+
+#[test]
+fn checkpoints_of_two_ranks_resume_on_two_ranks_or_one() {
+    let dir = scratch("dp-resume");
+    let flags = dp(&[
+        "--batch-size",
+        "4",
+        "--save-every",
+        "10",
+        "--update-gap",
+        "10",
+    ]);
+    let straight = dir.join("straight");
+    run_ok(&mut mpi_train(&dir, &flags, &straight));
+    let paused = dir.join("paused");
+    run_ok(&mut mpi_train(
+        &dir,
+        &[&flags[..], &["--stop-after", "15"]].concat(),
+        &paused,
+    ));
+    let single = dir.join("single");
+    copy_dir(&paused, &single);
+    // On the same two ranks the run continues bit for bit.
+    run_ok(mpirun(2, &dir).args(["train", "--resume"]).arg(&paused));
+    assert_eq!(losses(&paused), losses(&straight));
+    assert_eq!(summary(&paused)["val_loss"], summary(&straight)["val_loss"]);
+    // One process takes the global batch of 8 as two micro-batches of 4.
+    let out = run_ok(frugal(&dir).args(["train", "--resume"]).arg(&single));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("keeps its global batch of 8"), "{log}");
+    let (a, b) = (loss_values(&single), loss_values(&straight));
+    assert_eq!(a[..15], b[..15]);
+    assert_close(&a, &b, 1e-5, "resumed on one process");
+}
+
+/// Copies a run directory (files and folders).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// The process id of rank `rank` among the children of `launcher`.
+fn rank_pid(launcher: u32, rank: usize) -> Option<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children"))
+        .unwrap_or_default();
+    children.split_whitespace().find_map(|pid| {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        let wanted = format!("OMPI_COMM_WORLD_RANK={rank}");
+        env.split(|&b| b == 0)
+            .any(|v| v == wanted.as_bytes())
+            .then(|| pid.parse().ok())
+            .flatten()
+    })
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_and_the_run_resumes_from_its_last_checkpoint() {
+    let dir = scratch("dp-kill");
+    let flags = dp(&["--batch-size", "4", "--save-every", "5"]);
+    let straight = dir.join("straight");
+    run_ok(&mut mpi_train(&dir, &flags, &straight));
+    let killed = dir.join("killed");
+    let job = mpirun(2, &dir)
+        .args(["--collective-timeout", "20", "train"])
+        .args(&flags)
+        .arg("--out")
+        .arg(&killed)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !killed.join("checkpoints/step-10/trainer.json").exists() {
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = rank_pid(job.id(), 1).expect("rank 1 runs under mpirun");
+    let sent = Instant::now();
+    Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    let out = job.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert!(
+        log.contains("signal 9") || log.contains("a rank died"),
+        "{log}"
+    );
+    // Every checkpoint left behind is complete, and the run resumes onto the unbroken losses.
+    run_ok(mpirun(2, &dir).args(["train", "--resume"]).arg(&killed));
+    assert_eq!(losses(&killed), losses(&straight));
+}
+
+#[test]
+fn ranks_started_with_different_settings_stop_at_start_up() {
+    let dir = scratch("dp-mismatch");
+    let run = dir.join("run");
+    let rank = |optimizer: &str| -> Vec<String> {
+        let mut args = vec!["-np", "1", env!("CARGO_BIN_EXE_frugal"), "train"];
+        args.extend(dp(&[]));
+        args.extend(["--optimizer", optimizer, "--out"]);
+        let mut args: Vec<String> = args.into_iter().map(String::from).collect();
+        args.push(run.display().to_string());
+        args
+    };
+    let out = Command::new("mpirun")
+        .arg("--oversubscribe")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("FRUGAL_CACHE", &*dir)
+        .args(rank("adamw"))
+        .arg(":")
+        .args(rank("galore"))
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        log.contains("different settings") && log.contains("\"adamw\" vs \"galore\""),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("error:").count(),
+        1,
+        "rank 0 alone reports: {log}"
+    );
+    assert!(!run.join("config.json").exists());
+}

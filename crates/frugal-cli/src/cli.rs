@@ -92,6 +92,9 @@ pub struct MemoryArgs {
     /// Classes of the fine-tuning head.
     #[arg(long, default_value_t = 2)]
     pub labels: usize,
+    /// Data-parallel ranks (`mpirun -np N`): the optimizer state each rank holds.
+    #[arg(long, default_value_t = 1)]
+    pub world_size: usize,
     #[command(flatten)]
     pub memory: MemorySettings,
     #[command(flatten)]

@@ -124,7 +124,9 @@ fn memory(args: &cli::MemoryArgs) -> Result<()> {
     let model = LlamaConfig::resolve(&args.model)?;
     // The plan is the peak (ρ at the start), whatever the horizon of a decaying density.
     let opt = args.opt.resolve(0, 1)?;
-    let mut report = MemoryReport::new(&model, &opt)?;
+    frugal_train::trainer::at_least_one(&[("--world-size", args.world_size)])?;
+    let mut report =
+        MemoryReport::new(&model, &opt)?.with_world_size(&model, &opt, args.world_size)?;
     args.memory.validate()?;
     if let Some(batch) = args.batch_size {
         let seq = args

@@ -94,6 +94,15 @@ fn two_ranks_of_batch_4_train_like_one_process_of_batch_8() {
         // same order as the two ranks: the same losses, bit for bit.
         assert_eq!(losses(&ranks), losses(&halves), "{optimizer}");
         assert_eq!(summary(&ranks)["val_loss"], summary(&halves)["val_loss"]);
+        // Rank 0 gathers the sharded state into the checkpoint of the one-process run.
+        for file in ["optimizer.safetensors", "model.safetensors"] {
+            let read = |run: &Path| std::fs::read(run.join("checkpoints/step-30").join(file));
+            assert!(
+                read(&ranks).unwrap() == read(&halves).unwrap(),
+                "{optimizer}: {file}"
+            );
+        }
+        check_sharded_state(&dir, optimizer, &ranks, &halves);
         // One batch of 8 sums in another order. signSGD (FRUGAL's state-free rule) turns the
         // last-bit differences of near-zero gradient entries into whole steps of ±lr, so FRUGAL's
         // losses drift (1.4e-4 with blocks, 1.1e-3 with SVD subspaces by step 30); GaLore's rate
@@ -110,6 +119,56 @@ fn two_ranks_of_batch_4_train_like_one_process_of_batch_8() {
         assert_close(&a, &b, tol, optimizer);
         assert!(a[29] < a[0] - 1.0, "{optimizer}: the loss must fall: {a:?}");
         assert_eq!(summary(&ranks)["tokens"], summary(&whole)["tokens"]);
+    }
+}
+
+/// Each rank of `ranks` held half the state of the one-process run `whole`, within one tensor,
+/// as `frugal memory --world-size 2` plans it (blocks rotate: their plan is the first period's).
+fn check_sharded_state(cache: &Path, optimizer: &str, ranks: &Path, whole: &Path) {
+    let per_rank: Vec<u64> = summary(ranks)["optimizer_state_bytes_per_rank"]
+        .as_array()
+        .expect("per-rank state in the summary")
+        .iter()
+        .map(|b| b.as_u64().unwrap())
+        .collect();
+    let total = summary(whole)["optimizer_state_total_bytes"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(per_rank.len(), 2);
+    assert_eq!(per_rank.iter().sum::<u64>(), total, "{optimizer}");
+    // The largest tensor of `tiny` is the 4096 × 256 embedding: 8 MiB of AdamW moments.
+    let largest = 2 * 4 * 4096 * 256;
+    for held in &per_rank {
+        assert!(
+            *held <= total / 2 + largest,
+            "{optimizer}: {per_rank:?} of {total}"
+        );
+    }
+    let out = run_ok(frugal(cache).args([
+        "memory",
+        "--model",
+        "tiny",
+        "--json",
+        "--world-size",
+        "2",
+        "--optimizer",
+        optimizer,
+    ]));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let planned: Vec<u64> = plan["state_per_rank"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            ["moments", "projections", "indices"]
+                .iter()
+                .map(|k| s[k].as_u64().unwrap())
+                .sum()
+        })
+        .collect();
+    assert_eq!(planned.len(), 2);
+    if optimizer != "frugal" {
+        assert_eq!(planned, per_rank, "{optimizer}");
     }
 }
 
@@ -253,4 +312,38 @@ fn ranks_started_with_different_settings_stop_at_start_up() {
         "rank 0 alone reports: {log}"
     );
     assert!(!run.join("config.json").exists());
+}
+
+#[test]
+fn per_layer_updates_of_sharded_ranks_match_their_whole_steps() {
+    // Each layer's gradients are averaged as the layered backward pass hands them over, and the
+    // clipping norm is that of the averaged gradient: the same bits as the whole step.
+    let dir = scratch("dp-layers");
+    let flags = dp(&[
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--clip",
+        "0.5",
+        "--steps",
+        "8",
+    ]);
+    let whole = dir.join("whole");
+    run_ok(&mut mpi_train(&dir, &flags, &whole));
+    let layered = dir.join("layered");
+    run_ok(&mut mpi_train(
+        &dir,
+        &[&flags[..], &["--per-layer-updates"]].concat(),
+        &layered,
+    ));
+    assert_eq!(losses(&layered), losses(&whole));
+    let norms = |run: &Path| -> Vec<String> {
+        metrics(run)
+            .iter()
+            .filter_map(|v| v.get("grad_norm").map(|n| n.to_string()))
+            .collect()
+    };
+    assert_eq!(norms(&layered), norms(&whole));
+    assert!(norms(&whole).len() == 8, "{:?}", norms(&whole));
 }

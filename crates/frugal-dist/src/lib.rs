@@ -50,6 +50,8 @@ pub trait Collectives: Send + Sync {
     fn all_gather_bytes(&self, mine: &[u8]) -> Vec<Vec<u8>>;
     /// Rank `root`'s `bytes`, on every rank.
     fn broadcast_bytes(&self, bytes: Vec<u8>, root: usize) -> Vec<u8>;
+    /// On rank `root`, every rank's `mine` in rank order (of any size); elsewhere nothing.
+    fn gather_bytes(&self, mine: Vec<u8>, root: usize) -> Vec<Vec<u8>>;
     /// Waits until every rank has reached this call.
     fn barrier(&self);
     /// Ends every rank of the job with exit status `code` (a rank failed on its own, and the
@@ -80,6 +82,9 @@ impl Collectives for Solo {
     }
     fn broadcast_bytes(&self, bytes: Vec<u8>, _root: usize) -> Vec<u8> {
         bytes
+    }
+    fn gather_bytes(&self, mine: Vec<u8>, _root: usize) -> Vec<Vec<u8>> {
+        vec![mine]
     }
     fn barrier(&self) {}
     fn abort(&self, code: i32) -> ! {
@@ -129,6 +134,7 @@ mod tests {
         assert_eq!(v, [1.5, -2.0]);
         assert_eq!(solo.all_gather_bytes(b"abc"), vec![b"abc".to_vec()]);
         assert_eq!(solo.broadcast_bytes(b"x".to_vec(), 0), b"x");
+        assert_eq!(solo.gather_bytes(b"y".to_vec(), 0), vec![b"y".to_vec()]);
         assert!(solo.is_lead());
     }
 }

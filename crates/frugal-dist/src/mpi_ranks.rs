@@ -6,6 +6,7 @@ use crate::{Collectives, Error};
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use mpi::datatype::{Equivalence, PartitionMut};
 use mpi::environment::Universe;
+use mpi::point_to_point::{Destination, Source};
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::Count;
 use std::time::Duration;
@@ -52,6 +53,9 @@ impl MpiRanks {
         buf.copy_from_slice(&padded[..buf.len()]);
     }
 }
+
+/// Bytes per message of a broadcast or gather: MPI counts are C ints.
+const CHUNK: usize = 1 << 30;
 
 /// MPI counts are C ints: a longer message is a bug of the caller's chunking.
 fn count(n: usize) -> Count {
@@ -109,9 +113,38 @@ impl Collectives for MpiRanks {
         let mut len = bytes.len() as u64;
         root.broadcast_into(&mut len);
         bytes.resize(len as usize, 0);
-        count(bytes.len());
-        root.broadcast_into(&mut bytes[..]);
+        for chunk in bytes.chunks_mut(CHUNK) {
+            root.broadcast_into(chunk);
+        }
         bytes
+    }
+
+    fn gather_bytes(&self, mine: Vec<u8>, root: usize) -> Vec<Vec<u8>> {
+        let _waiting = self.watchdog.waiting("gather");
+        let world = self.world();
+        if self.rank != root {
+            let to = world.process_at_rank(root as i32);
+            to.send(&(mine.len() as u64));
+            for chunk in mine.chunks(CHUNK) {
+                to.send(chunk);
+            }
+            return Vec::new();
+        }
+        (0..self.size)
+            .map(|r| {
+                if r == root {
+                    return mine.clone();
+                }
+                let from = world.process_at_rank(r as i32);
+                let mut len = 0u64;
+                from.receive_into(&mut len);
+                let mut bytes = vec![0u8; len as usize];
+                for chunk in bytes.chunks_mut(CHUNK) {
+                    from.receive_into(chunk);
+                }
+                bytes
+            })
+            .collect()
     }
 
     fn barrier(&self) {

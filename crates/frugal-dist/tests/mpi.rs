@@ -69,6 +69,11 @@ fn rank_checks() {
         Vec::new()
     };
     assert_eq!(ranks.broadcast_bytes(sent, 1), b"from one");
+    let gathered = ranks.gather_bytes(vec![7 + rank as u8; 3 - rank], 1);
+    match rank {
+        1 => assert_eq!(gathered, vec![vec![7u8; 3], vec![8u8; 2]]),
+        _ => assert!(gathered.is_empty()),
+    }
     ranks.barrier();
     println!("rank checks passed");
 }

@@ -1,12 +1,13 @@
 //! Data parallelism: each rank computes the gradients of its share of a global batch, and the
-//! ranks average them before every optimizer step, in buckets. A single process ([`Solo`])
-//! skips every collective, so its steps are those of a run without data parallelism, bit for
-//! bit.
+//! ranks average them before every optimizer step, in buckets. The optimizer state is sharded
+//! (ZeRO-1 style): each rank keeps the state of its share of the parameters and updates those,
+//! then the ranks exchange the updated values. A single process ([`Solo`]) skips every
+//! collective, so its steps are those of a run without data parallelism, bit for bit.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
-use frugal::Param;
+use frugal::{Frugal, Param};
 use frugal_dist::{Collectives, Solo};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -109,6 +110,80 @@ impl DataParallel {
             start = end;
         }
         Ok(())
+    }
+}
+
+impl DataParallel {
+    /// Sends every rank's updated parameters to the others after a sharded step (each rank
+    /// updated only those it owns, `owners[i]` being parameter i's rank), one rank's share at a
+    /// time.
+    pub fn share_updates(&self, params: &[Param], owners: &[usize]) -> Result<()> {
+        let rank = self.rank();
+        for from in 0..self.world_size() {
+            let share: Vec<&Param> = params
+                .iter()
+                .zip(owners)
+                .filter(|(_, &o)| o == from)
+                .map(|(p, _)| p)
+                .collect();
+            let mut bytes = Vec::new();
+            if from == rank {
+                for p in &share {
+                    let values = p
+                        .var
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
+                    bytes.extend(values.iter().flat_map(|x| x.to_le_bytes()));
+                }
+            }
+            let bytes = self.comm.broadcast_bytes(bytes, from);
+            if from == rank {
+                continue;
+            }
+            let mut at = 0;
+            for p in share {
+                let n = p.var.elem_count();
+                let Some(part) = bytes.get(at..at + 4 * n) else {
+                    bail!(
+                        "rank {from} sent {} bytes of updated parameters, too few for its share",
+                        bytes.len()
+                    );
+                };
+                let values: Vec<f32> = part
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                let t = Tensor::from_vec(values, p.var.shape(), p.var.device())?;
+                p.var.set(&t.to_dtype(p.var.dtype())?)?;
+                at += 4 * n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gathers every shard's optimizer state into rank 0's `optimizer`, which then holds the
+    /// whole state (to save it); the other ranks send theirs.
+    pub fn gather_state(&self, optimizer: &mut Frugal) -> Result<()> {
+        let lead = self.rank() == 0;
+        let mine = if lead {
+            Vec::new()
+        } else {
+            optimizer.owned_state()?
+        };
+        for part in self.comm.gather_bytes(mine, 0).iter().skip(1) {
+            optimizer.absorb_state(part)?;
+        }
+        Ok(())
+    }
+
+    /// Every rank's `value`, in rank order.
+    pub fn all_gather_usize(&self, value: usize) -> Vec<usize> {
+        self.comm
+            .all_gather_bytes(&(value as u64).to_le_bytes())
+            .iter()
+            .map(|b| b.as_slice().try_into().map_or(0, u64::from_le_bytes) as usize)
+            .collect()
     }
 }
 

@@ -32,6 +32,9 @@ pub struct MemoryReport {
     pub steps: Vec<ModePlan>,
     /// With a batch shape: the peak of plain AdamW in the normal mode, for comparison.
     pub adamw_normal_peak_bytes: Option<usize>,
+    /// Under data parallelism with sharded state: the state each rank holds, in rank order
+    /// (weights and gradients are whole on every rank).
+    pub state_per_rank: Vec<StateBytes>,
 }
 
 /// The planned memory of training steps in one memory mode.
@@ -103,7 +106,38 @@ impl MemoryReport {
             end_state,
             steps: Vec::new(),
             adamw_normal_peak_bytes: None,
+            state_per_rank: Vec::new(),
         })
+    }
+
+    /// Plans the optimizer state of each of `world` data-parallel ranks (see
+    /// [`frugal::memory::shard_owners`]); the step peaks then count the largest share.
+    pub fn with_world_size(
+        mut self,
+        model: &LlamaConfig,
+        optimizer: &OptimizerConfig,
+        world: usize,
+    ) -> Result<Self> {
+        if world < 2 {
+            return Ok(self);
+        }
+        let shapes = model.labelled_shapes();
+        let owners = frugal::memory::shard_owners(optimizer, &shapes, world)?;
+        let mut held = vec![StateBytes::default(); world];
+        for ((_, bytes), r) in plan(optimizer, &shapes)?.into_iter().zip(owners) {
+            held[r] += bytes;
+        }
+        self.state_per_rank = held;
+        Ok(self)
+    }
+
+    /// The optimizer state of the rank that holds the most (all of it in one process).
+    fn largest_state(&self) -> usize {
+        self.state_per_rank
+            .iter()
+            .map(|s| s.total())
+            .max()
+            .unwrap_or(self.total.state.total())
     }
 
     /// Adds the step plans of every memory mode for micro-batches of `batch` × `seq` tokens;
@@ -119,7 +153,7 @@ impl MemoryReport {
         if !all.iter().any(|(_, m)| *m == selected) {
             all.push(("selected", selected));
         }
-        let fixed = self.total.parameter_bytes + self.total.state.total();
+        let fixed = self.total.parameter_bytes + self.largest_state();
         self.steps = all
             .into_iter()
             .map(|(name, settings)| {
@@ -178,6 +212,20 @@ impl MemoryReport {
                 c.state.projections as f64 / MIB,
                 c.state.indices as f64 / MIB,
                 c.state.total() as f64 / MIB,
+            );
+        }
+        if !self.state_per_rank.is_empty() {
+            let shares: Vec<String> = self
+                .state_per_rank
+                .iter()
+                .enumerate()
+                .map(|(r, s)| format!("rank {r} {:.1}", s.total() as f64 / MIB))
+                .collect();
+            out += &format!(
+                "state sharded over {} ranks (MiB): {} (of {:.1})\n",
+                self.state_per_rank.len(),
+                shares.join(", "),
+                self.state_mib()
             );
         }
         if !self.steps.is_empty() {

@@ -105,8 +105,15 @@ pub struct Summary {
     pub initial_val_ppl: Option<f64>,
     pub parameters: usize,
     pub parameters_by_class: frugal::labels::RoleCounts,
+    /// State held by this process (rank 0's shard under data parallelism).
     pub optimizer_state_bytes: frugal::StateBytes,
     pub optimizer_state_total_bytes: usize,
+    /// Under data parallelism, the state each rank holds at the end, in rank order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub optimizer_state_bytes_per_rank: Vec<usize>,
+    /// The ranks that trained (1: one process).
+    #[serde(default = "one_rank")]
+    pub world_size: usize,
     pub optimizer_workspace_bytes: usize,
     pub parameter_bytes: usize,
     /// Parameter gradients held at once, at most (all of them, or one part with per-layer
@@ -117,6 +124,10 @@ pub struct Summary {
     /// Training tokens per second of step time (evaluation and checkpoints excluded).
     pub tokens_per_s: f64,
     pub interrupted: bool,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 impl Summary {

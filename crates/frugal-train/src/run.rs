@@ -315,6 +315,18 @@ impl Hooks<Llama> for RunHooks<'_> {
     }
 }
 
+/// The optimizer state each of `world` ranks holds after the first step, planned.
+pub fn sharded_plan(run: &RunConfig, world: usize) -> Result<Vec<usize>> {
+    let shapes = run.model.labelled_shapes();
+    let plan = frugal::memory::plan(&run.optimizer, &shapes)?;
+    let owners = frugal::memory::shard_owners(&run.optimizer, &shapes, world)?;
+    let mut held = vec![0; world];
+    for ((_, bytes), r) in plan.iter().zip(owners) {
+        held[r] += bytes.total();
+    }
+    Ok(held)
+}
+
 /// The number of ranks the run in `dir` was started on.
 fn started_on(dir: &Path) -> Result<usize> {
     let path = dir.join("config.json");
@@ -512,11 +524,16 @@ pub fn run(
     if world > 1 {
         say!(
             lead,
-            "data parallel: {world} ranks × batch {} × {} micro-batches = a global batch of {} sequences ({} tokens per step)",
+            "data parallel: {world} ranks × batch {} × {} micro-batches = a global batch of {} sequences ({} tokens per step); optimizer state sharded: {} MiB per rank",
             args.batch_size,
             args.grad_accum,
             run.global_batch(),
-            run.tokens_per_step
+            run.tokens_per_step,
+            sharded_plan(&run, world)?
+                .iter()
+                .map(|b| format!("{:.1}", *b as f64 / (1024.0 * 1024.0)))
+                .collect::<Vec<_>>()
+                .join(" + ")
         );
     }
 
@@ -560,7 +577,7 @@ pub fn run(
         state,
         stop.clone(),
     )?
-    .with_data_parallel(parallel.clone());
+    .with_data_parallel(parallel.clone())?;
     let outcome = trainer.train(&mut train_batches, &mut hooks)?;
     hooks.bar.finish_and_clear();
 
@@ -598,6 +615,11 @@ pub fn run(
         parameters_by_class: counts,
         optimizer_state_bytes: opt.state_bytes(),
         optimizer_state_total_bytes: opt.state_bytes().total(),
+        optimizer_state_bytes_per_rank: match world {
+            1 => Vec::new(),
+            _ => parallel.all_gather_usize(opt.state_bytes().total()),
+        },
+        world_size: world,
         optimizer_workspace_bytes: opt.workspace_bytes(),
         parameter_bytes: 4 * n_params,
         gradient_bytes: run

@@ -234,6 +234,8 @@ pub struct Trainer<M> {
     params: Vec<Param>,
     stop: StopToken,
     parallel: DataParallel,
+    /// The rank that owns each parameter when the optimizer state is sharded across ranks.
+    owners: Option<Vec<usize>>,
     /// Wall time of earlier sessions and the start of this one.
     clock: (f64, Instant),
 }
@@ -266,14 +268,22 @@ impl<M: Model> Trainer<M> {
             state,
             stop,
             parallel: DataParallel::default(),
+            owners: None,
         })
     }
 
     /// Trains as one of the ranks of `parallel`: each rank reads its share of every global
     /// batch, gradients and losses are averaged across the ranks, and the ranks stop together.
-    pub fn with_data_parallel(mut self, parallel: DataParallel) -> Self {
+    /// With more than one rank the optimizer becomes this rank's shard (see
+    /// [`Frugal::shard_evenly`]): it keeps the state of, and updates, its share of the
+    /// parameters, and the ranks exchange the updated values after every step.
+    pub fn with_data_parallel(mut self, parallel: DataParallel) -> Result<Self> {
+        if parallel.world_size() > 1 {
+            let (rank, world) = (parallel.rank(), parallel.world_size());
+            self.owners = Some(self.optimizer.shard_evenly(rank, world)?);
+        }
         self.parallel = parallel;
-        self
+        Ok(self)
     }
 
     /// The ranks this trainer shares its batches with.
@@ -305,7 +315,7 @@ impl<M: Model> Trainer<M> {
             }
             let stopped = self.parallel.any(self.stop.is_stopped());
             if stopped || paused || step % s.save_every == 0 || last {
-                hooks.checkpoint(self, stopped)?;
+                self.checkpoint(hooks, stopped)?;
             }
             if stopped {
                 return Ok(Outcome::Stopped);
@@ -324,6 +334,9 @@ impl<M: Model> Trainer<M> {
         } else {
             self.step_whole(data)?
         };
+        if let Some(owners) = &self.owners {
+            self.parallel.share_updates(&self.params, owners)?;
+        }
         self.optimizer.observe_loss(loss);
         let tokens = self.settings.tokens_per_step() * self.parallel.world_size();
         let dt = t0.elapsed().as_secs_f64();
@@ -491,6 +504,19 @@ impl<M: Model> Trainer<M> {
         let start = self.state.position + (p.rank() * size) as u64;
         self.state.position += (p.world_size() * size) as u64;
         data.batch(start, size)
+    }
+
+    /// Saves a checkpoint through `hooks`. A sharded optimizer first gathers every rank's state
+    /// into rank 0's, which saves it whole, then returns to its shard.
+    fn checkpoint(&mut self, hooks: &mut impl Hooks<M>, stopped: bool) -> Result<()> {
+        let Some(owners) = &self.owners else {
+            return hooks.checkpoint(self, stopped);
+        };
+        let owned: Vec<bool> = owners.iter().map(|&o| o == self.parallel.rank()).collect();
+        self.parallel.gather_state(&mut self.optimizer)?;
+        let saved = hooks.checkpoint(self, stopped);
+        self.optimizer.shard(&owned)?;
+        saved
     }
 
     /// The stop token this trainer watches.

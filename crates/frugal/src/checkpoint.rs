@@ -191,8 +191,26 @@ fn check_schedule(
 
 impl Frugal {
     /// Writes the complete state to `path` atomically (temporary file, fsync, rename). A step
-    /// taken in parts must be finished first.
+    /// taken in parts must be finished first; a [`Frugal::shard`] must first hold the state of
+    /// every parameter (see [`Frugal::absorb_state`]).
     pub fn save_state(&self, path: &Path) -> Result<()> {
+        if let Some(s) = self.slots.iter().find(|s| !s.owned) {
+            return Err(Error::StateMismatch(format!(
+                "this optimizer is a shard without the state of `{}`; absorb the other shards' states before saving",
+                s.info.name
+            )));
+        }
+        write_atomically(path, &self.serialize(path)?)
+    }
+
+    /// The state of the parameters this shard owns (see [`Frugal::shard`]), in the format of
+    /// [`Frugal::save_state`], for [`Frugal::absorb_state`] of another shard.
+    pub fn owned_state(&self) -> Result<Vec<u8>> {
+        self.serialize(Path::new("(owned state)"))
+    }
+
+    /// The state of the owned parameters, as a safetensors file's bytes.
+    fn serialize(&self, path: &Path) -> Result<Vec<u8>> {
         if self.step_is_open() {
             return Err(Error::StepInParts(
                 "the state cannot be saved in the middle of a step; call finish_step first".into(),
@@ -200,7 +218,7 @@ impl Frugal {
         }
         let mut arrays: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         let mut params = Vec::with_capacity(self.slots.len());
-        for s in &self.slots {
+        for s in self.slots.iter().filter(|s| s.owned) {
             let name = &s.info.name;
             for (suffix, data) in [("m", &s.m), ("v", &s.v)] {
                 if !data.is_empty() {
@@ -295,17 +313,32 @@ impl Frugal {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        let bytes = safetensors::serialize(views, Some(header)).map_err(|e| file_err(path, e))?;
-        write_atomically(path, &bytes)
+        safetensors::serialize(views, Some(header)).map_err(|e| file_err(path, e))
     }
 
     /// Restores the state saved by [`Frugal::save_state`] into an optimizer built over the same
-    /// parameters with the same configuration (the learning rate may differ).
+    /// parameters with the same configuration (the learning rate may differ). A shard keeps
+    /// only its own parameters' part.
     pub fn load_state(&mut self, path: &Path) -> Result<()> {
         let bytes = std::fs::read(path).map_err(|e| file_err(path, e))?;
-        let st = SafeTensors::deserialize(&bytes)
+        let owned = self.owned();
+        self.restore(&bytes, path, true)?;
+        self.shard(&owned)
+    }
+
+    /// Takes over the state of the parameters in `bytes` (another shard's
+    /// [`Frugal::owned_state`]), which this shard then owns: gathering every shard's state
+    /// into one makes a whole optimizer that can be saved.
+    pub fn absorb_state(&mut self, bytes: &[u8]) -> Result<()> {
+        self.restore(bytes, Path::new("(a shard's state)"), false)
+    }
+
+    /// Restores the parameters of the state in `bytes`: every parameter and the optimizer's
+    /// own position (step, random state, schedules) when `whole`, else the parameters it holds.
+    fn restore(&mut self, bytes: &[u8], path: &Path, whole: bool) -> Result<()> {
+        let st = SafeTensors::deserialize(bytes)
             .map_err(|e| file_err(path, format!("not a safetensors file ({e})")))?;
-        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| file_err(path, e))?;
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| file_err(path, e))?;
         let json = header
             .metadata()
             .as_ref()
@@ -329,7 +362,7 @@ impl Frugal {
                 structural(&self.config)
             )));
         }
-        if meta.params.len() != self.slots.len() {
+        if whole && meta.params.len() != self.slots.len() {
             return Err(Error::StateMismatch(format!(
                 "the state has {} parameters, the model {}",
                 meta.params.len(),
@@ -355,7 +388,12 @@ impl Frugal {
         };
         let mut restored = Vec::with_capacity(self.slots.len());
         for slot in &self.slots {
-            let Some(p) = saved.get(slot.info.name.as_str()) else {
+            let p = saved.get(slot.info.name.as_str());
+            if p.is_none() && !whole {
+                restored.push(None);
+                continue;
+            }
+            let Some(p) = p else {
                 let names: Vec<&str> = saved.keys().copied().take(3).collect();
                 return Err(Error::StateMismatch(format!(
                     "the model's parameter `{}` {:?} is not in the state (it has e.g. {})",
@@ -462,9 +500,17 @@ impl Frugal {
                     (Vec::new(), Vec::new(), Some(packed))
                 }
             };
-            restored.push((subspace, m, v, packed, p.t, p.scaled_norm));
+            restored.push(Some((subspace, m, v, packed, p.t, p.scaled_norm)));
         }
-        for (slot, (subspace, m, v, packed, t, norm)) in self.slots.iter_mut().zip(restored) {
+        if restored.iter().flatten().count() != meta.params.len() {
+            return Err(Error::StateMismatch(
+                "the state names a parameter twice or one the model lacks".into(),
+            ));
+        }
+        for (slot, restored) in self.slots.iter_mut().zip(restored) {
+            let Some((subspace, m, v, packed, t, norm)) = restored else {
+                continue;
+            };
             let Slot {
                 subspace: s,
                 m: sm,
@@ -472,9 +518,13 @@ impl Frugal {
                 packed: sp,
                 t: st,
                 scaled_norm: sn,
+                owned,
                 ..
             } = slot;
-            (*s, *sm, *sv, *sp, *st, *sn) = (subspace, m, v, packed, t, norm);
+            (*s, *sm, *sv, *sp, *st, *sn, *owned) = (subspace, m, v, packed, t, norm, true);
+        }
+        if !whole {
+            return Ok(());
         }
         self.step = meta.step;
         self.rng = meta.rng;

@@ -36,9 +36,25 @@ pub(crate) struct Slot {
     pub scaled_norm: Option<f32>,
     /// 8-bit moments (m, v), when the configuration stores them so; `m` and `v` are empty then.
     pub packed: Option<(Packed, Packed)>,
+    /// This optimizer keeps the parameter's state and updates it (see [`Frugal::shard`]).
+    pub owned: bool,
 }
 
 impl Slot {
+    /// Drops the state of a parameter another shard owns. Whole-tensor subspaces (state-full,
+    /// or a block's active or inactive mark) stay: they hold no memory and the block schedule
+    /// compares them.
+    pub(crate) fn release(&mut self) {
+        self.m = Vec::new();
+        self.v = Vec::new();
+        self.packed = None;
+        self.scaled_norm = None;
+        self.t = 0;
+        if !matches!(self.subspace, Subspace::All | Subspace::Nothing) {
+            self.subspace = Subspace::Nothing;
+        }
+    }
+
     /// Length of the first moment, however stored.
     pub(crate) fn moment_len(&self) -> usize {
         self.packed.as_ref().map_or(self.m.len(), |(m, _)| m.len())
@@ -140,6 +156,7 @@ impl Frugal {
                 block,
                 scaled_norm: None,
                 packed: None,
+                owned: true,
                 info,
             })
             .collect();
@@ -376,6 +393,46 @@ impl Frugal {
         Ok(())
     }
 
+    /// Keeps state for, and updates, only the parameters marked in `owned` (model order): one
+    /// shard of a data-parallel optimizer whose other shards update the rest. Every shard still
+    /// makes every decision (blocks, random subspaces, step counts), so they stay in step; the
+    /// state of the others' parameters is released now and never allocated. Their updated
+    /// values must come from their owners after each step.
+    pub fn shard(&mut self, owned: &[bool]) -> Result<()> {
+        if owned.len() != self.slots.len() {
+            return Err(Error::setting(
+                "shard",
+                format!(
+                    "{} ownership marks for {} parameters",
+                    owned.len(),
+                    self.slots.len()
+                ),
+            ));
+        }
+        for (slot, &own) in self.slots.iter_mut().zip(owned) {
+            slot.owned = own;
+            if !own {
+                slot.release();
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes this optimizer rank `rank`'s shard of `world` (see [`crate::memory::shard_owners`]);
+    /// returns the owning rank of every parameter, in model order.
+    pub fn shard_evenly(&mut self, rank: usize, world: usize) -> Result<Vec<usize>> {
+        let infos: Vec<ParamInfo> = self.slots.iter().map(|s| s.info.clone()).collect();
+        let owners = crate::memory::owners(&self.config, &infos, world);
+        let owned: Vec<bool> = owners.iter().map(|&o| o == rank).collect();
+        self.shard(&owned)?;
+        Ok(owners)
+    }
+
+    /// Which parameters this optimizer updates, in model order (all unless [`Frugal::shard`]ed).
+    pub fn owned(&self) -> Vec<bool> {
+        self.slots.iter().map(|s| s.owned).collect()
+    }
+
     /// True while a step taken in parts is open.
     pub fn step_is_open(&self) -> bool {
         self.open.is_some()
@@ -414,6 +471,9 @@ impl Frugal {
     fn update_slot(&mut self, i: usize, g: &Tensor) -> Result<()> {
         let config = &self.config;
         let slot = &mut self.slots[i];
+        if !slot.owned {
+            return Ok(()); // another shard's
+        }
         let lr = config.lr;
         let decays = config.decay_mask == DecayMask::All || slot.info.weight_decay;
         let keep = if decays {

@@ -137,9 +137,11 @@ impl Frugal {
         let Some(svds) = self.open.as_mut().and_then(|open| open.svds.as_mut()) else {
             return Ok(());
         };
+        let slots = &self.slots;
         let pending: Vec<(&(usize, Tensor), u64)> = work
             .iter()
             .filter_map(|item| svds.seeds[item.0].take().map(|seed| (item, seed)))
+            .filter(|((i, _), _)| slots[*i].owned)
             .collect();
         if pending.is_empty() {
             return Ok(());
@@ -244,6 +246,10 @@ fn install(
 ) {
     let len = sub.state_len(slot.info.numel());
     slot.subspace = sub;
+    if !slot.owned {
+        slot.release();
+        return;
+    }
     let (m_len, v_len) = (
         if moment_buffers >= 1 { len } else { 0 },
         if moment_buffers >= 2 { len } else { 0 },

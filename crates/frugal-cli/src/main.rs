@@ -187,6 +187,7 @@ fn compare_pretraining(
     mut args: frugal_train::compare::CompareSettings,
     given: Vec<String>,
     command: &str,
+    parallel: &DataParallel,
 ) -> Result<()> {
     set_threads(args.train.threads)?;
     // --resume names the comparison directory, not a single run.
@@ -200,14 +201,26 @@ fn compare_pretraining(
         .cache_dir
         .clone()
         .unwrap_or_else(data::default_cache_dir);
-    frugal_train::compare::run(args, &cache, command, &ctrl_c_token(), &Device::Cpu)
+    frugal_train::compare::run(
+        args,
+        &cache,
+        command,
+        &ctrl_c_token(),
+        &Device::Cpu,
+        parallel,
+    )
 }
 
 fn run(matches: &ArgMatches, cli: Cli, comm: &Arc<dyn Collectives>) -> Result<()> {
     let given = |name: &str| explicit(matches.subcommand_matches(name).expect("subcommand"));
-    if comm.world_size() > 1 && !matches!(cli.command, Command::Train(_)) {
+    let across_ranks = match &cli.command {
+        Command::Train(_) => true,
+        Command::Compare(args) => args.task.is_none(),
+        _ => false,
+    };
+    if comm.world_size() > 1 && !across_ranks {
         return Err(SharedError(format!(
-            "{} ranks were launched, but only `frugal train` runs across ranks; run this command as one process",
+            "{} ranks were launched, but only `frugal train` and `frugal compare` (pre-training) run across ranks; run this command as one process",
             comm.world_size()
         ))
         .into());
@@ -261,7 +274,12 @@ fn run(matches: &ArgMatches, cli: Cli, comm: &Arc<dyn Collectives>) -> Result<()
             let compare = matches.subcommand_matches("compare").expect("subcommand");
             let command = std::env::args().collect::<Vec<_>>().join(" ");
             match args.task {
-                None => compare_pretraining(args.pretraining, explicit(compare), &command)?,
+                None => compare_pretraining(
+                    args.pretraining,
+                    explicit(compare),
+                    &command,
+                    &DataParallel::new(Arc::clone(comm)),
+                )?,
                 Some(cli::CompareTask::Finetune(mut args)) => {
                     let given = explicit(compare.subcommand_matches("finetune").expect("task"));
                     if given.iter().any(|k| k == "method") {

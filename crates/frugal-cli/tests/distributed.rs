@@ -347,3 +347,68 @@ fn per_layer_updates_of_sharded_ranks_match_their_whole_steps() {
     assert_eq!(norms(&layered), norms(&whole));
     assert!(norms(&whole).len() == 8, "{:?}", norms(&whole));
 }
+
+#[test]
+fn a_comparison_runs_across_ranks_and_tunes_like_one_process() {
+    // Successive halving with a diverging candidate: rank 0 decides what each round runs, the
+    // divergence fails every rank alike, and rank 0 alone writes the report.
+    let dir = scratch("dp-compare");
+    let compare = |ranks: usize, out: &Path| {
+        let mut c = match ranks {
+            1 => frugal(&dir),
+            n => mpirun(n, &dir),
+        };
+        c.args([
+            "compare",
+            "--steps",
+            "4",
+            "--seeds",
+            "0",
+            "--methods",
+            "adamw",
+        ])
+        .args(dp(&[
+            "--steps",
+            "4",
+            "--eval-every",
+            "1",
+            "--test-fraction",
+            "0.1",
+        ]))
+        .args([
+            "--tune",
+            "lr=1e9,1e-3,3e-3",
+            "--halving-rate",
+            "2",
+            "--threads",
+            "1",
+        ])
+        .arg("--out")
+        .arg(out);
+        c
+    };
+    let one = dir.join("one");
+    run_ok(compare(1, &one).args(["--batch-size", "4", "--grad-accum", "2"]));
+    let two = dir.join("two");
+    let out = run_ok(compare(2, &two).args(["--batch-size", "4"]));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(log.matches("comparison written to").count(), 1, "{log}");
+    let (a, b) = (
+        json(&one.join("compare.json")),
+        json(&two.join("compare.json")),
+    );
+    assert_eq!(a["tuning"][0]["chosen"], b["tuning"][0]["chosen"]);
+    assert!(b["tuning"][0]["candidates"][0]["failed"].is_string());
+    assert_eq!(a["rows"][0]["test_ppl_mean"], b["rows"][0]["test_ppl_mean"]);
+    // Continuing the finished comparison on two ranks trains nothing.
+    let again = run_ok(
+        compare(2, &two)
+            .args(["--batch-size", "4", "--resume"])
+            .arg(&two),
+    );
+    let log = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        log.contains("already reached") && !log.contains("done:"),
+        "{log}"
+    );
+}

@@ -631,33 +631,34 @@ pub fn run(
         tokens_per_s: state.tokens as f64 / state.train_s.max(1e-9),
         interrupted: outcome != Outcome::Finished,
     };
-    if !lead {
-        return Ok(out);
-    }
-    frugal::fs::write_atomically(
-        &out.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
-    hooks.plot()?;
-    if outcome == Outcome::Paused {
+    // Rank 0 writes the summary; every rank returns once it is written.
+    parallel.on_lead(|| {
+        frugal::fs::write_atomically(
+            &out.join("summary.json"),
+            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        )?;
+        hooks.plot()?;
+        if outcome == Outcome::Paused {
+            eprintln!(
+                "paused after step {} of {}; continue with `frugal train --resume {}`",
+                state.step,
+                args.steps,
+                out.display()
+            );
+        }
         eprintln!(
-            "paused after step {} of {}; continue with `frugal train --resume {}`",
+            "done: {} steps, {} tokens in {:.1}s ({:.0} tok/s in training steps); validation loss {:.4}, perplexity {:.2}{}; run in {}",
             state.step,
-            args.steps,
+            state.tokens,
+            session.elapsed().as_secs_f64(),
+            summary.tokens_per_s,
+            val_loss,
+            val_loss.exp(),
+            initial_val.map(|p| format!(" (from {p:.1})")).unwrap_or_default(),
             out.display()
         );
-    }
-    eprintln!(
-        "done: {} steps, {} tokens in {:.1}s ({:.0} tok/s in training steps); validation loss {:.4}, perplexity {:.2}{}; run in {}",
-        state.step,
-        state.tokens,
-        session.elapsed().as_secs_f64(),
-        summary.tokens_per_s,
-        val_loss,
-        val_loss.exp(),
-        initial_val.map(|p| format!(" (from {p:.1})")).unwrap_or_default(),
-        out.display()
-    );
+        Ok(())
+    })?;
     Ok(out)
 }
 

@@ -3,6 +3,7 @@
 //! accuracy and macro-F1 against trainable parameters and optimizer memory.
 
 use super::runner::{self, Curve, Job, Method, MethodRuns, Outcome, Progress, Runner};
+use crate::data_parallel::DataParallel;
 use crate::finetune::run::{resolve, run, FinetuneSettings, FinetuneSummary};
 use crate::finetune::scores::Scores;
 use crate::metrics::{read_records, read_summary, Record};
@@ -313,6 +314,7 @@ pub fn compare(
         job: &job,
         out: &out,
         stop,
+        parallel: &DataParallel::default(),
     };
     let compared = runner.run_all(&methods, &seeds, &grid, args.halving_rate)?;
     let table = rows(&compared.methods, &compared.results);

@@ -7,6 +7,7 @@
 pub mod finetune;
 pub mod runner;
 
+use crate::data_parallel::DataParallel;
 use crate::metrics::{read_records, Record, Summary};
 use crate::plot::{write_png, Panel, Series};
 use crate::run::{self, resolve};
@@ -152,6 +153,7 @@ struct Pretraining<'a> {
     cache: &'a Path,
     stop: &'a StopToken,
     device: &'a Device,
+    parallel: &'a DataParallel,
 }
 
 impl Job for Pretraining<'_> {
@@ -191,7 +193,7 @@ impl Job for Pretraining<'_> {
             self.cache,
             self.stop,
             self.device,
-            &crate::data_parallel::DataParallel::default(),
+            self.parallel,
         )?;
         Ok(())
     }
@@ -389,6 +391,7 @@ pub fn run(
     command: &str,
     stop: &StopToken,
     device: &Device,
+    parallel: &DataParallel,
 ) -> Result<()> {
     let methods = methods(&args)?;
     let seeds = runner::parse_seeds(&args.seeds)?;
@@ -408,11 +411,13 @@ pub fn run(
             |spec| Ok(frugal::OptimizerConfig::parse_spec(spec).map(|_| ())?),
         )?;
     }
-    let out = runner::open_out(
-        args.train.resume.as_deref(),
-        args.train.out.as_deref(),
-        "runs/compare",
-    )?;
+    let out = parallel.on_lead(|| {
+        runner::open_out(
+            args.train.resume.as_deref(),
+            args.train.out.as_deref(),
+            "runs/compare",
+        )
+    })?;
     let mut base = args.train.clone();
     base.resume = None;
     if base.eval_every.is_none() {
@@ -428,22 +433,28 @@ pub fn run(
         cache,
         stop,
         device,
+        parallel,
     };
     let started = std::time::Instant::now();
     let runner = Runner {
         job: &job,
         out: &out,
         stop,
+        parallel,
     };
     let compared = runner.run_all(&methods, &seeds, &grid, args.halving_rate)?;
+    if parallel.rank() != 0 {
+        return Ok(());
+    }
     let table = rows(&compared.methods, &compared.results);
-    let tokens = (resolved.tokens_per_step * base.steps) as u64;
+    let tokens_per_step = resolved.tokens_per_step * parallel.world_size();
+    let tokens = (tokens_per_step * base.steps) as u64;
     plot(
         &out.join("compare.png"),
         &compared.methods,
         &compared.results,
         &table,
-        resolved.tokens_per_step as f64,
+        tokens_per_step as f64,
     )?;
     let json = serde_json::json!({"command": command, "seeds": seeds, "tokens_per_run": tokens, "rows": table});
     runner.report(

@@ -3,6 +3,7 @@
 //! and the summary statistics of the table.
 
 use crate::checkpoint;
+use crate::data_parallel::DataParallel;
 use crate::plot::Series;
 use crate::trainer::StopToken;
 use crate::tune::{self, Grid, Rung};
@@ -266,6 +267,9 @@ pub struct Runner<'a, J> {
     pub job: &'a J,
     pub out: &'a Path,
     pub stop: &'a StopToken,
+    /// The ranks that train every run together; rank 0 decides what to run from the
+    /// comparison's directory, prints and writes.
+    pub parallel: &'a DataParallel,
 }
 
 impl<J: Job> Runner<'_, J> {
@@ -302,7 +306,9 @@ impl<J: Job> Runner<'_, J> {
             }
             Ok(false) => return Ok(None),
             Err(e) => {
-                eprintln!("== {} (seed {seed}) failed: {e:#}", method.label);
+                if self.parallel.rank() == 0 {
+                    eprintln!("== {} (seed {seed}) failed: {e:#}", method.label);
+                }
                 outcome.failed = Some(format!("{e:#}"));
             }
         }
@@ -313,28 +319,35 @@ impl<J: Job> Runner<'_, J> {
     fn train(&self, method: &Method, seed: u64, until: Option<usize>, dir: &Path) -> Result<bool> {
         let steps = self.job.steps();
         let target = until.unwrap_or(steps);
-        let reached = self
-            .job
-            .progress(dir)
-            .is_some_and(|p| p.steps >= target && (p.steps < steps || !p.interrupted));
-        if reached {
+        // Rank 0 reads (and clears) the run's directory; every rank follows its decision.
+        let (reached, resumable) = self.parallel.on_lead(|| {
+            let reached = self
+                .job
+                .progress(dir)
+                .is_some_and(|p| p.steps >= target && (p.steps < steps || !p.interrupted));
+            if reached {
+                eprintln!(
+                    "== {} (seed {seed}): step {target} already reached",
+                    method.label
+                );
+                return Ok((true, false));
+            }
+            let resumable = !checkpoint::list(dir)?.is_empty();
+            if !resumable && dir.exists() {
+                std::fs::remove_dir_all(dir)?; // started but never checkpointed: start over
+            }
             eprintln!(
-                "== {} (seed {seed}): step {target} already reached",
-                method.label
+                "== {} (seed {seed}){}",
+                method.label,
+                until.map(|k| format!(", to step {k}")).unwrap_or_default()
             );
+            Ok((false, resumable))
+        })?;
+        if reached {
             return Ok(true);
         }
-        let resumable = !checkpoint::list(dir)?.is_empty();
-        if !resumable && dir.exists() {
-            std::fs::remove_dir_all(dir)?; // started but never checkpointed: start over
-        }
-        eprintln!(
-            "== {} (seed {seed}){}",
-            method.label,
-            until.map(|k| format!(", to step {k}")).unwrap_or_default()
-        );
         self.job.train(method, seed, until, dir, resumable)?;
-        Ok(!self.stop.is_stopped())
+        Ok(!self.parallel.any(self.stop.is_stopped()))
     }
 
     /// Successive halving over `grid` for `method` with `seed`: the winner (its spec and values)
@@ -448,7 +461,7 @@ impl<J: Job> Runner<'_, J> {
                 }
             }
         }
-        if self.stop.is_stopped() {
+        if self.stop.is_stopped() && self.parallel.rank() == 0 {
             eprintln!(
                 "interrupted; continue the comparison with `--resume {}` and the same flags",
                 self.out.display()
@@ -478,6 +491,9 @@ where
         decimals: usize,
         started: std::time::Instant,
     ) -> Result<()> {
+        if self.parallel.rank() != 0 {
+            return Ok(());
+        }
         let dirs = run_dirs(
             compared.results.iter().map(|r| r.dir.clone()),
             &compared.tunings,

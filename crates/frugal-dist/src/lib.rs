@@ -97,34 +97,9 @@ pub fn solo() -> Arc<dyn Collectives> {
     Arc::new(Solo)
 }
 
-/// The part of `len` items that rank `rank` of `world` owns when they are cut into `world`
-/// contiguous chunks (the first `len % world` chunks one longer).
-pub fn chunk(len: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
-    let (base, extra) = (len / world, len % world);
-    let start = rank * base + rank.min(extra);
-    start..start + base + usize::from(rank < extra)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chunks_cover_the_range_once_and_differ_in_length_by_at_most_one() {
-        for len in [0, 1, 5, 7, 64] {
-            for world in 1..=4 {
-                let chunks: Vec<_> = (0..world).map(|r| chunk(len, r, world)).collect();
-                assert_eq!(chunks[0].start, 0);
-                assert_eq!(chunks[world - 1].end, len);
-                for pair in chunks.windows(2) {
-                    assert_eq!(pair[0].end, pair[1].start);
-                    assert!(pair[0].len() - pair[1].len() <= 1);
-                }
-            }
-        }
-        assert_eq!(chunk(7, 0, 3), 0..3);
-        assert_eq!(chunk(7, 2, 3), 5..7);
-    }
 
     #[test]
     fn a_single_process_reduces_and_gathers_to_itself() {

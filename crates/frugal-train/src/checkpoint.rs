@@ -109,13 +109,18 @@ pub fn locate(path: &Path) -> Result<PathBuf> {
     })
 }
 
-/// The optimizer of `params` with the state saved in checkpoint `dir`, and the trainer state.
+/// The optimizer of `params` with the state saved in checkpoint `dir`, and the trainer state;
+/// for rank `rank` of `world` (more than one), only that rank's shard of the state is read.
 pub fn restore(
     params: Vec<frugal::Param>,
     config: frugal::OptimizerConfig,
     dir: &Path,
+    (rank, world): (usize, usize),
 ) -> Result<(Frugal, TrainerState)> {
     let mut opt = Frugal::from_params(params, config)?;
+    if world > 1 {
+        opt.shard_evenly(rank, world)?;
+    }
     opt.load_state(&dir.join(OPTIMIZER))
         .with_context(|| format!("cannot resume from {}", dir.display()))?;
     Ok((opt, trainer_state(dir)?))

@@ -459,7 +459,9 @@ pub fn run(
     let (mut model, opt, state) = match &resume_from {
         Some((_, ck)) => {
             let model = Llama::load(&run.model, &ck.join(checkpoint::MODEL), &device, DType::F32)?;
-            let (opt, state) = checkpoint::restore(model.params(), run.optimizer.clone(), ck)?;
+            let shard = (parallel.rank(), world);
+            let (opt, state) =
+                checkpoint::restore(model.params(), run.optimizer.clone(), ck, shard)?;
             (model, opt, state)
         }
         None => {

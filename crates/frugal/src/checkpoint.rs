@@ -317,13 +317,15 @@ impl Frugal {
     }
 
     /// Restores the state saved by [`Frugal::save_state`] into an optimizer built over the same
-    /// parameters with the same configuration (the learning rate may differ). A shard keeps
+    /// parameters with the same configuration (the learning rate may differ). A shard reads
     /// only its own parameters' part.
     pub fn load_state(&mut self, path: &Path) -> Result<()> {
-        let bytes = std::fs::read(path).map_err(|e| file_err(path, e))?;
-        let owned = self.owned();
-        self.restore(&bytes, path, true)?;
-        self.shard(&owned)
+        let file = std::fs::File::open(path).map_err(|e| file_err(path, e))?;
+        // Mapped, not read: a shard touches only the pages of its own parameters.
+        // SAFETY: checkpoints are replaced by atomic renames, never rewritten in place, so the
+        // mapped file does not change while it is read.
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| file_err(path, e))?;
+        self.restore(&bytes, path, true)
     }
 
     /// Takes over the state of the parameters in `bytes` (another shard's
@@ -408,6 +410,10 @@ impl Frugal {
                     expected: p.shape.clone(),
                     found: slot.info.shape.clone(),
                 });
+            }
+            if whole && !slot.owned {
+                restored.push(None); // another shard's
+                continue;
             }
             let name = &p.name;
             let subspace = match &p.subspace {
@@ -502,7 +508,7 @@ impl Frugal {
             };
             restored.push(Some((subspace, m, v, packed, p.t, p.scaled_norm)));
         }
-        if restored.iter().flatten().count() != meta.params.len() {
+        if !whole && restored.iter().flatten().count() != meta.params.len() {
             return Err(Error::StateMismatch(
                 "the state names a parameter twice or one the model lacks".into(),
             ));
@@ -521,7 +527,8 @@ impl Frugal {
                 owned,
                 ..
             } = slot;
-            (*s, *sm, *sv, *sp, *st, *sn, *owned) = (subspace, m, v, packed, t, norm, true);
+            (*s, *sm, *sv, *sp, *st, *sn) = (subspace, m, v, packed, t, norm);
+            *owned = true;
         }
         if !whole {
             return Ok(());

@@ -690,7 +690,8 @@ pub fn run(
         Some((_, ck)) => {
             let lora = config.lora.as_ref();
             let model = load_classifier(ck, config.pooling, config.dropout, lora, device)?;
-            let (opt, state) = checkpoint::restore(model.params(), config.optimizer.clone(), ck)?;
+            let (opt, state) =
+                checkpoint::restore(model.params(), config.optimizer.clone(), ck, (0, 1))?;
             (model, opt, state)
         }
         None => {

@@ -111,9 +111,7 @@ impl DataParallel {
         }
         Ok(())
     }
-}
 
-impl DataParallel {
     /// Sends every rank's updated parameters to the others after a sharded step (each rank
     /// updated only those it owns, `owners[i]` being parameter i's rank), one rank's share at a
     /// time.
@@ -185,22 +183,7 @@ impl DataParallel {
             .map(|b| b.as_slice().try_into().map_or(0, u64::from_le_bytes) as usize)
             .collect()
     }
-}
 
-/// An error that every rank meets alike (a settings mismatch, or rank 0's failure handed to the
-/// others): rank 0 reports it and the other ranks end quietly.
-#[derive(Debug)]
-pub struct SharedError(pub String);
-
-impl std::fmt::Display for SharedError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for SharedError {}
-
-impl DataParallel {
     /// Runs `f` on rank 0 only and hands its result to every rank; where it fails, the other
     /// ranks fail with a [`SharedError`] (rank 0 reports the failure).
     pub fn on_lead<T: Serialize + DeserializeOwned>(
@@ -259,6 +242,19 @@ impl DataParallel {
         .into())
     }
 }
+
+/// An error that every rank meets alike (a settings mismatch, or rank 0's failure handed to the
+/// others): rank 0 reports it and the other ranks end quietly.
+#[derive(Debug)]
+pub struct SharedError(pub String);
+
+impl std::fmt::Display for SharedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SharedError {}
 
 /// The fields of `b` that differ from `a`, as `path: a vs b`.
 fn differing_fields(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {

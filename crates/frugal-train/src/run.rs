@@ -635,19 +635,9 @@ pub fn run(
     };
     // Rank 0 writes the summary; every rank returns once it is written.
     parallel.on_lead(|| {
-        frugal::fs::write_atomically(
-            &out.join("summary.json"),
-            serde_json::to_string_pretty(&summary)?.as_bytes(),
-        )?;
         hooks.plot()?;
-        if outcome == Outcome::Paused {
-            eprintln!(
-                "paused after step {} of {}; continue with `frugal train --resume {}`",
-                state.step,
-                args.steps,
-                out.display()
-            );
-        }
+        let paused = (outcome == Outcome::Paused).then_some((state.step, args.steps));
+        crate::run_dir::write_summary(&out, &summary, paused, "train")?;
         eprintln!(
             "done: {} steps, {} tokens in {:.1}s ({:.0} tok/s in training steps); validation loss {:.4}, perplexity {:.2}{}; run in {}",
             state.step,

@@ -1,10 +1,31 @@
 //! What every run directory shares: its default name, the checkpoint a resumed run continues
-//! from, and the progress bar.
+//! from, the summary, and the progress bar.
 
 use crate::checkpoint;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
+
+/// Writes the run's `summary.json` (atomically); a run paused after step k of n (`paused`)
+/// says how to continue it with `frugal <command> --resume`.
+pub fn write_summary(
+    out: &Path,
+    summary: &impl serde::Serialize,
+    paused: Option<(usize, usize)>,
+    command: &str,
+) -> Result<()> {
+    frugal::fs::write_atomically(
+        &out.join("summary.json"),
+        serde_json::to_string_pretty(summary)?.as_bytes(),
+    )?;
+    if let Some((step, steps)) = paused {
+        eprintln!(
+            "paused after step {step} of {steps}; continue with `frugal {command} --resume {}`",
+            out.display()
+        );
+    }
+    Ok(())
+}
 
 /// `runs/<prefix>-<unix seconds>`.
 pub fn default_out(prefix: &str) -> PathBuf {

@@ -286,11 +286,6 @@ impl<M: Model> Trainer<M> {
         Ok(self)
     }
 
-    /// The ranks this trainer shares its batches with.
-    pub fn data_parallel(&self) -> &DataParallel {
-        &self.parallel
-    }
-
     /// Runs steps until the last one or until the stop token is set.
     pub fn train(
         &mut self,

@@ -823,19 +823,9 @@ pub fn run(
         truncated,
         interrupted: outcome != Outcome::Finished,
     };
-    frugal::fs::write_atomically(
-        &out.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
     hooks.plot()?;
-    if outcome == Outcome::Paused {
-        eprintln!(
-            "paused after step {} of {}; continue with `frugal finetune --resume {}`",
-            state.step,
-            args.steps,
-            out.display()
-        );
-    }
+    let paused = (outcome == Outcome::Paused).then_some((state.step, args.steps));
+    crate::run_dir::write_summary(&out, &summary, paused, "finetune")?;
     eprintln!(
         "done: {} steps, {} examples ({:.1} examples/s in training steps); validation accuracy {:.4}, macro-F1 {:.4}; run in {}",
         state.step,

@@ -40,10 +40,12 @@ one, a = run("one")
 many, b = run("ranks")
 worst = max(abs(x - y) for x, y in zip(a, b))
 mib = lambda x: x / 2**20
-print(f"{'run':<12} {'wall s':>8} {'tok/s':>8} {'val loss':>10} {'state MiB per rank':>20}")
-print(f"{'1 process':<12} {one_s:8.1f} {one['tokens_per_s']:8.0f} {one['val_loss']:10.4f} {mib(one['optimizer_state_total_bytes']):20.1f}")
+print(f"{'run':<12} {'wall s':>8} {'tok/s':>8} {'val loss':>10} {'state MiB per rank':>20} {'peak RSS MiB per rank':>22}")
+print(f"{'1 process':<12} {one_s:8.1f} {one['tokens_per_s']:8.0f} {one['val_loss']:10.4f} "
+      f"{mib(one['optimizer_state_total_bytes']):20.1f} {mib(one['peak_rss_bytes']):22.0f}")
 shares = " + ".join(f"{mib(x):.1f}" for x in many["optimizer_state_bytes_per_rank"])
-print(f"{n + ' ranks':<12} {ranks_s:8.1f} {many['tokens_per_s']:8.0f} {many['val_loss']:10.4f} {shares:>20}")
+rss = " + ".join(f"{mib(x):.0f}" for x in many["peak_rss_bytes_per_rank"])
+print(f"{n + ' ranks':<12} {ranks_s:8.1f} {many['tokens_per_s']:8.0f} {many['val_loss']:10.4f} {shares:>20} {rss:>22}")
 print(f"ranks / one process: wall {ranks_s / one_s:.2f}×, throughput {many['tokens_per_s'] / one['tokens_per_s']:.2f}×; "
       f"largest per-step loss difference {worst:.2e} over {len(a)} steps")
 PY

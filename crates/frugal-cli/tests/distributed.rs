@@ -136,6 +136,12 @@ fn check_sharded_state(cache: &Path, optimizer: &str, ranks: &Path, whole: &Path
         .unwrap();
     assert_eq!(per_rank.len(), 2);
     assert_eq!(per_rank.iter().sum::<u64>(), total, "{optimizer}");
+    let rss = summary(ranks)["peak_rss_bytes_per_rank"].clone();
+    assert!(
+        rss.as_array()
+            .is_some_and(|r| r.len() == 2 && r.iter().all(|b| b.as_u64() > Some(0))),
+        "{rss}"
+    );
     // The largest tensor of `tiny` is the 4096 × 256 embedding: 8 MiB of AdamW moments.
     let largest = 2 * 4 * 4096 * 256;
     for held in &per_rank {

@@ -120,6 +120,9 @@ pub struct Summary {
     /// updates).
     pub gradient_bytes: usize,
     pub peak_rss_bytes: u64,
+    /// Under data parallelism, each rank's peak RSS, in rank order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peak_rss_bytes_per_rank: Vec<u64>,
     pub wall_s: f64,
     /// Training tokens per second of step time (evaluation and checkpoints excluded).
     pub tokens_per_s: f64,

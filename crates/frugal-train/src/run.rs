@@ -629,6 +629,14 @@ pub fn run(
             .step_memory(args.batch_size, run.seq_len, run.step_mode())
             .gradients,
         peak_rss_bytes: peak_rss_bytes(),
+        peak_rss_bytes_per_rank: match world {
+            1 => Vec::new(),
+            _ => parallel
+                .all_gather_usize(peak_rss_bytes() as usize)
+                .into_iter()
+                .map(|b| b as u64)
+                .collect(),
+        },
         wall_s: state.elapsed_s,
         tokens_per_s: state.tokens as f64 / state.train_s.max(1e-9),
         interrupted: outcome != Outcome::Finished,

@@ -99,11 +99,12 @@ impl DataParallel {
                 flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
             }
             self.comm.all_reduce_sum(&mut flat);
+            flat.iter_mut().for_each(|x| *x *= scale);
             let mut at = 0;
             for (p, g) in bucket {
                 let n = g.elem_count();
-                let mean: Vec<f32> = flat[at..at + n].iter().map(|x| x * scale).collect();
-                let mean = Tensor::from_vec(mean, g.shape(), g.device())?.to_dtype(g.dtype())?;
+                let mean = Tensor::from_slice(&flat[at..at + n], g.shape(), g.device())?
+                    .to_dtype(g.dtype())?;
                 grads.insert(p.var.as_tensor(), mean);
                 at += n;
             }

@@ -176,9 +176,7 @@ pub struct EvalReport {
 /// The sequence length of the run a checkpoint belongs to (`<run>/checkpoints/step-N`).
 fn run_seq_len(checkpoint: &Path) -> Option<usize> {
     let run = checkpoint.parent()?.parent()?;
-    let text = std::fs::read_to_string(run.join("config.json")).ok()?;
-    let config: crate::run::RunConfig = serde_json::from_str(&text).ok()?;
-    Some(config.seq_len)
+    crate::run::RunConfig::read(run).ok().map(|c| c.seq_len)
 }
 
 /// Loss and perplexity of a checkpoint on a split of a corpus, on `device`.

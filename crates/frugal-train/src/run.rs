@@ -43,6 +43,14 @@ fn one() -> usize {
 }
 
 impl RunConfig {
+    /// The settings saved in the run directory `dir` (its `config.json`).
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))
+    }
+
     /// The loop settings of this run.
     pub fn loop_settings(&self) -> LoopSettings {
         let a = &self.args;
@@ -327,16 +335,6 @@ pub fn sharded_plan(run: &RunConfig, world: usize) -> Result<Vec<usize>> {
     Ok(held)
 }
 
-/// The number of ranks the run in `dir` was started on.
-fn started_on(dir: &Path) -> Result<usize> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let saved: RunConfig =
-        serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))?;
-    Ok(saved.world_size)
-}
-
 /// Prints a line on rank 0 only.
 macro_rules! say {
     ($lead:expr, $($line:tt)*) => {
@@ -377,7 +375,7 @@ pub fn run(
     let (out, resume_from) =
         parallel.on_lead(|| crate::run_dir::open(run.args.out.as_deref(), resume, "run"))?;
     run.world_size = match resume_from {
-        Some(_) => started_on(&out)?,
+        Some(_) => RunConfig::read(&out)?.world_size,
         None => world,
     };
     if let Some(note) = run.on_ranks(world)? {

@@ -8,7 +8,7 @@
 //! vocabulary chunks as well, the forward pass keeps only each row's log-sum-exp and the
 //! backward pass computes the logits again, chunk by chunk.
 
-use crate::ops::{counted, cpu_f32, log_sum_exp, IGNORE};
+use crate::ops::{counted, cpu_f32, cross_entropy, fused_here, linear, log_sum_exp, IGNORE};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -341,13 +341,20 @@ fn checked_targets(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Vec<u32>>
 /// (vocab, d) and `targets` (n, u32), in `chunks`: at most (n / tokens) × (vocab / vocab
 /// chunks) logits exist at a time. It backpropagates to `h` and `w`. With one vocabulary chunk
 /// the gradients are formed in the forward pass (no logits are computed twice); with more,
-/// the backward pass recomputes the logits chunk by chunk.
+/// the backward pass recomputes the logits chunk by chunk. Off the CPU, or in another dtype than
+/// f32, it is the whole-logits loss (the chunks are a CPU kernel).
 pub fn linear_cross_entropy(
     h: &Tensor,
     w: &Tensor,
     targets: &Tensor,
     chunks: LossChunks,
 ) -> Result<Tensor> {
+    if !fused_here(h) {
+        return cross_entropy(
+            &linear(h, &w.to_dtype(h.dtype())?)?,
+            &targets.flatten_all()?,
+        );
+    }
     let targets = checked_targets(h, w, targets)?;
     let (h, w) = (h.contiguous()?, w.contiguous()?);
     if chunks.vocab <= 1 {
@@ -370,6 +377,9 @@ pub fn linear_cross_entropy_value(
     targets: &Tensor,
     chunks: LossChunks,
 ) -> Result<f32> {
+    if !fused_here(h) {
+        return linear_cross_entropy(&h.detach(), &w.detach(), targets, chunks)?.to_scalar();
+    }
     let targets = checked_targets(h, w, targets)?;
     let (_, total) = lse_pass(&h.detach(), &w.detach(), &targets, chunks)?;
     Ok((total / counted(&targets) as f64) as f32)
@@ -378,7 +388,6 @@ pub fn linear_cross_entropy_value(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::cross_entropy;
     use crate::ops::tests::{max_diff, randn};
     use candle_core::{Device, Var};
 

@@ -6,6 +6,7 @@ use crate::config::{DensitySchedule, MomentStorage, OptimizerConfig};
 use crate::error::{Error, Result};
 use crate::fs::write_atomically;
 use crate::labels::{ParamInfo, Role};
+use crate::on_device::Engine;
 use crate::optimizer::{Frugal, Slot};
 use crate::projection::{Axis, Basis, BlockSchedule, Selection, Subspace};
 use crate::quant::{self, Code, Packed};
@@ -220,7 +221,8 @@ impl Frugal {
         let mut params = Vec::with_capacity(self.slots.len());
         for s in self.slots.iter().filter(|s| s.owned) {
             let name = &s.info.name;
-            for (suffix, data) in [("m", &s.m), ("v", &s.v)] {
+            let (m, v) = s.host_moments()?;
+            for (suffix, data) in [("m", &m), ("v", &v)] {
                 if !data.is_empty() {
                     arrays.push((
                         format!("{name}::{suffix}"),
@@ -529,6 +531,10 @@ impl Frugal {
             } = slot;
             (*s, *sm, *sv, *sp, *st, *sn) = (subspace, m, v, packed, t, norm);
             *owned = true;
+            if self.engine == Engine::Tensors {
+                slot.device = Default::default();
+                slot.push()?;
+            }
         }
         if !whole {
             return Ok(());

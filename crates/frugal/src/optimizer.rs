@@ -4,8 +4,10 @@
 use crate::config::{DecayMask, OptimizerConfig, StateFreeRule};
 use crate::error::{Error, Result};
 use crate::kernels::cpu as kernels;
+use crate::kernels::tensor;
 use crate::labels::{resolve, Param, ParamInfo, Role};
 use crate::memory::StateBytes;
+use crate::on_device::{self, Engine, OnDevice};
 use crate::projection::{assign_blocks, BlockSchedule, Subspace, Workspace};
 use crate::quant::Packed;
 use crate::refresh::OpenStep;
@@ -18,6 +20,7 @@ use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use std::borrow::Cow;
 
 /// Per-parameter optimizer state.
 pub(crate) struct Slot {
@@ -38,6 +41,9 @@ pub(crate) struct Slot {
     pub packed: Option<(Packed, Packed)>,
     /// This optimizer keeps the parameter's state and updates it (see [`Frugal::shard`]).
     pub owned: bool,
+    /// Moments and subspace tensors on the parameter's device ([`Engine::Tensors`]); `m` and
+    /// `v` are empty then.
+    pub device: OnDevice,
 }
 
 impl Slot {
@@ -48,6 +54,7 @@ impl Slot {
         self.m = Vec::new();
         self.v = Vec::new();
         self.packed = None;
+        self.device = OnDevice::default();
         self.scaled_norm = None;
         self.t = 0;
         if !matches!(self.subspace, Subspace::All | Subspace::Nothing) {
@@ -57,7 +64,11 @@ impl Slot {
 
     /// Length of the first moment, however stored.
     pub(crate) fn moment_len(&self) -> usize {
-        self.packed.as_ref().map_or(self.m.len(), |(m, _)| m.len())
+        match (&self.packed, &self.device.m) {
+            (Some((m, _)), _) => m.len(),
+            (None, Some(m)) => m.elem_count(),
+            (None, None) => self.m.len(),
+        }
     }
 }
 
@@ -67,10 +78,10 @@ pub struct ParamStateView<'a> {
     pub info: &'a ParamInfo,
     /// Current subspace.
     pub subspace: &'a Subspace,
-    /// First moment (empty when the rule keeps none).
-    pub m: &'a [f32],
+    /// First moment (empty when the rule keeps none; a host copy of moments on a device).
+    pub m: Cow<'a, [f32]>,
     /// Second moment (empty when the rule keeps none).
-    pub v: &'a [f32],
+    pub v: Cow<'a, [f32]>,
     /// Steps since the last reset.
     pub t: u64,
 }
@@ -89,17 +100,19 @@ pub struct Frugal {
     workspace: Workspace,
     /// The step being taken in parts, between `begin_step` and `finish_step`.
     pub(crate) open: Option<OpenStep>,
+    /// Where the element-wise work runs.
+    pub(crate) engine: Engine,
     /// 8-bit moments of the tensor being updated, unpacked (scratch, like the workspace).
     unpacked: (Vec<f32>, Vec<f32>),
 }
 
-/// Checks that a parameter is stored where the step kernels run: f32 on the CPU.
+/// Checks that a parameter is stored as the optimizer steps it: f32 (master weights).
 fn check_storage(name: &str, var: &Var) -> Result<()> {
-    if !var.device().is_cpu() || var.dtype() != DType::F32 {
+    if var.dtype() != DType::F32 {
         return Err(Error::UnsupportedTensor {
             name: name.to_string(),
             reason: format!(
-                "it is {:?} on {:?}; the optimizer steps f32 tensors on the CPU (keep fp32 master weights there)",
+                "it is {:?} on {:?}; the optimizer steps f32 tensors (keep fp32 master weights, compute in lower precision)",
                 var.dtype(),
                 var.device().location()
             ),
@@ -110,7 +123,8 @@ fn check_storage(name: &str, var: &Var) -> Result<()> {
 
 impl Frugal {
     /// Builds the optimizer over labelled parameters, in the caller's (model) order. Every
-    /// parameter must be an f32 tensor on the CPU; names must be unique.
+    /// parameter must be an f32 tensor; names must be unique. Parameters on the CPU are stepped
+    /// by the fused engine, others by tensor operations on their device (see [`Engine`]).
     pub fn from_params(params: Vec<Param>, config: OptimizerConfig) -> Result<Self> {
         config.validate()?;
         let mut seen = std::collections::HashSet::new();
@@ -137,6 +151,11 @@ impl Frugal {
             }
             None => (vec![None; infos.len()], None),
         };
+        let engine = if params.iter().all(|p| p.var.device().is_cpu()) {
+            Engine::Fused
+        } else {
+            Engine::Tensors
+        };
         let slots: Vec<Slot> = infos
             .into_iter()
             .zip(blocks)
@@ -157,6 +176,7 @@ impl Frugal {
                 scaled_norm: None,
                 packed: None,
                 owned: true,
+                device: OnDevice::default(),
                 info,
             })
             .collect();
@@ -169,6 +189,7 @@ impl Frugal {
             schedule,
             workspace: Workspace::default(),
             open: None,
+            engine,
             unpacked: Default::default(),
         })
     }
@@ -256,25 +277,25 @@ impl Frugal {
             .map(|s| &s.var)
     }
 
-    /// Read-only view of one parameter's state, for inspection and tests.
+    /// Read-only view of one parameter's state, for inspection and tests (`None` also when
+    /// moments on a device cannot be read).
     pub fn param_state(&self, name: &str) -> Option<ParamStateView<'_>> {
-        self.slots
-            .iter()
-            .find(|s| s.info.name == name)
-            .map(|s| ParamStateView {
-                info: &s.info,
-                subspace: &s.subspace,
-                m: &s.m,
-                v: &s.v,
-                t: s.t,
-            })
+        let s = self.slots.iter().find(|s| s.info.name == name)?;
+        let (m, v) = s.host_moments().ok()?;
+        Some(ParamStateView {
+            info: &s.info,
+            subspace: &s.subspace,
+            m,
+            v,
+            t: s.t,
+        })
     }
 
     /// Bytes of optimizer state held now: moments, projection matrices and indices.
     pub fn state_bytes(&self) -> StateBytes {
         let mut b = StateBytes::default();
         for s in &self.slots {
-            b.moments += 4 * (s.m.capacity() + s.v.capacity());
+            b.moments += 4 * (s.m.capacity() + s.v.capacity()) + s.device.moment_bytes();
             b.moments += s.packed.as_ref().map_or(0, |(m, v)| m.bytes() + v.bytes());
             b.moments += if s.scaled_norm.is_some() { 4 } else { 0 };
             b.projections += s.subspace.projection_bytes();
@@ -323,7 +344,14 @@ impl Frugal {
         for (i, slot) in self.slots.iter().enumerate() {
             if let Some(g) = grads.get(&slot.var) {
                 let g = g.contiguous()?;
-                if check_finite && !kernels::with_slice(&slot.info.name, &g, kernels::all_finite)? {
+                let finite = || -> Result<bool> {
+                    if self.engine == Engine::Fused {
+                        kernels::with_slice(&slot.info.name, &g, kernels::all_finite)
+                    } else {
+                        Ok(tensor::all_finite(&g)?)
+                    }
+                };
+                if check_finite && !finite()? {
                     return Err(Error::NonFiniteGradient {
                         name: slot.info.name.clone(),
                     });
@@ -448,7 +476,9 @@ impl Frugal {
         }
         let mut open = OpenStep::new(planned);
         if self.gap.due(self.step) {
+            self.pull_all()?;
             self.plan_refresh(&mut open)?;
+            self.push_all()?;
             self.gap.advance(&self.config, self.step);
         }
         self.open = Some(open);
@@ -469,6 +499,7 @@ impl Frugal {
     }
 
     fn update_slot(&mut self, i: usize, g: &Tensor) -> Result<()> {
+        let engine = self.engine;
         let config = &self.config;
         let slot = &mut self.slots[i];
         if !slot.owned {
@@ -497,6 +528,9 @@ impl Frugal {
         }
         let full = Full::new(config, lr_full, slot.t);
         let free = Free::new(config.state_free, lr_free);
+        if engine == Engine::Tensors {
+            return on_device::step_slot(config, slot, g, (full, free, keep), (lr_full, lr_free));
+        }
         let Slot {
             info,
             var,

@@ -5,11 +5,12 @@ use crate::config::{MomentStorage, MomentTransfer, ProjSide};
 use crate::error::Result;
 use crate::kernels::cpu as kernels;
 use crate::labels::Role;
+use crate::on_device::Engine;
 use crate::optimizer::{Frugal, Slot};
 use crate::projection::{self, RankRule, Sketch, Subspace, TensorSplit};
 use crate::quant::{Code, Packed};
 use crate::rules::moment_slots;
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -147,9 +148,14 @@ impl Frugal {
             return Ok(());
         }
         let (side, sketch, ranks) = (svds.side, svds.sketch, svds.ranks);
+        // The SVDs run on the host, from host copies of gradients on other devices.
+        let pending: Vec<(usize, Tensor, u64)> = pending
+            .into_iter()
+            .map(|((i, g), seed)| Ok((*i, g.to_device(&Device::Cpu)?, seed)))
+            .collect::<Result<_>>()?;
         let chosen: Vec<Subspace> = pending
             .par_iter()
-            .map(|((i, g), seed)| {
+            .map(|(i, g, seed)| {
                 let slot = &self.slots[*i];
                 let mut rng = ChaCha8Rng::seed_from_u64(*seed);
                 kernels::with_slice(&slot.info.name, g, |g| {
@@ -165,8 +171,15 @@ impl Frugal {
             })
             .collect::<Result<_>>()?;
         let mut pool = Pool::default();
-        for (((i, _), _), sub) in pending.into_iter().zip(chosen) {
-            self.install_choice(*i, sub, &mut pool);
+        let on_device = self.engine == Engine::Tensors;
+        for ((i, _, _), sub) in pending.into_iter().zip(chosen) {
+            if on_device {
+                self.slots[i].pull()?;
+            }
+            self.install_choice(i, sub, &mut pool);
+            if on_device {
+                self.slots[i].push()?;
+            }
         }
         Ok(())
     }

@@ -79,6 +79,8 @@ pub struct Llama {
     head: Tensor,
     /// Chunks of tokens and of vocabulary the loss is computed in (1: the whole logits).
     loss_chunks: LossChunks,
+    /// The dtype of activations and of the weights as used (see [`Llama::set_compute_dtype`]).
+    compute: DType,
     /// Rotary tables (cos, sin) per sequence length.
     tables: std::sync::Mutex<HashMap<usize, (Tensor, Tensor)>>,
 }
@@ -209,6 +211,7 @@ impl Llama {
             varmap,
             device: device.clone(),
             loss_chunks: LossChunks::WHOLE,
+            compute: dtype,
             tables: Default::default(),
         })
     }
@@ -216,6 +219,28 @@ impl Llama {
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Computes in `dtype` while the weights stay in theirs: mixed precision with bf16 compute
+    /// and f32 master weights. Each weight is cast where it is used, so its gradient arrives in
+    /// the weights' dtype; norms, softmaxes and the loss reduce in f32.
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        if dtype != self.compute {
+            self.compute = dtype;
+            if let Ok(mut tables) = self.tables.lock() {
+                tables.clear();
+            }
+        }
+    }
+
+    /// The dtype of the forward and backward computation.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute
+    }
+
+    /// A weight as the computation uses it (cast to the compute dtype).
+    fn used(&self, w: &Tensor) -> candle_core::Result<Tensor> {
+        w.to_dtype(self.compute)
     }
 
     /// Writes the weights as `model.safetensors` with Hugging Face names.
@@ -246,7 +271,7 @@ impl Llama {
                 sin.push(angle.sin());
             }
         }
-        let dtype = self.embed.dtype();
+        let dtype = self.compute;
         let entry = (
             Tensor::from_vec(cos, (t, d), &self.device)?.to_dtype(dtype)?,
             Tensor::from_vec(sin, (t, d), &self.device)?.to_dtype(dtype)?,
@@ -273,6 +298,7 @@ impl Llama {
         Ok(self
             .embed
             .embedding(&ids.flatten_all()?)?
+            .to_dtype(self.compute)?
             .reshape((b, t, self.config.hidden_size))?)
     }
 
@@ -282,9 +308,9 @@ impl Llama {
         let (b, t, _) = x.dims3()?;
         let (heads, kv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
         let scale = 1.0 / (d as f64).sqrt();
-        let h = rms_norm(x, &l.input_norm, c.rms_norm_eps)?;
+        let h = rms_norm(x, &self.used(&l.input_norm)?, c.rms_norm_eps)?;
         let split = |w: &Tensor, n: usize| -> Result<Tensor> {
-            Ok(linear(&h, w)?
+            Ok(linear(&h, &self.used(w)?)?
                 .reshape((b, t, n, d))?
                 .transpose(1, 2)?
                 .contiguous()?)
@@ -308,16 +334,16 @@ impl Llama {
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((b, t, c.hidden_size))?;
-        let x = (x + linear(&att, &l.o)?)?;
-        let h = rms_norm(&x, &l.post_norm, c.rms_norm_eps)?;
-        let mlp = (linear(&h, &l.gate)?.silu()? * linear(&h, &l.up)?)?;
-        Ok((x + linear(&mlp, &l.down)?)?)
+        let x = (x + linear(&att, &self.used(&l.o)?)?)?;
+        let h = rms_norm(&x, &self.used(&l.post_norm)?, c.rms_norm_eps)?;
+        let mlp = (linear(&h, &self.used(&l.gate)?)?.silu()? * linear(&h, &self.used(&l.up)?)?)?;
+        Ok((x + linear(&mlp, &self.used(&l.down)?)?)?)
     }
 
     /// The final norm of the last hidden states (batch, seq, hidden) as (batch·seq, hidden).
     fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
         let c = &self.config;
-        Ok(rms_norm(x, &self.norm, c.rms_norm_eps)?.reshape(((), c.hidden_size))?)
+        Ok(rms_norm(x, &self.used(&self.norm)?, c.rms_norm_eps)?.reshape(((), c.hidden_size))?)
     }
 
     /// Mean cross-entropy of `targets` under the head on the last hidden states `x`: through
@@ -326,7 +352,7 @@ impl Llama {
         let h = self.final_norm(x)?;
         let targets = targets.flatten_all()?;
         Ok(if self.loss_chunks.is_whole() {
-            cross_entropy(&linear(&h, &self.head)?, &targets)?
+            cross_entropy(&linear(&h, &self.used(&self.head)?)?, &targets)?
         } else {
             linear_cross_entropy(&h, &self.head, &targets, self.loss_chunks)?
         })
@@ -352,7 +378,7 @@ impl Llama {
         for l in &self.layers {
             x = self.layer(l, &x, &tables)?;
         }
-        let logits = linear(&self.final_norm(&x)?, &self.head)?;
+        let logits = linear(&self.final_norm(&x)?, &self.used(&self.head)?)?;
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
 
@@ -524,6 +550,60 @@ mod tests {
                 rel < 2e-2,
                 "{name}: finite difference {fd} vs autograd {norm}"
             );
+        }
+    }
+
+    /// Loss and gradients (as f64 values by name) of the model computing in `dtype`.
+    fn loss_and_grads(model: &mut Llama, dtype: DType) -> (f64, Vec<(String, Vec<f64>)>) {
+        model.set_compute_dtype(dtype);
+        let (x, y) = batch();
+        let loss = model.loss(&x, &y).unwrap();
+        let grads = loss.backward().unwrap();
+        let value = loss
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let grads = model
+            .params()
+            .iter()
+            .map(|p| {
+                let g = grads.get(p.var.as_tensor()).unwrap();
+                assert_eq!(
+                    g.dtype(),
+                    DType::F32,
+                    "{}: the gradient is not in the weights' dtype",
+                    p.name
+                );
+                let g = g.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+                (p.name.clone(), g.to_vec1().unwrap())
+            })
+            .collect();
+        (value, grads)
+    }
+
+    /// The largest difference of two gradients relative to the larger one's largest entry.
+    fn rel_diff(a: &[f64], b: &[f64]) -> f64 {
+        let scale = a.iter().chain(b).fold(1e-12f64, |m, x| m.max(x.abs()));
+        a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    /// The device-generic operations (f64 compute takes them on the CPU) give the fused f32
+    /// model's loss and gradients; bf16 mixed precision stays close to them.
+    #[test]
+    fn generic_and_bf16_computation_match_the_fused_model() {
+        let mut model = init(&micro(), 5);
+        let (loss, grads) = loss_and_grads(&mut model, DType::F32);
+        for (dtype, tol) in [(DType::F64, 1e-5), (DType::BF16, 6e-2)] {
+            let (l, g) = loss_and_grads(&mut model, dtype);
+            assert!(
+                (l - loss).abs() < tol * loss,
+                "{dtype:?}: loss {l} vs {loss}"
+            );
+            for ((name, a), (_, b)) in grads.iter().zip(&g) {
+                let d = rel_diff(a, b);
+                assert!(d < tol, "{dtype:?}: gradient of {name} differs by {d}");
+            }
         }
     }
 

@@ -1,7 +1,7 @@
 //! Adding a bias to the last dimension, with the bias gradient summed over rows in parallel
 //! (candle's broadcast addition reduces over the leading dimensions in one strided pass).
 
-use super::{cpu_f32, f32s, sum_over_rows, GradPass, Pass};
+use super::{f32s, sum_over_rows, GradPass, Pass};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -63,10 +63,12 @@ impl GradPass for ColumnSums {
 
 /// `x` (..., d) plus the bias `b` (d) on every row.
 pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
-    cpu_f32("add_bias", x)?;
     let d = x.dim(candle_core::D::Minus1)?;
     if b.dims() != [d] {
         bail!("add_bias: a bias of shape {:?} for rows of {d}", b.dims());
+    }
+    if !super::fused_here(x) {
+        return super::generic::add_bias(x, b);
     }
     x.contiguous()?.apply_op2(&b.contiguous()?, AddBias)
 }

@@ -38,9 +38,11 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
-/// x·Wᵀ for x (..., in) and a W (out, in) that gets no gradient (f32, CPU).
+/// x·Wᵀ for x (..., in) and a W (out, in) that gets no gradient.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    super::cpu_f32("frozen_linear", x)?;
+    if !super::fused_here(x) {
+        return super::generic::frozen_linear(x, w);
+    }
     x.contiguous()?.apply_op1(FrozenLinear { w: w.detach() })
 }
 

@@ -1,7 +1,7 @@
 //! GELU with the exact (erf) form, y = x·Φ(x), fused: one pass forward, one pass backward
 //! (dy·(Φ(x) + x·φ(x))), where candle's composed backward makes about ten.
 
-use super::{cpu_f32, f32s, map_row_pairs, GradPass, Pass};
+use super::{f32s, map_row_pairs, GradPass, Pass};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -72,7 +72,9 @@ impl GradPass for GeluGrad {
 
 /// GELU of `x` in its exact form, x·Φ(x) (`hidden_act = "gelu"` of BERT).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    cpu_f32("gelu_erf", x)?;
+    if !super::fused_here(x) {
+        return x.gelu_erf();
+    }
     x.contiguous()?.apply_op1(Gelu)
 }
 

@@ -1,6 +1,6 @@
 //! Softmax over the keys that are not padding, for encoder attention.
 
-use super::{cpu_f32, f32s, softmax_grad};
+use super::{f32s, softmax_grad};
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -56,7 +56,6 @@ impl CustomOp1 for KeyMaskedSoftmax {
 /// keys whose entry in `keep` (batch · k, row-major) is true; the others get probability zero.
 /// Every batch item needs at least one kept key.
 pub fn key_masked_softmax(scores: &Tensor, scale: f64, keep: Arc<[bool]>) -> Result<Tensor> {
-    cpu_f32("key_masked_softmax", scores)?;
     let (b, h, q, k) = scores.dims4()?;
     if keep.len() != b * k {
         bail!(
@@ -66,6 +65,9 @@ pub fn key_masked_softmax(scores: &Tensor, scale: f64, keep: Arc<[bool]>) -> Res
     }
     if let Some(i) = (0..b).find(|i| !keep[i * k..(i + 1) * k].iter().any(|&x| x)) {
         bail!("key_masked_softmax: batch item {i} has no key to attend to");
+    }
+    if !super::fused_here(scores) {
+        return super::generic::key_masked_softmax(scores, scale, keep);
     }
     scores.contiguous()?.apply_op1(KeyMaskedSoftmax {
         scale: scale as f32,

@@ -1,6 +1,6 @@
 //! LayerNorm over the last dimension: y = (x − mean) / sqrt(var + eps) ⊙ w + b.
 
-use super::{cpu_f32, f32s, map_row_pairs, sum_over_rows, GradPass, Pass};
+use super::{f32s, map_row_pairs, sum_over_rows, GradPass, Pass};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -121,7 +121,6 @@ impl GradPass for LayerNormGradW {
 
 /// LayerNorm of `x` (..., d) with weight `w` (d) and bias `b` (d).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    cpu_f32("layer_norm", x)?;
     let d = x.dim(candle_core::D::Minus1)?;
     if w.dims() != [d] || b.dims() != [d] {
         candle_core::bail!(
@@ -129,6 +128,9 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
             w.dims(),
             b.dims()
         );
+    }
+    if !super::fused_here(x) {
+        return super::generic::layer_norm(x, w, b, eps);
     }
     x.contiguous()?.apply_op3(
         &w.contiguous()?,

@@ -1,11 +1,13 @@
 //! Fused CPU operations with their own backward passes: cross-entropy, causal softmax,
-//! RMSNorm, and for encoders LayerNorm, softmax over unpadded keys, exact GELU and bias addition. Each reads its inputs once per pass instead of chaining a dozen tensor operations
-//! (candle's built-in fast variants of these have no backward). They run on f32 CPU tensors only
-//! and check so on entry ([`cpu_f32`]).
+//! RMSNorm, and for encoders LayerNorm, softmax over unpadded keys, exact GELU and bias
+//! addition. Each reads its inputs once per pass instead of chaining a dozen tensor operations
+//! (candle's built-in fast variants of these have no backward). They run on f32 CPU tensors;
+//! on other devices and dtypes each public operation runs its [`generic`] twin instead.
 
 mod bias;
 mod frozen_linear;
 mod gelu;
+pub mod generic;
 mod key_softmax;
 mod layer_norm;
 
@@ -44,6 +46,11 @@ impl Elem for u32 {
 
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     f32::slice(s, l, op)
+}
+
+/// True where the fused kernels run: `t` is an f32 tensor on the CPU.
+pub(crate) fn fused_here(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
 }
 
 /// Checks that `t` is an f32 tensor on the CPU, where the fused operation `op` runs.
@@ -221,13 +228,16 @@ pub fn counted(targets: &[u32]) -> usize {
 /// Mean next-token cross-entropy of `logits` (n, vocab) against `targets` (n, u32), over the
 /// targets that are not [`IGNORE`].
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    cpu_f32("cross_entropy", logits)?;
-    let (n, _) = logits.dims2()?;
+    let (n, vocab) = logits.dims2()?;
     if targets.dims1()? != n {
         bail!(
             "cross_entropy: {n} rows of logits but {} targets",
             targets.elem_count()
         );
+    }
+    if !fused_here(logits) {
+        generic::check_targets(targets, vocab)?;
+        return generic::cross_entropy(logits, targets);
     }
     logits
         .contiguous()?
@@ -301,10 +311,12 @@ impl GradPass for SoftmaxGrad {
 
 /// Causal softmax of `scale·scores` over the last dimension; scores are (..., t, t).
 pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
-    cpu_f32("causal_softmax", scores)?;
     match scores.dims() {
         [.., q, k] if q == k => {}
         dims => bail!("causal_softmax: scores must be (..., t, t), got {dims:?}"),
+    }
+    if !fused_here(scores) {
+        return generic::causal_softmax(scores, scale);
     }
     scores.contiguous()?.apply_op1(CausalSoftmax {
         scale: scale as f32,
@@ -449,7 +461,9 @@ fn sum_over_rows(
 
 /// RMSNorm of `x` (..., d) with weight `w` (d).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    cpu_f32("rms_norm", x)?;
+    if !fused_here(x) {
+        return generic::rms_norm(x, w, eps);
+    }
     x.contiguous()?.apply_op2(w, RmsNorm { eps: eps as f32 })
 }
 
@@ -544,7 +558,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn causal_softmax_needs_square_f32_scores() {
+    fn causal_softmax_needs_square_scores() {
         let err = causal_softmax(&randn(&[2, 3, 5], 8), 1.0).unwrap_err();
         assert!(err.to_string().contains("(..., t, t)"), "{err}");
         assert!(causal_softmax(&randn(&[5], 8), 1.0).is_err());
@@ -558,8 +572,17 @@ pub(crate) mod tests {
         let bf16 = randn(&[4, 4], 9)
             .to_dtype(candle_core::DType::BF16)
             .unwrap();
-        let err = causal_softmax(&bf16, 1.0).unwrap_err();
-        assert!(err.to_string().contains("f32"), "{err}");
-        assert!(rms_norm(&bf16, &randn(&[4], 1), 1e-6).is_err());
+        // Other dtypes take the generic path: the same mask, in bf16 precision.
+        let low = causal_softmax(&bf16, 1.0).unwrap();
+        assert_eq!(low.dtype(), candle_core::DType::BF16);
+        let low = low
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (i, row) in low.iter().enumerate() {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 2e-2, "{row:?}");
+            assert!(row[i + 1..].iter().all(|&p| p == 0.0));
+        }
     }
 }

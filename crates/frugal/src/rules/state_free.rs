@@ -2,6 +2,7 @@
 
 use super::state_full::sign;
 use crate::config::StateFreeRule;
+use candle_core::Tensor;
 
 /// A state-free element-wise rule: returns the update for one residual entry.
 pub trait FreeRule: Copy + Send + Sync {
@@ -72,5 +73,17 @@ impl Free {
                 Free::None(NoUpdate)
             }
         }
+    }
+}
+
+impl Free {
+    /// The rule on a residual tensor (any device): the weight update, or `None` for the rule
+    /// that leaves the residual alone.
+    pub(crate) fn apply_tensor(self, r: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(match self {
+            Free::Sign(f) => Some((r.sign()? * -(f.step as f64))?),
+            Free::Sgd(f) => Some((r * -(f.step as f64))?),
+            Free::None(_) => None,
+        })
     }
 }

@@ -1,6 +1,7 @@
 //! State-full rules: AdamW, SGD with momentum, Lion, plain SGD.
 
 use crate::config::{OptimizerConfig, StateFullRule};
+use candle_core::Tensor;
 
 /// A state-full element-wise rule: consumes a gradient entry, updates its moments, returns the
 /// update to add to the weight (already multiplied by the learning rate, sign included).
@@ -125,6 +126,53 @@ impl Full {
                 lr: lr as f32,
             }),
             StateFullRule::Sgd => Full::Sgd(Sgd { lr: lr as f32 }),
+        }
+    }
+}
+
+impl Full {
+    /// The rule on tensors (any device): replaces the moments `m`, `v` (those the rule keeps)
+    /// with their updates and returns the weight update, as [`FullRule::update`] does per element.
+    pub(crate) fn apply_tensor(
+        self,
+        g: &Tensor,
+        m: &mut Option<Tensor>,
+        v: &mut Option<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let moment = |x: &Option<Tensor>| -> candle_core::Result<Tensor> {
+            x.clone()
+                .ok_or_else(|| candle_core::Error::Msg("a moment buffer is missing".into()))
+        };
+        // a·x + (1 − a)·g, with the coefficients rounded to f32 as the fused kernels do.
+        let ema = |x: &Tensor, a: f32| -> candle_core::Result<Tensor> {
+            (x * a as f64)? + (g * (1.0 - a) as f64)?
+        };
+        match self {
+            Full::AdamW(r) => {
+                let m1 = ema(&moment(m)?, r.b1)?;
+                let v1 = ((moment(v)? * r.b2 as f64)? + (g.sqr()? * (1.0 - r.b2) as f64)?)?;
+                let denominator = ((v1.sqrt()? * r.inv_bc2_sqrt as f64)? + r.eps as f64)?;
+                let u = ((&m1 / denominator)? * -(r.step as f64))?;
+                (*m, *v) = (Some(m1), Some(v1));
+                Ok(u)
+            }
+            Full::Sgdm(r) => {
+                let m1 = ema(&moment(m)?, r.beta)?;
+                let d = if r.nesterov {
+                    ema(&m1, r.beta)?
+                } else {
+                    m1.clone()
+                };
+                *m = Some(m1);
+                d * -(r.lr as f64)
+            }
+            Full::Lion(r) => {
+                let m0 = moment(m)?;
+                let c = ema(&m0, r.b1)?;
+                *m = Some(ema(&m0, r.b2)?);
+                c.sign()? * -(r.lr as f64)
+            }
+            Full::Sgd(r) => g * -(r.lr as f64),
         }
     }
 }

@@ -9,6 +9,9 @@
 #
 #   scripts/build-cuda.sh            # compute capability 9.0 (H100, H200)
 #   CUDA_COMPUTE_CAP=80 scripts/build-cuda.sh   # A100
+#   scripts/build-cuda.sh --checks   # also the GPU test and benchmark binaries that
+#                                    # scripts/gpu-check.sh runs, packed with the binary into
+#                                    # target/cuda/gpu-check.tar.xz (to carry to a GPU machine)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -47,6 +50,8 @@ if [[ -z "${CUDA_HOME:-}" ]]; then
             sed 's/.*/int &(void) { return 999; }/' >"$CUDA_HOME/lib/stubs/cuda_stub.c"
         cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$CUDA_HOME/lib/stubs/libcuda.so" \
             "$CUDA_HOME/lib/stubs/cuda_stub.c"
+        # With the stubs on LD_LIBRARY_PATH the binary starts here and reports no GPU.
+        ln -sf libcuda.so "$CUDA_HOME/lib/stubs/libcuda.so.1"
     fi
     export LIBRARY_PATH=$CUDA_HOME/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}
 fi
@@ -59,3 +64,23 @@ runpath+=':/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/cuda-13.0/li
 export RUSTFLAGS="${RUSTFLAGS:-} -C link-arg=-Wl,-rpath,$runpath"
 cargo build --release -p frugal-cli --features cuda --target-dir target/cuda
 echo "built target/cuda/release/frugal (compute capability $CUDA_COMPUTE_CAP)"
+if [[ ${1:-} == --checks ]]; then
+    # The path of the executable cargo builds for `$@` (--no-run).
+    executable() {
+        cargo "$@" -p frugal --features cuda --target-dir target/cuda --no-run \
+            --message-format=json | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("executable"):
+        print(m["executable"])'
+    }
+    pack=target/cuda/gpu-check
+    rm -rf "$pack" && mkdir -p "$pack"
+    # Stripped (the kernels' PTX stays), then compressed: a GPU machine may take few bytes.
+    strip -o "$pack/frugal-cuda-test" "$(executable test --release --test cuda)"
+    strip -o "$pack/step-bench" "$(executable bench --bench step)"
+    strip -o "$pack/frugal" target/cuda/release/frugal
+    XZ_OPT=-T0 tar -cJf target/cuda/gpu-check.tar.xz -C target/cuda gpu-check
+    ls -l target/cuda/gpu-check.tar.xz
+fi

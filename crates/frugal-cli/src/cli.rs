@@ -19,6 +19,10 @@ pub struct Cli {
     /// job (a rank died or hangs).
     #[arg(long, global = true, default_value_t = 600.0, value_parser = collective_timeout)]
     pub collective_timeout: f64,
+    /// Device to train and evaluate on: cpu, cuda or cuda:N (GPUs need the CUDA binary, built
+    /// by scripts/build-cuda.sh).
+    #[arg(long, global = true, default_value = "cpu")]
+    pub device: String,
 }
 
 fn collective_timeout(s: &str) -> Result<f64, String> {

@@ -187,6 +187,7 @@ fn compare_pretraining(
     mut args: frugal_train::compare::CompareSettings,
     given: Vec<String>,
     command: &str,
+    device: &Device,
     parallel: &DataParallel,
 ) -> Result<()> {
     set_threads(args.train.threads)?;
@@ -201,17 +202,11 @@ fn compare_pretraining(
         .cache_dir
         .clone()
         .unwrap_or_else(data::default_cache_dir);
-    frugal_train::compare::run(
-        args,
-        &cache,
-        command,
-        &ctrl_c_token(),
-        &Device::Cpu,
-        parallel,
-    )
+    frugal_train::compare::run(args, &cache, command, &ctrl_c_token(), device, parallel)
 }
 
 fn run(matches: &ArgMatches, cli: Cli, comm: &Arc<dyn Collectives>) -> Result<()> {
+    let device = frugal_train::device::select(&cli.device)?;
     let given = |name: &str| explicit(matches.subcommand_matches(name).expect("subcommand"));
     let across_ranks = match &cli.command {
         Command::Train(_) => true,
@@ -241,13 +236,13 @@ fn run(matches: &ArgMatches, cli: Cli, comm: &Arc<dyn Collectives>) -> Result<()
                 resume.as_deref(),
                 &cache,
                 &ctrl_c_token(),
-                &Device::Cpu,
+                &device,
                 &DataParallel::new(Arc::clone(comm)),
             )?;
         }
         Command::Eval(args) => {
             set_threads(args.threads)?;
-            let r = frugal_train::eval::evaluate(&args, &Device::Cpu)?;
+            let r = frugal_train::eval::evaluate(&args, &device)?;
             println!(
                 "checkpoint {}  split {}  tokens {}  loss {:.4}  perplexity {:.2}",
                 r.checkpoint.display(),
@@ -262,12 +257,7 @@ fn run(matches: &ArgMatches, cli: Cli, comm: &Arc<dyn Collectives>) -> Result<()
             let merged = args.merge(&given("finetune"))?;
             let resume = merged.resume.clone();
             let config = frugal_train::finetune::run::resolve(merged)?;
-            frugal_train::finetune::run::run(
-                config,
-                resume.as_deref(),
-                &ctrl_c_token(),
-                &Device::Cpu,
-            )?;
+            frugal_train::finetune::run::run(config, resume.as_deref(), &ctrl_c_token(), &device)?;
         }
         Command::Memory(args) => memory(&args)?,
         Command::Compare(args) => {
@@ -278,6 +268,7 @@ fn run(matches: &ArgMatches, cli: Cli, comm: &Arc<dyn Collectives>) -> Result<()
                     args.pretraining,
                     explicit(compare),
                     &command,
+                    &device,
                     &DataParallel::new(Arc::clone(comm)),
                 )?,
                 Some(cli::CompareTask::Finetune(mut args)) => {
@@ -295,7 +286,7 @@ fn run(matches: &ArgMatches, cli: Cli, comm: &Arc<dyn Collectives>) -> Result<()
                         *args,
                         &command,
                         &ctrl_c_token(),
-                        &Device::Cpu,
+                        &device,
                     )?;
                 }
             }

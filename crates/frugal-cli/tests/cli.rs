@@ -622,3 +622,62 @@ fn finetune_names_what_is_missing_and_memory_plans_each_method() {
     assert_eq!(by("lora")["adapters"], 2 * 2 * 2 * 128);
     assert!(by("frugal-ft:rank=0")["state_bytes"].as_u64() < by("adamw")["state_bytes"].as_u64());
 }
+
+#[test]
+fn bf16_mixed_precision_tracks_f32_and_gpus_need_the_cuda_build() {
+    let dir = scratch("bf16");
+    let flags = ["--steps", "12", "--lr", "0.003", "--eval-every", "6"];
+    let (full, mixed) = (dir.join("f32"), dir.join("bf16"));
+    run_ok(&mut train(&dir, &full, &flags));
+    let out = run_ok(&mut train(
+        &dir,
+        &mixed,
+        &[&flags[..], &["--dtype", "bf16"]].concat(),
+    ));
+    let log =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("on cpu in bf16 (f32 master weights)"), "{log}");
+    assert_eq!(json(&mixed.join("config.json"))["args"]["dtype"], "bf16");
+    let (a, b) = (summary(&full), summary(&mixed));
+    let (start, end) = (
+        b["initial_val_ppl"].as_f64().unwrap(),
+        b["val_ppl"].as_f64().unwrap(),
+    );
+    assert!(end < 0.6 * start, "bf16 perplexity {start} → {end}");
+    let (la, lb) = (
+        a["val_loss"].as_f64().unwrap(),
+        b["val_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (la - lb).abs() < 0.03 * la,
+        "val loss f32 {la} vs bf16 {lb}"
+    );
+    // The checkpoint holds f32 master weights: it resumes, and evaluates, like any other.
+    let ck = mixed.join("checkpoints/step-12/model.safetensors");
+    let weights = candle_core::safetensors::load(&ck, &candle_core::Device::Cpu).unwrap();
+    assert!(weights
+        .values()
+        .all(|t| t.dtype() == candle_core::DType::F32));
+
+    let mut refused = vec![("tpu", "use cpu, cuda or cuda:N")];
+    if !cfg!(feature = "cuda") {
+        refused.extend([
+            ("cuda", "scripts/build-cuda.sh"),
+            ("cuda:1", "scripts/build-cuda.sh"),
+        ]);
+    }
+    for (device, says) in refused {
+        let out = train(
+            &dir,
+            &dir.join("gpu"),
+            &["--steps", "1", "--device", device],
+        )
+        .output()
+        .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{device}: {err}"
+        );
+    }
+}

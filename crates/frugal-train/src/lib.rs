@@ -17,6 +17,7 @@ pub mod checkpoint;
 pub mod compare;
 pub mod data;
 pub mod data_parallel;
+pub mod device;
 pub mod eval;
 pub mod finetune;
 pub mod grads;

@@ -6,9 +6,10 @@ use crate::checkpoint;
 use crate::data::{Batches, Dataset, Format, Holdout, Source, TextTokenizer, TokenizerChoice};
 use crate::data_parallel::DataParallel;
 use crate::eval::mean_loss;
+use crate::memory_report::MemoryReport;
 use crate::metrics::{peak_rss_bytes, EvalRecord, Metrics, Record, Summary, TrainRecord};
 use crate::schedule::Schedule;
-use crate::settings::TrainSettings;
+use crate::settings::{Precision, TrainSettings};
 use crate::trainer::{
     at_least_one, Hooks, LoopSettings, Outcome, StopToken, Trainer, TrainerState,
 };
@@ -360,6 +361,51 @@ fn agreed_settings(run: &RunConfig) -> Result<serde_json::Value> {
 /// early, with a checkpoint, when `stop` is set. Rank 0 writes the run directory. Returns the
 /// run directory.
 pub fn run(
+    run: RunConfig,
+    resume: Option<&Path>,
+    cache: &Path,
+    stop: &StopToken,
+    device: &Device,
+    parallel: &DataParallel,
+) -> Result<PathBuf> {
+    if !device.is_cpu() && parallel.world_size() > 1 {
+        bail!(
+            "data parallelism runs on CPUs (MPI); on GPUs it needs NCCL, which frugal does not use yet: run one process per GPU, or train on the CPUs"
+        );
+    }
+    let note = (!device.is_cpu()).then(|| out_of_memory_note(&run, device));
+    train(run, resume, cache, stop, device, parallel).map_err(|e| match note {
+        Some(note) if crate::device::out_of_memory(&e) => e.context(note),
+        _ => e,
+    })
+}
+
+/// What a device that ran out of memory was asked for: the planned peak of the run's step
+/// (see `frugal memory`), and what to change.
+fn out_of_memory_note(run: &RunConfig, device: &Device) -> String {
+    let args = &run.args;
+    let (batch, seq) = (args.batch_size, run.seq_len);
+    let mode = args.memory.step_mode(args.grad_accum);
+    let planned = MemoryReport::new(&run.model, &run.optimizer)
+        .and_then(|r| r.with_steps(&run.model, batch, seq, mode))
+        .ok()
+        .and_then(|r| {
+            let peak = r.steps.iter().find(|s| s.selected)?.peak_bytes;
+            Some(format!(
+                "about {:.0} MiB: weights, gradients and optimizer state {:.0} MiB, plus activations of micro-batches of {batch} × {seq} tokens in f32 (`frugal memory` plans it)",
+                peak as f64 / (1024.0 * 1024.0),
+                r.training_mib()
+            ))
+        })
+        .unwrap_or_else(|| "more than the device has".into());
+    format!(
+        "{} ran out of memory; the run needs {planned}. Lower --batch-size (and raise --grad-accum to keep the batch), or use --dtype bf16 or --memory low",
+        crate::device::name(device)
+    )
+}
+
+/// [`run`] on one device.
+fn train(
     mut run: RunConfig,
     resume: Option<&Path>,
     cache: &Path,
@@ -475,6 +521,7 @@ pub fn run(
         }
     };
     model.set_loss_chunks(args.memory.loss_chunks());
+    model.set_compute_dtype(args.dtype.compute_dtype());
     if resume_from.is_none() && lead {
         let write = frugal::fs::write_atomically;
         write(
@@ -495,10 +542,15 @@ pub fn run(
         .sum();
     say!(
         lead,
-        "model: {} parameters ({} projectable, {} state-full), optimizer `{}` ({:.1} MiB of state), {} tokens per step{}",
+        "model: {} parameters ({} projectable, {} state-full) on {}{}, optimizer `{}` ({:.1} MiB of state), {} tokens per step{}",
         n_params,
         counts.projectable,
         counts.state_full,
+        crate::device::name(&device),
+        match args.dtype {
+            Precision::F32 => "",
+            Precision::Bf16 => " in bf16 (f32 master weights)",
+        },
         run.optimizer.preset,
         planned as f64 / (1024.0 * 1024.0),
         run.tokens_per_step,

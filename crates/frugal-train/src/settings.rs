@@ -115,6 +115,11 @@ pub struct TrainSettings {
     #[cfg_attr(feature = "cli", arg(long))]
     #[serde(skip)]
     pub resume: Option<PathBuf>,
+    /// Compute precision: f32, or bf16 (mixed precision: bf16 forward and backward passes, f32
+    /// master weights, gradients and optimizer state).
+    #[cfg_attr(feature = "cli", arg(long, value_enum, default_value_t = Precision::F32))]
+    #[serde(default)]
+    pub dtype: Precision,
     /// Seed of initialisation, data order and the optimizer's random choices.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = TrainSettings::default().seed))]
     pub seed: u64,
@@ -131,6 +136,28 @@ pub struct TrainSettings {
     pub memory: MemorySettings,
     #[cfg_attr(feature = "cli", command(flatten))]
     pub opt: OptimizerSettings,
+}
+
+/// The precision of a model's forward and backward computation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// bf16 compute with f32 master weights (each weight is cast where it is used).
+    Bf16,
+}
+
+impl Precision {
+    /// The dtype activations are computed in.
+    pub fn compute_dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+        }
+    }
 }
 
 /// A preset of the memory-saving techniques.
@@ -252,6 +279,7 @@ impl Default for TrainSettings {
             keep_checkpoints: 2,
             out: None,
             resume: None,
+            dtype: Precision::F32,
             seed: 0,
             threads: None,
             cache_dir: None,

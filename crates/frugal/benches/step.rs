@@ -4,7 +4,9 @@
 //! FRUGAL blockwise and FRUGAL SVD (steady-state and refresh steps separately), and a memcpy of
 //! the same number of bytes as the reference for memory bandwidth.
 //!
-//! Run: `cargo bench -p frugal --bench step` (add `-- --quick` for fewer repetitions).
+//! Run: `cargo bench -p frugal --bench step` (add `-- --quick` for fewer repetitions). With
+//! `FRUGAL_BENCH_DEVICE=cuda` (a build with `--features cuda`) the parameters, gradients and state
+//! live on GPU 0, the optimizer runs its tensor engine, and the reference is a device copy.
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
@@ -45,6 +47,13 @@ fn main() {
         .unwrap_or_default();
     let wanted = |label: &str| label.contains(filter.as_str());
     let reps = if quick { 3 } else { 9 };
+    let device = match std::env::var("FRUGAL_BENCH_DEVICE").as_deref() {
+        Ok("cuda") => Device::new_cuda(0).expect("FRUGAL_BENCH_DEVICE=cuda: no CUDA device"),
+        Ok("cpu") | Err(_) => Device::Cpu,
+        Ok(other) => panic!("FRUGAL_BENCH_DEVICE={other}: expected cpu or cuda"),
+    };
+    // Every timing ends when the device has finished its queued work.
+    let sync = || device.synchronize().unwrap();
     let threads = rayon::current_num_threads();
     let shapes = frugal_nn::llama::LlamaConfig::builtin("60m")
         .expect("built-in")
@@ -54,8 +63,9 @@ fn main() {
         .map(|p| p.shape.iter().product::<usize>())
         .sum();
     println!(
-        "60M LLaMA parameter set: {numel} parameters in {} tensors, {threads} threads",
-        shapes.len()
+        "60M LLaMA parameter set: {numel} parameters in {} tensors, on {:?}, {threads} threads",
+        shapes.len(),
+        device.location()
     );
 
     let mut seed = 0x9E3779B97F4A7C15u64;
@@ -73,34 +83,52 @@ fn main() {
         .iter()
         .map(|p| {
             let n = p.shape.iter().product();
-            let t = Tensor::from_vec(noise(n), p.shape.as_slice(), &Device::Cpu).unwrap();
+            let t = Tensor::from_vec(noise(n), p.shape.as_slice(), &Device::Cpu)
+                .and_then(|t| t.to_device(&device))
+                .unwrap();
             Param::new(p.name.clone(), Var::from_tensor(&t).unwrap(), p.label)
         })
         .collect();
     let mut grads = GradStore::default();
     for Param { var: v, .. } in &params {
-        let g = Tensor::from_vec(noise(v.elem_count()), v.dims(), &Device::Cpu).unwrap();
+        let g = Tensor::from_vec(noise(v.elem_count()), v.dims(), &Device::Cpu)
+            .and_then(|t| t.to_device(&device))
+            .unwrap();
         grads.insert(v.as_tensor(), g);
     }
 
     // memcpy of the AdamW byte count (28 B/param): copy 14 B/param, which reads and writes it,
-    // on all threads like the optimizer.
-    let src = vec![1u8; numel * 14];
-    let mut dst = vec![0u8; numel * 14];
-    let copy_ms = median(
-        (0..reps)
-            .map(|_| {
-                let t = Instant::now();
-                dst.par_chunks_mut(1 << 20)
-                    .zip(src.par_chunks(1 << 20))
-                    .for_each(|(d, s)| d.copy_from_slice(s));
-                std::hint::black_box(&dst);
-                t.elapsed().as_secs_f64() * 1e3
-            })
-            .collect(),
-    );
+    // on all threads like the optimizer (on a GPU: a device copy of as many bytes).
+    let copy_ms = if device.is_cpu() {
+        let src = vec![1u8; numel * 14];
+        let mut dst = vec![0u8; numel * 14];
+        median(
+            (0..reps)
+                .map(|_| {
+                    let t = Instant::now();
+                    dst.par_chunks_mut(1 << 20)
+                        .zip(src.par_chunks(1 << 20))
+                        .for_each(|(d, s)| d.copy_from_slice(s));
+                    std::hint::black_box(&dst);
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .collect(),
+        )
+    } else {
+        let src = Tensor::ones(numel * 14 / 4, candle_core::DType::F32, &device).unwrap();
+        median(
+            (0..reps + 1)
+                .map(|_| {
+                    let t = Instant::now();
+                    std::hint::black_box(src.copy().unwrap());
+                    sync();
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .skip(1)
+                .collect(),
+        )
+    };
     let copy_gbs = 28.0 * numel as f64 / copy_ms / 1e6;
-    drop((src, dst));
     println!(
         "\n{:<44} {:>10} {:>10} {:>12}",
         "step", "ms", "GB/s", "vs memcpy"
@@ -113,7 +141,11 @@ fn main() {
         );
     };
     row(
-        "memcpy of 28 B/param (parallel)",
+        if device.is_cpu() {
+            "memcpy of 28 B/param (parallel)"
+        } else {
+            "device copy of 28 B/param"
+        },
         copy_ms,
         28.0 * numel as f64,
     );
@@ -129,11 +161,13 @@ fn main() {
         let vars = params.iter().map(|p| p.var.clone()).collect();
         let mut opt = AdamW::new(vars, adamw).unwrap();
         opt.step(&grads).unwrap();
+        sync();
         median(
             (0..reps)
                 .map(|_| {
                     let t = Instant::now();
                     opt.step(&grads).unwrap();
+                    sync();
                     t.elapsed().as_secs_f64() * 1e3
                 })
                 .collect(),
@@ -151,6 +185,7 @@ fn main() {
         for step in 0..(reps + 1) * gap.min(reps + 1) {
             let t = Instant::now();
             opt.step_grads(&grads).unwrap();
+            sync();
             let ms = t.elapsed().as_secs_f64() * 1e3;
             if step == 0 {
                 continue; // first step also allocates the state

@@ -4,76 +4,20 @@
 
 mod common;
 
-use common::{clone_vars, config, random_grads, values, LLAMA_LIKE};
-use frugal::config::PRESETS;
-use frugal::{Engine, Frugal, OptimizerConfig};
+use candle_core::Device;
+use common::{
+    clone_vars, config, engine_specs, max_diff, random_grads, run_on, values, LLAMA_LIKE,
+};
+use frugal::{Engine, Frugal};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-/// Largest absolute difference between two runs' parameters.
-fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter()
-        .flatten()
-        .zip(b.iter().flatten())
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-}
-
-/// Runs `steps` steps of the same random gradients with both engines (the update gap is 3, so
-/// subspaces change twice); returns both runs' parameters and optimizers.
-fn both(c: &OptimizerConfig, steps: usize) -> [(Frugal, Vec<Vec<f32>>); 2] {
-    let vars = common::named_vars(LLAMA_LIKE, 11);
-    [Engine::Fused, Engine::Tensors].map(|engine| {
-        let vars = clone_vars(&vars);
-        let mut opt = Frugal::from_named(vars.clone(), c.clone()).unwrap();
-        opt.set_engine(engine).unwrap();
-        assert_eq!(opt.engine(), engine);
-        let mut rng = ChaCha8Rng::seed_from_u64(5);
-        for _ in 0..steps {
-            let (_, g) = random_grads(&vars, &mut rng);
-            opt.step_grads(&g).unwrap();
-        }
-        (opt, vars.iter().map(|(_, v)| values(v)).collect())
-    })
-}
-
-fn specs() -> Vec<String> {
-    let mut specs: Vec<String> = PRESETS.iter().map(|p| p.to_string()).collect();
-    specs.extend(
-        [
-            "frugal:projection=coordinates,coordinates=columns",
-            "frugal:projection=coordinates,coordinates=rows,state_free=sgd",
-            "frugal:projection=coordinates,coordinates=randk,weight_decay=0.1",
-            "frugal:projection=randperm,proj_side=left",
-            "frugal:projection=random,proj_side=full",
-            "frugal:projection=random,proj_side=right,state_free=sgd",
-            "frugal-svd:proj_side=left,state_full=lion",
-            "frugal-svd:svd_solver=randomized,state_full=sgdm,nesterov=true",
-            "frugal-svd:state_full=sgd",
-            "galore:moment_transfer=project",
-            "galore:moment_transfer=align,weight_decay=0.1",
-            "frugal:moment_storage=8bit",
-            "frugal-svd:moment_storage=8bit",
-            "badam:block_unit=layer",
-            // (Two-sided SVD bases are left out: the projected gradient is diagonal, and Adam's
-            // first step turns the rounding noise off the diagonal into ±lr, so any two
-            // summation orders disagree there.)
-            "fira:proj_side=right,scale_granularity=tensor",
-            "apollo:proj_side=left",
-        ]
-        .map(String::from),
-    );
-    specs
-}
-
 #[test]
 fn every_preset_and_projection_matches_the_fused_engine() {
-    for spec in specs() {
-        let mut c = config(&format!(
-            "{spec}{}update_gap=3",
-            if spec.contains(':') { "," } else { ":" }
-        ));
-        c.lr = 1e-2;
-        let [(fused, a), (tensors, b)] = both(&c, 8);
+    for spec in engine_specs() {
+        let c = common::engine_config(&spec);
+        let (fused, a) = run_on(&c, 8, &Device::Cpu, Engine::Fused);
+        let (tensors, b) = run_on(&c, 8, &Device::Cpu, Engine::Tensors);
         let d = max_diff(&a, &b);
         // A step moves a weight by about lr; agreement to 1e-4 of it is f32 rounding.
         assert!(d < 2e-6, "{spec}: parameters differ by {d}");

@@ -25,9 +25,7 @@ fn contiguous_range(layout: &Layout, name: &str) -> Result<(usize, usize)> {
 fn unsupported(name: &str) -> Error {
     Error::UnsupportedTensor {
         name: name.to_string(),
-        reason:
-            "the optimizer steps f32 tensors on the CPU; keep fp32 master weights on the CPU device"
-                .into(),
+        reason: "the fused engine steps f32 tensors on the CPU; tensors elsewhere need the tensor engine (Frugal::set_engine)".into(),
     }
 }
 

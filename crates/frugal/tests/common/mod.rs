@@ -122,3 +122,84 @@ pub fn run(
     }
     (opt, vars.iter().map(|(_, v)| values(v)).collect())
 }
+
+/// Largest absolute difference between two runs' parameters.
+pub fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// Every preset, and every projection, rule and state option at least once: the
+/// configurations the two engines (and devices) are checked on.
+pub fn engine_specs() -> Vec<String> {
+    let mut specs: Vec<String> = frugal::config::PRESETS
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    specs.extend(
+        [
+            "frugal:projection=coordinates,coordinates=columns",
+            "frugal:projection=coordinates,coordinates=rows,state_free=sgd",
+            "frugal:projection=coordinates,coordinates=randk,weight_decay=0.1",
+            "frugal:projection=randperm,proj_side=left",
+            "frugal:projection=random,proj_side=full",
+            "frugal:projection=random,proj_side=right,state_free=sgd",
+            "frugal-svd:proj_side=left,state_full=lion",
+            "frugal-svd:svd_solver=randomized,state_full=sgdm,nesterov=true",
+            "frugal-svd:state_full=sgd",
+            "galore:moment_transfer=project",
+            "galore:moment_transfer=align,weight_decay=0.1",
+            "frugal:moment_storage=8bit",
+            "frugal-svd:moment_storage=8bit",
+            "badam:block_unit=layer",
+            // (Two-sided SVD bases are left out: the projected gradient is diagonal, and Adam's
+            // first step turns the rounding noise off the diagonal into ±lr, so any two
+            // summation orders disagree there.)
+            "fira:proj_side=right,scale_granularity=tensor",
+            "apollo:proj_side=left",
+        ]
+        .map(String::from),
+    );
+    specs
+}
+
+/// The configuration of `spec` with an update gap of 3 (subspaces change often) and a
+/// learning rate of 1e-2.
+pub fn engine_config(spec: &str) -> OptimizerConfig {
+    let sep = if spec.contains(':') { "," } else { ":" };
+    let mut c = config(&format!("{spec}{sep}update_gap=3"));
+    c.lr = 1e-2;
+    c
+}
+
+/// Runs `steps` steps of seeded random gradients on [`LLAMA_LIKE`] parameters placed on
+/// `device`, with `engine`; returns the optimizer and the parameters' final values.
+pub fn run_on(
+    c: &OptimizerConfig,
+    steps: usize,
+    device: &Device,
+    engine: frugal::Engine,
+) -> (Frugal, Vec<Vec<f32>>) {
+    let vars: Vec<(String, Var)> = named_vars(LLAMA_LIKE, 11)
+        .into_iter()
+        .map(|(n, v)| {
+            let t = v.as_tensor().to_device(device).unwrap();
+            (n, Var::from_tensor(&t).unwrap())
+        })
+        .collect();
+    let mut opt = Frugal::from_named(vars.clone(), c.clone()).unwrap();
+    opt.set_engine(engine).unwrap();
+    assert_eq!(opt.engine(), engine);
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for _ in 0..steps {
+        let mut store = GradStore::default();
+        for (_, v) in &vars {
+            let g = tensor(randn(v.elem_count(), 1.0, &mut rng), v.dims());
+            store.insert(v.as_tensor(), g.to_device(device).unwrap());
+        }
+        opt.step_grads(&store).unwrap();
+    }
+    (opt, vars.iter().map(|(_, v)| values(v)).collect())
+}

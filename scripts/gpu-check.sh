@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Every GPU check of the CUDA build in one run, results under $OUT (default gpu-check/):
+#   1. 20 steps of `tiny` on the CPU and on the GPU in f32: the losses agree;
+#   2. every preset's and projection's optimizer step on the GPU against the CPU (the `cuda`
+#      test binary of the frugal crate, when present);
+#   3. bf16 mixed-precision training of `60m` for 200 steps: the loss falls;
+#   4. the device memory in use at the peak (nvidia-smi, sampled) next to `frugal memory`'s plan;
+#   5. tokens/s of `60m` and `130m` with `adamw` and `frugal`, f32 and bf16, next to the PyTorch
+#      twin (scripts/torch-llama-twin.py) of the same model and loop, in the same run.
+#
+#   6. the optimizer step on the 60M parameter set against a device copy of the same bytes;
+#   7. the top 5 kernels of a profiled training step (nsys).
+#
+# Build on a machine with Rust (no GPU needed), then carry target/cuda/gpu-check.tar.xz (the
+# binary, the GPU test and the step benchmark) to the GPU machine:
+#   scripts/build-cuda.sh --checks
+# Usage: scripts/gpu-check.sh            (QUICK=1 DEVICE=cpu: a dry run of the plumbing)
+set -uo pipefail
+out=${OUT:-gpu-check}
+pack=target/cuda/gpu-check
+if [[ -f target/cuda/gpu-check.tar.xz && ! -d $pack ]]; then
+  tar -xJf target/cuda/gpu-check.tar.xz -C target/cuda
+fi
+bin=${FRUGAL:-$pack/frugal}
+tests=${CUDA_TESTS:-$pack/frugal-cuda-test}
+bench=${STEP_BENCH:-$pack/step-bench}
+device=${DEVICE:-cuda}
+python=${PYTHON:-python3}
+mkdir -p "$out"
+export FRUGAL_CACHE=$out/cache
+summary=$out/summary.txt
+: >"$summary"
+say() { echo "$*" | tee -a "$summary"; }
+if [[ -n ${QUICK:-} ]]; then
+  big=(tiny) steps=4 bf16_model=tiny bf16_steps=20 batch=4 seq=128
+else
+  big=(60m 130m) steps=20 bf16_model=60m bf16_steps=200 batch=32 seq=256
+fi
+
+command -v nvidia-smi >/dev/null && nvidia-smi >"$out/nvidia-smi.txt" 2>&1
+say "device $device; $("$bin" --version)"
+
+# Median of the tok_per_s of a run's metrics, without its first two steps.
+tok_per_s() {
+  grep '"tok_per_s"' "$1/metrics.jsonl" | tail -n +3 |
+    sed 's/.*"tok_per_s":\([0-9.e+-]*\).*/\1/' | sort -g |
+    awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'
+}
+# Peak memory.used (MiB) of GPU 0 while a command runs.
+with_peak_memory() {
+  local file=$1
+  shift
+  : >"$file"
+  if command -v nvidia-smi >/dev/null; then
+    (while true; do
+      nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 >>"$file"
+      sleep 0.2
+    done) &
+    local sampler=$!
+    "$@"
+    local rc=$?
+    kill "$sampler" 2>/dev/null
+    wait "$sampler" 2>/dev/null
+    return $rc
+  fi
+  "$@"
+}
+peak() { sort -g "$1" | tail -1 | grep . || echo "n/a"; }
+
+# 1. tiny, CPU against GPU, f32.
+flags=(--steps 20 --eval-every 20 --eval-tokens 4096 --log-every 1)
+"$bin" train "${flags[@]}" --device cpu --out "$out/tiny-cpu" >"$out/tiny-cpu.log" 2>&1
+"$bin" train "${flags[@]}" --device "$device" --out "$out/tiny-gpu" >"$out/tiny-gpu.log" 2>&1
+"$python" - "$out/tiny-cpu" "$out/tiny-gpu" <<'EOF' | tee -a "$summary"
+import json, sys
+def losses(run):
+    return [json.loads(l)["loss"] for l in open(f"{run}/metrics.jsonl") if '"loss"' in l]
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+verdict = "ok" if len(a) == len(b) == 20 and worst < 1e-3 else "DIFFERENT"
+print(f"1. tiny f32, 20 steps: largest relative loss difference CPU vs GPU {worst:.2e} "
+      f"(tolerance 1e-3): {verdict}; final {a[-1]:.4f} vs {b[-1]:.4f}")
+EOF
+
+# 2. The optimizer's step on the GPU for every preset and projection.
+if [[ -x $tests ]]; then
+  if "$tests" --nocapture >"$out/engines.txt" 2>&1; then
+    say "2. optimizer on the GPU vs the CPU: $(grep -c 'largest difference' "$out/engines.txt") configurations agree (engines.txt)"
+  else
+    say "2. optimizer on the GPU vs the CPU: FAILED (engines.txt)"
+  fi
+else
+  say "2. skipped: no test binary at $tests"
+fi
+
+# 3 and 4. bf16 training with a falling loss; device memory against the plan.
+run=$out/$bf16_model-bf16
+with_peak_memory "$out/memory-bf16.txt" "$bin" train --device "$device" --dtype bf16 \
+  --model "$bf16_model" --steps "$bf16_steps" --batch-size "$batch" --seq-len "$seq" \
+  --eval-every "$bf16_steps" \
+  --eval-tokens 16384 --out "$run" >"$run.log" 2>&1
+"$python" - "$run" <<'EOF' | tee -a "$summary"
+import json, sys
+rows = [json.loads(l) for l in open(f"{sys.argv[1]}/metrics.jsonl")]
+loss = [r["loss"] for r in rows if "loss" in r]
+ppl = [r["val_ppl"] for r in rows if "val_ppl" in r]
+ok = len(loss) > 10 and sum(loss[-10:]) < sum(loss[:10]) and ppl[-1] < ppl[0]
+print(f"3. bf16 training, {len(loss)} steps: loss {loss[0]:.3f} -> {loss[-1]:.3f}, "
+      f"val perplexity {ppl[0]:.1f} -> {ppl[-1]:.1f}: {'falls' if ok else 'DOES NOT FALL'}")
+EOF
+"$bin" memory --model "$bf16_model" --batch-size "$batch" --seq-len "$seq" --json >"$out/plan.json"
+planned=$("$python" -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(max(s['peak_bytes'] for s in r['steps'] if s['selected'])/2**20))" "$out/plan.json")
+say "4. device memory at the peak: $(peak "$out/memory-bf16.txt") MiB in use (nvidia-smi, including the CUDA context and the allocator's cache); planned peak $planned MiB (f32 activations)"
+
+# 5. Speed against the PyTorch twin, interleaved, same batch and sequence length.
+say "5. tokens/s, batch $batch x $seq:"
+for model in "${big[@]}"; do
+  for dtype in f32 bf16; do
+    for opt in adamw frugal; do
+      run=$out/speed-$model-$opt-$dtype
+      "$bin" train --device "$device" --model "$model" --optimizer "$opt" --dtype "$dtype" \
+        --steps "$steps" --batch-size "$batch" --seq-len "$seq" --eval-every 100000 \
+        --eval-tokens 256 --out "$run" >"$run.log" 2>&1
+      say "   frugal $model $opt $dtype: $(tok_per_s "$run") tok/s"
+    done
+    if "$python" -c "import torch" 2>/dev/null; then
+      "$python" "$(dirname "$0")/torch-llama-twin.py" --model "$model" --device "$device" \
+        --dtype "$dtype" --batch-size "$batch" --seq-len "$seq" --steps "$steps" 2>&1 |
+        tail -1 | sed 's/^/   /' | tee -a "$summary"
+    fi
+  done
+done
+
+# 6. The optimizer step against a device copy of the same bytes.
+if [[ -x $bench ]]; then
+  FRUGAL_BENCH_DEVICE=$device "$bench" --quick >"$out/step-bench.txt" 2>&1
+  say "6. optimizer step, 60M parameter set (step-bench.txt):"
+  grep -E "copy|memcpy|AdamW|steady|refresh step|columns" "$out/step-bench.txt" |
+    sed 's/^/   /' | tee -a "$summary"
+else
+  say "6. skipped: no step benchmark at $bench"
+fi
+
+# 7. The top kernels of a profiled run.
+if command -v nsys >/dev/null; then
+  nsys profile --force-overwrite true -o "$out/profile" "$bin" train --device "$device" \
+    --model "${big[0]}" --optimizer frugal --steps 5 --batch-size "$batch" --seq-len "$seq" \
+    --eval-every 100000 --eval-tokens 256 --out "$out/profiled" >"$out/profile.log" 2>&1
+  nsys stats --report cuda_gpu_kern_sum --format csv "$out/profile.nsys-rep" \
+    >"$out/kernels.csv" 2>>"$out/profile.log"
+  say "7. top 5 kernels (share of GPU time, calls, name):"
+  "$python" - "$out/kernels.csv" <<'EOF' | tee -a "$summary"
+import csv, sys
+lines = [l for l in open(sys.argv[1]) if l.strip()]
+start = next(i for i, l in enumerate(lines) if l.startswith("Time"))
+for row in list(csv.DictReader(lines[start:]))[:5]:
+    print(f"   {float(row['Time (%)']):5.1f}%  {row['Instances']:>6}  {row['Name'][:90]}")
+EOF
+else
+  say "7. skipped: no nsys"
+fi
+say "done; logs and run directories in $out"

@@ -67,7 +67,7 @@ echo "built target/cuda/release/frugal (compute capability $CUDA_COMPUTE_CAP)"
 if [[ ${1:-} == --checks ]]; then
     # The path of the executable cargo builds for `$@` (--no-run).
     executable() {
-        cargo "$@" -p frugal --features cuda --target-dir target/cuda --no-run \
+        cargo "$@" --features cuda --target-dir target/cuda --no-run \
             --message-format=json | python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -78,8 +78,9 @@ for line in sys.stdin:
     pack=target/cuda/gpu-check
     rm -rf "$pack" && mkdir -p "$pack"
     # Stripped (the kernels' PTX stays), then compressed: a GPU machine may take few bytes.
-    strip -o "$pack/frugal-cuda-test" "$(executable test --release --test cuda)"
-    strip -o "$pack/step-bench" "$(executable bench --bench step)"
+    strip -o "$pack/frugal-cuda-test" "$(executable test -p frugal --release --test cuda)"
+    strip -o "$pack/step-bench" "$(executable bench -p frugal --bench step)"
+    strip -o "$pack/refresh-bench" "$(executable bench -p frugal-train --bench refresh)"
     strip -o "$pack/frugal" target/cuda/release/frugal
     XZ_OPT=-T0 tar -cJf target/cuda/gpu-check.tar.xz -C target/cuda gpu-check
     ls -l target/cuda/gpu-check.tar.xz

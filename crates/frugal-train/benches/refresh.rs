@@ -10,7 +10,10 @@
 //! and the lowest single matrix). A last line times the exact SVDs one tensor at a time.
 //!
 //! Run: `cargo bench -p frugal-train --bench refresh` (about a minute of set-up: data and
-//! gradients; `-- --quick` times each solver once).
+//! gradients; `-- --quick` times each solver once). `FRUGAL_BENCH_MODEL` picks another built-in
+//! model (`130m`, `350m`); `FRUGAL_BENCH_DEVICE=cuda` (a build with `--features cuda`) runs the
+//! model and the optimizer on GPU 0, where the randomized solver's products run on the device
+//! and the exact SVD on the host.
 
 use anyhow::Result;
 use candle_core::backprop::GradStore;
@@ -43,6 +46,15 @@ fn time_ms<T>(f: impl FnOnce() -> T) -> (T, f64) {
     (out, t.elapsed().as_secs_f64() * 1e3)
 }
 
+/// Milliseconds of one optimizer step, until the device has finished it.
+fn timed_step(opt: &mut Frugal, grads: &GradStore, device: &Device) -> Result<f64> {
+    let (done, ms) = time_ms(|| -> Result<()> {
+        opt.step_grads(grads)?;
+        Ok(device.synchronize()?)
+    });
+    done.map(|()| ms)
+}
+
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(|a, b| a.total_cmp(b));
     xs[xs.len() / 2]
@@ -60,7 +72,12 @@ struct Matrix {
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let reps = if quick { 1 } else { 3 };
-    let device = Device::Cpu;
+    let device = match std::env::var("FRUGAL_BENCH_DEVICE").as_deref() {
+        Ok("cuda") => Device::new_cuda(0)?,
+        Ok("cpu") | Err(_) => Device::Cpu,
+        Ok(other) => anyhow::bail!("FRUGAL_BENCH_DEVICE={other}: expected cpu or cuda"),
+    };
+    let model_name = std::env::var("FRUGAL_BENCH_MODEL").unwrap_or_else(|_| "60m".into());
     let source = Source::resolve(EMBEDDED_NAME)?;
     let data = Dataset::prepare(
         &source,
@@ -70,7 +87,8 @@ fn main() -> Result<()> {
         &default_cache_dir(),
     )?;
     let mut batches = Batches::new(&data.train, 256, 0, "training", &device)?;
-    let config = LlamaConfig::builtin("60m").expect("built-in model");
+    let config = LlamaConfig::builtin(&model_name)
+        .ok_or_else(|| anyhow::anyhow!("FRUGAL_BENCH_MODEL={model_name}: not a built-in model"))?;
     let model = Llama::init(&config, 0, &device, DType::F32)?;
     let mut adamw = Frugal::from_params(model.params(), OptimizerConfig::parse_spec("adamw")?)?;
     let mut earlier = None;
@@ -105,7 +123,8 @@ fn main() -> Result<()> {
     let numel: usize = matrices.iter().map(|x| x.m * x.n).sum();
     let top_sum: f64 = matrices.iter().map(|x| x.top).sum();
     println!(
-        "60M LLaMA, {} projectable matrices ({numel} values), rank = round(0.25·min side), gradients after {WARMUP} and {} AdamW steps, {} threads",
+        "{model_name} LLaMA on {:?}, {} projectable matrices ({numel} values), rank = round(0.25·min side), gradients after {WARMUP} and {} AdamW steps, {} threads",
+        device.location(),
         matrices.len(),
         WARMUP + GAP,
         rayon::current_num_threads()
@@ -150,8 +169,8 @@ fn main() -> Result<()> {
         let mut refresh = Vec::new();
         let mut shares = Vec::new();
         for rep in 0..reps {
-            steady.push(time_ms(|| opt.step_grads(&now)).1);
-            refresh.push(time_ms(|| opt.step_grads(&now)).1);
+            steady.push(timed_step(&mut opt, &now, &device)?);
+            refresh.push(timed_step(&mut opt, &now, &device)?);
             if rep == 0 {
                 // Energy of the first refresh, the one started from the earlier gradient's basis.
                 for x in &matrices {

@@ -10,7 +10,7 @@ use crate::optimizer::{Frugal, Slot};
 use crate::projection::{self, RankRule, Sketch, Subspace, TensorSplit};
 use crate::quant::{Code, Packed};
 use crate::rules::moment_slots;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -148,31 +148,47 @@ impl Frugal {
             return Ok(());
         }
         let (side, sketch, ranks) = (svds.side, svds.sketch, svds.ranks);
-        // The SVDs run on the host, from host copies of gradients on other devices.
-        let pending: Vec<(usize, Tensor, u64)> = pending
-            .into_iter()
-            .map(|((i, g), seed)| Ok((*i, g.to_device(&Device::Cpu)?, seed)))
-            .collect::<Result<_>>()?;
-        let chosen: Vec<Subspace> = pending
-            .par_iter()
-            .map(|(i, g, seed)| {
-                let slot = &self.slots[*i];
-                let mut rng = ChaCha8Rng::seed_from_u64(*seed);
-                kernels::with_slice(&slot.info.name, g, |g| {
-                    projection::choose_svd(
+        let on_device = self.engine == Engine::Tensors;
+        let chosen: Vec<Subspace> = if on_device {
+            // One tensor at a time, the matrix products on the gradient's device.
+            pending
+                .iter()
+                .map(|((i, g), seed)| {
+                    let slot = &self.slots[*i];
+                    let mut rng = ChaCha8Rng::seed_from_u64(*seed);
+                    let g = g.reshape(slot.info.matrix_dims())?;
+                    projection::choose_svd_on_device(
                         (side, sketch),
                         ranks,
                         &slot.info,
-                        g,
+                        &g,
                         &slot.subspace,
                         &mut rng,
                     )
-                })?
-            })
-            .collect::<Result<_>>()?;
+                })
+                .collect::<Result<_>>()?
+        } else {
+            pending
+                .par_iter()
+                .map(|((i, g), seed)| {
+                    let slot = &self.slots[*i];
+                    let mut rng = ChaCha8Rng::seed_from_u64(*seed);
+                    kernels::with_slice(&slot.info.name, g, |g| {
+                        projection::choose_svd(
+                            (side, sketch),
+                            ranks,
+                            &slot.info,
+                            g,
+                            &slot.subspace,
+                            &mut rng,
+                        )
+                    })?
+                })
+                .collect::<Result<_>>()?
+        };
         let mut pool = Pool::default();
-        let on_device = self.engine == Engine::Tensors;
-        for ((i, _, _), sub) in pending.into_iter().zip(chosen) {
+        for (((i, _), _), sub) in pending.into_iter().zip(chosen) {
+            let i = *i;
             if on_device {
                 self.slots[i].pull()?;
             }

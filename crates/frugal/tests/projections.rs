@@ -142,6 +142,71 @@ fn randomized_svd_captures_the_top_subspace() {
     }
 }
 
+/// The device solver (matrix products as tensor operations, here on the CPU) makes the same
+/// random draws and the same sweeps as the host solver: the same bases up to f32 rounding.
+#[test]
+fn randomized_svd_on_a_device_matches_the_host_solver() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let (m, n, r) = (50, 36, 5);
+    let g = decaying(m, n, &mut rng);
+    let on_device = tensor(g.clone(), &[m, n]);
+    let sketch = Sketch {
+        oversample: 6,
+        power_iters: 2,
+    };
+    for (l, rr) in [(None, Some(r)), (Some(r), None), (Some(r), Some(r))] {
+        let exact = Basis::svd(&g, m, n, l, rr, "g").unwrap();
+        for warm in [None, Some(&exact)] {
+            let host = Basis::randomized_svd(
+                &g,
+                (m, n),
+                (l, rr),
+                sketch,
+                warm,
+                &mut ChaCha8Rng::seed_from_u64(9),
+                "g",
+            )
+            .unwrap();
+            let device = Basis::randomized_svd_on_device(
+                &on_device,
+                (l, rr),
+                sketch,
+                warm,
+                &mut ChaCha8Rng::seed_from_u64(9),
+                "g",
+            )
+            .unwrap();
+            let factors = |b: &Basis| -> Vec<f32> {
+                let left = b.left.iter().flat_map(|(a, _)| a.iter().copied());
+                left.chain(b.right.iter().flat_map(|(b, _)| b.iter().copied()))
+                    .collect()
+            };
+            let (a, b) = (factors(&host), factors(&device));
+            assert_eq!(a.len(), b.len());
+            let d = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |d, (x, y)| d.max((x - y).abs()));
+            assert!(
+                d < 1e-4,
+                "{l:?} {rr:?} warm {}: bases differ by {d}",
+                warm.is_some()
+            );
+            let (e, top) = (device.captured_energy(&g), exact.captured_energy(&g));
+            assert!(e >= 0.99 * top, "{l:?} {rr:?}: {e} vs {top}");
+        }
+    }
+    // A zero gradient cannot be sketched: both fall back to the exact SVD.
+    let zero = tensor(vec![0.0; m * n], &[m, n]);
+    let b = Basis::randomized_svd_on_device(&zero, (None, Some(r)), sketch, None, &mut rng, "g")
+        .unwrap();
+    assert_eq!(b.right.as_ref().unwrap().1, r);
+    let zeros = vec![0.0; m * n];
+    let b = Basis::randomized_svd(&zeros, (m, n), (None, Some(r)), sketch, None, &mut rng, "g")
+        .unwrap();
+    assert_eq!(b.right.as_ref().unwrap().1, r);
+}
+
 #[test]
 fn ranks_and_counts_follow_the_rounding_rules() {
     // SVD ranks: Python round (half to even) of dim·ρ on the reduced side.

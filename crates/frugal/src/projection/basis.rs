@@ -2,8 +2,10 @@
 //! gradient (exact or randomized) or from the QR of a Gaussian matrix; or a Gaussian sketch.
 //! Linear algebra comes from faer.
 
+use super::device_sketch;
 use super::randomized::{top_singular_vectors, Sketch};
 use crate::error::{Error, Result};
+use candle_core::Tensor;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 use rand::Rng;
@@ -130,13 +132,55 @@ impl Basis {
             };
             (u, Some(v))
         };
+        Ok(Basis::from_vectors((m, n), (r_left, r_right), u, v))
+    }
+
+    /// The factors from singular vectors: A = U[:, :r_left], B = V[:, :r_right]ᵀ.
+    fn from_vectors(
+        (m, n): (usize, usize),
+        (r_left, r_right): (Option<usize>, Option<usize>),
+        u: Option<Mat<f32>>,
+        v: Option<Mat<f32>>,
+    ) -> Self {
         let left = r_left
             .zip(u)
             .map(|(r, u)| (to_row_major(u.subcols(0, r)), r));
         let right = r_right
             .zip(v)
             .map(|(r, v)| (to_row_major(v.subcols(0, r).transpose()), r));
-        Ok(Basis { m, n, left, right })
+        Basis { m, n, left, right }
+    }
+
+    /// [`Basis::randomized_svd`] of a gradient on its device (the products run there, with the
+    /// same random draws); a matrix the sketch cannot factor gets the exact SVD on the host.
+    pub fn randomized_svd_on_device(
+        g: &Tensor,
+        (r_left, r_right): (Option<usize>, Option<usize>),
+        sketch: Sketch,
+        warm: Option<&Basis>,
+        rng: &mut impl Rng,
+        name: &str,
+    ) -> Result<Self> {
+        let (m, n) = g.dims2()?;
+        let warm = warm.filter(|w| (w.m, w.n) == (m, n));
+        let k = r_left.unwrap_or(0).max(r_right.unwrap_or(0));
+        let found = if r_right.is_none() {
+            let start = warm.and_then(|w| w.left.as_ref().map(|(a, r)| view(a, m, *r)));
+            device_sketch::top_singular_vectors(&g.t()?, k, false, sketch, start, rng)?
+                .map(|(_, u)| (Some(u), None))
+        } else {
+            let start =
+                warm.and_then(|w| w.right.as_ref().map(|(b, r)| view(b, *r, n).transpose()));
+            device_sketch::top_singular_vectors(g, k, r_left.is_some(), sketch, start, rng)?
+                .map(|(u, v)| (u, Some(v)))
+        };
+        match found {
+            Some((u, v)) => Ok(Basis::from_vectors((m, n), (r_left, r_right), u, v)),
+            None => {
+                let host = g.flatten_all()?.to_vec1::<f32>()?;
+                Basis::svd(&host, m, n, r_left, r_right, name)
+            }
+        }
     }
 
     /// A Gaussian sketch of the same shapes with entries N(0, 1/r) (APOLLO's random projection):

@@ -3,6 +3,7 @@
 
 pub mod basis;
 pub mod blocks;
+mod device_sketch;
 pub mod randomized;
 pub mod selection;
 
@@ -252,6 +253,39 @@ pub fn choose_blind(
         }
         TensorSplit::Svd(..) => return None,
     })
+}
+
+/// [`choose_svd`] for a gradient (m×n) on its device: the randomized solver's products run there;
+/// the exact SVD runs on the host, from a copy.
+pub fn choose_svd_on_device(
+    (side, sketch): (ProjSide, Option<Sketch>),
+    ranks: RankRule,
+    info: &ParamInfo,
+    g: &candle_core::Tensor,
+    previous: &Subspace,
+    rng: &mut impl Rng,
+) -> Result<Subspace> {
+    let Some(sketch) = sketch else {
+        let host = g.flatten_all()?.to_vec1::<f32>()?;
+        return choose_svd((side, None), ranks, info, &host, previous, rng);
+    };
+    let (m, n) = info.matrix_dims();
+    let (l, r) = matrix_ranks(side, m, n, ranks);
+    if l == Some(0) || r == Some(0) {
+        return Ok(Subspace::Nothing);
+    }
+    let warm = match previous {
+        Subspace::Basis(b) => Some(b),
+        _ => None,
+    };
+    Ok(Subspace::Basis(Basis::randomized_svd_on_device(
+        g,
+        (l, r),
+        sketch,
+        warm,
+        rng,
+        &info.name,
+    )?))
 }
 
 /// Chooses the top singular subspace of the gradient `g` of one projectable tensor, exact or

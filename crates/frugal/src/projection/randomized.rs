@@ -43,31 +43,53 @@ fn product(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Mat<f32> {
 
 /// xᵀ·x, symmetrized, in f64.
 fn gram(x: MatRef<'_, f32>) -> Mat<f64> {
-    let g = product(x.transpose(), x);
+    symmetrized(&product(x.transpose(), x))
+}
+
+/// (g + gᵀ)/2 in f64.
+pub(crate) fn symmetrized(g: &Mat<f32>) -> Mat<f64> {
     Mat::from_fn(g.nrows(), g.ncols(), |i, j| {
         0.5 * (g[(i, j)] as f64 + g[(j, i)] as f64)
     })
 }
 
-fn to_f32(a: MatRef<'_, f64>) -> Mat<f32> {
+pub(crate) fn to_f32(a: MatRef<'_, f64>) -> Mat<f32> {
     Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)] as f32)
 }
 
+/// How many of `values` (descending) are resolved in f32: above [`RESOLVED`] of the largest.
+pub(crate) fn resolved_count(values: &[f64]) -> usize {
+    values
+        .iter()
+        .take_while(|l| **l > RESOLVED * values[0] && values[0] > 0.0)
+        .count()
+}
+
 /// Eigenpairs of a symmetric matrix, largest first: (values, vectors as columns).
-fn eigen_descending(sym: &Mat<f64>) -> Option<(Vec<f64>, Mat<f64>)> {
+pub(crate) fn eigen_descending(sym: &Mat<f64>) -> Option<(Vec<f64>, Mat<f64>)> {
     let w = sym.nrows();
+    if w == 0 {
+        return None; // nothing resolved before (a zero matrix)
+    }
     let eig = to_f32(sym.as_ref()).self_adjoint_eigen(Side::Lower).ok()?;
     let values = (0..w).map(|j| eig.S()[w - 1 - j] as f64).collect();
     let vectors = Mat::from_fn(w, w, |i, j| eig.U()[(i, w - 1 - j)] as f64);
     Some((values, vectors))
 }
 
-/// x·R⁻¹ with RᵀR = xᵀx (Cholesky QR): orthonormal columns spanning those of a well-conditioned x.
-fn orthonormalize(x: Mat<f32>) -> Option<Mat<f32>> {
-    let l = gram(x.as_ref()).llt(Side::Lower).ok()?.L().to_owned();
+/// R⁻¹ for the Cholesky factor R (RᵀR = `gram`): x·R⁻¹ has orthonormal columns when `gram` is
+/// xᵀx. `None` if `gram` is not positive definite.
+pub(crate) fn inverse_cholesky(gram: &Mat<f64>) -> Option<Mat<f32>> {
+    let l = gram.llt(Side::Lower).ok()?.L().to_owned();
     let mut r_inv = Mat::<f64>::identity(l.nrows(), l.ncols());
     solve_upper_triangular_in_place(l.transpose(), r_inv.as_mut(), Par::Seq);
-    Some(product(x.as_ref(), to_f32(r_inv.as_ref()).as_ref()))
+    Some(to_f32(r_inv.as_ref()))
+}
+
+/// x·R⁻¹ with RᵀR = xᵀx (Cholesky QR): orthonormal columns spanning those of a well-conditioned x.
+fn orthonormalize(x: Mat<f32>) -> Option<Mat<f32>> {
+    let r_inv = inverse_cholesky(&gram(x.as_ref()))?;
+    Some(product(x.as_ref(), r_inv.as_ref()))
 }
 
 /// The result of one sweep, largest singular value first.
@@ -84,20 +106,14 @@ struct Sweep {
 fn sweep(a: MatRef<'_, f32>, x: MatRef<'_, f32>, left: bool) -> Option<Sweep> {
     let y = product(a, x);
     let (lambda, w) = eigen_descending(&gram(y.as_ref()))?;
-    let resolved = lambda
-        .iter()
-        .take_while(|l| **l > RESOLVED * lambda[0] && lambda[0] > 0.0)
-        .count();
+    let resolved = resolved_count(&lambda);
     let ritz = product(x, to_f32(w.as_ref()).as_ref());
     // Q = Y·T with T = W·Λ^(-1/2) over the resolved directions.
     let t = Mat::from_fn(w.nrows(), resolved, |i, j| w[(i, j)] / lambda[j].sqrt());
     let t = to_f32(t.as_ref());
     let z = product(product(a.transpose(), y.as_ref()).as_ref(), t.as_ref());
     let (sigma2, w2) = eigen_descending(&gram(z.as_ref()))?;
-    let kept = sigma2
-        .iter()
-        .take_while(|s| **s > RESOLVED * sigma2[0] && sigma2[0] > 0.0)
-        .count();
+    let kept = resolved_count(&sigma2);
     let v_of = Mat::from_fn(resolved, kept, |i, j| w2[(i, j)] / sigma2[j].sqrt());
     let right = product(z.as_ref(), to_f32(v_of.as_ref()).as_ref());
     let left = left.then(|| {
@@ -138,15 +154,8 @@ pub fn top_singular_vectors(
     rng: &mut impl Rng,
 ) -> Option<(Option<Mat<f32>>, Mat<f32>)> {
     let (p, q) = (a.nrows(), a.ncols());
-    let width = (k + sketch.oversample).min(p).min(q).max(k);
-    let seeded = start.map_or(0, |s| s.ncols().min(width));
-    let mut gaussian = |rows: usize, cols: usize, from: Option<MatRef<'_, f32>>| {
-        Mat::<f32>::from_fn(rows, cols, |i, j| match from {
-            Some(s) if j < seeded => s[(i, j)],
-            _ => rng.sample(StandardNormal),
-        })
-    };
-    let mut x = orthonormalize(gaussian(q, width, start))?;
+    let width = sketch.width(k, p, q);
+    let mut x = orthonormalize(start_vectors(q, width, start, rng))?;
     for _ in 0..sketch.power_iters {
         let s = sweep(a, x.as_ref(), false)?;
         x = fill(s.right, s.ritz.as_ref(), width)?;
@@ -154,8 +163,30 @@ pub fn top_singular_vectors(
     let s = sweep(a, x.as_ref(), left)?;
     let v = fill(s.right, s.ritz.as_ref(), k)?;
     let u = match s.left {
-        Some(u) => Some(fill(u, gaussian(p, k, None).as_ref(), k)?),
+        Some(u) => Some(fill(u, start_vectors(p, k, None, rng).as_ref(), k)?),
         None => None,
     };
     Some((u, v))
+}
+
+impl Sketch {
+    /// Columns sketched for rank `k` of a p×q matrix.
+    pub(crate) fn width(self, k: usize, p: usize, q: usize) -> usize {
+        (k + self.oversample).min(p).min(q).max(k)
+    }
+}
+
+/// `cols` columns of `rows` entries: the first columns of `start` (as many as fit), then
+/// Gaussian ones drawn from `rng` (column by column).
+pub(crate) fn start_vectors(
+    rows: usize,
+    cols: usize,
+    start: Option<MatRef<'_, f32>>,
+    rng: &mut impl Rng,
+) -> Mat<f32> {
+    let seeded = start.map_or(0, |s| s.ncols().min(cols));
+    Mat::<f32>::from_fn(rows, cols, |i, j| match start {
+        Some(s) if j < seeded => s[(i, j)],
+        _ => rng.sample(StandardNormal),
+    })
 }

@@ -524,6 +524,7 @@ impl<M: Model> Trainer<M> {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+    use frugal::Engine;
 
     /// Least squares: loss = mean((x·w − y)²), w of 4 weights (one 1×4 matrix).
     struct Regression {
@@ -739,6 +740,7 @@ mod tests {
         accum: usize,
         clip: f64,
         backward: Backward,
+        engine: frugal::Engine,
     ) -> (Vec<f64>, Vec<Option<f64>>, Vec<Vec<f32>>) {
         use frugal_nn::llama::{Llama, LlamaConfig};
         let config = LlamaConfig {
@@ -754,7 +756,8 @@ mod tests {
         };
         let model = Llama::init(&config, 1, &Device::Cpu, candle_core::DType::F32).unwrap();
         let cfg = frugal::OptimizerConfig::parse_spec(spec).unwrap();
-        let opt = Frugal::from_params(model.params(), cfg).unwrap();
+        let mut opt = Frugal::from_params(model.params(), cfg).unwrap();
+        opt.set_engine(engine).unwrap();
         let settings = LoopSettings {
             steps: 3,
             stop_after: None,
@@ -805,7 +808,7 @@ mod tests {
         // T = 2: the subspaces change inside the run; a small clip bound clips every step.
         for spec in ["frugal-svd:update_gap=2", "frugal:update_gap=2", "adamw"] {
             for (accum, clip) in [(1, 0.0), (2, 0.0), (1, 0.05), (2, 0.05)] {
-                let whole = llama_run(spec, accum, clip, Backward::default());
+                let whole = llama_run(spec, accum, clip, Backward::default(), Engine::Fused);
                 assert!(
                     whole.0[2] < whole.0[0],
                     "{spec}: the loss must fall: {:?}",
@@ -815,12 +818,43 @@ mod tests {
                     assert!(whole.1.iter().all(|n| n.unwrap() > clip), "{:?}", whole.1);
                 }
                 for backward in [checkpointing, per_layer] {
-                    let run = llama_run(spec, accum, clip, backward);
+                    let run = llama_run(spec, accum, clip, backward, Engine::Fused);
                     assert_eq!(
                         run, whole,
                         "{spec}, accum {accum}, clip {clip}, {backward:?}"
                     );
                 }
+            }
+        }
+    }
+
+    /// The trainer with the optimizer's tensor engine (its path on GPUs), here on the CPU:
+    /// whole steps, per-layer updates and clipping give the fused engine's losses and weights
+    /// to f32 rounding.
+    #[test]
+    fn the_tensor_engine_trains_like_the_fused_one() {
+        let per_layer = Backward {
+            checkpointing: false,
+            per_layer_updates: true,
+        };
+        for spec in [
+            "frugal-svd:update_gap=2,svd_solver=randomized",
+            "frugal:update_gap=2",
+            "adamw",
+        ] {
+            for (backward, clip) in [(Backward::default(), 0.0), (per_layer, 0.05)] {
+                let fused = llama_run(spec, 2, clip, backward, Engine::Fused);
+                let tensors = llama_run(spec, 2, clip, backward, Engine::Tensors);
+                for (a, b) in fused.0.iter().zip(&tensors.0) {
+                    assert!((a - b).abs() < 1e-5 * a.abs(), "{spec}: loss {a} vs {b}");
+                }
+                let d = fused
+                    .2
+                    .iter()
+                    .flatten()
+                    .zip(tensors.2.iter().flatten())
+                    .fold(0f32, |d, (x, y)| d.max((x - y).abs()));
+                assert!(d < 1e-5, "{spec}, {backward:?}: weights differ by {d}");
             }
         }
     }

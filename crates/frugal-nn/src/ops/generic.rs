@@ -46,7 +46,8 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// device, built once and shared by every step.
 static CAUSAL_MASKS: Mutex<Vec<Tensor>> = Mutex::new(Vec::new());
 
-fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+/// The additive causal mask of sequence length `t` on `device` (cached).
+pub(crate) fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
     let mut masks = CAUSAL_MASKS
         .lock()
         .map_err(|_| candle_core::Error::Msg("the causal mask cache lock is poisoned".into()))?;

@@ -513,16 +513,7 @@ pub(crate) mod tests {
         // Causal softmax.
         let t = 5;
         let x = Var::from_tensor(&randn(&[2, 3, t, t], 2)).unwrap();
-        let mask: Vec<f32> = (0..t * t)
-            .map(|i| {
-                if i % t > i / t {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
+        let mask = generic::causal_mask(t, &Device::Cpu).unwrap();
         let a = causal_softmax(&x, 0.7).unwrap();
         let b = candle_nn::ops::softmax(
             &(x.as_tensor() * 0.7).unwrap().broadcast_add(&mask).unwrap(),

@@ -39,6 +39,22 @@ pub(crate) fn par(work: usize) -> Par {
     }
 }
 
+/// The start vectors of a randomized refresh from the previous basis of the same m×n matrix:
+/// its left vectors when only the left side is projected (the sketch then runs on Gᵀ), else its
+/// right vectors.
+fn warm_start(
+    warm: Option<&Basis>,
+    (m, n): (usize, usize),
+    left_only: bool,
+) -> Option<MatRef<'_, f32>> {
+    let warm = warm.filter(|w| (w.m, w.n) == (m, n))?;
+    if left_only {
+        warm.left.as_ref().map(|(a, r)| view(a, m, *r))
+    } else {
+        warm.right.as_ref().map(|(b, r)| view(b, *r, n).transpose())
+    }
+}
+
 fn to_row_major(m: MatRef<'_, f32>) -> Vec<f32> {
     let mut out = Vec::with_capacity(m.nrows() * m.ncols());
     for i in 0..m.nrows() {
@@ -111,20 +127,17 @@ impl Basis {
     ) -> Result<Self> {
         // A matrix the sketch cannot factor (all zero, or nearly rank one) gets the exact SVD.
         let failed = || Basis::svd(g, m, n, r_left, r_right, name);
-        let warm = warm.filter(|w| (w.m, w.n) == (m, n));
         let left_only = r_right.is_none();
         let k = r_left.unwrap_or(0).max(r_right.unwrap_or(0));
+        let start = warm_start(warm, (m, n), left_only);
         let (u, v) = if left_only {
             // The left vectors of G are the right vectors of Gᵀ.
-            let start = warm.and_then(|w| w.left.as_ref().map(|(a, r)| view(a, m, *r)));
             let t = view(g, m, n).transpose();
             let Some((_, u)) = top_singular_vectors(t, k, false, sketch, start, rng) else {
                 return failed();
             };
             (Some(u), None)
         } else {
-            let start =
-                warm.and_then(|w| w.right.as_ref().map(|(b, r)| view(b, *r, n).transpose()));
             let Some((u, v)) =
                 top_singular_vectors(view(g, m, n), k, r_left.is_some(), sketch, start, rng)
             else {
@@ -162,15 +175,12 @@ impl Basis {
         name: &str,
     ) -> Result<Self> {
         let (m, n) = g.dims2()?;
-        let warm = warm.filter(|w| (w.m, w.n) == (m, n));
         let k = r_left.unwrap_or(0).max(r_right.unwrap_or(0));
+        let start = warm_start(warm, (m, n), r_right.is_none());
         let found = if r_right.is_none() {
-            let start = warm.and_then(|w| w.left.as_ref().map(|(a, r)| view(a, m, *r)));
             device_sketch::top_singular_vectors(&g.t()?, k, false, sketch, start, rng)?
                 .map(|(_, u)| (Some(u), None))
         } else {
-            let start =
-                warm.and_then(|w| w.right.as_ref().map(|(b, r)| view(b, *r, n).transpose()));
             device_sketch::top_singular_vectors(g, k, r_left.is_some(), sketch, start, rng)?
                 .map(|(u, v)| (u, Some(v)))
         };

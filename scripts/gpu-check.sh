@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of the CUDA build in one run, results under $OUT (default gpu-check/):
-#   1. 20 steps of `tiny` on the CPU and on the GPU in f32: the losses agree;
+#   1. 20 steps of `tiny` on the CPU and on the GPU in f32 (AdamW: signSGD, FRUGAL's state-free
+#      rule, turns last-bit differences of near-zero gradients into ±lr steps): the losses agree;
 #   2. every preset's and projection's optimizer step on the GPU against the CPU (the `cuda`
 #      test binary of the frugal crate, when present);
 #   3. bf16 mixed-precision training of `60m` for 200 steps: the loss falls;
@@ -70,7 +71,7 @@ with_peak_memory() {
 peak() { sort -g "$1" | tail -1 | grep . || echo "n/a"; }
 
 # 1. tiny, CPU against GPU, f32.
-flags=(--steps 20 --eval-every 20 --eval-tokens 4096 --log-every 1)
+flags=(--steps 20 --eval-every 20 --eval-tokens 4096 --log-every 1 --optimizer adamw)
 "$bin" train "${flags[@]}" --device cpu --out "$out/tiny-cpu" >"$out/tiny-cpu.log" 2>&1
 "$bin" train "${flags[@]}" --device "$device" --out "$out/tiny-gpu" >"$out/tiny-gpu.log" 2>&1
 "$python" - "$out/tiny-cpu" "$out/tiny-gpu" <<'EOF' | tee -a "$summary"
@@ -80,7 +81,7 @@ def losses(run):
 a, b = losses(sys.argv[1]), losses(sys.argv[2])
 worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
 verdict = "ok" if len(a) == len(b) == 20 and worst < 1e-3 else "DIFFERENT"
-print(f"1. tiny f32, 20 steps: largest relative loss difference CPU vs GPU {worst:.2e} "
+print(f"1. tiny f32 adamw, 20 steps: largest relative loss difference CPU vs GPU {worst:.2e} "
       f"(tolerance 1e-3): {verdict}; final {a[-1]:.4f} vs {b[-1]:.4f}")
 EOF
 

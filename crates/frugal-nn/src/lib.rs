@@ -2,7 +2,8 @@
 //! optimizer routes by.
 //!
 //! - [`ops`]: fused CPU operations with their own backward passes (cross-entropy, causal softmax,
-//!   RMSNorm, LayerNorm, softmax over unpadded keys).
+//!   RMSNorm, LayerNorm, softmax over unpadded keys), and their twins from candle operations for
+//!   other devices and dtypes ([`ops::generic`]).
 //! - [`chunked_loss`]: cross-entropy of a linear head in chunks of tokens (and vocabulary),
 //!   without the whole logits.
 //! - [`llama`]: the LLaMA decoder (Hugging Face names and layout) and its configurations.

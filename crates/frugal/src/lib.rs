@@ -4,7 +4,8 @@
 //! state-full rule on the whole tensor, or to a projection ([`projection`]) that splits its
 //! gradient into a low-dimensional part updated by a state-full rule and a residual updated by a
 //! state-free rule ([`rules`]). The element-wise work of a step runs as one fused pass per tensor
-//! ([`kernels`]). Presets reproduce AdamW, GaLore, BAdam, signSGD, SGD and FRUGAL ([`config`]),
+//! on the CPU, or as candle tensor operations on the parameters' device, a GPU, with the state
+//! there too ([`kernels`], [`Engine`]). Presets reproduce AdamW, GaLore, BAdam, signSGD, SGD and FRUGAL ([`config`]),
 //! and the relatives Fira and APOLLO / APOLLO-Mini, whose state-free part is the residual or the
 //! gradient scaled by the state-full rule's norm ratio ([`rules::scaled`]).
 //! The optimizer knows no model: the caller labels the parameters (the `frugal-nn` crate has

@@ -79,7 +79,7 @@ impl Basis {
             + self.right.as_ref().map_or(0, |(b, _)| b.len())
     }
 
-    /// Top singular subspace of `g` (m×n): A = U[:, :r_left], B = Vᵀ[:r_right].
+    /// Top singular subspace of `g` (m×n): A = `U[:, :r_left]`, B = `Vᵀ[:r_right]`.
     pub fn svd(
         g: &[f32],
         m: usize,
@@ -148,7 +148,7 @@ impl Basis {
         Ok(Basis::from_vectors((m, n), (r_left, r_right), u, v))
     }
 
-    /// The factors from singular vectors: A = U[:, :r_left], B = V[:, :r_right]ᵀ.
+    /// The factors from singular vectors: A = `U[:, :r_left]`, B = `V[:, :r_right]ᵀ`.
     fn from_vectors(
         (m, n): (usize, usize),
         (r_left, r_right): (Option<usize>, Option<usize>),

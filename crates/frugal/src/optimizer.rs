@@ -341,22 +341,26 @@ impl Frugal {
     /// naming the first non-finite one.
     fn gradients(&self, grads: &GradStore, check_finite: bool) -> Result<Vec<(usize, Tensor)>> {
         let mut work = Vec::new();
+        let fused = self.engine == Engine::Fused;
+        let non_finite = |i: usize| Error::NonFiniteGradient {
+            name: self.slots[i].info.name.clone(),
+        };
         for (i, slot) in self.slots.iter().enumerate() {
             if let Some(g) = grads.get(&slot.var) {
                 let g = g.contiguous()?;
-                let finite = || -> Result<bool> {
-                    if self.engine == Engine::Fused {
-                        kernels::with_slice(&slot.info.name, &g, kernels::all_finite)
-                    } else {
-                        Ok(tensor::all_finite(&g)?)
-                    }
-                };
-                if check_finite && !finite()? {
-                    return Err(Error::NonFiniteGradient {
-                        name: slot.info.name.clone(),
-                    });
+                if check_finite
+                    && fused
+                    && !kernels::with_slice(&slot.info.name, &g, kernels::all_finite)?
+                {
+                    return Err(non_finite(i));
                 }
                 work.push((i, g));
+            }
+        }
+        if check_finite && !fused {
+            // One round trip to the device for every gradient.
+            if let Some(at) = tensor::first_non_finite(work.iter().map(|(_, g)| g))? {
+                return Err(non_finite(work[at].0));
             }
         }
         Ok(work)

@@ -101,10 +101,16 @@ fn the_tensor_engine_refuses_non_finite_gradients() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     let (mut flat, _) = random_grads(&vars, &mut rng);
     flat[3][1] = f32::INFINITY;
+    flat[6][0] = f32::NAN;
     let err = opt
         .step_grads(&common::grads_from(&vars, &flat))
-        .unwrap_err();
-    assert!(err.to_string().contains("non-finite"), "{err}");
+        .unwrap_err()
+        .to_string();
+    // The first parameter with a non-finite value is named.
+    assert!(
+        err.contains("non-finite") && err.contains(&vars[3].0),
+        "{err}"
+    );
     let after: Vec<Vec<f32>> = vars.iter().map(|(_, v)| values(v)).collect();
     assert_eq!(before, after);
 }

@@ -6,7 +6,7 @@
 use crate::projection::{Axis, Basis, Selection, Subspace};
 use crate::rules::scaled::{limit, Channels, Scaled};
 use crate::rules::{Free, Full};
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::{DType, Device, Result, Tensor, Var};
 
 /// A subspace's index or projection tensors on the parameter's device (rebuilt whenever the
 /// subspace changes).
@@ -209,9 +209,20 @@ pub(crate) fn scaled_step(
     write(w, s.keep, Some(update))
 }
 
-/// True if every value of `g` is finite: 0·g is zero where it is and NaN where it is not, and a
-/// sum of zeros cannot overflow.
-pub(crate) fn all_finite(g: &Tensor) -> Result<bool> {
-    let zeros = (g * 0.0)?.to_dtype(DType::F32)?;
-    Ok(zeros.flatten_all()?.sum(D::Minus1)?.to_scalar::<f32>()? == 0.0)
+/// The position of the first tensor holding a non-finite value, from one transfer per device:
+/// 0·g sums to zero where every value is finite and to NaN where one is not (a sum of zeros
+/// cannot overflow).
+pub(crate) fn first_non_finite<'a>(gs: impl Iterator<Item = &'a Tensor>) -> Result<Option<usize>> {
+    let sums = gs
+        .map(|g| (g * 0.0)?.to_dtype(DType::F32)?.sum_all())
+        .collect::<Result<Vec<_>>>()?;
+    let Some(first) = sums.first() else {
+        return Ok(None);
+    };
+    let flags: Vec<f32> = if sums.iter().all(|s| s.device().same_device(first.device())) {
+        Tensor::stack(&sums, 0)?.to_vec1()?
+    } else {
+        sums.iter().map(|s| s.to_scalar()).collect::<Result<_>>()?
+    };
+    Ok(flags.iter().position(|&s| s != 0.0))
 }

@@ -17,6 +17,7 @@
 # binary, the GPU test and the step benchmark) to the GPU machine:
 #   scripts/build-cuda.sh --checks
 # Usage: scripts/gpu-check.sh            (QUICK=1 DEVICE=cpu: a dry run of the plumbing)
+#        CHECKS="1 2 3" scripts/gpu-check.sh   (some of the checks; 3 includes 4)
 set -uo pipefail
 out=${OUT:-gpu-check}
 pack=target/cuda/gpu-check
@@ -71,6 +72,7 @@ with_peak_memory() {
 peak() { sort -g "$1" | tail -1 | grep . || echo "n/a"; }
 
 # 1. tiny, CPU against GPU, f32.
+check1() {
 flags=(--steps 20 --eval-every 20 --eval-tokens 4096 --log-every 1 --optimizer adamw)
 "$bin" train "${flags[@]}" --device cpu --out "$out/tiny-cpu" >"$out/tiny-cpu.log" 2>&1
 "$bin" train "${flags[@]}" --device "$device" --out "$out/tiny-gpu" >"$out/tiny-gpu.log" 2>&1
@@ -84,8 +86,10 @@ verdict = "ok" if len(a) == len(b) == 20 and worst < 1e-3 else "DIFFERENT"
 print(f"1. tiny f32 adamw, 20 steps: largest relative loss difference CPU vs GPU {worst:.2e} "
       f"(tolerance 1e-3): {verdict}; final {a[-1]:.4f} vs {b[-1]:.4f}")
 EOF
+}
 
 # 2. The optimizer's step on the GPU for every preset and projection.
+check2() {
 if [[ -x $tests ]]; then
   if "$tests" --nocapture >"$out/engines.txt" 2>&1; then
     say "2. optimizer on the GPU vs the CPU: $(grep -c 'largest difference' "$out/engines.txt") configurations agree (engines.txt)"
@@ -95,8 +99,10 @@ if [[ -x $tests ]]; then
 else
   say "2. skipped: no test binary at $tests"
 fi
+}
 
 # 3 and 4. bf16 training with a falling loss; device memory against the plan.
+check3() {
 run=$out/$bf16_model-bf16
 with_peak_memory "$out/memory-bf16.txt" "$bin" train --device "$device" --dtype bf16 \
   --model "$bf16_model" --steps "$bf16_steps" --batch-size "$batch" --seq-len "$seq" \
@@ -114,8 +120,10 @@ EOF
 "$bin" memory --model "$bf16_model" --batch-size "$batch" --seq-len "$seq" --json >"$out/plan.json"
 planned=$("$python" -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(max(s['peak_bytes'] for s in r['steps'] if s['selected'])/2**20))" "$out/plan.json")
 say "4. device memory at the peak: $(peak "$out/memory-bf16.txt") MiB in use (nvidia-smi, including the CUDA context and the allocator's cache); planned peak $planned MiB (f32 activations)"
+}
 
 # 5. Speed against the PyTorch twin, interleaved, same batch and sequence length.
+check5() {
 say "5. tokens/s, batch $batch x $seq:"
 for model in "${big[@]}"; do
   for dtype in f32 bf16; do
@@ -133,8 +141,10 @@ for model in "${big[@]}"; do
     fi
   done
 done
+}
 
 # 6. The optimizer step against a device copy of the same bytes.
+check6() {
 if [[ -x $bench ]]; then
   FRUGAL_BENCH_DEVICE=$device "$bench" --quick >"$out/step-bench.txt" 2>&1
   say "6. optimizer step, 60M parameter set (step-bench.txt):"
@@ -143,8 +153,10 @@ if [[ -x $bench ]]; then
 else
   say "6. skipped: no step benchmark at $bench"
 fi
+}
 
 # 7. The top kernels of a profiled run.
+check7() {
 if command -v nsys >/dev/null; then
   nsys profile --force-overwrite true -o "$out/profile" "$bin" train --device "$device" \
     --model "${big[0]}" --optimizer frugal --steps 5 --batch-size "$batch" --seq-len "$seq" \
@@ -162,8 +174,10 @@ EOF
 else
   say "7. skipped: no nsys"
 fi
+}
 
 # 8. The SVD refresh on the device (the authors' code on an H100: 3.35 s at 130M, 10.5 s at 350M).
+check8() {
 if [[ -x $refresh ]]; then
   say "8. SVD refresh of every projectable matrix (refresh-*.txt):"
   for model in ${REFRESH_MODELS:-130m 350m}; do
@@ -175,4 +189,8 @@ if [[ -x $refresh ]]; then
 else
   say "8. skipped: no refresh benchmark at $refresh"
 fi
+}
+for check in ${CHECKS:-1 2 3 5 6 7 8}; do
+  "check$check"
+done
 say "done; logs and run directories in $out"

@@ -123,30 +123,39 @@ impl Frugal {
                     reason: "the fused engine steps CPU tensors; this one is on a GPU".into(),
                 });
             }
-            self.pull_all()?;
+            let all = vec![true; self.slots.len()];
+            self.pull(&all)?;
             self.engine = engine;
         } else {
             self.engine = engine;
-            self.push_all()?;
+            self.push(&vec![true; self.slots.len()])?;
         }
         Ok(())
     }
 
-    /// Brings every device-held state to the host (no-op for the fused engine).
-    pub(crate) fn pull_all(&mut self) -> Result<()> {
+    /// Brings the device-held state of the marked slots to the host (no-op for the fused
+    /// engine).
+    pub(crate) fn pull(&mut self, marked: &[bool]) -> Result<()> {
         if self.engine == Engine::Tensors {
-            self.slots.iter_mut().try_for_each(Slot::pull)?;
+            for (slot, _) in self.slots.iter_mut().zip(marked).filter(|(_, m)| **m) {
+                slot.pull()?;
+            }
         }
         Ok(())
     }
 
-    /// Sends the host state back to the devices (no-op for the fused engine).
-    pub(crate) fn push_all(&mut self) -> Result<()> {
+    /// Sends the host state of the marked slots (those this shard owns) back to their devices
+    /// (no-op for the fused engine).
+    pub(crate) fn push(&mut self, marked: &[bool]) -> Result<()> {
         if self.engine == Engine::Tensors {
-            self.slots
+            for (slot, _) in self
+                .slots
                 .iter_mut()
-                .filter(|s| s.owned)
-                .try_for_each(Slot::push)?;
+                .zip(marked)
+                .filter(|(s, m)| **m && s.owned)
+            {
+                slot.push()?;
+            }
         }
         Ok(())
     }

@@ -480,9 +480,11 @@ impl Frugal {
         }
         let mut open = OpenStep::new(planned);
         if self.gap.due(self.step) {
-            self.pull_all()?;
+            // Only the state the refresh may change comes to the host and back.
+            let touched = self.refresh_touches(&open.planned);
+            self.pull(&touched)?;
             self.plan_refresh(&mut open)?;
-            self.push_all()?;
+            self.push(&touched)?;
             self.gap.advance(&self.config, self.step);
         }
         self.open = Some(open);

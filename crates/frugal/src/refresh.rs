@@ -132,6 +132,28 @@ impl Frugal {
         Ok(())
     }
 
+    /// The slots whose state [`Frugal::plan_refresh`] may change now: every slot at the first
+    /// step (state-full tensors allocate their moments), block members, and the planned
+    /// projectable tensors of a projection chosen without gradients. SVD choices wait for their
+    /// gradients and change nothing here.
+    pub(crate) fn refresh_touches(&self, planned: &[bool]) -> Vec<bool> {
+        let blind = self.schedule.is_none()
+            && self
+                .config
+                .projection
+                .per_tensor()
+                .is_some_and(|split| !matches!(split, TensorSplit::Svd(..)));
+        self.slots
+            .iter()
+            .zip(planned)
+            .map(|(s, &planned)| {
+                self.step == 0
+                    || s.block.is_some()
+                    || (blind && planned && s.info.role == Role::Projectable)
+            })
+            .collect()
+    }
+
     /// Runs the waiting SVDs of the tensors in `work` (in parallel: they are independent) and
     /// installs their subspaces.
     pub(crate) fn resolve_svds(&mut self, work: &[(usize, Tensor)]) -> Result<()> {

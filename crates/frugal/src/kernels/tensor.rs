@@ -11,8 +11,13 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 /// A subspace's index or projection tensors on the parameter's device (rebuilt whenever the
 /// subspace changes).
 pub(crate) enum DeviceSubspace {
-    /// Sorted coordinate indices (u32) and what they index.
-    Coords { idx: Tensor, axis: Axis },
+    /// Sorted coordinate indices (u32) and what they index; for whole columns or rows, the
+    /// mask of the others (1 × n or m × 1: 1 where the state-free rule applies).
+    Coords {
+        idx: Tensor,
+        axis: Axis,
+        unchosen: Option<Tensor>,
+    },
     /// A (m×r) and B (r×n), when present.
     Basis {
         left: Option<Tensor>,
@@ -25,10 +30,20 @@ impl DeviceSubspace {
     pub fn of(sub: &Subspace, device: &Device) -> Result<Option<Self>> {
         Ok(match sub {
             Subspace::All | Subspace::Nothing => None,
-            Subspace::Coords(Selection { axis, idx, .. }) => Some(DeviceSubspace::Coords {
-                idx: Tensor::from_slice(idx, idx.len(), device)?,
-                axis: *axis,
-            }),
+            Subspace::Coords(Selection { axis, idx, m, n }) => {
+                let shape = match axis {
+                    Axis::Columns => Some((1, *n)),
+                    Axis::Rows => Some((*m, 1)),
+                    Axis::Entries => None,
+                };
+                let idx = Tensor::from_slice(idx, idx.len(), device)?;
+                let unchosen = shape.map(|shape| unchosen_mask(&idx, shape)).transpose()?;
+                Some(DeviceSubspace::Coords {
+                    idx,
+                    axis: *axis,
+                    unchosen,
+                })
+            }
             Subspace::Basis(b) => {
                 let factor = |f: &Option<(Vec<f32>, usize)>, rows_first: bool| {
                     f.as_ref()
@@ -80,6 +95,17 @@ fn full_of(full: Full, x: &Tensor, (m, v): Moments) -> Result<Tensor> {
         .reshape(x.shape())
 }
 
+/// 1 where `idx` (u32 positions in a flat run of rows·cols) does not point, 0 where it does,
+/// shaped rows × cols.
+fn unchosen_mask(idx: &Tensor, (rows, cols): (usize, usize)) -> Result<Tensor> {
+    let device = idx.device();
+    let ones = Tensor::ones(idx.elem_count(), DType::F32, device)?;
+    Tensor::zeros(rows * cols, DType::F32, device)?
+        .index_add(idx, &ones, 0)?
+        .affine(-1.0, 1.0)?
+        .reshape((rows, cols))
+}
+
 /// w ← keep·w + update.
 fn write(w: &Var, keep: f32, update: Option<Tensor>) -> Result<()> {
     let decayed = if keep == 1.0 {
@@ -112,31 +138,29 @@ pub(crate) fn step(
     match (sub, dev) {
         (Subspace::All, _) => write(w, keep, Some(full_of(full, g, moments)?)),
         (Subspace::Nothing, _) => write(w, keep, free.apply_tensor(g)?),
-        (Subspace::Coords(sel), Some(DeviceSubspace::Coords { idx, axis })) => {
+        (
+            Subspace::Coords(sel),
+            Some(DeviceSubspace::Coords {
+                idx,
+                axis,
+                unchosen,
+            }),
+        ) => {
             let (m, n) = (sel.m, sel.n);
-            let (g, dim, mask_shape) = match axis {
-                Axis::Columns => (g.reshape((m, n))?, 1, (1, n)),
-                Axis::Rows => (g.reshape((m, n))?, 0, (m, 1)),
-                Axis::Entries => (g.flatten_all()?, 0, (m * n, 1)),
+            let (g, dim) = match axis {
+                Axis::Columns => (g.reshape((m, n))?, 1),
+                Axis::Rows => (g.reshape((m, n))?, 0),
+                Axis::Entries => (g.flatten_all()?, 0),
             };
             let chosen = g.index_select(idx, dim)?;
             let u = full_of(full, &chosen, moments)?;
             let rest = match free.apply_tensor(&g)? {
-                Some(f) => {
-                    let len = mask_shape.0 * mask_shape.1;
-                    let marks = Tensor::zeros(len, DType::F32, g.device())?.index_add(
-                        idx,
-                        &Tensor::ones(idx.elem_count(), DType::F32, g.device())?,
-                        0,
-                    )?;
-                    let unchosen = marks.affine(-1.0, 1.0)?;
-                    let unchosen = if *axis == Axis::Entries {
-                        unchosen
-                    } else {
-                        unchosen.reshape(mask_shape)?
-                    };
-                    f.broadcast_mul(&unchosen)?
-                }
+                // Single entries: the mask would be as large as the weight, so it is built
+                // for the step rather than kept.
+                Some(f) => match unchosen {
+                    Some(mask) => f.broadcast_mul(mask)?,
+                    None => f.mul(&unchosen_mask(idx, (m * n, 1))?.flatten_all()?)?,
+                },
                 None => g.zeros_like()?,
             };
             write(w, keep, Some(rest.index_add(idx, &u, dim)?))

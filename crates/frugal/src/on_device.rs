@@ -8,8 +8,8 @@ use crate::error::{Error, Result};
 use crate::kernels::tensor::{self, DeviceSubspace, Rules};
 use crate::optimizer::{Frugal, Slot};
 use crate::projection::Subspace;
-use crate::rules::scaled::{self, Scaled};
-use crate::rules::{Free, Full};
+use crate::rules::scaled::Scaled;
+use crate::rules::Full;
 use candle_core::{Device, Tensor};
 use std::borrow::Cow;
 
@@ -161,14 +161,14 @@ impl Frugal {
     }
 }
 
-/// One parameter's step by tensor operations: `full` and `free` are this step's rules, `keep`
-/// its weight-decay factor, `lrs` the rates of the subspace and of the residual.
+/// One parameter's step by tensor operations with this step's `rules`, or with the scaled
+/// rule's settings where it applies (a matrix subspace).
 pub(crate) fn step_slot(
     config: &OptimizerConfig,
     slot: &mut Slot,
     g: &Tensor,
-    (full, free, keep): (Full, Free, f32),
-    (lr_full, lr_free): (f64, f64),
+    rules: Rules,
+    scaled: Option<Scaled>,
 ) -> Result<()> {
     let Slot {
         info,
@@ -189,16 +189,9 @@ pub(crate) fn step_slot(
         device.v = upload(&v, var.device())?;
     }
     let moments = (&mut device.m, &mut device.v);
-    let stepped = match (scaled::scales_residual(config.state_free), &*subspace) {
-        (Some(residual), Subspace::Basis(basis)) => tensor::scaled_step(
-            Scaled {
-                residual,
-                granularity: config.scale_granularity,
-                gamma: config.norm_growth_limit,
-                lr_full: lr_full as f32,
-                lr_free: lr_free as f32,
-                keep,
-            },
+    let stepped = match (scaled, &*subspace) {
+        (Some(settings), Subspace::Basis(basis)) => tensor::scaled_step(
+            settings,
             (var, g),
             (basis, device.subspace.as_ref()),
             moments,
@@ -209,7 +202,7 @@ pub(crate) fn step_slot(
             (var, g),
             (subspace, device.subspace.as_ref()),
             moments,
-            Rules { full, free, keep },
+            rules,
         ),
     };
     stepped.map_err(|e| Error::UnsupportedTensor {

@@ -4,7 +4,7 @@
 use crate::config::{DecayMask, OptimizerConfig, StateFreeRule};
 use crate::error::{Error, Result};
 use crate::kernels::cpu as kernels;
-use crate::kernels::tensor;
+use crate::kernels::tensor::{self, Rules};
 use crate::labels::{resolve, Param, ParamInfo, Role};
 use crate::memory::StateBytes;
 use crate::on_device::{self, Engine, OnDevice};
@@ -534,8 +534,10 @@ impl Frugal {
         }
         let full = Full::new(config, lr_full, slot.t);
         let free = Free::new(config.state_free, lr_free);
+        let scaled = Scaled::configured(config, (lr_full, lr_free), keep);
         if engine == Engine::Tensors {
-            return on_device::step_slot(config, slot, g, (full, free, keep), (lr_full, lr_free));
+            let rules = Rules { full, free, keep };
+            return on_device::step_slot(config, slot, g, rules, scaled);
         }
         let Slot {
             info,
@@ -570,17 +572,7 @@ impl Frugal {
                 (&mut self.unpacked.0, &mut self.unpacked.1)
             }
         };
-        let result = if let (Some(residual), Subspace::Basis(basis)) =
-            (scaled::scales_residual(config.state_free), &*subspace)
-        {
-            let settings = Scaled {
-                residual,
-                granularity: config.scale_granularity,
-                gamma: config.norm_growth_limit,
-                lr_full: lr_full as f32,
-                lr_free: lr_free as f32,
-                keep,
-            };
+        let result = if let (Some(settings), Subspace::Basis(basis)) = (scaled, &*subspace) {
             let unit = Full::new(config, 1.0, *t);
             kernels::with_weight_and_grad(&info.name, var.as_tensor(), g, |w, g| {
                 with_rules!(unit, free, |r, _f| scaled::step(

@@ -11,7 +11,7 @@
 //! bias correction and apply √(1−β₂ᵗ)/(1−β₁ᵗ) to the step; here D is the bias-corrected Adam
 //! direction m̂/(√v̂ + ε), which differs only in where ε sits.
 
-use crate::config::{ScaleGranularity, StateFreeRule};
+use crate::config::{OptimizerConfig, ScaleGranularity, StateFreeRule};
 use crate::kernels::cpu as kernels;
 use crate::projection::{Basis, Workspace};
 use crate::rules::FullRule;
@@ -127,6 +127,26 @@ pub struct Scaled {
     pub lr_free: f32,
     /// Weight-decay factor.
     pub keep: f32,
+}
+
+impl Scaled {
+    /// The settings of this step's scaled update, when the configured state-free rule is a
+    /// scaled one; `(lr_full, lr_free)` are the subspace's and the scaled part's rates, `keep`
+    /// the weight-decay factor.
+    pub fn configured(
+        config: &OptimizerConfig,
+        (lr_full, lr_free): (f64, f64),
+        keep: f32,
+    ) -> Option<Self> {
+        scales_residual(config.state_free).map(|residual| Scaled {
+            residual,
+            granularity: config.scale_granularity,
+            gamma: config.norm_growth_limit,
+            lr_full: lr_full as f32,
+            lr_free: lr_free as f32,
+            keep,
+        })
+    }
 }
 
 /// Whether `rule` is a scaled rule, and if so whether it scales the residual (Fira) rather than the

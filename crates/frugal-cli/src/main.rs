@@ -26,25 +26,38 @@ fn local_ranks() -> usize {
         .unwrap_or(1)
 }
 
-/// Uses `threads` worker threads for candle, faer and the optimizer (before any pool starts);
-/// by default, the cores shared among the ranks on this machine.
-fn set_threads(threads: Option<usize>) -> Result<()> {
-    let local = local_ranks();
-    let threads = threads.or_else(|| {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (local > 1).then(|| (cores / local).max(1))
-    });
-    if let Some(n) = threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
-        }
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .ok();
+/// Runs `work` on a pool of `threads` worker threads, which candle, faer and the optimizer then
+/// share; by default, the cores shared among the ranks on this machine. The calling thread
+/// waits, so every parallel operation starts from a worker that takes part in it, instead of
+/// handing its work to the pool and sleeping until it is done.
+fn in_pool<R: Send>(threads: Option<usize>, work: impl FnOnce() -> Result<R> + Send) -> Result<R> {
+    // candle's count of physical cores (or RAYON_NUM_THREADS), shared by the local ranks.
+    let cores = candle_core::utils::get_num_threads();
+    let threads = threads.unwrap_or((cores / local_ranks()).max(1));
+    if threads == 0 {
+        bail!("--threads must be at least 1");
     }
-    Ok(())
+    // candle sizes its matrix products and its own element-wise pool by this variable.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start {threads} worker threads: {e}"))?;
+    pool.install(work)
+}
+
+/// Spins of candle's element-wise workers before they sleep, unless
+/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` is set: with candle's 25 000, a worker that has finished
+/// keeps its core busy while the next matrix product (on the rayon pool) needs that core.
+const ELEMENTWISE_SPINS: &str = "2000";
+
+/// Sets candle's element-wise spin limit (see [`ELEMENTWISE_SPINS`]).
+fn limit_elementwise_spinning() {
+    const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    if std::env::var_os(VAR).is_none() {
+        // Called at start-up, before any other thread exists.
+        std::env::set_var(VAR, ELEMENTWISE_SPINS);
+    }
 }
 
 /// Names of the flags given explicitly on the command line.
@@ -190,19 +203,20 @@ fn compare_pretraining(
     device: &Device,
     parallel: &DataParallel,
 ) -> Result<()> {
-    set_threads(args.train.threads)?;
-    // --resume names the comparison directory, not a single run.
-    let resume = args.train.resume.take();
-    let given: Vec<String> = given.into_iter().filter(|k| k != "resume").collect();
-    args.train = args.train.clone().merge(&given)?;
-    args.train.resume = resume;
-    return_freed_memory(&args.train.memory);
-    let cache = args
-        .train
-        .cache_dir
-        .clone()
-        .unwrap_or_else(data::default_cache_dir);
-    frugal_train::compare::run(args, &cache, command, &ctrl_c_token(), device, parallel)
+    in_pool(args.train.threads, || {
+        // --resume names the comparison directory, not a single run.
+        let resume = args.train.resume.take();
+        let given: Vec<String> = given.into_iter().filter(|k| k != "resume").collect();
+        args.train = args.train.clone().merge(&given)?;
+        args.train.resume = resume;
+        return_freed_memory(&args.train.memory);
+        let cache = args
+            .train
+            .cache_dir
+            .clone()
+            .unwrap_or_else(data::default_cache_dir);
+        frugal_train::compare::run(args, &cache, command, &ctrl_c_token(), device, parallel)
+    })
 }
 
 fn run(matches: &ArgMatches, cli: Cli, comm: &Arc<dyn Collectives>) -> Result<()> {
@@ -221,8 +235,7 @@ fn run(matches: &ArgMatches, cli: Cli, comm: &Arc<dyn Collectives>) -> Result<()
         .into());
     }
     match cli.command {
-        Command::Train(args) => {
-            set_threads(args.threads)?;
+        Command::Train(args) => in_pool(args.threads, || {
             let merged = args.merge(&given("train"))?;
             let cache = merged
                 .cache_dir
@@ -238,10 +251,10 @@ fn run(matches: &ArgMatches, cli: Cli, comm: &Arc<dyn Collectives>) -> Result<()
                 &ctrl_c_token(),
                 &device,
                 &DataParallel::new(Arc::clone(comm)),
-            )?;
-        }
-        Command::Eval(args) => {
-            set_threads(args.threads)?;
+            )
+            .map(drop)
+        })?,
+        Command::Eval(args) => in_pool(args.threads, || {
             let r = frugal_train::eval::evaluate(&args, &device)?;
             println!(
                 "checkpoint {}  split {}  tokens {}  loss {:.4}  perplexity {:.2}",
@@ -251,14 +264,15 @@ fn run(matches: &ArgMatches, cli: Cli, comm: &Arc<dyn Collectives>) -> Result<()
                 r.loss,
                 r.perplexity
             );
-        }
-        Command::Finetune(args) => {
-            set_threads(args.threads)?;
+            Ok(())
+        })?,
+        Command::Finetune(args) => in_pool(args.threads, || {
             let merged = args.merge(&given("finetune"))?;
             let resume = merged.resume.clone();
             let config = frugal_train::finetune::run::resolve(merged)?;
-            frugal_train::finetune::run::run(config, resume.as_deref(), &ctrl_c_token(), &device)?;
-        }
+            frugal_train::finetune::run::run(config, resume.as_deref(), &ctrl_c_token(), &device)
+                .map(drop)
+        })?,
         Command::Memory(args) => memory(&args)?,
         Command::Compare(args) => {
             let compare = matches.subcommand_matches("compare").expect("subcommand");
@@ -276,18 +290,20 @@ fn run(matches: &ArgMatches, cli: Cli, comm: &Arc<dyn Collectives>) -> Result<()
                     if given.iter().any(|k| k == "method") {
                         bail!("compare finetune runs the methods of --methods; --method names one run's (frugal finetune)");
                     }
-                    set_threads(args.finetune.threads)?;
-                    // --resume names the comparison directory, not a single run.
-                    let resume = args.finetune.resume.take();
-                    let given: Vec<String> = given.into_iter().filter(|k| k != "resume").collect();
-                    args.finetune = args.finetune.clone().merge(&given)?;
-                    args.finetune.resume = resume;
-                    frugal_train::compare::finetune::compare(
-                        *args,
-                        &command,
-                        &ctrl_c_token(),
-                        &device,
-                    )?;
+                    in_pool(args.finetune.threads, || {
+                        // --resume names the comparison directory, not a single run.
+                        let resume = args.finetune.resume.take();
+                        let given: Vec<String> =
+                            given.into_iter().filter(|k| k != "resume").collect();
+                        args.finetune = args.finetune.clone().merge(&given)?;
+                        args.finetune.resume = resume;
+                        frugal_train::compare::finetune::compare(
+                            *args,
+                            &command,
+                            &ctrl_c_token(),
+                            &device,
+                        )
+                    })?;
                 }
             }
         }
@@ -297,6 +313,7 @@ fn run(matches: &ArgMatches, cli: Cli, comm: &Arc<dyn Collectives>) -> Result<()
 
 fn main() {
     keep_freed_memory();
+    limit_elementwise_spinning();
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,

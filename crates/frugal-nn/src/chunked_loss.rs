@@ -8,7 +8,7 @@
 //! vocabulary chunks as well, the forward pass keeps only each row's log-sum-exp and the
 //! backward pass computes the logits again, chunk by chunk.
 
-use crate::ops::{counted, cpu_f32, cross_entropy, fused_here, linear, log_sum_exp, IGNORE};
+use crate::ops::{counted, cpu_f32, cross_entropy, fused_here, lanes, linear, log_sum_exp, IGNORE};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -43,12 +43,7 @@ impl LossChunks {
 
 /// Runs `f` on the contiguous f32 contents of a CPU tensor.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
-        _ => bail!("chunked cross-entropy: expects f32 tensors on the CPU"),
-    }
+    crate::ops::with_f32(t, "chunked cross-entropy", f)
 }
 
 /// `len` items in `chunks` nearly equal ranges (start, length), none empty.
@@ -95,9 +90,8 @@ fn softmax_grad(o: &mut [f32], row: &[f32], lse: f32, target: u32, v0: usize, sc
         return; // `o` stays zero
     }
     let target = target as usize;
-    for (o, x) in o.iter_mut().zip(row) {
-        *o = scale * (x - lse).exp();
-    }
+    lanes::exp_affine(row, 1.0, lse, o);
+    o.iter_mut().for_each(|o| *o *= scale);
     if (v0..v0 + row.len()).contains(&target) {
         o[target - v0] -= scale;
     }
@@ -231,14 +225,14 @@ fn lse_pass(
                     .zip(z.par_chunks(vn))
                     .enumerate()
                     .for_each(|(i, (((m, s), tl), row))| {
-                        let chunk_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let chunk_max = lanes::max(row);
                         let new_max = m.max(chunk_max);
                         let rescaled = if *m == f32::NEG_INFINITY {
                             0.0
                         } else {
                             *s * (*m - new_max).exp()
                         };
-                        *s = rescaled + row.iter().map(|x| (x - new_max).exp()).sum::<f32>();
+                        *s = rescaled + lanes::sum_exp(row, new_max);
                         *m = new_max;
                         let t = targets[r0 + i];
                         if t != IGNORE && (v0..v0 + vn).contains(&(t as usize)) {

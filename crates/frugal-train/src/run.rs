@@ -542,11 +542,16 @@ fn train(
         .sum();
     say!(
         lead,
-        "model: {} parameters ({} projectable, {} state-full) on {}{}, optimizer `{}` ({:.1} MiB of state), {} tokens per step{}",
+        "model: {} parameters ({} projectable, {} state-full) on {}{}{}, optimizer `{}` ({:.1} MiB of state), {} tokens per step{}",
         n_params,
         counts.projectable,
         counts.state_full,
         crate::device::name(&device),
+        if device.is_cpu() {
+            format!(" ({})", frugal_nn::ops::cpu_kernels())
+        } else {
+            String::new()
+        },
         match args.dtype {
             Precision::F32 => "",
             Precision::Bf16 => " in bf16 (f32 master weights)",

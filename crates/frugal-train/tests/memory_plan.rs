@@ -142,18 +142,16 @@ fn the_planned_peak_matches_counted_allocations_in_every_mode() {
             },
         ),
     ];
-    let mut peaks = Vec::new();
+    let (mut peaks, mut off) = (Vec::new(), Vec::new());
     for (c, batch, seq) in [(&small, 4, 64), (&grouped, 6, 48)] {
         for (name, mode) in modes {
             let plan = c.step_memory(batch / mode.grad_accum, seq, mode);
             let real = measured_peak(c, mode, batch, seq);
             let ratio = plan.peak as f64 / real as f64;
             eprintln!("{name}: planned {} counted {real} ({ratio:.3})", plan.peak);
-            assert!(
-                (0.85..1.15).contains(&ratio),
-                "{name}: planned {} bytes, counted {real}",
-                plan.peak
-            );
+            if !(0.85..1.15).contains(&ratio) {
+                off.push(format!("{name}: planned {} bytes, counted {real}", plan.peak));
+            }
             peaks.push(real);
         }
         // Each technique saves memory on its own, and together they save the most.
@@ -161,4 +159,5 @@ fn the_planned_peak_matches_counted_allocations_in_every_mode() {
         assert!(run[1..5].iter().all(|p| *p < run[0]), "{run:?}");
         assert!(run[4] < run[1] && run[4] < run[2], "{run:?}");
     }
+    assert!(off.is_empty(), "{off:#?}");
 }

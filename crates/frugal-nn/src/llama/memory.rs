@@ -62,25 +62,27 @@ impl LlamaConfig {
         let p_layer = 2.0 * h * h + 2.0 * kv * h + 3.0 * h * f + 2.0 * h;
         let p_vocab = vocab * h;
         let p_all = 2.0 * p_vocab + layers * p_layer + h;
-        // Kept by each layer: norms, projections and their head-major copies, rotary terms,
-        // scores and probabilities, the MLP's four products and the two residual sums.
-        let a_layer = 14.5 * n * h + 8.5 * n * kv + grouped * n * h + 2.0 * scores + 4.0 * n * f;
+        // Kept by each layer: norms, projections and their rotated heads (the values'
+        // head-major copy), scores and probabilities, the attention output and its row-major
+        // copy, the MLP's gate, up and gated products, and the two residual sums.
+        let a_layer = 10.0 * n * h + 4.0 * n * kv + grouped * n * h + 2.0 * scores + 3.0 * n * f;
         let rows = (n / chunks.tokens.max(1) as f64).ceil();
         let (a_top, w_top) = if chunks.is_whole() {
-            // The final norm and the logits; their gradient, its zero start and their sum.
-            (n * h + n * vocab, 3.0 * n * vocab)
+            // The final norm and the logits; their gradient, and part of a second one while
+            // the head's matrix products run.
+            (n * h + n * vocab, 1.5 * n * vocab)
         } else if chunks.vocab <= 1 {
             // The final norm and the gradients the one pass made; a chunk's logits and their
             // gradient, and the head gradient's running sum.
             (
                 2.0 * n * h + p_vocab,
-                2.0 * rows * vocab + 3.0 * p_vocab + 3.0 * n * h,
+                2.0 * rows * vocab + p_vocab + 3.0 * n * h,
             )
         } else {
             let chunk = rows * (vocab / chunks.vocab as f64).ceil();
-            (n * h + n, 3.0 * p_vocab + 3.0 * n * h + 3.0 * chunk)
+            (n * h + n, p_vocab + 3.0 * n * h + 3.0 * chunk)
         };
-        let w_embed = 3.0 * p_vocab + 2.0 * n * h;
+        let w_embed = p_vocab + 2.0 * n * h;
         // Gradients held at each phase (head, a layer, the embeddings) besides the working set:
         // the parameters' gradients made so far, those accumulated over earlier micro-batches
         // (all of them, released part by part in the last micro-batch by per-layer updates),
@@ -95,7 +97,7 @@ impl LlamaConfig {
         let layered = mode.checkpointing || mode.per_layer_updates;
         let (activations, phases) = if layered {
             let saved = layers * n * h;
-            let w_layer = 12.5 * n * f + 10.0 * n * h + 2.0 * p_layer;
+            let w_layer = 3.5 * n * f + 10.0 * n * h;
             let forward = saved + a_layer + accumulated;
             let top = saved + n * h + a_top + w_top + held(0.0, p_all);
             let layer = saved + n * h + a_layer + w_layer + held(p_vocab + h, p_all - p_vocab);
@@ -103,7 +105,7 @@ impl LlamaConfig {
             (saved + n * h + a_top, [forward, top, layer, embed])
         } else {
             let kept = n * h + layers * a_layer + a_top;
-            let w_layer = 9.0 * n * f + 28.0 * n * h + 9.0 * p_layer;
+            let w_layer = 3.5 * n * f + 3.0 * n * h + 3.0 * p_layer;
             let top = kept + w_top + accumulated;
             let layer = kept + p_vocab + h + w_layer + accumulated;
             let embed = kept + p_all - p_vocab + w_embed + accumulated;

@@ -10,9 +10,9 @@ pub use memory::{StepMemory, StepMode};
 
 use crate::chunked_loss::{linear_cross_entropy, linear_cross_entropy_value, LossChunks};
 use crate::error::{Error, Result};
-use crate::ops::{causal_softmax, cross_entropy, linear, rms_norm};
+use crate::ops::{causal_softmax, cross_entropy, linear, rms_norm, rope_heads, swiglu};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use frugal::Param;
 use rand::SeedableRng;
@@ -83,15 +83,6 @@ pub struct Llama {
     compute: DType,
     /// Rotary tables (cos, sin) per sequence length.
     tables: std::sync::Mutex<HashMap<usize, (Tensor, Tensor)>>,
-}
-
-/// Rotary embedding in Hugging Face's rotate-half convention: x·cos + rotate_half(x)·sin.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
 impl Llama {
@@ -309,15 +300,12 @@ impl Llama {
         let (heads, kv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
         let scale = 1.0 / (d as f64).sqrt();
         let h = rms_norm(x, &self.used(&l.input_norm)?, c.rms_norm_eps)?;
-        let split = |w: &Tensor, n: usize| -> Result<Tensor> {
-            Ok(linear(&h, &self.used(w)?)?
-                .reshape((b, t, n, d))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = rope(&split(&l.q, heads)?, cos, sin)?;
-        let k = rope(&split(&l.k, kv)?, cos, sin)?;
-        let v = split(&l.v, kv)?;
+        let q = rope_heads(&linear(&h, &self.used(&l.q)?)?, heads, cos, sin)?;
+        let k = rope_heads(&linear(&h, &self.used(&l.k)?)?, kv, cos, sin)?;
+        let v = linear(&h, &self.used(&l.v)?)?
+            .reshape((b, t, kv, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let (k, v) = if kv == heads {
             (k, v)
         } else {
@@ -336,7 +324,10 @@ impl Llama {
             .reshape((b, t, c.hidden_size))?;
         let x = (x + linear(&att, &self.used(&l.o)?)?)?;
         let h = rms_norm(&x, &self.used(&l.post_norm)?, c.rms_norm_eps)?;
-        let mlp = (linear(&h, &self.used(&l.gate)?)?.silu()? * linear(&h, &self.used(&l.up)?)?)?;
+        let mlp = swiglu(
+            &linear(&h, &self.used(&l.gate)?)?,
+            &linear(&h, &self.used(&l.up)?)?,
+        )?;
         Ok((x + linear(&mlp, &self.used(&l.down)?)?)?)
     }
 

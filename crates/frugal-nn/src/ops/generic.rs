@@ -27,6 +27,16 @@ fn softmax_plus(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
+/// Rotary embedding in Hugging Face's rotate-half convention, x·cos + rotate_half(x)·sin, of
+/// heads `x` (..., t, d) with tables `cos` and `sin` (t, d).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
 /// Mean cross-entropy of `logits` (n, vocab) against `targets` (n, u32), over the targets that
 /// are not [`IGNORE`] (a batch of ignored targets has loss 0).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {

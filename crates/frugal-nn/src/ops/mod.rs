@@ -1,21 +1,28 @@
 //! Fused CPU operations with their own backward passes: cross-entropy, causal softmax,
-//! RMSNorm, and for encoders LayerNorm, softmax over unpadded keys, exact GELU and bias
-//! addition. Each reads its inputs once per pass instead of chaining a dozen tensor operations
-//! (candle's built-in fast variants of these have no backward). They run on f32 CPU tensors;
-//! on other devices and dtypes each public operation runs its [`generic`] twin instead.
+//! RMSNorm, the SwiGLU gate, rotary embedding into heads, and for encoders LayerNorm, softmax
+//! over unpadded keys, exact GELU and bias addition. Each reads its inputs once per pass
+//! instead of chaining a dozen tensor operations (candle's built-in fast variants of these have
+//! no backward). Their exponentials and row sums run in eight lanes ([`lanes`]). They run on
+//! f32 CPU tensors; on other devices and dtypes each public operation runs its [`generic`]
+//! twin instead.
 
 mod bias;
 mod frozen_linear;
 mod gelu;
 pub mod generic;
 mod key_softmax;
+pub(crate) mod lanes;
 mod layer_norm;
+mod rope;
+mod swiglu;
 
 pub use bias::add_bias;
 pub use frozen_linear::frozen_linear;
 pub use gelu::gelu_erf;
 pub use key_softmax::key_masked_softmax;
 pub use layer_norm::layer_norm;
+pub use rope::rope_heads;
+pub use swiglu::swiglu;
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -46,6 +53,35 @@ impl Elem for u32 {
 
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     f32::slice(s, l, op)
+}
+
+/// Runs `f` on the contiguous f32 contents of a CPU tensor (`op` names the caller in errors).
+pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
+        _ => bail!("{op}: expects f32 tensors on the CPU"),
+    }
+}
+
+/// The instruction sets the CPU kernels use on this machine: the matrix products' (gemm
+/// takes AVX-512 where the CPU has it, else AVX2 with FMA) and the fused row kernels'.
+pub fn cpu_kernels() -> String {
+    #[cfg(target_arch = "x86_64")]
+    let matmul = if std::arch::is_x86_feature_detected!("avx512f") {
+        "AVX-512"
+    } else if std::arch::is_x86_feature_detected!("fma") {
+        "AVX2/FMA"
+    } else {
+        "scalar"
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let matmul = "native";
+    format!(
+        "{matmul} matrix products, {} row kernels",
+        lanes::kernel_isa()
+    )
 }
 
 /// True where the fused kernels run: `t` is an f32 tensor on the CPU.
@@ -125,12 +161,16 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// log Σ exp(row).
 pub(crate) fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    max + row.iter().map(|x| (x - max).exp()).sum::<f32>().ln()
+    let max = lanes::max(row);
+    max + lanes::sum_exp(row, max).ln()
 }
 
-/// Mean cross-entropy of logits (n, v) against targets (n).
-struct CrossEntropy;
+/// Mean cross-entropy of logits (n, v) against targets (n). The forward pass keeps each row's
+/// log Σ exp for the backward pass.
+#[derive(Default)]
+struct CrossEntropy {
+    lse: std::sync::OnceLock<Vec<f32>>,
+}
 
 impl CustomOp2 for CrossEntropy {
     fn name(&self) -> &'static str {
@@ -151,19 +191,16 @@ impl CustomOp2 for CrossEntropy {
         if let Some(&bad) = targets.iter().find(|&&t| t != IGNORE && t as usize >= v) {
             bail!("cross_entropy: target {bad} outside the vocabulary of {v}");
         }
-        // Collected in order and summed sequentially: the result does not depend on scheduling.
-        let losses: Vec<f64> = logits
-            .par_chunks(v)
-            .zip(targets.par_iter())
-            .map(|(row, &t)| {
-                if t == IGNORE {
-                    0.0
-                } else {
-                    (log_sum_exp(row) - row[t as usize]) as f64
-                }
-            })
-            .collect();
-        let total: f64 = losses.iter().sum();
+        let lse: Vec<f32> = logits.par_chunks(v).map(log_sum_exp).collect();
+        // Summed in order: the result does not depend on scheduling.
+        let total: f64 = lse
+            .iter()
+            .zip(logits.chunks(v).zip(targets))
+            .filter(|(_, (_, &t))| t != IGNORE)
+            .map(|(lse, (row, &t))| (lse - row[t as usize]) as f64)
+            .sum();
+        // A second forward pass of the same operation keeps the first one's values (equal).
+        let _ = self.lse.set(lse);
         Ok((
             CpuStorage::F32(vec![(total / counted(targets) as f64) as f32]),
             Shape::from(()),
@@ -179,16 +216,24 @@ impl CustomOp2 for CrossEntropy {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let counted = counted(&targets.flatten_all()?.to_vec1::<u32>()?);
         let scale = grad.to_scalar::<f32>()? / counted as f32;
+        let Some(lse) = self.lse.get() else {
+            bail!("cross_entropy: the backward pass ran before the forward pass");
+        };
+        let grad_pass = CrossEntropyGrad {
+            scale,
+            lse: lse.clone(),
+        };
         Ok((
-            Some(logits.apply_op2_no_bwd(targets, &Pass(CrossEntropyGrad { scale }))?),
+            Some(logits.apply_op2_no_bwd(targets, &Pass(grad_pass))?),
             None,
         ))
     }
 }
 
-/// scale·(softmax(logits) − onehot(targets)).
+/// scale·(softmax(logits) − onehot(targets)), from each row's log Σ exp.
 struct CrossEntropyGrad {
     scale: f32,
+    lse: Vec<f32>,
 }
 
 impl GradPass for CrossEntropyGrad {
@@ -200,15 +245,13 @@ impl GradPass for CrossEntropyGrad {
         let mut out = vec![0f32; logits.len()];
         out.par_chunks_mut(v)
             .zip(logits.par_chunks(v))
-            .zip(targets.par_iter())
-            .for_each(|((o, row), &t)| {
+            .zip(targets.par_iter().zip(&self.lse))
+            .for_each(|((o, row), (&t, &lse))| {
                 if t == IGNORE {
                     return;
                 }
-                let lse = log_sum_exp(row);
-                for (o, x) in o.iter_mut().zip(row) {
-                    *o = self.scale * (x - lse).exp();
-                }
+                lanes::exp_affine(row, 1.0, lse, o);
+                o.iter_mut().for_each(|o| *o *= self.scale);
                 o[t as usize] -= self.scale;
             });
         (out, layout.shape().clone())
@@ -241,7 +284,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     }
     logits
         .contiguous()?
-        .apply_op2(&targets.contiguous()?, CrossEntropy)
+        .apply_op2(&targets.contiguous()?, CrossEntropy::default())
 }
 
 /// Softmax over the last dimension of scale·x with a causal mask (query i sees keys ≤ i), for
@@ -263,23 +306,26 @@ impl CustomOp1 for CausalSoftmax {
             .zip(x.par_chunks(t))
             .enumerate()
             .for_each(|(r, (o, row))| {
-                let seen = r % t + 1;
-                let max = row[..seen]
-                    .iter()
-                    .fold(f32::NEG_INFINITY, |m, &v| m.max(v * self.scale));
-                let mut sum = 0.0;
-                for (o, &v) in o[..seen].iter_mut().zip(&row[..seen]) {
-                    *o = (v * self.scale - max).exp();
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                o[..seen].iter_mut().for_each(|o| *o *= inv);
+                let (o, row) = (&mut o[..r % t + 1], &row[..r % t + 1]);
+                let max = scaled_max(row, self.scale);
+                let inv = 1.0 / lanes::exp_affine(row, self.scale, max, o);
+                o.iter_mut().for_each(|o| *o *= inv);
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         softmax_grad(y, dy, self.scale).map(Some)
+    }
+}
+
+/// max(scale·row): scale·max(row) for scale ≥ 0 (rounding keeps the order, so the two are
+/// equal), else a scan.
+pub(crate) fn scaled_max(row: &[f32], scale: f32) -> f32 {
+    if scale >= 0.0 {
+        scale * lanes::max(row)
+    } else {
+        row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale))
     }
 }
 
@@ -300,7 +346,7 @@ impl GradPass for SoftmaxGrad {
     fn run(&self, y: &[f32], dy: &[f32], layout: &Layout) -> (Vec<f32>, Shape) {
         let t = layout.dims()[layout.dims().len() - 1];
         let out = map_row_pairs(y, dy, t, |o, y, dy| {
-            let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
+            let dot = lanes::dot(y, dy);
             for ((o, &y), &dy) in o.iter_mut().zip(y).zip(dy) {
                 *o = self.scale * y * (dy - dot);
             }
@@ -329,7 +375,7 @@ struct RmsNorm {
 }
 
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
-    let ms = row.iter().map(|x| x * x).sum::<f32>() / row.len() as f32;
+    let ms = lanes::dot(row, row) / row.len() as f32;
     1.0 / (ms + eps).sqrt()
 }
 

@@ -158,7 +158,7 @@ pub struct EvalSettings {
     /// Token cache directory [default: $FRUGAL_CACHE or ~/.cache/frugal].
     #[cfg_attr(feature = "cli", arg(long))]
     pub cache_dir: Option<PathBuf>,
-    /// Worker threads [default: all cores].
+    /// Worker threads [default: the physical cores, shared by the ranks on this machine].
     #[cfg_attr(feature = "cli", arg(long))]
     pub threads: Option<usize>,
 }

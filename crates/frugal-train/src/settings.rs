@@ -123,7 +123,7 @@ pub struct TrainSettings {
     /// Seed of initialisation, data order and the optimizer's random choices.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = TrainSettings::default().seed))]
     pub seed: u64,
-    /// Worker threads [default: all cores].
+    /// Worker threads [default: the physical cores, shared by the ranks on this machine].
     #[cfg_attr(feature = "cli", arg(long))]
     #[serde(skip)]
     pub threads: Option<usize>,

@@ -150,7 +150,10 @@ fn the_planned_peak_matches_counted_allocations_in_every_mode() {
             let ratio = plan.peak as f64 / real as f64;
             eprintln!("{name}: planned {} counted {real} ({ratio:.3})", plan.peak);
             if !(0.85..1.15).contains(&ratio) {
-                off.push(format!("{name}: planned {} bytes, counted {real}", plan.peak));
+                off.push(format!(
+                    "{name}: planned {} bytes, counted {real}",
+                    plan.peak
+                ));
             }
             peaks.push(real);
         }

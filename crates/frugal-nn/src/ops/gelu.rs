@@ -1,7 +1,7 @@
 //! GELU with the exact (erf) form, y = x·Φ(x), fused: one pass forward, one pass backward
 //! (dy·(Φ(x) + x·φ(x))), where candle's composed backward makes about ten.
 
-use super::{f32s, map_row_pairs, GradPass, Pass};
+use super::{f32s, lanes, map_row_pairs, GradPass, Pass};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -13,7 +13,7 @@ fn erf(x: f32) -> f32 {
     let poly = t
         * (0.254_829_6
             + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let y = 1.0 - poly * (-a * a).exp();
+    let y = 1.0 - poly * lanes::exp(-a * a);
     y.copysign(x)
 }
 
@@ -62,7 +62,7 @@ impl GradPass for GeluGrad {
         const INV_SQRT_2PI: f32 = 0.398_942_3;
         let out = map_row_pairs(x, dy, 4096.min(x.len().max(1)), |o, x, dy| {
             for ((o, &x), &dy) in o.iter_mut().zip(x).zip(dy) {
-                let density = INV_SQRT_2PI * (-0.5 * x * x).exp();
+                let density = INV_SQRT_2PI * lanes::exp(-0.5 * x * x);
                 *o = dy * (phi_cdf(x) + x * density);
             }
         });

@@ -1,6 +1,6 @@
 //! Softmax over the keys that are not padding, for encoder attention.
 
-use super::{f32s, softmax_grad};
+use super::{f32s, lanes, softmax_grad};
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -37,7 +37,7 @@ impl CustomOp1 for KeyMaskedSoftmax {
                 let mut sum = 0.0;
                 for ((o, &v), &keep) in o.iter_mut().zip(row).zip(keep) {
                     if keep {
-                        *o = (v * self.scale - max).exp();
+                        *o = lanes::exp(v * self.scale - max);
                         sum += *o;
                     }
                 }

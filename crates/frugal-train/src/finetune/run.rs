@@ -134,7 +134,7 @@ pub struct FinetuneSettings {
     /// Seed of the head, the data order, dropout and the optimizer's random choices.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
     pub seed: u64,
-    /// Worker threads [default: all cores].
+    /// Worker threads [default: the physical cores, shared by the ranks on this machine].
     #[cfg_attr(feature = "cli", arg(long))]
     #[serde(skip)]
     pub threads: Option<usize>,

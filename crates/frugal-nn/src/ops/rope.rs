@@ -90,6 +90,9 @@ impl CustomOp1 for Rope {
 /// Splits `x` (batch, seq, heads·d) into heads (batch, heads, seq, d) and rotates each by its
 /// position: x·cos + rotate_half(x)·sin, with `cos` and `sin` of shape (seq, d).
 pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if heads == 0 {
+        bail!("rope: the number of heads must be at least 1");
+    }
     if !super::fused_here(x) || !super::fused_here(cos) || !super::fused_here(sin) {
         let (b, t, width) = x.dims3()?;
         let heads_first = x
@@ -146,5 +149,13 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("heads of even size"), "{err}");
+        let err = rope_heads(
+            &randn(&[1, 2, 12], 1),
+            0,
+            &randn(&[2, 3], 2),
+            &randn(&[2, 3], 3),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("at least 1"), "{err}");
     }
 }

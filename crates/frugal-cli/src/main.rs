@@ -26,38 +26,10 @@ fn local_ranks() -> usize {
         .unwrap_or(1)
 }
 
-/// Runs `work` on a pool of `threads` worker threads, which candle, faer and the optimizer then
-/// share; by default, the cores shared among the ranks on this machine. The calling thread
-/// waits, so every parallel operation starts from a worker that takes part in it, instead of
-/// handing its work to the pool and sleeping until it is done.
+/// Runs `work` on the worker pool (see [`frugal_train::threads::in_pool`]), its threads
+/// shared among the ranks on this machine by default.
 fn in_pool<R: Send>(threads: Option<usize>, work: impl FnOnce() -> Result<R> + Send) -> Result<R> {
-    // candle's count of physical cores (or RAYON_NUM_THREADS), shared by the local ranks.
-    let cores = candle_core::utils::get_num_threads();
-    let threads = threads.unwrap_or((cores / local_ranks()).max(1));
-    if threads == 0 {
-        bail!("--threads must be at least 1");
-    }
-    // candle sizes its matrix products and its own element-wise pool by this variable.
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| anyhow::anyhow!("cannot start {threads} worker threads: {e}"))?;
-    pool.install(work)
-}
-
-/// Spins of candle's element-wise workers before they sleep, unless
-/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` is set: with candle's 25 000, a worker that has finished
-/// keeps its core busy while the next matrix product (on the rayon pool) needs that core.
-const ELEMENTWISE_SPINS: &str = "2000";
-
-/// Sets candle's element-wise spin limit (see [`ELEMENTWISE_SPINS`]).
-fn limit_elementwise_spinning() {
-    const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
-    if std::env::var_os(VAR).is_none() {
-        // Called at start-up, before any other thread exists.
-        std::env::set_var(VAR, ELEMENTWISE_SPINS);
-    }
+    frugal_train::threads::in_pool(threads, local_ranks(), work)
 }
 
 /// Names of the flags given explicitly on the command line.
@@ -313,7 +285,7 @@ fn run(matches: &ArgMatches, cli: Cli, comm: &Arc<dyn Collectives>) -> Result<()
 
 fn main() {
     keep_freed_memory();
-    limit_elementwise_spinning();
+    frugal_train::threads::limit_elementwise_spinning();
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,

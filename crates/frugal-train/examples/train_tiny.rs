@@ -45,6 +45,12 @@ impl Hooks<Llama> for Print<'_> {
 }
 
 fn main() -> Result<()> {
+    // One worker pool for candle, the fused operations and the optimizer (all cores).
+    frugal_train::threads::limit_elementwise_spinning();
+    frugal_train::threads::in_pool(None, 1, train_tiny)
+}
+
+fn train_tiny() -> Result<()> {
     let device = Device::Cpu;
     let source = Source::resolve(frugal_train::settings::EMBEDDED_NAME)?;
     let data = Dataset::prepare(

@@ -2,7 +2,7 @@
 //! that writes both gradients, where candle's composed SiLU and product make about ten passes
 //! and as many temporaries.
 
-use super::{lanes, with_f32};
+use super::{lanes, map_row_pairs, with_f32};
 use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -25,10 +25,7 @@ impl CustomOp2 for SwiGlu {
     ) -> Result<(CpuStorage, Shape)> {
         let g = super::f32s(s1, l1, self.name())?;
         let u = super::f32s(s2, l2, self.name())?;
-        let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(o, (g, u))| lanes::swiglu(g, u, o));
+        let out = map_row_pairs(g, u, CHUNK, |o, g, u| lanes::swiglu(g, u, o));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 

@@ -4,16 +4,4 @@
 #   cargo build --release -p frugal-cli --features mpi
 #   mpirun -np 2 target/release/frugal train --batch-size 4
 set -euo pipefail
-packages=(libopenmpi-dev openmpi-bin libclang-dev)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -eq 0 ]; then
-    echo "MPI packages present: ${packages[*]}"
-    exit 0
-fi
-sudo=""
-[ "$(id -u)" -eq 0 ] || sudo="sudo"
-$sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+exec "$(dirname "$0")/apt-install.sh" libopenmpi-dev openmpi-bin libclang-dev

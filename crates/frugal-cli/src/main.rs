@@ -9,6 +9,7 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use cli::{Cli, Command};
 use frugal_dist::Collectives;
 use frugal_nn::llama::LlamaConfig;
+use frugal_nn::matmul::MatmulLibrary;
 use frugal_train::data_parallel::{DataParallel, SharedError};
 use frugal_train::memory_report::MemoryReport;
 use frugal_train::{data, StopToken};
@@ -28,8 +29,12 @@ fn local_ranks() -> usize {
 
 /// Runs `work` on the worker pool (see [`frugal_train::threads::in_pool`]), its threads
 /// shared among the ranks on this machine by default.
-fn in_pool<R: Send>(threads: Option<usize>, work: impl FnOnce() -> Result<R> + Send) -> Result<R> {
-    frugal_train::threads::in_pool(threads, local_ranks(), work)
+fn in_pool<R: Send>(
+    threads: Option<usize>,
+    matmul: MatmulLibrary,
+    work: impl FnOnce() -> Result<R> + Send,
+) -> Result<R> {
+    frugal_train::threads::in_pool(threads, matmul, local_ranks(), work)
 }
 
 /// Names of the flags given explicitly on the command line.
@@ -175,7 +180,7 @@ fn compare_pretraining(
     device: &Device,
     parallel: &DataParallel,
 ) -> Result<()> {
-    in_pool(args.train.threads, || {
+    in_pool(args.train.threads, args.train.matmul, || {
         // --resume names the comparison directory, not a single run.
         let resume = args.train.resume.take();
         let given: Vec<String> = given.into_iter().filter(|k| k != "resume").collect();
@@ -207,7 +212,7 @@ fn run(matches: &ArgMatches, cli: Cli, comm: &Arc<dyn Collectives>) -> Result<()
         .into());
     }
     match cli.command {
-        Command::Train(args) => in_pool(args.threads, || {
+        Command::Train(args) => in_pool(args.threads, args.matmul, || {
             let merged = args.merge(&given("train"))?;
             let cache = merged
                 .cache_dir
@@ -226,7 +231,7 @@ fn run(matches: &ArgMatches, cli: Cli, comm: &Arc<dyn Collectives>) -> Result<()
             )
             .map(drop)
         })?,
-        Command::Eval(args) => in_pool(args.threads, || {
+        Command::Eval(args) => in_pool(args.threads, args.matmul, || {
             let r = frugal_train::eval::evaluate(&args, &device)?;
             println!(
                 "checkpoint {}  split {}  tokens {}  loss {:.4}  perplexity {:.2}",
@@ -238,7 +243,7 @@ fn run(matches: &ArgMatches, cli: Cli, comm: &Arc<dyn Collectives>) -> Result<()
             );
             Ok(())
         })?,
-        Command::Finetune(args) => in_pool(args.threads, || {
+        Command::Finetune(args) => in_pool(args.threads, args.matmul, || {
             let merged = args.merge(&given("finetune"))?;
             let resume = merged.resume.clone();
             let config = frugal_train::finetune::run::resolve(merged)?;
@@ -262,7 +267,7 @@ fn run(matches: &ArgMatches, cli: Cli, comm: &Arc<dyn Collectives>) -> Result<()
                     if given.iter().any(|k| k == "method") {
                         bail!("compare finetune runs the methods of --methods; --method names one run's (frugal finetune)");
                     }
-                    in_pool(args.finetune.threads, || {
+                    in_pool(args.finetune.threads, args.finetune.matmul, || {
                         // --resume names the comparison directory, not a single run.
                         let resume = args.finetune.resume.take();
                         let given: Vec<String> =

@@ -637,7 +637,9 @@ fn bf16_mixed_precision_tracks_f32_and_gpus_need_the_cuda_build() {
     let log =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(
-        log.contains("on cpu (") && log.contains("row kernels) in bf16 (f32 master weights)"),
+        log.contains("on cpu (matrix products: ")
+            && log.contains("; row kernels: ")
+            && log.contains(") in bf16 (f32 master weights)"),
         "{log}"
     );
     assert_eq!(json(&mixed.join("config.json"))["args"]["dtype"], "bf16");

@@ -4,6 +4,10 @@
 use candle_core::{Result, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+/// Mask elements drawn by one worker at a time.
+const MASK_CHUNK: usize = 1 << 14;
 
 /// A stream of dropout masks.
 pub struct Dropout {
@@ -24,15 +28,21 @@ impl Dropout {
             return Ok(x.clone());
         }
         let keep = 1.0 / (1.0 - p) as f32;
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| {
-                if self.rng.random::<f64>() < p {
-                    0.0
-                } else {
-                    keep
+        // Each element takes one f64 (two 32-bit words) of the stream, in order; the workers
+        // draw disjoint stretches of it by seeking, so the mask is the one a single draw makes.
+        let start = self.rng.get_word_pos();
+        let stream = &self.rng;
+        let mut mask = vec![0f32; x.elem_count()];
+        mask.par_chunks_mut(MASK_CHUNK)
+            .enumerate()
+            .for_each(|(i, chunk)| {
+                let mut rng = stream.clone();
+                rng.set_word_pos(start + (2 * i * MASK_CHUNK) as u128);
+                for m in chunk {
+                    *m = if rng.random::<f64>() < p { 0.0 } else { keep };
                 }
-            })
-            .collect();
+            });
+        self.rng.set_word_pos(start + 2 * x.elem_count() as u128);
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x * mask
     }
@@ -63,6 +73,28 @@ mod tests {
         assert!((zeros - 0.1).abs() < 0.005, "{zeros}");
         let mean = a.iter().map(|&v| v as f64).sum::<f64>() / a.len() as f64;
         assert!((mean - 1.0).abs() < 0.01, "{mean}");
+        // The mask is the stream drawn in order, one f64 per element, and the stream goes on
+        // after it: a second mask starts where the first ended.
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for (i, &v) in a.iter().enumerate() {
+            let want = if rng.random::<f64>() < 0.1 {
+                0.0
+            } else {
+                1.0 / 0.9
+            };
+            assert_eq!(v, want as f32, "element {i}");
+        }
+        let mut d = Dropout::new(7);
+        d.apply(&x, 0.1).unwrap();
+        let second = d.apply(&x, 0.1).unwrap().to_vec1::<f32>().unwrap();
+        for (i, &v) in second.iter().enumerate() {
+            let want = if rng.random::<f64>() < 0.1 {
+                0.0
+            } else {
+                1.0 / 0.9
+            };
+            assert_eq!(v, want as f32, "second mask, element {i}");
+        }
         let b = Dropout::new(7)
             .apply(&x, 0.1)
             .unwrap()

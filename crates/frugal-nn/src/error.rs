@@ -25,6 +25,10 @@ pub enum Error {
     #[error("the loss became {loss}; no gradient was computed from it")]
     NonFiniteLoss { loss: f32 },
 
+    /// A native library could not be loaded or fails its check.
+    #[error("{0}")]
+    Library(String),
+
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -33,6 +33,7 @@ pub mod hf;
 pub mod init;
 pub mod labels;
 pub mod llama;
+pub mod matmul;
 pub mod ops;
 
 pub use error::{Error, Result};

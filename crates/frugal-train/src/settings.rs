@@ -127,6 +127,11 @@ pub struct TrainSettings {
     #[cfg_attr(feature = "cli", arg(long))]
     #[serde(skip)]
     pub threads: Option<usize>,
+    /// Library of the CPU's f32 matrix products: auto (OpenBLAS where it is installed, found as
+    /// $FRUGAL_OPENBLAS or libopenblas.so.0, else gemm), gemm or openblas.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = frugal_nn::matmul::MatmulLibrary::Auto))]
+    #[serde(skip)]
+    pub matmul: frugal_nn::matmul::MatmulLibrary,
     /// Token cache directory [default: $FRUGAL_CACHE or ~/.cache/frugal].
     #[cfg_attr(feature = "cli", arg(long))]
     #[serde(skip)]
@@ -282,6 +287,7 @@ impl Default for TrainSettings {
             dtype: Precision::F32,
             seed: 0,
             threads: None,
+            matmul: Default::default(),
             cache_dir: None,
             memory: MemorySettings::default(),
             opt: OptimizerSettings::default(),
@@ -519,6 +525,7 @@ impl TrainSettings {
         merged.config = self.config;
         merged.resume = self.resume;
         merged.threads = self.threads;
+        merged.matmul = self.matmul;
         merged.stop_after = self.stop_after;
         merged.cache_dir = self.cache_dir;
         Ok(merged)

@@ -1,5 +1,6 @@
-//! The threads a training process works on: one rayon pool shared by candle's matrix products,
-//! the fused operations and the optimizer, and a short spin for candle's element-wise workers.
+//! The threads a training process works on: one rayon pool shared by candle's matrix products
+//! (in the library `--matmul` chooses), the fused operations and the optimizer, and a short spin
+//! for candle's element-wise workers.
 
 /// Spins of candle's element-wise workers before they sleep, unless
 /// `CANDLE_BARRIER_POOL_SPIN_LIMIT` is set: with candle's 25 000, a worker that has finished
@@ -19,12 +20,15 @@ pub fn limit_elementwise_spinning() {
 /// share; by default, candle's count of physical cores (or `RAYON_NUM_THREADS`) divided among
 /// `ranks_here`, the processes of the job on this machine. The calling thread waits, so every
 /// parallel operation starts from a worker that takes part in it, instead of handing its work
-/// to the pool and sleeping until it is done.
+/// to the pool and sleeping until it is done. The f32 matrix products on the CPU run in
+/// `matmul` (see [`frugal_nn::matmul`]).
 pub fn in_pool<R: Send>(
     threads: Option<usize>,
+    matmul: frugal_nn::matmul::MatmulLibrary,
     ranks_here: usize,
     work: impl FnOnce() -> anyhow::Result<R> + Send,
 ) -> anyhow::Result<R> {
+    frugal_nn::matmul::use_library(matmul)?;
     let cores = candle_core::utils::get_num_threads();
     let threads = threads.unwrap_or((cores / ranks_here.max(1)).max(1));
     if threads == 0 {

@@ -5,24 +5,6 @@ use super::{f32s, lanes, map_row_pairs, GradPass, Pass};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// erf(x) to within 1.5e-7 (Abramowitz and Stegun 7.1.26), vectorizable.
-#[inline]
-fn erf(x: f32) -> f32 {
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = t
-        * (0.254_829_6
-            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let y = 1.0 - poly * lanes::exp(-a * a);
-    y.copysign(x)
-}
-
-/// Φ(x), the standard normal distribution function.
-#[inline]
-fn phi_cdf(x: f32) -> f32 {
-    0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
-}
-
 struct Gelu;
 
 impl CustomOp1 for Gelu {
@@ -35,11 +17,7 @@ impl CustomOp1 for Gelu {
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(4096)
             .zip(x.par_chunks(4096))
-            .for_each(|(o, x)| {
-                for (o, &x) in o.iter_mut().zip(x) {
-                    *o = x * phi_cdf(x);
-                }
-            });
+            .for_each(|(o, x)| lanes::gelu(x, o));
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -58,13 +36,8 @@ impl GradPass for GeluGrad {
     const NAME: &'static str = "fused-gelu-erf-grad";
 
     fn run(&self, x: &[f32], dy: &[f32], layout: &Layout) -> (Vec<f32>, Shape) {
-        // 1/√(2π)
-        const INV_SQRT_2PI: f32 = 0.398_942_3;
         let out = map_row_pairs(x, dy, 4096.min(x.len().max(1)), |o, x, dy| {
-            for ((o, &x), &dy) in o.iter_mut().zip(x).zip(dy) {
-                let density = INV_SQRT_2PI * lanes::exp(-0.5 * x * x);
-                *o = dy * (phi_cdf(x) + x * density);
-            }
+            lanes::gelu_grad(x, dy, o)
         });
         (out, layout.shape().clone())
     }

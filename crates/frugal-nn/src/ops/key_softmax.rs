@@ -29,20 +29,7 @@ impl CustomOp1 for KeyMaskedSoftmax {
             .for_each(|(r, (o, row))| {
                 let item = r / self.rows_per_item;
                 let keep = &self.keep[item * k..(item + 1) * k];
-                let max = row
-                    .iter()
-                    .zip(keep)
-                    .filter(|(_, &keep)| keep)
-                    .fold(f32::NEG_INFINITY, |m, (&v, _)| m.max(v * self.scale));
-                let mut sum = 0.0;
-                for ((o, &v), &keep) in o.iter_mut().zip(row).zip(keep) {
-                    if keep {
-                        *o = lanes::exp(v * self.scale - max);
-                        sum += *o;
-                    }
-                }
-                let inv = 1.0 / sum;
-                o.iter_mut().for_each(|o| *o *= inv);
+                lanes::masked_softmax(row, keep, self.scale, o);
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }

@@ -1,4 +1,5 @@
-//! Row kernels in eight f32 lanes: e^x, and sums, maxima and dot products of rows.
+//! Row kernels in eight f32 lanes: e^x, and sums, maxima and dot products of rows, and the
+//! element-wise SwiGLU and GELU with their gradients, and a masked softmax of a row.
 //!
 //! Each kernel is written once over chunks of eight lanes and compiled twice: for AVX2, chosen at
 //! run time where the CPU has it, and for the x86-64 baseline (SSE2). Both compile the same
@@ -183,6 +184,81 @@ dispatched! { swiglu_grad_on =>
     }
 }
 
+/// erf(x) to within 1.5e-7 (Abramowitz and Stegun 7.1.26), branch-free.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let y = 1.0 - poly * exp(-a * a);
+    y.copysign(x)
+}
+
+/// Φ(x), the standard normal distribution function.
+#[inline(always)]
+fn normal_cdf(x: f32) -> f32 {
+    0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+dispatched! { gelu_on =>
+    /// GELU in its exact form, x·Φ(x), of each element of `x`, into `out`.
+    pub fn gelu(x: &[f32], out: &mut [f32]) {
+        for (o, &x) in out.iter_mut().zip(x) {
+            *o = x * normal_cdf(x);
+        }
+    }
+}
+
+dispatched! { gelu_grad_on =>
+    /// The gradient of x·Φ(x) from the output's gradient `dy`, dy·(Φ(x) + x·φ(x)), into `dx`.
+    pub fn gelu_grad(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        // 1/√(2π)
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+            let density = INV_SQRT_2PI * exp(-0.5 * x * x);
+            *dx = dy * (normal_cdf(x) + x * density);
+        }
+    }
+}
+
+dispatched! { masked_softmax_on =>
+    /// Softmax of scale·`row` over the entries where `keep` (at least one), into `out`; the
+    /// others get zero.
+    pub fn masked_softmax(row: &[f32], keep: &[bool], scale: f32, out: &mut [f32]) {
+        for ((o, &v), &keep) in out.iter_mut().zip(row).zip(keep) {
+            *o = if keep { v * scale } else { f32::NEG_INFINITY };
+        }
+        let mut maxima = [f32::NEG_INFINITY; LANES];
+        let mut chunks = out.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for (m, &v) in maxima.iter_mut().zip(chunk) {
+                *m = m.max(v);
+            }
+        }
+        for (m, &v) in maxima.iter_mut().zip(chunks.remainder()) {
+            *m = m.max(v);
+        }
+        let max = maxima.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        // e^(−∞) is 0: the masked entries drop out of the sum.
+        let mut sums = [0f32; LANES];
+        let mut chunks = out.chunks_exact_mut(LANES);
+        for chunk in &mut chunks {
+            for (s, o) in sums.iter_mut().zip(chunk) {
+                *o = exp(*o - max);
+                *s += *o;
+            }
+        }
+        for (s, o) in sums.iter_mut().zip(chunks.into_remainder()) {
+            *o = exp(*o - max);
+            *s += *o;
+        }
+        let inv = 1.0 / total(sums);
+        out.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,6 +339,41 @@ mod tests {
         }
     }
 
+    #[test]
+    fn masked_softmax_matches_f64_and_gives_masked_keys_nothing() {
+        let x = xs();
+        let keep: Vec<bool> = (0..x.len()).map(|i| i % 5 != 2).collect();
+        // Rows of 1, 7, 8, 9 and 64 keys: the remainder alone, whole chunks, and both.
+        for k in [1, 7, 8, 9, 64] {
+            for (row, keep) in x.chunks_exact(k).zip(keep.chunks_exact(k)).take(20) {
+                if !keep.iter().any(|&k| k) {
+                    continue;
+                }
+                let mut out = vec![f32::NAN; k];
+                masked_softmax(row, keep, 0.3, &mut out);
+                let kept = || {
+                    row.iter()
+                        .zip(keep)
+                        .filter(|(_, &k)| k)
+                        .map(|(&v, _)| 0.3 * v as f64)
+                };
+                let max = kept().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = kept().map(|v| (v - max).exp()).sum();
+                for ((&o, &v), &keep) in out.iter().zip(row).zip(keep) {
+                    let want = if keep {
+                        (0.3 * v as f64 - max).exp() / sum
+                    } else {
+                        0.0
+                    };
+                    assert!(
+                        (o as f64 - want).abs() <= 1e-5 * want + 1e-30,
+                        "{o} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
     /// The AVX2 build and the baseline build give the same bits (where the CPU has AVX2).
     #[cfg(target_arch = "x86_64")]
     #[test]
@@ -279,9 +390,23 @@ mod tests {
                 (vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; x.len()]);
             swiglu_on(avx2, &x, &u, &mut y);
             swiglu_grad_on(avx2, &x, &u, &dst, &mut dg, &mut du);
+            let (mut gelu, mut gelu_dx) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+            gelu_on(avx2, &x, &mut gelu);
+            gelu_grad_on(avx2, &x, &u, &mut gelu_dx);
+            let keep: Vec<bool> = (0..x.len()).map(|i| i % 3 != 1).collect();
+            let mut softmax = vec![0.0; x.len()];
+            masked_softmax_on(avx2, &x, &keep, 0.3, &mut softmax);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             (
-                [bits(&dst), bits(&y), bits(&dg), bits(&du)],
+                [
+                    bits(&dst),
+                    bits(&y),
+                    bits(&dg),
+                    bits(&du),
+                    bits(&gelu),
+                    bits(&gelu_dx),
+                    bits(&softmax),
+                ],
                 [
                     s,
                     sum_exp_on(avx2, &x, 2.0),

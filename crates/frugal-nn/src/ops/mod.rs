@@ -65,21 +65,12 @@ pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> 
     }
 }
 
-/// The instruction sets the CPU kernels use on this machine: the matrix products' (gemm
-/// takes AVX-512 where the CPU has it, else AVX2 with FMA) and the fused row kernels'.
+/// The CPU's kernels on this machine: the matrix products' library (see [`crate::matmul`])
+/// and the instruction set of the fused row kernels.
 pub fn cpu_kernels() -> String {
-    #[cfg(target_arch = "x86_64")]
-    let matmul = if std::arch::is_x86_feature_detected!("avx512f") {
-        "AVX-512"
-    } else if std::arch::is_x86_feature_detected!("fma") {
-        "AVX2/FMA"
-    } else {
-        "scalar"
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let matmul = "native";
     format!(
-        "{matmul} matrix products, {} row kernels",
+        "matrix products: {}; row kernels: {}",
+        crate::matmul::library(),
         lanes::kernel_isa()
     )
 }

@@ -138,6 +138,11 @@ pub struct FinetuneSettings {
     #[cfg_attr(feature = "cli", arg(long))]
     #[serde(skip)]
     pub threads: Option<usize>,
+    /// Library of the CPU's f32 matrix products: auto (OpenBLAS where it is installed, found as
+    /// $FRUGAL_OPENBLAS or libopenblas.so.0, else gemm), gemm or openblas.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = frugal_nn::matmul::MatmulLibrary::Auto))]
+    #[serde(skip)]
+    pub matmul: frugal_nn::matmul::MatmulLibrary,
 }
 
 impl Default for FinetuneSettings {
@@ -175,6 +180,7 @@ impl Default for FinetuneSettings {
             resume: None,
             seed: 0,
             threads: None,
+            matmul: Default::default(),
         }
     }
 }
@@ -194,6 +200,7 @@ impl FinetuneSettings {
         merged.config = self.config;
         merged.resume = self.resume;
         merged.threads = self.threads;
+        merged.matmul = self.matmul;
         merged.stop_after = self.stop_after;
         Ok(merged)
     }

@@ -12,6 +12,8 @@ pub use utils::{
     Map1, Map1Any, Map2, Map2InPlace, Map2U8,
 };
 mod conv2d;
+mod f32_matmul;
+pub use f32_matmul::{set_f32_matmul, F32MatMul, F32MatMulFn};
 use conv2d::Conv2D;
 
 const USE_IM2COL_CONV1D: bool = true;
@@ -1499,6 +1501,35 @@ impl Map2 for MatMul {
             // over itself, so a stride-zero batch on lhs goes through the loop below.
             (b, m, n, k)
         };
+        if T::DTYPE == DType::F32 && k > 0 {
+            if let Some(f32_matmul) = f32_matmul::f32_matmul() {
+                // SAFETY: T is f32 (checked above), so the slices are f32 slices.
+                let cast = |s: &[T]| unsafe {
+                    std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len())
+                };
+                let dst_f32 = unsafe {
+                    std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut f32, dst.len())
+                };
+                let mut product = F32MatMul {
+                    batch: b,
+                    m,
+                    n,
+                    k,
+                    lhs: cast(lhs),
+                    lhs_skip: a_skip,
+                    lhs_rs,
+                    lhs_cs,
+                    rhs: cast(rhs),
+                    rhs_skip: b_skip,
+                    rhs_rs,
+                    rhs_cs,
+                    dst: dst_f32,
+                };
+                if f32_matmul(&mut product) {
+                    return Ok(dst);
+                }
+            }
+        }
         for step in 0..b {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];

@@ -148,6 +148,20 @@ fn operand(rows: usize, cols: usize, rs: usize, cs: usize) -> Option<Operand> {
         .or(transposed.filter(|o| o.ld >= rows.max(1)))
 }
 
+/// True when the last element of the last of `batch` (`rows` × `cols`, strides `rs`, `cs`)
+/// matrices `skip` apart lies inside a slice of `len` elements.
+fn within(
+    len: usize,
+    batch: usize,
+    skip: usize,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+) -> bool {
+    (batch - 1) * skip + (rows - 1) * rs + (cols - 1) * cs < len
+}
+
 /// Products smaller than this many multiply-adds run on one worker.
 const SPLIT_FROM: usize = 1 << 18;
 /// Parts of a split product are whole multiples of this many rows (or columns).
@@ -165,7 +179,7 @@ struct Part {
 /// layout or a size is beyond it.
 pub(super) fn product(p: &mut F32MatMul<'_>) -> bool {
     let Ok(blas) = load() else { return false };
-    if p.m == 0 || p.n == 0 {
+    if p.batch == 0 || p.m == 0 || p.n == 0 {
         return true;
     }
     let (Some(a), Some(b)) = (
@@ -175,7 +189,27 @@ pub(super) fn product(p: &mut F32MatMul<'_>) -> bool {
         return false;
     };
     let limit = c_int::MAX as usize;
-    if [p.m, p.n, p.k, a.ld, b.ld].iter().any(|&v| v > limit) {
+    if [p.m, p.n, p.k, a.ld, b.ld].iter().any(|&v| v > limit)
+        || !within(
+            p.lhs.len(),
+            p.batch,
+            p.lhs_skip,
+            p.m,
+            p.k,
+            p.lhs_rs,
+            p.lhs_cs,
+        )
+        || !within(
+            p.rhs.len(),
+            p.batch,
+            p.rhs_skip,
+            p.k,
+            p.n,
+            p.rhs_rs,
+            p.rhs_cs,
+        )
+        || p.dst.len() < p.batch * p.m * p.n
+    {
         return false;
     }
     // Split the longer side of each step's output among the workers the batch leaves idle.
@@ -215,8 +249,8 @@ pub(super) fn product(p: &mut F32MatMul<'_>) -> bool {
         let lhs = lhs as *const f32;
         let rhs = rhs as *const f32;
         let dst = dst as *mut f32;
-        // SAFETY: candle's layouts keep every element of each step's operands inside the
-        // slices, the parts cover disjoint blocks of the output, and the sizes fit in c_int.
+        // SAFETY: every element of each step's operands and output lies inside its slice
+        // (`within`), the parts cover disjoint blocks of the output, and the sizes fit in c_int.
         unsafe {
             (blas.sgemm)(
                 ROW_MAJOR,
@@ -262,5 +296,15 @@ mod tests {
         // Rows broadcast (stride 0) and fully strided layouts have no BLAS form.
         assert!(operand(4, 3, 0, 1).is_none());
         assert!(operand(4, 3, 6, 2).is_none());
+    }
+
+    #[test]
+    fn operands_must_end_inside_their_slices() {
+        // Two 4 × 3 matrices 12 apart: the last element is 12 + 3·3 + 2 = 23.
+        assert!(within(24, 2, 12, 4, 3, 3, 1));
+        assert!(!within(23, 2, 12, 4, 3, 3, 1));
+        // Transposed storage: the last element is 3·1 + 2·4 = 11.
+        assert!(within(12, 1, 0, 4, 3, 1, 4));
+        assert!(!within(11, 1, 0, 4, 3, 1, 4));
     }
 }

@@ -1503,7 +1503,7 @@ impl Map2 for MatMul {
         };
         if T::DTYPE == DType::F32 && k > 0 {
             if let Some(f32_matmul) = f32_matmul::f32_matmul() {
-                // SAFETY: T is f32 (checked above), so the slices are f32 slices.
+                // SAFETY: T::DTYPE is F32, so T is f32 and the slices are f32 slices.
                 let cast = |s: &[T]| unsafe {
                     std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len())
                 };

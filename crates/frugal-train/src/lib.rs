@@ -1,9 +1,9 @@
-//! Training with FRUGAL: data, tokenizers, the [`Trainer`](trainer::Trainer), schedules,
+//! Training with FRUGAL: data, tokenizers, the [`Trainer`], schedules,
 //! checkpoints, metrics, evaluation, pre-training runs on disk and comparisons.
 //!
 //! - [`data`]: corpora, the tokenizer, the token cache and batches.
-//! - [`trainer`]: the training loop over any [`Model`](trainer::Model), stopped by a
-//!   [`StopToken`](trainer::StopToken) the caller owns.
+//! - [`trainer`]: the training loop over any [`Model`], stopped by a
+//!   [`StopToken`] the caller owns.
 //! - [`grads`]: gradient accumulation and global-norm clipping.
 //! - [`data_parallel`]: gradients averaged across ranks.
 //! - [`schedule`]: learning-rate schedules.

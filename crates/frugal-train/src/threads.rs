@@ -7,7 +7,7 @@
 /// keeps its core busy while the next matrix product (on the rayon pool) needs that core.
 const ELEMENTWISE_SPINS: &str = "2000";
 
-/// Sets candle's element-wise spin limit (see [`ELEMENTWISE_SPINS`]) unless the environment
+/// Sets candle's element-wise spin limit (see `ELEMENTWISE_SPINS`) unless the environment
 /// sets one. Call it at start-up, before other threads exist and before any tensor operation.
 pub fn limit_elementwise_spinning() {
     const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";

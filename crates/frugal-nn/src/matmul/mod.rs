@@ -1,5 +1,5 @@
 //! Which library runs the f32 matrix products on the CPU: the `gemm` crate candle uses by
-//! default, or OpenBLAS, loaded at run time where it is installed ([`openblas`]), whose kernels
+//! default, or OpenBLAS, loaded at run time where it is installed, whose kernels
 //! are faster on AVX2 machines. Both compute the same products; the order of their
 //! floating-point sums differs, so the losses of a run depend on the library (the run's log
 //! names it).

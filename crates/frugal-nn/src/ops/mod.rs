@@ -2,7 +2,7 @@
 //! RMSNorm, the SwiGLU gate, rotary embedding into heads, and for encoders LayerNorm, softmax
 //! over unpadded keys, exact GELU and bias addition. Each reads its inputs once per pass
 //! instead of chaining a dozen tensor operations (candle's built-in fast variants of these have
-//! no backward). Their exponentials and row sums run in eight lanes ([`lanes`]). They run on
+//! no backward). Their exponentials and row sums run in eight lanes (`lanes`). They run on
 //! f32 CPU tensors; on other devices and dtypes each public operation runs its [`generic`]
 //! twin instead.
 

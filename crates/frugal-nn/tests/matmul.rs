@@ -4,16 +4,6 @@
 use candle_core::{Device, Tensor};
 use frugal_nn::matmul::{library, use_library, MatmulLibrary};
 
-/// A deterministic (rows × cols) matrix with entries in [-1, 1).
-fn matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    (0..rows * cols)
-        .map(|i| {
-            let x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed;
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
 /// Checks `lhs · rhs` (the last two dims, batched over the rest) against f64 sums, each
 /// element within 1e-5 of the sum of the magnitudes of its terms.
 fn check(lhs: &Tensor, rhs: &Tensor, what: &str) {
@@ -47,9 +37,15 @@ fn check(lhs: &Tensor, rhs: &Tensor, what: &str) {
     }
 }
 
+/// A tensor of shape `dims` with deterministic entries in [-1, 1).
 fn tensor(dims: &[usize], seed: u64) -> Tensor {
-    let len = dims.iter().product();
-    let data = matrix(1, len, seed);
+    let len: usize = dims.iter().product();
+    let data: Vec<f32> = (0..len)
+        .map(|i| {
+            let x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed;
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
     Tensor::from_vec(data, dims, &Device::Cpu).unwrap()
 }
 

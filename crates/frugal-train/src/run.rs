@@ -351,7 +351,6 @@ fn agreed_settings(run: &RunConfig) -> Result<serde_json::Value> {
     let mut flags = serde_json::to_value(&run.args)?;
     if let Some(flags) = flags.as_object_mut() {
         flags.remove("threads");
-        flags.remove("matmul");
         flags.remove("cache_dir");
     }
     Ok(serde_json::json!({ "flags": flags, "code": crate::data_parallel::code_fingerprint()? }))

@@ -70,6 +70,22 @@ fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     total(acc)
 }
 
+/// The largest element in eight lanes (element i into lane i mod 8), then across the lanes.
+#[inline(always)]
+fn lane_max(src: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = src.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a = a.max(x);
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
+        *a = a.max(x);
+    }
+    acc.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
 /// Defines `pub fn $name`, which runs `$on` with the AVX2 choice of this CPU, and
 /// `fn $on(avx2, ...)`, which runs the body compiled for AVX2 or for the baseline.
 macro_rules! dispatched {
@@ -141,17 +157,7 @@ dispatched! { sum_exp_on =>
 dispatched! { max_on =>
     /// The largest element (−∞ for an empty row; NaN elements are skipped).
     pub fn max(src: &[f32]) -> f32 {
-        let mut acc = [f32::NEG_INFINITY; LANES];
-        let mut chunks = src.chunks_exact(LANES);
-        for chunk in &mut chunks {
-            for (a, &x) in acc.iter_mut().zip(chunk) {
-                *a = a.max(x);
-            }
-        }
-        for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
-            *a = a.max(x);
-        }
-        acc.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+        lane_max(src)
     }
 }
 
@@ -230,31 +236,10 @@ dispatched! { masked_softmax_on =>
         for ((o, &v), &keep) in out.iter_mut().zip(row).zip(keep) {
             *o = if keep { v * scale } else { f32::NEG_INFINITY };
         }
-        let mut maxima = [f32::NEG_INFINITY; LANES];
-        let mut chunks = out.chunks_exact(LANES);
-        for chunk in &mut chunks {
-            for (m, &v) in maxima.iter_mut().zip(chunk) {
-                *m = m.max(v);
-            }
-        }
-        for (m, &v) in maxima.iter_mut().zip(chunks.remainder()) {
-            *m = m.max(v);
-        }
-        let max = maxima.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let max = lane_max(out);
         // e^(−∞) is 0: the masked entries drop out of the sum.
-        let mut sums = [0f32; LANES];
-        let mut chunks = out.chunks_exact_mut(LANES);
-        for chunk in &mut chunks {
-            for (s, o) in sums.iter_mut().zip(chunk) {
-                *o = exp(*o - max);
-                *s += *o;
-            }
-        }
-        for (s, o) in sums.iter_mut().zip(chunks.into_remainder()) {
-            *o = exp(*o - max);
-            *s += *o;
-        }
-        let inv = 1.0 / total(sums);
+        out.iter_mut().for_each(|o| *o = exp(*o - max));
+        let inv = 1.0 / lane_sum(out, out, |o, _| o);
         out.iter_mut().for_each(|o| *o *= inv);
     }
 }

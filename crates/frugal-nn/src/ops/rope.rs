@@ -141,21 +141,15 @@ mod tests {
 
     #[test]
     fn heads_must_divide_the_features_evenly() {
-        let err = rope_heads(
-            &randn(&[1, 2, 12], 1),
-            4,
-            &randn(&[2, 3], 2),
-            &randn(&[2, 3], 3),
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("heads of even size"), "{err}");
-        let err = rope_heads(
-            &randn(&[1, 2, 12], 1),
-            0,
-            &randn(&[2, 3], 2),
-            &randn(&[2, 3], 3),
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("at least 1"), "{err}");
+        for (heads, message) in [(4, "heads of even size"), (0, "at least 1")] {
+            let err = rope_heads(
+                &randn(&[1, 2, 12], 1),
+                heads,
+                &randn(&[2, 3], 2),
+                &randn(&[2, 3], 3),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains(message), "{heads} heads: {err}");
+        }
     }
 }

@@ -4,7 +4,6 @@
 use candle_core::{Result, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
 
 /// Mask elements drawn by one worker at a time.
 const MASK_CHUNK: usize = 1 << 14;
@@ -32,16 +31,13 @@ impl Dropout {
         // draw disjoint stretches of it by seeking, so the mask is the one a single draw makes.
         let start = self.rng.get_word_pos();
         let stream = &self.rng;
-        let mut mask = vec![0f32; x.elem_count()];
-        mask.par_chunks_mut(MASK_CHUNK)
-            .enumerate()
-            .for_each(|(i, chunk)| {
-                let mut rng = stream.clone();
-                rng.set_word_pos(start + (2 * i * MASK_CHUNK) as u128);
-                for m in chunk {
-                    *m = if rng.random::<f64>() < p { 0.0 } else { keep };
-                }
-            });
+        let mask = crate::ops::filled(x.elem_count(), MASK_CHUNK, |i, chunk| {
+            let mut rng = stream.clone();
+            rng.set_word_pos(start + (2 * i * MASK_CHUNK) as u128);
+            for m in chunk {
+                *m = if rng.random::<f64>() < p { 0.0 } else { keep };
+            }
+        });
         self.rng.set_word_pos(start + 2 * x.elem_count() as u128);
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x * mask

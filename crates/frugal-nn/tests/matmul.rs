@@ -49,7 +49,8 @@ fn tensor(dims: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(data, dims, &Device::Cpu).unwrap()
 }
 
-/// Every layout against the reference in the library now installed.
+/// Every layout, and the gradients through transposed operands, against the reference in the
+/// library now installed.
 fn check_layouts() {
     // Large enough to be split among workers, by rows (m ≥ n) and by columns (n > m), with
     // sizes that are not multiples of the parts' alignment.
@@ -94,6 +95,7 @@ fn check_layouts() {
         &narrow,
         "rhs narrowed (padded rows)",
     );
+    check_transposed_gradients();
 }
 
 #[test]
@@ -112,4 +114,72 @@ fn both_libraries_compute_every_layout_to_f32_accuracy() {
         }
         Err(e) => eprintln!("OpenBLAS is not installed, only gemm was checked: {e}"),
     }
+}
+
+/// f64 product of row-major `a` (m × k) and `b` (k × n).
+fn product64(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+    let mut c = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            c[i * n + j] = (0..k)
+                .map(|l| a[i * k + l] as f64 * b[l * n + j] as f64)
+                .sum();
+        }
+    }
+    c
+}
+
+fn assert_close(got: &Tensor, want: &[f64], what: &str) {
+    assert!(
+        got.is_contiguous(),
+        "{what}: the gradient is not contiguous"
+    );
+    let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+            "{what}[{i}]: {g} instead of {w}"
+        );
+    }
+}
+
+/// The gradients of a product with a transposed operand, x·Wᵀ and Aᵀ·B, which the backward
+/// pass computes transposed when OpenBLAS is installed, so that W's and A's gradients come out
+/// contiguous with no copy, and in the plain form with gemm.
+fn check_transposed_gradients() {
+    let (m, k, n) = (37, 21, 53);
+    let x = candle_core::Var::from_tensor(&tensor(&[m, k], 21)).unwrap();
+    let w = candle_core::Var::from_tensor(&tensor(&[n, k], 22)).unwrap();
+    let c = tensor(&[m, n], 23);
+    let loss = (x.matmul(&w.t().unwrap()).unwrap() * &c)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let v = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    // dx = c·W (m × n · n × k), dW = cᵀ·x (n × m · m × k).
+    let ct = v(&c.t().unwrap().contiguous().unwrap());
+    assert_close(
+        grads.get(&x).unwrap(),
+        &product64(&v(&c), &v(&w), m, n, k),
+        "dx",
+    );
+    assert_close(
+        grads.get(&w).unwrap(),
+        &product64(&ct, &v(&x), n, m, k),
+        "dW",
+    );
+    // y = Aᵀ·B with A (k × m): dA = B·cᵀ (k × n · n × m).
+    let a = candle_core::Var::from_tensor(&tensor(&[k, m], 24)).unwrap();
+    let b = tensor(&[k, n], 25);
+    let loss = (a.t().unwrap().matmul(&b).unwrap() * &c)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    assert_close(
+        grads.get(&a).unwrap(),
+        &product64(&v(&b), &ct, k, n, m),
+        "dA",
+    );
 }

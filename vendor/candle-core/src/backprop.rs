@@ -442,10 +442,27 @@ impl Tensor {
                         // Skipping checks, the op went ok, we can skip
                         // the matmul size checks for now.
 
-                        let lhs_grad = grad.matmul(&rhs.t()?)?;
+                        // With an external f32 product installed (a BLAS, which packs operands
+                        // in buffers of its own), the gradient of a transposed operand (the Wᵀ
+                        // of x·Wᵀ) is computed transposed, (gradᵀ·x)ᵀ, so that once the
+                        // transposition's own backward pass turns it back, W's gradient is
+                        // contiguous with no copy. gemm keeps the plain form: it would pack the
+                        // whole transposed gradient into a scratch buffer first.
+                        let external = grad.dtype() == crate::DType::F32
+                            && grad.device().is_cpu()
+                            && crate::cpu_backend::f32_matmul_installed();
+                        let lhs_grad = if external && is_transposed(lhs)? {
+                            rhs.matmul(&grad.t()?)?.t()?
+                        } else {
+                            grad.matmul(&rhs.t()?)?
+                        };
                         grads.accumulate(lhs, &lhs_grad)?;
 
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
+                        let rhs_grad = if external && is_transposed(rhs)? {
+                            grad.t()?.matmul(lhs)?.t()?
+                        } else {
+                            lhs.t()?.matmul(&grad)?
+                        };
                         grads.accumulate(rhs, &rhs_grad)?;
                     }
                     Op::Cat(args, dim) => {
@@ -686,6 +703,12 @@ impl Tensor {
     }
 }
 
+/// True for a view whose last two dimensions are those of contiguous data swapped (`t.t()` of a
+/// contiguous `t`).
+fn is_transposed(t: &Tensor) -> Result<bool> {
+    Ok(t.rank() >= 2 && !t.is_contiguous() && t.t()?.is_contiguous())
+}
+
 /// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>);
@@ -697,7 +720,8 @@ impl GradStore {
     }
 
     /// Adds `grad` to the gradient of `tensor`: the first contribution is stored as it is (made
-    /// contiguous), with no zero buffer to add it to; later ones are added.
+    /// contiguous, unless it is a transposed view for an inner node), with no zero buffer to add
+    /// it to; later ones are added.
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
@@ -705,7 +729,14 @@ impl GradStore {
                 entry.insert(sum);
             }
             Entry::Vacant(entry) => {
-                entry.insert(grad.contiguous()?);
+                // A transposed view of contiguous data stays a view for an inner node: the
+                // transposition that made the node turns it back to contiguous.
+                let keep_view = !tensor.is_variable() && is_transposed(grad)?;
+                entry.insert(if keep_view {
+                    grad.clone()
+                } else {
+                    grad.contiguous()?
+                });
             }
         }
         Ok(())

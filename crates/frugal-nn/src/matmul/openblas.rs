@@ -264,8 +264,8 @@ pub(super) fn product(p: &mut F32MatMul<'_>) -> bool {
                 a.ld as c_int,
                 rhs.add(part.step * rhs_skip + rhs_at),
                 b.ld as c_int,
-                // dst holds zeros: adding to it spares OpenBLAS a pass that zeroes it.
-                1.0,
+                // dst is uninitialised: each part's block is zeroed by the worker that fills it.
+                0.0,
                 dst.add(part.step * m * n + dst_at),
                 n as c_int,
             )
@@ -296,6 +296,53 @@ mod tests {
         // Rows broadcast (stride 0) and fully strided layouts have no BLAS form.
         assert!(operand(4, 3, 0, 1).is_none());
         assert!(operand(4, 3, 6, 2).is_none());
+    }
+
+    #[test]
+    fn every_output_element_is_written_whatever_it_held() {
+        if let Err(e) = load() {
+            eprintln!("OpenBLAS is not installed, nothing to check: {e}");
+            return;
+        }
+        // Split by rows, split by columns, one worker, and batched: the output starts as NaN.
+        for (batch, m, n, k) in [
+            (1, 300, 70, 40),
+            (1, 70, 300, 40),
+            (1, 5, 7, 3),
+            (6, 9, 8, 5),
+        ] {
+            let lhs: Vec<f32> = (0..batch * m * k).map(|i| (i % 7) as f32 - 3.0).collect();
+            let rhs: Vec<f32> = (0..batch * k * n).map(|i| (i % 5) as f32 - 2.0).collect();
+            let mut dst = vec![std::mem::MaybeUninit::new(f32::NAN); batch * m * n];
+            let mut p = F32MatMul {
+                batch,
+                m,
+                n,
+                k,
+                lhs: &lhs,
+                lhs_skip: m * k,
+                lhs_rs: k,
+                lhs_cs: 1,
+                rhs: &rhs,
+                rhs_skip: k * n,
+                rhs_rs: n,
+                rhs_cs: 1,
+                dst: &mut dst,
+            };
+            assert!(product(&mut p));
+            for s in 0..batch {
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f32 = (0..k)
+                            .map(|l| lhs[s * m * k + i * k + l] * rhs[s * k * n + l * n + j])
+                            .sum();
+                        // SAFETY: the product has written every element.
+                        let got = unsafe { dst[s * m * n + i * n + j].assume_init() };
+                        assert_eq!(got, want, "{batch}×{m}×{n}×{k} at [{s}, {i}, {j}]");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

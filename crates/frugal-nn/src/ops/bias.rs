@@ -1,9 +1,8 @@
 //! Adding a bias to the last dimension, with the bias gradient summed over rows in parallel
 //! (candle's broadcast addition reduces over the leading dimensions in one strided pass).
 
-use super::{f32s, sum_over_rows, GradPass, Pass};
+use super::{f32s, filled, sum_over_rows, GradPass, Pass};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 struct AddBias;
 
@@ -21,14 +20,12 @@ impl CustomOp2 for AddBias {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s1, l1, self.name())?;
         let b = f32s(s2, l2, self.name())?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(b.len())
-            .zip(x.par_chunks(b.len()))
-            .for_each(|(o, x)| {
-                for ((o, &x), &b) in o.iter_mut().zip(x).zip(b) {
-                    *o = x + b;
-                }
-            });
+        let d = b.len();
+        let out = filled(x.len(), d, |i, o| {
+            for ((o, &x), &b) in o.iter_mut().zip(&x[i * d..][..d]).zip(b) {
+                *o = x + b;
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 

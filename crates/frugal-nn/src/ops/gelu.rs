@@ -1,9 +1,8 @@
 //! GELU with the exact (erf) form, y = x·Φ(x), fused: one pass forward, one pass backward
 //! (dy·(Φ(x) + x·φ(x))), where candle's composed backward makes about ten.
 
-use super::{f32s, lanes, map_row_pairs, GradPass, Pass};
+use super::{f32s, filled, lanes, map_row_pairs, GradPass, Pass};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 struct Gelu;
 
@@ -14,10 +13,9 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l, self.name())?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(4096)
-            .zip(x.par_chunks(4096))
-            .for_each(|(o, x)| lanes::gelu(x, o));
+        let out = filled(x.len(), 4096, |i, o| {
+            lanes::gelu(&x[i * 4096..][..o.len()], o)
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 

@@ -1,8 +1,7 @@
 //! Softmax over the keys that are not padding, for encoder attention.
 
-use super::{f32s, lanes, softmax_grad};
+use super::{f32s, filled, lanes, softmax_grad};
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Softmax of scale·x over the last dimension of scores (batch, heads, q, k), where key j of
@@ -22,15 +21,11 @@ impl CustomOp1 for KeyMaskedSoftmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l, self.name())?;
         let k = l.dims()[l.dims().len() - 1];
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(k)
-            .zip(x.par_chunks(k))
-            .enumerate()
-            .for_each(|(r, (o, row))| {
-                let item = r / self.rows_per_item;
-                let keep = &self.keep[item * k..(item + 1) * k];
-                lanes::masked_softmax(row, keep, self.scale, o);
-            });
+        let out = filled(x.len(), k, |r, o| {
+            let item = r / self.rows_per_item;
+            let keep = &self.keep[item * k..(item + 1) * k];
+            lanes::masked_softmax(&x[r * k..][..k], keep, self.scale, o);
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 

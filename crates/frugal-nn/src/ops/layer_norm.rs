@@ -1,8 +1,7 @@
 //! LayerNorm over the last dimension: y = (x − mean) / sqrt(var + eps) ⊙ w + b.
 
-use super::{f32s, map_row_pairs, sum_over_rows, GradPass, Pass};
+use super::{f32s, filled, filled_chunks, GradPass, Pass};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 struct LayerNorm {
     eps: f32,
@@ -34,15 +33,13 @@ impl CustomOp3 for LayerNorm {
         let w = f32s(s2, l2, self.name())?;
         let b = f32s(s3, l3, self.name())?;
         let d = w.len();
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(o, row)| {
-                let (mean, r) = moments(row, self.eps);
-                for (((o, &x), &w), &b) in o.iter_mut().zip(row).zip(w).zip(b) {
-                    *o = (x - mean) * r * w + b;
-                }
-            });
+        let out = filled(x.len(), d, |i, o| {
+            let row = &x[i * d..][..d];
+            let (mean, r) = moments(row, self.eps);
+            for (((o, &x), &w), &b) in o.iter_mut().zip(row).zip(w).zip(b) {
+                *o = (x - mean) * r * w + b;
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -55,67 +52,66 @@ impl CustomOp3 for LayerNorm {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let d = w.elem_count();
-        let dx = x.apply_op2_no_bwd(
+        let (n, d) = (x.elem_count(), w.elem_count());
+        let grads = x.apply_op2_no_bwd(
             &dy,
-            &Pass(LayerNormGradX {
+            &Pass(LayerNormGrad {
                 eps: self.eps,
                 w: w.to_vec1::<f32>()?,
             }),
         )?;
-        let dw = x.apply_op2_no_bwd(&dy, &Pass(LayerNormGradW { eps: self.eps }))?;
-        let db = dy.reshape((dy.elem_count() / d, d))?.sum(0)?;
+        let dx = grads.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = grads.narrow(0, n, d)?;
+        let db = grads.narrow(0, n + d, d)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
-/// dx = r·(g − mean(g) − x̂·mean(g⊙x̂)) per row, with g = w⊙dy and x̂ = (x − mean)·r.
-struct LayerNormGradX {
+/// The three gradients in one pass over the rows, packed as dx, then dw, then db:
+/// dx = r·(g − mean(g) − x̂·mean(g⊙x̂)) per row, with g = w⊙dy and x̂ = (x − mean)·r;
+/// dw = Σ_rows dy⊙x̂; db = Σ_rows dy.
+struct LayerNormGrad {
     eps: f32,
     w: Vec<f32>,
 }
 
-impl GradPass for LayerNormGradX {
+impl GradPass for LayerNormGrad {
     type B = f32;
-    const NAME: &'static str = "fused-layer-norm-grad-x";
+    const NAME: &'static str = "fused-layer-norm-grad";
 
-    fn run(&self, x: &[f32], dy: &[f32], layout: &Layout) -> (Vec<f32>, Shape) {
+    fn run(&self, x: &[f32], dy: &[f32], _layout: &Layout) -> (Vec<f32>, Shape) {
         let d = self.w.len();
-        let out = map_row_pairs(x, dy, d, |o, x, dy| {
-            let (mean, r) = moments(x, self.eps);
-            let (mut g_mean, mut gx_mean) = (0f32, 0f32);
-            for ((&x, &dy), &w) in x.iter().zip(dy).zip(&self.w) {
-                let g = w * dy;
-                g_mean += g;
-                gx_mean += g * (x - mean) * r;
+        let span = d * (4096 / d).max(1);
+        let (mut out, partials) = filled_chunks(x.len(), span, |i, dx| {
+            let (x, dy) = (&x[i * span..][..dx.len()], &dy[i * span..][..dx.len()]);
+            let mut sums = vec![0f32; 2 * d];
+            let (dw, db) = sums.split_at_mut(d);
+            for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
+                let (mean, r) = moments(x, self.eps);
+                let (mut g_mean, mut gx_mean) = (0f32, 0f32);
+                for ((&x, &dy), &w) in x.iter().zip(dy).zip(&self.w) {
+                    let g = w * dy;
+                    g_mean += g;
+                    gx_mean += g * (x - mean) * r;
+                }
+                let (g_mean, gx_mean) = (g_mean / d as f32, gx_mean / d as f32);
+                for (((o, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(&self.w) {
+                    *o = r * (w * dy - g_mean - (x - mean) * r * gx_mean);
+                }
+                for (((dw, db), &x), &dy) in dw.iter_mut().zip(db.iter_mut()).zip(x).zip(dy) {
+                    *dw += dy * (x - mean) * r;
+                    *db += dy;
+                }
             }
-            let (g_mean, gx_mean) = (g_mean / d as f32, gx_mean / d as f32);
-            for (((o, &x), &dy), &w) in o.iter_mut().zip(x).zip(dy).zip(&self.w) {
-                *o = r * (w * dy - g_mean - (x - mean) * r * gx_mean);
-            }
+            sums
         });
-        (out, layout.shape().clone())
-    }
-}
-
-/// dw = Σ_rows dy⊙x̂.
-struct LayerNormGradW {
-    eps: f32,
-}
-
-impl GradPass for LayerNormGradW {
-    type B = f32;
-    const NAME: &'static str = "fused-layer-norm-grad-w";
-
-    fn run(&self, x: &[f32], dy: &[f32], layout: &Layout) -> (Vec<f32>, Shape) {
-        let d = layout.dims()[layout.dims().len() - 1];
-        let dw = sum_over_rows(x, dy, d, |acc, x, dy| {
-            let (mean, r) = moments(x, self.eps);
-            for ((a, &x), &dy) in acc.iter_mut().zip(x).zip(dy) {
-                *a += dy * (x - mean) * r;
-            }
-        });
-        (dw, Shape::from(d))
+        let mut total = vec![0f32; 2 * d];
+        for p in partials {
+            total.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+        }
+        out.extend(total);
+        let len = out.len();
+        (out, Shape::from(len))
     }
 }
 

@@ -26,6 +26,7 @@ pub use swiglu::swiglu;
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// An element type the fused operations read from CPU storage.
 trait Elem: Sized + Sync {
@@ -92,6 +93,41 @@ pub fn cpu_f32(op: &str, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// `len` elements written in parallel, chunk by chunk: `fill(i, out)` gets chunk `i` (`chunk`
+/// elements, the last one shorter) zeroed, and returns a value per chunk. The worker that fills
+/// a chunk zeroes it first, while it is in cache, instead of one thread zeroing the whole
+/// buffer in a pass of its own.
+pub(crate) fn filled_chunks<R: Send>(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [f32]) -> R + Sync,
+) -> (Vec<f32>, Vec<R>) {
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let results = out.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .map(|(i, c)| {
+            c.fill(MaybeUninit::new(0.0));
+            // SAFETY: every element of the chunk has just been initialised, and
+            // MaybeUninit<f32> has the layout of f32.
+            let c = unsafe { &mut *(c as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            fill(i, c)
+        })
+        .collect();
+    // SAFETY: the chunks cover the first `len` elements, and each was initialised.
+    unsafe { out.set_len(len) };
+    (out, results)
+}
+
+/// [`filled_chunks`] where a chunk returns nothing.
+pub(crate) fn filled(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    filled_chunks(len, chunk, fill).0
+}
+
 /// Applies `f(out_row, a_row, b_row)` to matching rows of `row` elements, in parallel.
 fn map_row_pairs(
     a: &[f32],
@@ -99,11 +135,9 @@ fn map_row_pairs(
     row: usize,
     f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync,
 ) -> Vec<f32> {
-    let mut out = vec![0f32; a.len()];
-    out.par_chunks_mut(row)
-        .zip(a.par_chunks(row).zip(b.par_chunks(row)))
-        .for_each(|(o, (a, b))| f(o, a, b));
-    out
+    filled(a.len(), row, |i, o| {
+        f(o, &a[i * row..][..o.len()], &b[i * row..][..o.len()])
+    })
 }
 
 /// A backward pass over an f32 input `a` and a second input `b` (it has no gradient itself).
@@ -233,18 +267,15 @@ impl GradPass for CrossEntropyGrad {
 
     fn run(&self, logits: &[f32], targets: &[u32], layout: &Layout) -> (Vec<f32>, Shape) {
         let v = layout.dims()[1];
-        let mut out = vec![0f32; logits.len()];
-        out.par_chunks_mut(v)
-            .zip(logits.par_chunks(v))
-            .zip(targets.par_iter().zip(&self.lse))
-            .for_each(|((o, row), (&t, &lse))| {
-                if t == IGNORE {
-                    return;
-                }
-                lanes::exp_affine(row, 1.0, lse, o);
-                o.iter_mut().for_each(|o| *o *= self.scale);
-                o[t as usize] -= self.scale;
-            });
+        let out = filled(logits.len(), v, |r, o| {
+            let (t, lse) = (targets[r], self.lse[r]);
+            if t == IGNORE {
+                return;
+            }
+            lanes::exp_affine(&logits[r * v..][..v], 1.0, lse, o);
+            o.iter_mut().for_each(|o| *o *= self.scale);
+            o[t as usize] -= self.scale;
+        });
         (out, layout.shape().clone())
     }
 }
@@ -292,16 +323,12 @@ impl CustomOp1 for CausalSoftmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l, self.name())?;
         let t = l.dims()[l.dims().len() - 1];
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(t)
-            .zip(x.par_chunks(t))
-            .enumerate()
-            .for_each(|(r, (o, row))| {
-                let (o, row) = (&mut o[..r % t + 1], &row[..r % t + 1]);
-                let max = scaled_max(row, self.scale);
-                let inv = 1.0 / lanes::exp_affine(row, self.scale, max, o);
-                o.iter_mut().for_each(|o| *o *= inv);
-            });
+        let out = filled(x.len(), t, |r, o| {
+            let (o, row) = (&mut o[..r % t + 1], &x[r * t..][..r % t + 1]);
+            let max = scaled_max(row, self.scale);
+            let inv = 1.0 / lanes::exp_affine(row, self.scale, max, o);
+            o.iter_mut().for_each(|o| *o *= inv);
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -385,15 +412,13 @@ impl CustomOp2 for RmsNorm {
         let x = f32s(s1, l1, self.name())?;
         let w = f32s(s2, l2, self.name())?;
         let d = w.len();
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(o, row)| {
-                let r = inv_rms(row, self.eps);
-                for ((o, &x), &w) in o.iter_mut().zip(row).zip(w) {
-                    *o = x * r * w;
-                }
-            });
+        let out = filled(x.len(), d, |i, o| {
+            let row = &x[i * d..][..d];
+            let r = inv_rms(row, self.eps);
+            for ((o, &x), &w) in o.iter_mut().zip(row).zip(w) {
+                *o = x * r * w;
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -530,6 +555,19 @@ pub(crate) mod tests {
             .unwrap()
             .to_scalar()
             .unwrap()
+    }
+
+    #[test]
+    fn filled_chunks_start_zeroed_and_cover_the_buffer() {
+        // 10 elements in chunks of 4: two whole chunks and a last one of 2.
+        let (out, lens) = filled_chunks(10, 4, |i, c| {
+            assert!(c.iter().all(|&v| v == 0.0), "chunk {i} not zeroed");
+            c[0] = i as f32 + 1.0;
+            c.len()
+        });
+        assert_eq!(out, [1.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 3.0, 0.0]);
+        assert_eq!(lens, [4, 4, 2]);
+        assert!(filled(0, 4, |_, _| unreachable!()).is_empty());
     }
 
     /// Fused forward and backward agree with candle's composed (differentiable) operations.

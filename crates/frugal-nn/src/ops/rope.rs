@@ -3,9 +3,8 @@
 //! then narrows, negates, concatenates, multiplies twice and adds, and backpropagates through
 //! each of those.
 
-use super::{f32s, generic, with_f32};
+use super::{f32s, filled, generic, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// The rotation of `heads` heads of size d, with cos and sin tables of shape (t, d).
 struct Rope {
@@ -48,20 +47,17 @@ impl CustomOp1 for Rope {
         let x = f32s(s, l, self.name())?;
         let (b, t, d) = self.dims(l.shape())?;
         let (n, half) = (self.heads, d / 2);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(t * d)
-            .enumerate()
-            .for_each(|(bh, block)| {
-                let (bi, hi) = (bh / n, bh % n);
-                for (pos, y) in block.chunks_exact_mut(d).enumerate() {
-                    let src = &x[(bi * t + pos) * n * d + hi * d..][..d];
-                    let (cos, sin) = (&self.cos[pos * d..][..d], &self.sin[pos * d..][..d]);
-                    for k in 0..half {
-                        y[k] = src[k] * cos[k] - src[k + half] * sin[k];
-                        y[k + half] = src[k + half] * cos[k + half] + src[k] * sin[k + half];
-                    }
+        let out = filled(x.len(), t * d, |bh, block| {
+            let (bi, hi) = (bh / n, bh % n);
+            for (pos, y) in block.chunks_exact_mut(d).enumerate() {
+                let src = &x[(bi * t + pos) * n * d + hi * d..][..d];
+                let (cos, sin) = (&self.cos[pos * d..][..d], &self.sin[pos * d..][..d]);
+                for k in 0..half {
+                    y[k] = src[k] * cos[k] - src[k + half] * sin[k];
+                    y[k + half] = src[k + half] * cos[k + half] + src[k] * sin[k + half];
                 }
-            });
+            }
+        });
         Ok((CpuStorage::F32(out), Shape::from((b, n, t, d))))
     }
 
@@ -69,8 +65,7 @@ impl CustomOp1 for Rope {
         let (b, t, d) = self.dims(x.shape())?;
         let (n, half) = (self.heads, d / 2);
         let dx = with_f32(dy, self.name(), |dy| {
-            let mut dx = vec![0f32; dy.len()];
-            dx.par_chunks_mut(n * d).enumerate().for_each(|(row, out)| {
+            filled(dy.len(), n * d, |row, out| {
                 let (bi, pos) = (row / t, row % t);
                 let (cos, sin) = (&self.cos[pos * d..][..d], &self.sin[pos * d..][..d]);
                 for (hi, g) in out.chunks_exact_mut(d).enumerate() {
@@ -80,8 +75,7 @@ impl CustomOp1 for Rope {
                         g[k + half] = dy[k + half] * cos[k + half] - dy[k] * sin[k];
                     }
                 }
-            });
-            dx
+            })
         })?;
         Ok(Some(Tensor::from_vec(dx, (b, t, n * d), &Device::Cpu)?))
     }

@@ -7,8 +7,8 @@
 use std::sync::RwLock;
 
 /// One batch of f32 products: for each step `s < batch`, `dst[s·m·n..]` (m × n, rows
-/// contiguous, zeros on entry) += `lhs[s·lhs_skip..]` (m × k) · `rhs[s·rhs_skip..]` (k × n),
-/// where each operand is addressed by its row and column strides in elements.
+/// contiguous, uninitialised on entry) = `lhs[s·lhs_skip..]` (m × k) · `rhs[s·rhs_skip..]`
+/// (k × n), where each operand is addressed by its row and column strides in elements.
 pub struct F32MatMul<'a> {
     pub batch: usize,
     pub m: usize,
@@ -22,12 +22,12 @@ pub struct F32MatMul<'a> {
     pub rhs_skip: usize,
     pub rhs_rs: usize,
     pub rhs_cs: usize,
-    /// `batch · m · n` zeros, which the products are added to.
-    pub dst: &'a mut [f32],
+    /// `batch · m · n` uninitialised elements, which a product that is taken writes, every one.
+    pub dst: &'a mut [std::mem::MaybeUninit<f32>],
 }
 
-/// An f32 matrix product: returns false, leaving `dst` alone, to decline a product (an
-/// unsupported layout), which `gemm` then computes.
+/// An f32 matrix product: returns true when it has written all of `dst`, or false, to decline
+/// a product (an unsupported layout), which `gemm` then computes.
 pub type F32MatMulFn = fn(&mut F32MatMul<'_>) -> bool;
 
 static F32_MATMUL: RwLock<Option<F32MatMulFn>> = RwLock::new(None);
@@ -40,4 +40,9 @@ pub fn set_f32_matmul(f: Option<F32MatMulFn>) {
 /// The installed f32 matrix product, if any.
 pub(crate) fn f32_matmul() -> Option<F32MatMulFn> {
     *F32_MATMUL.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// True when an f32 matrix product is installed.
+pub fn f32_matmul_installed() -> bool {
+    f32_matmul().is_some()
 }

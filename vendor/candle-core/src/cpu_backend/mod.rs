@@ -13,7 +13,7 @@ pub use utils::{
 };
 mod conv2d;
 mod f32_matmul;
-pub use f32_matmul::{set_f32_matmul, F32MatMul, F32MatMulFn};
+pub use f32_matmul::{f32_matmul_installed, set_f32_matmul, F32MatMul, F32MatMulFn};
 use conv2d::Conv2D;
 
 const USE_IM2COL_CONV1D: bool = true;
@@ -1480,7 +1480,6 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
@@ -1507,8 +1506,13 @@ impl Map2 for MatMul {
                 let cast = |s: &[T]| unsafe {
                     std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len())
                 };
+                let mut dst: Vec<T> = Vec::with_capacity(b * m * n);
+                // SAFETY: as above; MaybeUninit<f32> has f32's layout.
                 let dst_f32 = unsafe {
-                    std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut f32, dst.len())
+                    std::slice::from_raw_parts_mut(
+                        dst.as_mut_ptr() as *mut std::mem::MaybeUninit<f32>,
+                        b * m * n,
+                    )
                 };
                 let mut product = F32MatMul {
                     batch: b,
@@ -1526,10 +1530,13 @@ impl Map2 for MatMul {
                     dst: dst_f32,
                 };
                 if f32_matmul(&mut product) {
+                    // SAFETY: a product that is taken writes every element of dst.
+                    unsafe { dst.set_len(b * m * n) };
                     return Ok(dst);
                 }
             }
         }
+        let mut dst = vec![T::zero(); b * m * n];
         for step in 0..b {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];

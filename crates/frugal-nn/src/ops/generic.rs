@@ -235,6 +235,13 @@ mod tests {
             &[x.clone(), w.clone(), b.clone()],
             (1e-4, 3e-2),
         );
+        // 600 rows: the fused backward pass sums dw and db over three chunks of rows.
+        agree(
+            |t| super::super::layer_norm(&t[0], &t[1], &t[2], 1e-5),
+            |t| super::layer_norm(&t[0], &t[1], &t[2], 1e-5),
+            &[randn(&[4, 150, 16], 4), w.clone(), b.clone()],
+            (1e-4, 3e-2),
+        );
         agree(
             |t| super::super::add_bias(&t[0], &t[1]),
             |t| super::add_bias(&t[0], &t[1]),

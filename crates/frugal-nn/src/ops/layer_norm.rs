@@ -2,6 +2,7 @@
 
 use super::{f32s, filled, filled_chunks, GradPass, Pass};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use std::sync::OnceLock;
 
 struct LayerNorm {
     eps: f32,
@@ -52,37 +53,39 @@ impl CustomOp3 for LayerNorm {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let (n, d) = (x.elem_count(), w.elem_count());
-        let grads = x.apply_op2_no_bwd(
-            &dy,
-            &Pass(LayerNormGrad {
-                eps: self.eps,
-                w: w.to_vec1::<f32>()?,
-            }),
-        )?;
-        let dx = grads.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = grads.narrow(0, n, d)?;
-        let db = grads.narrow(0, n + d, d)?;
+        let d = w.elem_count();
+        let pass = Pass(LayerNormGrad {
+            eps: self.eps,
+            w: w.to_vec1::<f32>()?,
+            sums: OnceLock::new(),
+        });
+        let dx = x.apply_op2_no_bwd(&dy, &pass)?;
+        let Some(sums) = pass.0.sums.into_inner() else {
+            candle_core::bail!("fused-layer-norm-grad: the pass did not run");
+        };
+        let dw = Tensor::from_slice(&sums[..d], d, x.device())?;
+        let db = Tensor::from_slice(&sums[d..], d, x.device())?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
-/// The three gradients in one pass over the rows, packed as dx, then dw, then db:
-/// dx = r·(g − mean(g) − x̂·mean(g⊙x̂)) per row, with g = w⊙dy and x̂ = (x − mean)·r;
-/// dw = Σ_rows dy⊙x̂; db = Σ_rows dy.
+/// The three gradients in one pass over the rows: the output is
+/// dx = r·(g − mean(g) − x̂·mean(g⊙x̂)) per row, with g = w⊙dy and x̂ = (x − mean)·r, and the
+/// pass leaves dw = Σ_rows dy⊙x̂ and db = Σ_rows dy in `sums`, dw first.
 struct LayerNormGrad {
     eps: f32,
     w: Vec<f32>,
+    sums: OnceLock<Vec<f32>>,
 }
 
 impl GradPass for LayerNormGrad {
     type B = f32;
     const NAME: &'static str = "fused-layer-norm-grad";
 
-    fn run(&self, x: &[f32], dy: &[f32], _layout: &Layout) -> (Vec<f32>, Shape) {
+    fn run(&self, x: &[f32], dy: &[f32], layout: &Layout) -> (Vec<f32>, Shape) {
         let d = self.w.len();
         let span = d * (4096 / d).max(1);
-        let (mut out, partials) = filled_chunks(x.len(), span, |i, dx| {
+        let (dx, partials) = filled_chunks(x.len(), span, |i, dx| {
             let (x, dy) = (&x[i * span..][..dx.len()], &dy[i * span..][..dx.len()]);
             let mut sums = vec![0f32; 2 * d];
             let (dw, db) = sums.split_at_mut(d);
@@ -109,9 +112,9 @@ impl GradPass for LayerNormGrad {
         for p in partials {
             total.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
         }
-        out.extend(total);
-        let len = out.len();
-        (out, Shape::from(len))
+        // A pass runs once; were it run again, the sums would be the same.
+        let _ = self.sums.set(total);
+        (dx, layout.shape().clone())
     }
 }
 

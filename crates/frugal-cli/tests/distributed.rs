@@ -209,7 +209,11 @@ fn checkpoints_of_two_ranks_resume_on_two_ranks_or_one() {
     assert!(log.contains("keeps its global batch of 8"), "{log}");
     let (a, b) = (loss_values(&single), loss_values(&straight));
     assert_eq!(a[..15], b[..15]);
-    assert_close(&a, &b, 1e-5, "resumed on one process");
+    // Two micro-batches on one process sum their gradients in another order than two ranks
+    // do: the losses (near 5.5, where an f32 step is 4.8e-7) then differ by a few dozen steps
+    // of the last bit at most (2.4e-5 seen), without drifting apart; a lost or wrong optimizer
+    // state shows as 1e-3 and more.
+    assert_close(&a, &b, 1e-4, "resumed on one process");
 }
 
 /// Copies a run directory (files and folders).

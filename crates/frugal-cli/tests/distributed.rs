@@ -211,8 +211,7 @@ fn checkpoints_of_two_ranks_resume_on_two_ranks_or_one() {
     assert_eq!(a[..15], b[..15]);
     // Two micro-batches on one process sum their gradients in another order than two ranks
     // do: the losses (near 5.5, where an f32 step is 4.8e-7) then differ by a few dozen steps
-    // of the last bit at most (2.4e-5 seen), without drifting apart; a lost or wrong optimizer
-    // state shows as 1e-3 and more.
+    // of the last bit at most (2.4e-5 seen), without drifting apart.
     assert_close(&a, &b, 1e-4, "resumed on one process");
 }
 

@@ -1,6 +1,6 @@
 //! LayerNorm over the last dimension: y = (x − mean) / sqrt(var + eps) ⊙ w + b.
 
-use super::{f32s, filled, filled_chunks, GradPass, Pass};
+use super::{f32s, filled, filled_chunks, sum_partials, GradPass, Pass};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use std::sync::OnceLock;
 
@@ -108,12 +108,8 @@ impl GradPass for LayerNormGrad {
             }
             sums
         });
-        let mut total = vec![0f32; 2 * d];
-        for p in partials {
-            total.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
-        }
         // A pass runs once; were it run again, the sums would be the same.
-        let _ = self.sums.set(total);
+        let _ = self.sums.set(sum_partials(partials, 2 * d));
         (dx, layout.shape().clone())
     }
 }

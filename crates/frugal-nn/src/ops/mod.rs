@@ -514,7 +514,12 @@ fn sum_over_rows(
             acc
         })
         .collect();
-    let mut sum = vec![0f32; d];
+    sum_partials(partials, d)
+}
+
+/// The element-wise sum of per-chunk `partials` of `len` elements each, added in chunk order.
+fn sum_partials(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    let mut sum = vec![0f32; len];
     for p in partials {
         sum.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
     }

@@ -1500,13 +1500,13 @@ impl Map2 for MatMul {
             // over itself, so a stride-zero batch on lhs goes through the loop below.
             (b, m, n, k)
         };
+        let mut dst: Vec<T> = Vec::with_capacity(b * m * n);
         if T::DTYPE == DType::F32 && k > 0 {
             if let Some(f32_matmul) = f32_matmul::f32_matmul() {
                 // SAFETY: T::DTYPE is F32, so T is f32 and the slices are f32 slices.
                 let cast = |s: &[T]| unsafe {
                     std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len())
                 };
-                let mut dst: Vec<T> = Vec::with_capacity(b * m * n);
                 // SAFETY: as above; MaybeUninit<f32> has f32's layout.
                 let dst_f32 = unsafe {
                     std::slice::from_raw_parts_mut(
@@ -1536,7 +1536,8 @@ impl Map2 for MatMul {
                 }
             }
         }
-        let mut dst = vec![T::zero(); b * m * n];
+        // A declined product leaves dst empty: gemm gets zeros in the same allocation.
+        dst.resize(b * m * n, T::zero());
         for step in 0..b {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];

@@ -39,6 +39,19 @@ pub(crate) fn par(work: usize) -> Par {
     }
 }
 
+/// `dst` (row-major) = a·b, in parallel above about 64K multiply-adds.
+fn product_into(dst: &mut [f32], a: MatRef<'_, f32>, b: MatRef<'_, f32>) {
+    let (m, k, n) = (a.nrows(), a.ncols(), b.ncols());
+    matmul(
+        view_mut(dst, m, n),
+        Accum::Replace,
+        a,
+        b,
+        1.0,
+        par(m * n * k),
+    );
+}
+
 /// The start vectors of a randomized refresh from the previous basis of the same m×n matrix:
 /// its left vectors when only the left side is projected (the sketch then runs on Gᵀ), else its
 /// right vectors.
@@ -314,44 +327,12 @@ impl Basis {
     pub fn down(&self, g: &[f32], low: &mut [f32], tmp: &mut Vec<f32>) {
         let (m, n) = (self.m, self.n);
         match (&self.left, &self.right) {
-            (Some((a, r)), None) => {
-                matmul(
-                    view_mut(low, *r, n),
-                    Accum::Replace,
-                    view(a, m, *r).transpose(),
-                    view(g, m, n),
-                    1.0,
-                    par(m * n * r),
-                );
-            }
-            (None, Some((b, r))) => {
-                matmul(
-                    view_mut(low, m, *r),
-                    Accum::Replace,
-                    view(g, m, n),
-                    view(b, *r, n).transpose(),
-                    1.0,
-                    par(m * n * r),
-                );
-            }
+            (Some((a, r)), None) => product_into(low, view(a, m, *r).transpose(), view(g, m, n)),
+            (None, Some((b, r))) => product_into(low, view(g, m, n), view(b, *r, n).transpose()),
             (Some((a, rl)), Some((b, rr))) => {
                 tmp.resize(rl * n, 0.0);
-                matmul(
-                    view_mut(tmp, *rl, n),
-                    Accum::Replace,
-                    view(a, m, *rl).transpose(),
-                    view(g, m, n),
-                    1.0,
-                    par(m * n * rl),
-                );
-                matmul(
-                    view_mut(low, *rl, *rr),
-                    Accum::Replace,
-                    view(tmp, *rl, n),
-                    view(b, *rr, n).transpose(),
-                    1.0,
-                    par(n * rl * rr),
-                );
+                product_into(tmp, view(a, m, *rl).transpose(), view(g, m, n));
+                product_into(low, view(tmp, *rl, n), view(b, *rr, n).transpose());
             }
             (None, None) => low.copy_from_slice(g),
         }
@@ -361,44 +342,12 @@ impl Basis {
     pub fn up(&self, low: &[f32], full: &mut [f32], tmp: &mut Vec<f32>) {
         let (m, n) = (self.m, self.n);
         match (&self.left, &self.right) {
-            (Some((a, r)), None) => {
-                matmul(
-                    view_mut(full, m, n),
-                    Accum::Replace,
-                    view(a, m, *r),
-                    view(low, *r, n),
-                    1.0,
-                    par(m * n * r),
-                );
-            }
-            (None, Some((b, r))) => {
-                matmul(
-                    view_mut(full, m, n),
-                    Accum::Replace,
-                    view(low, m, *r),
-                    view(b, *r, n),
-                    1.0,
-                    par(m * n * r),
-                );
-            }
+            (Some((a, r)), None) => product_into(full, view(a, m, *r), view(low, *r, n)),
+            (None, Some((b, r))) => product_into(full, view(low, m, *r), view(b, *r, n)),
             (Some((a, rl)), Some((b, rr))) => {
                 tmp.resize(m * rr, 0.0);
-                matmul(
-                    view_mut(tmp, m, *rr),
-                    Accum::Replace,
-                    view(a, m, *rl),
-                    view(low, *rl, *rr),
-                    1.0,
-                    par(m * rl * rr),
-                );
-                matmul(
-                    view_mut(full, m, n),
-                    Accum::Replace,
-                    view(tmp, m, *rr),
-                    view(b, *rr, n),
-                    1.0,
-                    par(m * n * rr),
-                );
+                product_into(tmp, view(a, m, *rl), view(low, *rl, *rr));
+                product_into(full, view(tmp, m, *rr), view(b, *rr, n));
             }
             (None, None) => full.copy_from_slice(low),
         }

@@ -11,10 +11,12 @@
 #
 #   6. the optimizer step on the 60M parameter set against a device copy of the same bytes;
 #   7. the top 5 kernels of a profiled training step (nsys);
-#   8. the SVD refresh of `130m` and `350m` on the GPU: exact (host) and randomized (device).
+#   8. the SVD refresh of `130m` and `350m` on the GPU: exact (host) and randomized (device);
+#   9. NCCL at world size 1: every collective against a single process's (frugal-dist's `nccl`
+#      test), and `tiny` trained as one torchrun-style rank against one process.
 #
 # Build on a machine with Rust (no GPU needed), then carry target/cuda/gpu-check.tar.xz (the
-# binary, the GPU test and the step benchmark) to the GPU machine:
+# binary, built with NCCL, the GPU tests and the benchmarks) to the GPU machine:
 #   scripts/build-cuda.sh --checks
 # Usage: scripts/gpu-check.sh            (QUICK=1 DEVICE=cpu: a dry run of the plumbing)
 #        CHECKS="1 2 3" scripts/gpu-check.sh   (some of the checks; 3 includes 4)
@@ -28,10 +30,16 @@ bin=${FRUGAL:-$pack/frugal}
 tests=${CUDA_TESTS:-$pack/frugal-cuda-test}
 bench=${STEP_BENCH:-$pack/step-bench}
 refresh=${REFRESH_BENCH:-$pack/refresh-bench}
+nccl_test=${NCCL_TEST:-$pack/nccl-test}
 device=${DEVICE:-cuda}
 python=${PYTHON:-python3}
 mkdir -p "$out"
 export FRUGAL_CACHE=$out/cache
+# The binary links NCCL: where the system has no libnccl.so.2, PyTorch's wheel brings one.
+if ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.so\.2'; then
+  nccl_lib=$("$python" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
+  [[ -n $nccl_lib ]] && export LD_LIBRARY_PATH=$nccl_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+fi
 summary=$out/summary.txt
 : >"$summary"
 say() { echo "$*" | tee -a "$summary"; }
@@ -190,7 +198,33 @@ else
   say "8. skipped: no refresh benchmark at $refresh"
 fi
 }
-for check in ${CHECKS:-1 2 3 5 6 7 8}; do
+# 9. NCCL with one rank: the collectives, and training as a torchrun-style rank.
+check9() {
+if [[ -x $nccl_test ]]; then
+  if "$nccl_test" --nocapture >"$out/nccl-test.txt" 2>&1; then
+    say "9. NCCL collectives, one rank, against a single process: ok (nccl-test.txt)"
+  else
+    say "9. NCCL collectives, one rank, against a single process: FAILED (nccl-test.txt)"
+  fi
+else
+  say "9. skipped the collectives: no test binary at $nccl_test"
+fi
+flags=(--steps 20 --eval-every 20 --eval-tokens 4096 --log-every 1 --optimizer frugal --device "$device")
+"$bin" train "${flags[@]}" --out "$out/alone" >"$out/alone.log" 2>&1
+RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 \
+  "$bin" train "${flags[@]}" --out "$out/one-rank" >"$out/one-rank.log" 2>&1
+engine=$(grep -o 'data parallel over [A-Za-z ]*' "$out/one-rank.log" || echo "no engine logged")
+"$python" - "$out/alone" "$out/one-rank" "$engine" <<'EOF' | tee -a "$summary"
+import json, sys
+def losses(run):
+    return [json.loads(l)["loss"] for l in open(f"{run}/metrics.jsonl") if '"loss"' in l]
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+same = len(a) == len(b) == 20 and a == b
+print(f"9. tiny frugal, 20 steps, one torchrun-style rank ({sys.argv[3]}) against one process: "
+      f"{'identical losses' if same else 'DIFFERENT'}; final {a[-1]:.4f} vs {b[-1]:.4f}")
+EOF
+}
+for check in ${CHECKS:-1 2 3 5 6 7 8 9}; do
   "check$check"
 done
 say "done; logs and run directories in $out"

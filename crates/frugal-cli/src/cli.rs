@@ -15,12 +15,12 @@ use frugal_train::{OptimizerSettings, TrainSettings};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-    /// Under `mpirun`: seconds a rank waits in a collective for the others before it ends the
-    /// job (a rank died or hangs).
+    /// Across ranks (`mpirun`, or torchrun-style variables): seconds a rank waits in a
+    /// collective, or for the others to start, before it ends the job (a rank died or hangs).
     #[arg(long, global = true, default_value_t = 600.0, value_parser = collective_timeout)]
     pub collective_timeout: f64,
     /// Device to train and evaluate on: cpu, cuda or cuda:N (GPUs need the CUDA binary, built
-    /// by scripts/build-cuda.sh).
+    /// by scripts/build-cuda.sh). Across ranks, `cuda` is the GPU of the rank's LOCAL_RANK.
     #[arg(long, global = true, default_value = "cpu")]
     pub device: String,
 }

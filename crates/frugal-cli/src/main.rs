@@ -7,7 +7,7 @@ use candle_core::Device;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use cli::{Cli, Command};
-use frugal_dist::Collectives;
+use frugal_dist::{Collectives, Launch};
 use frugal_nn::llama::LlamaConfig;
 use frugal_nn::matmul::MatmulLibrary;
 use frugal_train::data_parallel::{DataParallel, SharedError};
@@ -196,8 +196,7 @@ fn compare_pretraining(
     })
 }
 
-fn run(matches: &ArgMatches, cli: Cli, comm: &Arc<dyn Collectives>) -> Result<()> {
-    let device = frugal_train::device::select(&cli.device)?;
+fn run(matches: &ArgMatches, cli: Cli, device: Device, comm: &Arc<dyn Collectives>) -> Result<()> {
     let given = |name: &str| explicit(matches.subcommand_matches(name).expect("subcommand"));
     let across_ranks = match &cli.command {
         Command::Train(_) => true,
@@ -297,14 +296,21 @@ fn main() {
         Err(e) => e.exit(),
     };
     let timeout = Duration::from_secs_f64(cli.collective_timeout);
-    let comm = match frugal_dist::from_environment(timeout) {
-        Ok(comm) => comm,
+    let joined = Launch::from_environment()
+        .map_err(anyhow::Error::from)
+        .and_then(|launch| {
+            let device = frugal_train::device::select(&cli.device, launch.local_rank())?;
+            let comm = frugal_dist::join(&launch, &device, timeout)?;
+            Ok((device, comm))
+        });
+    let (device, comm) = match joined {
+        Ok(joined) => joined,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {e:#}");
             std::process::exit(1);
         }
     };
-    let result = run(&matches, cli, &comm);
+    let result = run(&matches, cli, device, &comm);
     if let Err(e) = result {
         report(&e, comm);
     }

@@ -330,6 +330,44 @@ fn bad_input_exits_with_one_clear_message() {
 }
 
 #[test]
+fn torchrun_variables_run_one_rank_alone_and_refuse_cpu_ranks_without_mpi() {
+    let dir = scratch("torchrun");
+    let (alone, one_rank) = (dir.join("alone"), dir.join("one-rank"));
+    run_ok(&mut train(&dir, &alone, &["--steps", "3"]));
+    run_ok(
+        train(&dir, &one_rank, &["--steps", "3"])
+            .env("WORLD_SIZE", "1")
+            .env("RANK", "0")
+            .env("LOCAL_RANK", "0"),
+    );
+    assert_eq!(losses(&alone), losses(&one_rank));
+    let cases: [(&[(&str, &str)], &str); 3] = [
+        (
+            &[
+                ("WORLD_SIZE", "2"),
+                ("RANK", "1"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", "1"),
+            ],
+            "mpirun -np 2",
+        ),
+        (&[("WORLD_SIZE", "2"), ("RANK", "1")], "MASTER_ADDR"),
+        (&[("WORLD_SIZE", "2"), ("RANK", "2")], "WORLD_SIZE is 2"),
+    ];
+    for (vars, says) in cases {
+        let mut cmd = train(&dir, &dir.join("refused"), &["--steps", "1"]);
+        let out = cmd.envs(vars.iter().copied()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{vars:?}: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    assert!(!dir.join("refused").exists());
+}
+
+#[test]
 fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     let dir = scratch("sigint");
     let run = dir.join("run");

@@ -1,5 +1,6 @@
 //! Collectives for data-parallel training behind one small interface: [`Solo`] for a single
-//! process (no MPI at all), and MPI ranks (the `mpi` feature) launched by `mpirun`.
+//! process (no MPI at all), MPI ranks (the `mpi` feature) launched by `mpirun`, and NCCL ranks
+//! for GPUs (the `nccl` feature), launched by `mpirun` or by torchrun-style variables.
 //!
 //! Every collective is deterministic across ranks: all ranks receive bit-identical results, so
 //! replicas that start equal stay equal.
@@ -7,12 +8,18 @@
 mod launch;
 #[cfg(feature = "mpi")]
 mod mpi_ranks;
-#[cfg(feature = "mpi")]
+#[cfg(feature = "nccl")]
+mod nccl_ranks;
+pub mod rendezvous;
+#[cfg(any(feature = "mpi", feature = "nccl"))]
 mod watchdog;
 
-pub use launch::{from_environment, Launch};
+use candle_core::{DType, Tensor};
+pub use launch::{join, Launch};
 #[cfg(feature = "mpi")]
 pub use mpi_ranks::MpiRanks;
+#[cfg(feature = "nccl")]
+pub use nccl_ranks::NcclRanks;
 use std::sync::Arc;
 
 /// What can go wrong when joining the ranks of a job.
@@ -22,8 +29,11 @@ pub enum Error {
     #[error("this process was started by an MPI launcher ({variable} is set), but this frugal was built without MPI; build it with `cargo build --release --features mpi` (after `scripts/setup-mpi.sh`)")]
     NoMpi { variable: &'static str },
     /// Torchrun-style variables name several ranks but no engine can join them.
-    #[error("WORLD_SIZE={world_size} asks for {world_size} ranks, but CPU ranks are joined by MPI only; launch with `mpirun -np {world_size} frugal ...` (a build with --features mpi)")]
-    NoEngine { world_size: usize },
+    #[error("WORLD_SIZE={world_size} asks for {world_size} ranks: torchrun-style launches join GPU ranks with NCCL (--device cuda and a frugal built by `scripts/build-cuda.sh --nccl`{}); CPU ranks are joined by MPI: launch with `mpirun -np {world_size} frugal ...` (a build with --features mpi)", if *.gpu { ", which this one was not" } else { "" })]
+    NoEngine { world_size: usize, gpu: bool },
+    /// A launcher variable that more than one rank needs is not set.
+    #[error("{0} is not set, but WORLD_SIZE={1} asks for {1} ranks: set RANK (0..WORLD_SIZE), and MASTER_ADDR and MASTER_PORT to rank 0's host and a free port, as torchrun does")]
+    MissingVariable(&'static str, usize),
     /// A launcher variable that is not a number.
     #[error("the launcher variable {variable}={value} is not a rank count or index")]
     BadVariable {
@@ -33,11 +43,19 @@ pub enum Error {
     /// MPI was there but could not start.
     #[error("MPI could not be initialized: {0}")]
     Init(String),
+    /// The ranks could not meet over TCP.
+    #[error("rendezvous: {0}")]
+    Rendezvous(String),
+    /// NCCL could not join the ranks.
+    #[error("NCCL: {0}")]
+    Nccl(String),
 }
 
 /// Collective operations over the ranks of a job. Every rank calls the same collectives in the
 /// same order; each call returns when all ranks have joined it.
 pub trait Collectives: Send + Sync {
+    /// The engine that joins the ranks, for logs: "one process", "MPI" or "NCCL".
+    fn engine(&self) -> &'static str;
     /// This process's rank, 0-based.
     fn rank(&self) -> usize;
     /// Number of ranks.
@@ -58,10 +76,55 @@ pub trait Collectives: Send + Sync {
     /// others would wait for it).
     fn abort(&self, code: i32) -> !;
 
+    /// `t` (f32) summed element-wise over the ranks, on `t`'s device. Engines on host buffers
+    /// pass through the host; NCCL sums on the GPU.
+    fn all_reduce_sum_tensor(&self, t: &Tensor) -> candle_core::Result<Tensor> {
+        sum_through_host(self, t)
+    }
+
+    /// Rank `root`'s `t` (f32) on every rank, on `t`'s device; the other ranks pass a tensor of
+    /// the same shape, whose values are not read.
+    fn broadcast_tensor(&self, t: &Tensor, root: usize) -> candle_core::Result<Tensor> {
+        broadcast_through_host(self, t, root)
+    }
+
     /// True on rank 0, the rank that logs and writes.
     fn is_lead(&self) -> bool {
         self.rank() == 0
     }
+}
+
+/// [`Collectives::all_reduce_sum_tensor`] on a host copy of `t`.
+fn sum_through_host<C: Collectives + ?Sized>(comm: &C, t: &Tensor) -> candle_core::Result<Tensor> {
+    let mut values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    comm.all_reduce_sum(&mut values);
+    Tensor::from_vec(values, t.shape(), t.device())
+}
+
+/// [`Collectives::broadcast_tensor`] through host bytes.
+fn broadcast_through_host<C: Collectives + ?Sized>(
+    comm: &C,
+    t: &Tensor,
+    root: usize,
+) -> candle_core::Result<Tensor> {
+    let mut bytes = Vec::new();
+    if comm.rank() == root {
+        let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+    }
+    let bytes = comm.broadcast_bytes(bytes, root);
+    if bytes.len() != 4 * t.elem_count() {
+        candle_core::bail!(
+            "rank {root} broadcast {} bytes for a tensor of {} values",
+            bytes.len(),
+            t.elem_count()
+        );
+    }
+    let values: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Tensor::from_vec(values, t.shape(), t.device())
 }
 
 /// A single process: every collective is the identity.
@@ -69,6 +132,9 @@ pub trait Collectives: Send + Sync {
 pub struct Solo;
 
 impl Collectives for Solo {
+    fn engine(&self) -> &'static str {
+        "one process"
+    }
     fn rank(&self) -> usize {
         0
     }
@@ -111,5 +177,10 @@ mod tests {
         assert_eq!(solo.broadcast_bytes(b"x".to_vec(), 0), b"x");
         assert_eq!(solo.gather_bytes(b"y".to_vec(), 0), vec![b"y".to_vec()]);
         assert!(solo.is_lead());
+        let t = Tensor::new(&[[1.5f32, -2.0], [0.25, 4.0]], &candle_core::Device::Cpu).unwrap();
+        let sum = solo.all_reduce_sum_tensor(&t).unwrap();
+        assert_eq!(sum.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
+        let got = solo.broadcast_tensor(&t, 0).unwrap();
+        assert_eq!(got.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
     }
 }

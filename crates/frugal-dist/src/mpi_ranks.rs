@@ -63,6 +63,10 @@ fn count(n: usize) -> Count {
 }
 
 impl Collectives for MpiRanks {
+    fn engine(&self) -> &'static str {
+        "MPI"
+    }
+
     fn rank(&self) -> usize {
         self.rank
     }

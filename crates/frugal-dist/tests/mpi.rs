@@ -2,6 +2,7 @@
 //! `rank_checks` on each rank.
 #![cfg(feature = "mpi")]
 
+use candle_core::{Device, Tensor};
 use frugal_dist::{Collectives, MpiRanks};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -74,6 +75,13 @@ fn rank_checks() {
         1 => assert_eq!(gathered, vec![vec![7u8; 3], vec![8u8; 2]]),
         _ => assert!(gathered.is_empty()),
     }
+    // Tensors (a transposed view here) go through the host on MPI.
+    let t = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap();
+    let t = (t * (rank + 1) as f64).unwrap().t().unwrap();
+    let sum = ranks.all_reduce_sum_tensor(&t).unwrap();
+    assert_eq!(sum.to_vec2::<f32>().unwrap(), [[3.0, 9.0], [6.0, 12.0]]);
+    let from_one = ranks.broadcast_tensor(&t, 1).unwrap();
+    assert_eq!(from_one.to_vec2::<f32>().unwrap(), [[2.0, 6.0], [4.0, 8.0]]);
     ranks.barrier();
     println!("rank checks passed");
 }

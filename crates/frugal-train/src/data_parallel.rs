@@ -4,7 +4,7 @@
 //! then the ranks exchange the updated values. A single process ([`Solo`]) skips every
 //! collective, so its steps are those of a run without data parallelism, bit for bit.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 use frugal::{Frugal, Param};
@@ -94,21 +94,60 @@ impl DataParallel {
                 end += 1;
             }
             let bucket = &present[start..end];
-            let mut flat = Vec::with_capacity(elements);
-            for (_, g) in bucket {
-                flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-            }
-            self.comm.all_reduce_sum(&mut flat);
-            flat.iter_mut().for_each(|x| *x *= scale);
-            let mut at = 0;
-            for (p, g) in bucket {
-                let n = g.elem_count();
-                let mean = Tensor::from_slice(&flat[at..at + n], g.shape(), g.device())?
-                    .to_dtype(g.dtype())?;
-                grads.insert(p.var.as_tensor(), mean);
-                at += n;
+            if bucket[0].1.device().is_cpu() {
+                self.average_on_host(grads, bucket, elements, scale)?;
+            } else {
+                self.average_on_device(grads, bucket, scale)?;
             }
             start = end;
+        }
+        Ok(())
+    }
+
+    /// Averages one bucket of CPU gradients in a host buffer.
+    fn average_on_host(
+        &self,
+        grads: &mut GradStore,
+        bucket: &[(&Param, Tensor)],
+        elements: usize,
+        scale: f32,
+    ) -> Result<()> {
+        let mut flat = Vec::with_capacity(elements);
+        for (_, g) in bucket {
+            flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        self.comm.all_reduce_sum(&mut flat);
+        flat.iter_mut().for_each(|x| *x *= scale);
+        let mut at = 0;
+        for (p, g) in bucket {
+            let n = g.elem_count();
+            let mean = Tensor::from_slice(&flat[at..at + n], g.shape(), g.device())?
+                .to_dtype(g.dtype())?;
+            grads.insert(p.var.as_tensor(), mean);
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Averages one bucket of gradients on their device, as one flat tensor.
+    fn average_on_device(
+        &self,
+        grads: &mut GradStore,
+        bucket: &[(&Param, Tensor)],
+        scale: f32,
+    ) -> Result<()> {
+        let flat = bucket
+            .iter()
+            .map(|(_, g)| g.to_dtype(DType::F32)?.flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let sum = self.comm.all_reduce_sum_tensor(&Tensor::cat(&flat, 0)?)?;
+        let mean = (sum * f64::from(scale))?;
+        let mut at = 0;
+        for (p, g) in bucket {
+            let n = g.elem_count();
+            let part = mean.narrow(0, at, n)?.reshape(g.shape())?;
+            grads.insert(p.var.as_tensor(), part.to_dtype(g.dtype())?);
+            at += n;
         }
         Ok(())
     }
@@ -125,37 +164,32 @@ impl DataParallel {
                 .filter(|(_, &o)| o == from)
                 .map(|(p, _)| p)
                 .collect();
-            let mut bytes = Vec::new();
-            if from == rank {
-                for p in &share {
-                    let values = p
-                        .var
-                        .to_dtype(DType::F32)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()?;
-                    bytes.extend(values.iter().flat_map(|x| x.to_le_bytes()));
-                }
-            }
-            let bytes = self.comm.broadcast_bytes(bytes, from);
+            let total: usize = share.iter().map(|p| p.var.elem_count()).sum();
+            let Some(first) = share.first() else {
+                continue;
+            };
+            let flat = if from == rank {
+                let parts = share
+                    .iter()
+                    .map(|p| p.var.to_dtype(DType::F32)?.flatten_all())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 0)?
+            } else {
+                Tensor::zeros(total, DType::F32, first.var.device())?
+            };
+            let flat = self
+                .comm
+                .broadcast_tensor(&flat, from)
+                .with_context(|| format!("receiving rank {from}'s updated parameters"))?;
             if from == rank {
                 continue;
             }
             let mut at = 0;
             for p in share {
                 let n = p.var.elem_count();
-                let Some(part) = bytes.get(at..at + 4 * n) else {
-                    bail!(
-                        "rank {from} sent {} bytes of updated parameters, too few for its share",
-                        bytes.len()
-                    );
-                };
-                let values: Vec<f32> = part
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
-                let t = Tensor::from_vec(values, p.var.shape(), p.var.device())?;
-                p.var.set(&t.to_dtype(p.var.dtype())?)?;
-                at += 4 * n;
+                let values = flat.narrow(0, at, n)?.reshape(p.var.shape())?;
+                p.var.set(&values.to_dtype(p.var.dtype())?)?;
+                at += n;
             }
         }
         Ok(())
@@ -298,7 +332,145 @@ pub fn code_fingerprint() -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{Device, Var};
     use serde_json::json;
+
+    /// What the other rank of a two-rank job contributes: value `i` of a flat buffer.
+    fn other(i: usize) -> f32 {
+        (i as f32 * 0.7).cos()
+    }
+
+    /// Rank 0 of a two-rank job whose other rank sums in `other(i)` and broadcasts
+    /// `other(i)` as its share.
+    struct Pair;
+
+    impl Collectives for Pair {
+        fn engine(&self) -> &'static str {
+            "a pair"
+        }
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn all_reduce_sum(&self, buf: &mut [f32]) {
+            buf.iter_mut().enumerate().for_each(|(i, x)| *x += other(i));
+        }
+        fn all_reduce_sum_f64(&self, _: &mut [f64]) {
+            unreachable!()
+        }
+        fn all_gather_bytes(&self, _: &[u8]) -> Vec<Vec<u8>> {
+            unreachable!()
+        }
+        fn broadcast_bytes(&self, bytes: Vec<u8>, root: usize) -> Vec<u8> {
+            match root {
+                0 => bytes,
+                _ => {
+                    let n = PEER_SHARE;
+                    (0..n).flat_map(|i| other(i).to_le_bytes()).collect()
+                }
+            }
+        }
+        fn gather_bytes(&self, _: Vec<u8>, _: usize) -> Vec<Vec<u8>> {
+            unreachable!()
+        }
+        fn barrier(&self) {}
+        fn abort(&self, _: i32) -> ! {
+            unreachable!()
+        }
+    }
+
+    const SHAPES: [&[usize]; 4] = [&[3, 4], &[5], &[2, 3, 2], &[7]];
+    /// Values owned by rank 1 when it owns parameters 1 and 3.
+    const PEER_SHARE: usize = 5 + 7;
+
+    fn params() -> Vec<Param> {
+        SHAPES
+            .iter()
+            .enumerate()
+            .map(|(k, shape)| {
+                let n: usize = shape.iter().product();
+                let values: Vec<f32> = (0..n).map(|i| (i + 10 * k) as f32 * 0.01).collect();
+                let t = Tensor::from_vec(values, *shape, &Device::Cpu).unwrap();
+                Param::with_default_label(format!("p{k}"), Var::from_tensor(&t).unwrap())
+            })
+            .collect()
+    }
+
+    /// Gradients of known values: parameter k's is `sin(i + k)`.
+    fn grads(params: &[Param]) -> GradStore {
+        let mut loss = Tensor::new(0f32, &Device::Cpu).unwrap();
+        for (k, p) in params.iter().enumerate() {
+            let n = p.var.elem_count();
+            let g: Vec<f32> = (0..n).map(|i| ((i + k) as f32).sin()).collect();
+            let g = Tensor::from_vec(g, p.var.shape(), &Device::Cpu).unwrap();
+            loss = (loss + (p.var.as_tensor() * g).unwrap().sum_all().unwrap()).unwrap();
+        }
+        loss.backward().unwrap()
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn gradients_average_alike_in_host_buffers_and_as_device_tensors() {
+        let params = params();
+        let parallel = DataParallel::new(Arc::new(Pair));
+        let present = |g: &GradStore| -> Vec<(&Param, Tensor)> {
+            params
+                .iter()
+                .map(|p| (p, g.get(p.var.as_tensor()).unwrap().clone()))
+                .collect()
+        };
+        let (mut host, mut device) = (grads(&params), grads(&params));
+        let elements = SHAPES.iter().map(|s| s.iter().product::<usize>()).sum();
+        let bucket = present(&host);
+        parallel
+            .average_on_host(&mut host, &bucket, elements, 0.5)
+            .unwrap();
+        let bucket = present(&device);
+        parallel
+            .average_on_device(&mut device, &bucket, 0.5)
+            .unwrap();
+        let mut at = 0;
+        for (k, p) in params.iter().enumerate() {
+            let (h, d) = (
+                host.get(p.var.as_tensor()).unwrap(),
+                device.get(p.var.as_tensor()).unwrap(),
+            );
+            assert_eq!(h.dims(), p.var.dims());
+            assert_eq!(d.dims(), p.var.dims());
+            let want: Vec<f32> = (0..p.var.elem_count())
+                .map(|i| (((i + k) as f32).sin() + other(at + i)) * 0.5)
+                .collect();
+            assert_eq!(flat(h), want, "{}", p.name);
+            assert_eq!(flat(d), want, "{}", p.name);
+            at += p.var.elem_count();
+        }
+    }
+
+    #[test]
+    fn updated_parameters_come_from_their_owners() {
+        let params = params();
+        let before: Vec<Vec<f32>> = params.iter().map(|p| flat(p.var.as_tensor())).collect();
+        DataParallel::new(Arc::new(Pair))
+            .share_updates(&params, &[0, 1, 0, 1])
+            .unwrap();
+        // This rank's own parameters are kept; rank 1's arrive in order, one flat share.
+        assert_eq!(flat(params[0].var.as_tensor()), before[0]);
+        assert_eq!(flat(params[2].var.as_tensor()), before[2]);
+        assert_eq!(
+            flat(params[1].var.as_tensor()),
+            (0..5).map(other).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            flat(params[3].var.as_tensor()),
+            (5..12).map(other).collect::<Vec<_>>()
+        );
+        assert_eq!(params[3].var.dims(), [7]);
+    }
 
     #[test]
     fn differing_fields_are_named_by_their_path() {

@@ -3,14 +3,15 @@
 use anyhow::{anyhow, bail, Result};
 use candle_core::{Device, DeviceLocation};
 
-/// The device named by `spec`: `cpu`, `cuda` (GPU 0) or `cuda:N`. A GPU asked of a build
-/// without the `cuda` feature, or one the machine does not have, is an error that says what
-/// to do.
-pub fn select(spec: &str) -> Result<Device> {
+/// The device named by `spec`: `cpu`, `cuda` (the GPU of this process's `local_rank`: GPU 0
+/// for a single process, one GPU per rank under a launcher) or `cuda:N`. A GPU asked of a
+/// build without the `cuda` feature, or one the machine does not have, is an error that says
+/// what to do.
+pub fn select(spec: &str, local_rank: usize) -> Result<Device> {
     let spec = spec.trim().to_ascii_lowercase();
     let ordinal = match spec.as_str() {
         "cpu" => return Ok(Device::Cpu),
-        "cuda" => 0,
+        "cuda" => local_rank,
         other => match other.strip_prefix("cuda:") {
             Some(n) => n.parse::<usize>().map_err(|_| {
                 anyhow!("--device {spec}: `{n}` is not a GPU number; use cuda:0, cuda:1, ...")
@@ -54,14 +55,14 @@ mod tests {
 
     #[test]
     fn devices_are_named_and_checked() {
-        assert!(select(" CPU ").unwrap().is_cpu());
+        assert!(select(" CPU ", 1).unwrap().is_cpu());
         assert_eq!(name(&Device::Cpu), "cpu");
-        let err = select("tpu").unwrap_err().to_string();
+        let err = select("tpu", 0).unwrap_err().to_string();
         assert!(err.contains("cpu, cuda or cuda:N"), "{err}");
-        let err = select("cuda:x").unwrap_err().to_string();
+        let err = select("cuda:x", 0).unwrap_err().to_string();
         assert!(err.contains("not a GPU number"), "{err}");
         if !cfg!(feature = "cuda") {
-            let err = select("cuda:1").unwrap_err().to_string();
+            let err = select("cuda:1", 0).unwrap_err().to_string();
             assert!(err.contains("scripts/build-cuda.sh"), "{err}");
         }
         let oom = anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");

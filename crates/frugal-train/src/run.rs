@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use frugal::labels::RoleCounts;
 use frugal::Frugal;
+use frugal_dist::{Collectives, Solo};
 use frugal_nn::llama::{Llama, LlamaConfig, StepMode};
 use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
@@ -368,11 +369,6 @@ pub fn run(
     device: &Device,
     parallel: &DataParallel,
 ) -> Result<PathBuf> {
-    if !device.is_cpu() && parallel.world_size() > 1 {
-        bail!(
-            "data parallelism runs on CPUs (MPI); on GPUs it needs NCCL, which frugal does not use yet: run one process per GPU, or train on the CPUs"
-        );
-    }
     let note = (!device.is_cpu()).then(|| out_of_memory_note(&run, device));
     train(run, resume, cache, stop, device, parallel).map_err(|e| match note {
         Some(note) if crate::device::out_of_memory(&e) => e.context(note),
@@ -578,10 +574,12 @@ fn train(
     for line in run.step_mode_notes() {
         say!(lead, "note: {line}");
     }
-    if world > 1 {
+    if world > 1 || parallel.comm().engine() != Solo.engine() {
         say!(
             lead,
-            "data parallel: {world} ranks × batch {} × {} micro-batches = a global batch of {} sequences ({} tokens per step); optimizer state sharded: {} MiB per rank",
+            "data parallel over {}: {world} rank{} × batch {} × {} micro-batches = a global batch of {} sequences ({} tokens per step); optimizer state sharded: {} MiB per rank",
+            parallel.comm().engine(),
+            if world == 1 { "" } else { "s" },
             args.batch_size,
             args.grad_accum,
             run.global_batch(),

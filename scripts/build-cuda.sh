@@ -96,7 +96,7 @@ for line in sys.stdin:
     if m.get("executable"):
         print(m["executable"])'
     }
-    # candle-core with NCCL, as the binary has it: one build of it serves all.
+    # The test and benchmark binaries use candle-core with NCCL, as the binary does.
     same=cuda,candle-core/nccl
     pack=target/cuda/gpu-check
     rm -rf "$pack" && mkdir -p "$pack"

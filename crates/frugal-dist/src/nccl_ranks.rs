@@ -15,6 +15,9 @@ use std::time::Duration;
 /// Bytes of an NCCL unique id.
 const ID_BYTES: usize = 128;
 
+/// Bytes per message of a gather: bounds the GPU buffers that a rank's share passes through.
+const CHUNK: usize = 64 << 20;
+
 /// An NCCL communicator, used by one thread at a time.
 struct Communicator(Comm);
 
@@ -201,6 +204,30 @@ impl NcclRanks {
         )
     }
 
+    /// Sends `bytes` to rank `peer`, through the GPU.
+    fn send_to(&self, bytes: &[u8], peer: usize) {
+        let run = || -> Result<(), String> {
+            let src = self
+                .stream
+                .clone_htod(bytes)
+                .map_err(|e| format!("{e:?}"))?;
+            self.comm()
+                .0
+                .send(&src, peer as i32)
+                .map_err(|e| format!("{e:?}"))?;
+            self.wait("gather");
+            Ok(())
+        };
+        run().unwrap_or_else(|e| self.fail("send", e))
+    }
+
+    /// `len` bytes (more than none) from rank `peer`, through the GPU.
+    fn receive_from(&self, len: usize, peer: usize) -> Vec<u8> {
+        self.staged("gather", None, len, |comm, _, dst| {
+            comm.recv(dst, peer as i32).map(drop)
+        })
+    }
+
     /// Rank `root`'s `values` on every rank (`len` of them, known to all, more than none).
     fn broadcast<T: DeviceRepr + ValidAsZeroBits + NcclType>(
         &self,
@@ -322,12 +349,28 @@ impl Collectives for NcclRanks {
     }
 
     fn gather_bytes(&self, mine: Vec<u8>, root: usize) -> Vec<Vec<u8>> {
-        let all = self.all_gather_bytes(&mine);
-        if self.rank == root {
-            all
-        } else {
-            Vec::new()
+        // Point to point, in chunks: only the root holds the whole, one chunk at a time on its GPU.
+        let lens = self.gather(&[mine.len() as u64]);
+        if self.rank != root {
+            for chunk in mine.chunks(CHUNK) {
+                self.send_to(chunk, root);
+            }
+            return Vec::new();
         }
+        let mut mine = Some(mine);
+        (0..self.size)
+            .map(|r| {
+                if r == root {
+                    return mine.take().unwrap_or_default();
+                }
+                let len = lens[r] as usize;
+                let mut bytes = Vec::with_capacity(len);
+                while bytes.len() < len {
+                    bytes.extend(self.receive_from((len - bytes.len()).min(CHUNK), r));
+                }
+                bytes
+            })
+            .collect()
     }
 
     fn barrier(&self) {

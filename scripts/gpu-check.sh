@@ -50,7 +50,11 @@ else
 fi
 
 command -v nvidia-smi >/dev/null && nvidia-smi >"$out/nvidia-smi.txt" 2>&1
-say "device $device; $("$bin" --version)"
+if ! version=$("$bin" --version 2>&1); then
+  say "the binary does not start (a CUDA or NCCL library missing?): $version"
+  exit 1
+fi
+say "device $device; $version"
 
 # Median of the tok_per_s of a run's metrics, without its first two steps.
 tok_per_s() {

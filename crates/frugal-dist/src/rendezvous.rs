@@ -13,6 +13,10 @@ const GREETING: &[u8; 8] = b"frugal1\n";
 /// How long a rank waits between attempts to reach rank 0, which may not listen yet.
 const RETRY: Duration = Duration::from_millis(50);
 
+/// How long rank 0 waits for a connection's greeting: a rank sends it as soon as it connects,
+/// so a connection that stays silent longer is not one.
+const GREETING_WAIT: Duration = Duration::from_secs(5);
+
 /// Rank 0's `payload`, on every one of `world_size` ranks: rank 0 listens at `master`
 /// (`host:port`) until each other rank has connected and received it. Gives up with an error
 /// naming the ranks that did not come (on rank 0) or the address that did not answer (on the
@@ -111,7 +115,7 @@ fn greet(
     stream.set_nonblocking(false)?;
     let left = deadline
         .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1));
+        .clamp(Duration::from_millis(1), GREETING_WAIT);
     stream.set_read_timeout(Some(left))?;
     stream.set_write_timeout(Some(left))?;
     let mut hello = [0u8; GREETING.len() + 8];
@@ -254,11 +258,14 @@ mod tests {
         let mut stranger = stranger;
         stranger.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
         drop(stranger);
+        // A connection that stays silent is given up after a few seconds.
+        let silent = TcpStream::connect(addr).unwrap();
         assert_eq!(
             share(&master, 1, 2, &[], Duration::from_secs(20)).unwrap(),
             b"id"
         );
         server.join().unwrap().unwrap();
+        drop(silent);
         let e = resolve("127.0.0.1").unwrap_err().to_string();
         assert!(e.contains("= 127.0.0.1 "), "{e}");
     }

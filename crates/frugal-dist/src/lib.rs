@@ -83,7 +83,7 @@ pub trait Collectives: Send + Sync {
     }
 
     /// Rank `root`'s `t` (f32) on every rank, on `t`'s device; the other ranks pass a tensor of
-    /// the same shape, whose values are not read.
+    /// the same shape, whose values are not read (a broadcast view of one value costs nothing).
     fn broadcast_tensor(&self, t: &Tensor, root: usize) -> candle_core::Result<Tensor> {
         broadcast_through_host(self, t, root)
     }

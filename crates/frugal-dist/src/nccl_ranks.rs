@@ -264,24 +264,22 @@ impl CustomOp1 for TensorOp<'_> {
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("{}: the tensor is not contiguous", self.name())
+        let values = || match l.contiguous_offsets() {
+            Some((start, end)) => Ok(s.as_cuda_slice::<f32>()?.slice(start..end)),
+            None => candle_core::bail!("{}: the tensor is not contiguous", self.name()),
         };
-        let src = s.as_cuda_slice::<f32>()?.slice(start..end);
-        let (ranks, root) = match self {
-            TensorOp::Sum(r) => (*r, None),
-            TensorOp::Broadcast(r, root) => (*r, Some(*root)),
-        };
+        let (TensorOp::Sum(ranks) | TensorOp::Broadcast(ranks, _)) = self;
         let mut dst = ranks
             .stream
-            .alloc_zeros::<f32>(end - start)
+            .alloc_zeros::<f32>(l.shape().elem_count())
             .map_err(|e| candle_core::Error::Msg(format!("{}: {e:?}", self.name())))?;
         let comm = ranks.comm();
-        match root {
-            None => comm.0.all_reduce(&src, &mut dst, &ReduceOp::Sum),
-            Some(root) => {
-                let src = (ranks.rank == root).then_some(&src);
-                comm.0.broadcast(src, &mut dst, root as i32)
+        match self {
+            TensorOp::Sum(_) => comm.0.all_reduce(&values()?, &mut dst, &ReduceOp::Sum),
+            TensorOp::Broadcast(_, root) => {
+                // Only the root's values are read: the others' tensor gives the shape.
+                let src = (ranks.rank == *root).then(values).transpose()?;
+                comm.0.broadcast(src.as_ref(), &mut dst, *root as i32)
             }
         }
         .map_err(|e| candle_core::Error::Msg(format!("{}: {e:?}", self.name())))?;
@@ -293,15 +291,15 @@ impl CustomOp1 for TensorOp<'_> {
 }
 
 impl NcclRanks {
-    /// `t` as a contiguous f32 tensor on this rank's GPU; other tensors go through the host.
-    fn on_gpu(&self, t: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        match t.device() {
-            Device::Cuda(d) if d.same_device(&self.device) => {
-                Ok(Some(t.to_dtype(candle_core::DType::F32)?.contiguous()?))
-            }
-            _ => Ok(None),
-        }
+    /// True if `t` is on this rank's GPU; other tensors go through the host.
+    fn on_gpu(&self, t: &Tensor) -> bool {
+        matches!(t.device(), Device::Cuda(d) if d.same_device(&self.device))
     }
+}
+
+/// `t` as a contiguous f32 tensor, the layout NCCL reads.
+fn contiguous_f32(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.to_dtype(candle_core::DType::F32)?.contiguous()
 }
 
 impl Collectives for NcclRanks {
@@ -389,17 +387,21 @@ impl Collectives for NcclRanks {
     }
 
     fn all_reduce_sum_tensor(&self, t: &Tensor) -> candle_core::Result<Tensor> {
-        let Some(t) = self.on_gpu(t)? else {
+        if !self.on_gpu(t) {
             return crate::sum_through_host(self, t);
-        };
-        let sum = t.apply_op1_no_bwd(&TensorOp::Sum(self))?;
+        }
+        let sum = contiguous_f32(t)?.apply_op1_no_bwd(&TensorOp::Sum(self))?;
         self.wait("all-reduce");
         Ok(sum)
     }
 
     fn broadcast_tensor(&self, t: &Tensor, root: usize) -> candle_core::Result<Tensor> {
-        let Some(t) = self.on_gpu(t)? else {
+        if !self.on_gpu(t) {
             return crate::broadcast_through_host(self, t, root);
+        }
+        let t = match self.rank == root {
+            true => contiguous_f32(t)?,
+            false => t.clone(),
         };
         let out = t.apply_op1_no_bwd(&TensorOp::Broadcast(self, root))?;
         self.wait("broadcast");

@@ -175,7 +175,8 @@ impl DataParallel {
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 Tensor::cat(&parts, 0)?
             } else {
-                Tensor::zeros(total, DType::F32, first.var.device())?
+                // Only the shape is read here: a view of one value, not a buffer.
+                Tensor::zeros((), DType::F32, first.var.device())?.broadcast_as(total)?
             };
             let flat = self
                 .comm

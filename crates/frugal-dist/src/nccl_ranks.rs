@@ -38,6 +38,11 @@ pub struct NcclRanks {
     mpi: Option<crate::MpiRanks>,
 }
 
+/// A CUDA or NCCL error as text (their types only implement `Debug`).
+fn text(e: impl std::fmt::Debug) -> String {
+    format!("{e:?}")
+}
+
 fn nccl(what: &str, e: NcclError) -> Error {
     Error::Nccl(format!("{what}: {e:?}"))
 }
@@ -140,9 +145,9 @@ impl NcclRanks {
     }
 
     /// Ends the job after a failed collective: the other ranks cannot go on without this one.
-    fn fail(&self, what: &str, e: impl std::fmt::Debug) -> ! {
+    fn fail(&self, what: &str, e: String) -> ! {
         eprintln!(
-            "error: rank {} of {}: NCCL {what} failed: {e:?}",
+            "error: rank {} of {}: NCCL {what} failed: {e}",
             self.rank, self.size
         );
         self.abort(1)
@@ -152,7 +157,7 @@ impl NcclRanks {
     fn wait(&self, what: &'static str) {
         let _waiting = self.watchdog.waiting(what);
         if let Err(e) = self.stream.synchronize() {
-            self.fail(what, e)
+            self.fail(what, text(e))
         }
     }
 
@@ -170,14 +175,11 @@ impl NcclRanks {
             let src = host
                 .map(|h| self.stream.clone_htod(h))
                 .transpose()
-                .map_err(|e| format!("{e:?}"))?;
-            let mut dst = self
-                .stream
-                .alloc_zeros::<T>(out_len)
-                .map_err(|e| format!("{e:?}"))?;
-            op(&self.comm().0, src.as_ref(), &mut dst).map_err(|e| format!("{e:?}"))?;
+                .map_err(text)?;
+            let mut dst = self.stream.alloc_zeros::<T>(out_len).map_err(text)?;
+            op(&self.comm().0, src.as_ref(), &mut dst).map_err(text)?;
             self.wait(what);
-            self.stream.clone_dtoh(&dst).map_err(|e| format!("{e:?}"))
+            self.stream.clone_dtoh(&dst).map_err(text)
         };
         run().unwrap_or_else(|e| self.fail(what, e))
     }
@@ -207,14 +209,8 @@ impl NcclRanks {
     /// Sends `bytes` to rank `peer`, through the GPU.
     fn send_to(&self, bytes: &[u8], peer: usize) {
         let run = || -> Result<(), String> {
-            let src = self
-                .stream
-                .clone_htod(bytes)
-                .map_err(|e| format!("{e:?}"))?;
-            self.comm()
-                .0
-                .send(&src, peer as i32)
-                .map_err(|e| format!("{e:?}"))?;
+            let src = self.stream.clone_htod(bytes).map_err(text)?;
+            self.comm().0.send(&src, peer as i32).map_err(text)?;
             self.wait("gather");
             Ok(())
         };
@@ -272,7 +268,7 @@ impl CustomOp1 for TensorOp<'_> {
         let mut dst = ranks
             .stream
             .alloc_zeros::<f32>(l.shape().elem_count())
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e:?}", self.name())))?;
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {}", self.name(), text(e))))?;
         let comm = ranks.comm();
         match self {
             TensorOp::Sum(_) => comm.0.all_reduce(&values()?, &mut dst, &ReduceOp::Sum),
@@ -282,7 +278,7 @@ impl CustomOp1 for TensorOp<'_> {
                 comm.0.broadcast(src.as_ref(), &mut dst, *root as i32)
             }
         }
-        .map_err(|e| candle_core::Error::Msg(format!("{}: {e:?}", self.name())))?;
+        .map_err(|e| candle_core::Error::Msg(format!("{}: {}", self.name(), text(e))))?;
         Ok((
             CudaStorage::wrap_cuda_slice(dst, ranks.device.clone()),
             l.shape().clone(),

@@ -64,8 +64,13 @@ pub trait Collectives: Send + Sync {
     fn all_reduce_sum(&self, buf: &mut [f32]);
     /// Replaces `buf` by its element-wise sum over the ranks, in f64 (losses, counts).
     fn all_reduce_sum_f64(&self, buf: &mut [f64]);
+    /// Replaces rank `root`'s `buf` by its element-wise sum over the ranks; the other ranks'
+    /// `buf` stays as it was. Half the traffic of an all-reduce, for sums only one rank needs.
+    fn reduce_sum(&self, buf: &mut [f32], root: usize);
     /// Every rank's `mine`, in rank order (lengths may differ).
     fn all_gather_bytes(&self, mine: &[u8]) -> Vec<Vec<u8>>;
+    /// Replaces `buf` by rank `root`'s (`buf` has the same length on every rank).
+    fn broadcast_f32(&self, buf: &mut [f32], root: usize);
     /// Rank `root`'s `bytes`, on every rank.
     fn broadcast_bytes(&self, bytes: Vec<u8>, root: usize) -> Vec<u8>;
     /// On rank `root`, every rank's `mine` in rank order (of any size); elsewhere nothing.
@@ -80,6 +85,12 @@ pub trait Collectives: Send + Sync {
     /// pass through the host; NCCL sums on the GPU.
     fn all_reduce_sum_tensor(&self, t: &Tensor) -> candle_core::Result<Tensor> {
         sum_through_host(self, t)
+    }
+
+    /// On rank `root`, `t` (f32) summed element-wise over the ranks, on `t`'s device; the other
+    /// ranks get `t` back.
+    fn reduce_sum_tensor(&self, t: &Tensor, root: usize) -> candle_core::Result<Tensor> {
+        reduce_through_host(self, t, root)
     }
 
     /// Rank `root`'s `t` (f32) on every rank, on `t`'s device; the other ranks pass a tensor of
@@ -101,29 +112,31 @@ fn sum_through_host<C: Collectives + ?Sized>(comm: &C, t: &Tensor) -> candle_cor
     Tensor::from_vec(values, t.shape(), t.device())
 }
 
-/// [`Collectives::broadcast_tensor`] through host bytes.
+/// [`Collectives::reduce_sum_tensor`] on a host copy of `t`.
+fn reduce_through_host<C: Collectives + ?Sized>(
+    comm: &C,
+    t: &Tensor,
+    root: usize,
+) -> candle_core::Result<Tensor> {
+    let mut values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    comm.reduce_sum(&mut values, root);
+    if comm.rank() != root {
+        return Ok(t.clone());
+    }
+    Tensor::from_vec(values, t.shape(), t.device())
+}
+
+/// [`Collectives::broadcast_tensor`] through a host buffer.
 fn broadcast_through_host<C: Collectives + ?Sized>(
     comm: &C,
     t: &Tensor,
     root: usize,
 ) -> candle_core::Result<Tensor> {
-    let mut bytes = Vec::new();
-    if comm.rank() == root {
-        let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-    }
-    let bytes = comm.broadcast_bytes(bytes, root);
-    if bytes.len() != 4 * t.elem_count() {
-        candle_core::bail!(
-            "rank {root} broadcast {} bytes for a tensor of {} values",
-            bytes.len(),
-            t.elem_count()
-        );
-    }
-    let values: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let mut values = match comm.rank() == root {
+        true => t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+        false => vec![0.0; t.elem_count()],
+    };
+    comm.broadcast_f32(&mut values, root);
     Tensor::from_vec(values, t.shape(), t.device())
 }
 
@@ -143,6 +156,8 @@ impl Collectives for Solo {
     }
     fn all_reduce_sum(&self, _buf: &mut [f32]) {}
     fn all_reduce_sum_f64(&self, _buf: &mut [f64]) {}
+    fn reduce_sum(&self, _buf: &mut [f32], _root: usize) {}
+    fn broadcast_f32(&self, _buf: &mut [f32], _root: usize) {}
     fn all_gather_bytes(&self, mine: &[u8]) -> Vec<Vec<u8>> {
         vec![mine.to_vec()]
     }
@@ -173,6 +188,9 @@ mod tests {
         let mut v = [1.5f32, -2.0];
         solo.all_reduce_sum(&mut v);
         assert_eq!(v, [1.5, -2.0]);
+        solo.reduce_sum(&mut v, 0);
+        solo.broadcast_f32(&mut v, 0);
+        assert_eq!(v, [1.5, -2.0]);
         assert_eq!(solo.all_gather_bytes(b"abc"), vec![b"abc".to_vec()]);
         assert_eq!(solo.broadcast_bytes(b"x".to_vec(), 0), b"x");
         assert_eq!(solo.gather_bytes(b"y".to_vec(), 0), vec![b"y".to_vec()]);
@@ -182,5 +200,10 @@ mod tests {
         assert_eq!(sum.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
         let got = solo.broadcast_tensor(&t, 0).unwrap();
         assert_eq!(got.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
+        let reduced = solo.reduce_sum_tensor(&t.t().unwrap(), 0).unwrap();
+        assert_eq!(
+            reduced.to_vec2::<f32>().unwrap(),
+            [[1.5, 0.25], [-2.0, 4.0]]
+        );
     }
 }

@@ -83,6 +83,18 @@ impl Collectives for MpiRanks {
         self.sum(buf)
     }
 
+    fn reduce_sum(&self, buf: &mut [f32], root: usize) {
+        let _waiting = self.watchdog.waiting("reduce");
+        let world = self.world();
+        let to = world.process_at_rank(root as i32);
+        if self.rank == root {
+            let mine = buf.to_vec();
+            to.reduce_into_root(&mine[..], buf, SystemOperation::sum());
+        } else {
+            to.reduce_into(&buf[..], SystemOperation::sum());
+        }
+    }
+
     fn all_gather_bytes(&self, mine: &[u8]) -> Vec<Vec<u8>> {
         let _waiting = self.watchdog.waiting("all-gather");
         let world = self.world();
@@ -108,6 +120,15 @@ impl Collectives for MpiRanks {
                 part
             })
             .collect()
+    }
+
+    fn broadcast_f32(&self, buf: &mut [f32], root: usize) {
+        let _waiting = self.watchdog.waiting("broadcast");
+        let world = self.world();
+        let root = world.process_at_rank(root as i32);
+        for chunk in buf.chunks_mut(CHUNK / 4) {
+            root.broadcast_into(chunk);
+        }
     }
 
     fn broadcast_bytes(&self, mut bytes: Vec<u8>, root: usize) -> Vec<u8> {

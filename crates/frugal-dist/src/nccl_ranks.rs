@@ -196,6 +196,21 @@ impl NcclRanks {
         buf.copy_from_slice(&out);
     }
 
+    /// `buf` summed over the ranks into rank `root`'s, through the GPU.
+    fn reduce(&self, buf: &mut [f32], root: usize) {
+        if buf.is_empty() {
+            return;
+        }
+        let out = self.staged("reduce", Some(buf), buf.len(), |comm, src, dst| {
+            let src = src.expect("given");
+            comm.reduce(src, Some(dst), &ReduceOp::Sum, root as i32)
+                .map(drop)
+        });
+        if self.rank == root {
+            buf.copy_from_slice(&out);
+        }
+    }
+
     /// Every rank's `mine` (of one length on all), in rank order, through the GPU.
     fn gather<T: DeviceRepr + ValidAsZeroBits + NcclType>(&self, mine: &[T]) -> Vec<T> {
         self.staged(
@@ -241,6 +256,8 @@ impl NcclRanks {
 /// A tensor collective as a candle operation on CUDA storage: its output is a new buffer.
 enum TensorOp<'a> {
     Sum(&'a NcclRanks),
+    /// Summed into the root's output (the others' output is not read).
+    Reduce(&'a NcclRanks, usize),
     Broadcast(&'a NcclRanks, usize),
 }
 
@@ -248,6 +265,7 @@ impl CustomOp1 for TensorOp<'_> {
     fn name(&self) -> &'static str {
         match self {
             TensorOp::Sum(_) => "nccl-all-reduce",
+            TensorOp::Reduce(..) => "nccl-reduce",
             TensorOp::Broadcast(..) => "nccl-broadcast",
         }
     }
@@ -264,7 +282,8 @@ impl CustomOp1 for TensorOp<'_> {
             Some((start, end)) => Ok(s.as_cuda_slice::<f32>()?.slice(start..end)),
             None => candle_core::bail!("{}: the tensor is not contiguous", self.name()),
         };
-        let (TensorOp::Sum(ranks) | TensorOp::Broadcast(ranks, _)) = self;
+        let (TensorOp::Sum(ranks) | TensorOp::Reduce(ranks, _) | TensorOp::Broadcast(ranks, _)) =
+            self;
         let mut dst = ranks
             .stream
             .alloc_zeros::<f32>(l.shape().elem_count())
@@ -272,6 +291,10 @@ impl CustomOp1 for TensorOp<'_> {
         let comm = ranks.comm();
         match self {
             TensorOp::Sum(_) => comm.0.all_reduce(&values()?, &mut dst, &ReduceOp::Sum),
+            TensorOp::Reduce(_, root) => {
+                comm.0
+                    .reduce(&values()?, Some(&mut dst), &ReduceOp::Sum, *root as i32)
+            }
             TensorOp::Broadcast(_, root) => {
                 // Only the root's values are read: the others' tensor gives the shape.
                 let src = (ranks.rank == *root).then(values).transpose()?;
@@ -319,6 +342,10 @@ impl Collectives for NcclRanks {
         self.sum(buf)
     }
 
+    fn reduce_sum(&self, buf: &mut [f32], root: usize) {
+        self.reduce(buf, root)
+    }
+
     fn all_gather_bytes(&self, mine: &[u8]) -> Vec<Vec<u8>> {
         let lens = self.gather(&[mine.len() as u64]);
         let block = lens.iter().copied().max().unwrap_or(0) as usize;
@@ -332,6 +359,14 @@ impl Collectives for NcclRanks {
             .zip(&lens)
             .map(|(part, &n)| part[..n as usize].to_vec())
             .collect()
+    }
+
+    fn broadcast_f32(&self, buf: &mut [f32], root: usize) {
+        if buf.is_empty() {
+            return;
+        }
+        let out = self.broadcast(buf, buf.len(), root);
+        buf.copy_from_slice(&out);
     }
 
     fn broadcast_bytes(&self, bytes: Vec<u8>, root: usize) -> Vec<u8> {
@@ -389,6 +424,15 @@ impl Collectives for NcclRanks {
         let sum = contiguous_f32(t)?.apply_op1_no_bwd(&TensorOp::Sum(self))?;
         self.wait("all-reduce");
         Ok(sum)
+    }
+
+    fn reduce_sum_tensor(&self, t: &Tensor, root: usize) -> candle_core::Result<Tensor> {
+        if !self.on_gpu(t) {
+            return crate::reduce_through_host(self, t, root);
+        }
+        let sum = contiguous_f32(t)?.apply_op1_no_bwd(&TensorOp::Reduce(self, root))?;
+        self.wait("reduce");
+        Ok(if self.rank == root { sum } else { t.clone() })
     }
 
     fn broadcast_tensor(&self, t: &Tensor, root: usize) -> candle_core::Result<Tensor> {

@@ -56,6 +56,16 @@ fn rank_checks() {
     let mut v: Vec<f32> = (0..5).map(|i| (i * (rank + 1)) as f32 + 0.25).collect();
     ranks.all_reduce_sum(&mut v);
     assert_eq!(v, [0.5, 3.5, 6.5, 9.5, 12.5]);
+    // A reduce sums into its root only; the other rank keeps its own values.
+    let mut r: Vec<f32> = (0..3).map(|i| (i * (rank + 1)) as f32 - 0.5).collect();
+    ranks.reduce_sum(&mut r, 1);
+    match rank {
+        1 => assert_eq!(r, [-1.0, 2.0, 5.0]),
+        _ => assert_eq!(r, [-0.5, 0.5, 1.5]),
+    }
+    let mut b = [rank as f32; 3];
+    ranks.broadcast_f32(&mut b, 1);
+    assert_eq!(b, [1.0; 3]);
     let mut d = [rank as f64 + 0.5];
     ranks.all_reduce_sum_f64(&mut d);
     assert_eq!(d, [2.0]);
@@ -80,6 +90,15 @@ fn rank_checks() {
     let t = (t * (rank + 1) as f64).unwrap().t().unwrap();
     let sum = ranks.all_reduce_sum_tensor(&t).unwrap();
     assert_eq!(sum.to_vec2::<f32>().unwrap(), [[3.0, 9.0], [6.0, 12.0]]);
+    let reduced = ranks
+        .reduce_sum_tensor(&t, 0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    match rank {
+        0 => assert_eq!(reduced, [[3.0, 9.0], [6.0, 12.0]]),
+        _ => assert_eq!(reduced, [[2.0, 6.0], [4.0, 8.0]]),
+    }
     let from_one = ranks.broadcast_tensor(&t, 1).unwrap();
     assert_eq!(from_one.to_vec2::<f32>().unwrap(), [[2.0, 6.0], [4.0, 8.0]]);
     ranks.barrier();

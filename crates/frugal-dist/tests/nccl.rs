@@ -36,6 +36,14 @@ fn one_nccl_rank_gives_a_single_processs_results() {
     nccl.all_reduce_sum_f64(&mut x);
     assert_eq!(x, [1.0 / 3.0, -2.5e300, 0.0]);
     nccl.all_reduce_sum(&mut []);
+    let (mut a, mut b) = (values(70_001, 0.25), values(70_001, 0.25));
+    nccl.reduce_sum(&mut a, 0);
+    solo.reduce_sum(&mut b, 0);
+    assert_eq!(a, b);
+    nccl.reduce_sum(&mut [], 0);
+    nccl.broadcast_f32(&mut a, 0);
+    assert_eq!(a, b);
+    nccl.broadcast_f32(&mut [], 0);
     let settings = br#"{"optimizer":"frugal"}"#;
     assert_eq!(
         nccl.all_gather_bytes(settings),
@@ -65,6 +73,7 @@ fn one_nccl_rank_gives_a_single_processs_results() {
             .unwrap();
         for got in [
             nccl.all_reduce_sum_tensor(&view).unwrap(),
+            nccl.reduce_sum_tensor(&view, 0).unwrap(),
             nccl.broadcast_tensor(&view, 0).unwrap(),
         ] {
             assert!(got.device().same_device(&device));

@@ -1,9 +1,12 @@
 //! Data parallelism: each rank computes the gradients of its share of a global batch, and the
 //! ranks average them before every optimizer step, in buckets. The optimizer state is sharded
 //! (ZeRO-1 style): each rank keeps the state of its share of the parameters and updates those,
-//! then the ranks exchange the updated values. A single process ([`Solo`]) skips every
-//! collective, so its steps are those of a run without data parallelism, bit for bit.
+//! so each gradient's mean is reduced to the rank that owns it only (half the traffic of an
+//! all-reduce), and the ranks then exchange the updated values. A single process ([`Solo`])
+//! skips every collective, so its steps are those of a run without data parallelism, bit for
+//! bit.
 
+use crate::grads::{clip_factor, norm_in_name_order, squared_norm};
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
@@ -75,48 +78,132 @@ impl DataParallel {
 
     /// Replaces each gradient in `grads` by its mean over the ranks. Every rank must hold
     /// gradients for the same parameters; they travel in buckets of consecutive parameters.
-    pub fn average(&self, grads: &mut GradStore, params: &[Param]) -> Result<()> {
+    /// With `owners` (parameter i is updated by rank `owners[i]`), each mean reaches its owner
+    /// only: the other ranks keep their own gradient of it, which a sharded optimizer does not
+    /// read.
+    pub fn average(
+        &self,
+        grads: &mut GradStore,
+        params: &[Param],
+        owners: Option<&[usize]>,
+    ) -> Result<()> {
         let world = self.world_size();
         if world == 1 {
             return Ok(());
         }
-        let present: Vec<(&Param, Tensor)> = params
+        let present: Vec<(usize, &Param, Tensor)> = params
             .iter()
-            .filter_map(|p| grads.get(p.var.as_tensor()).map(|g| (p, g.clone())))
+            .enumerate()
+            .filter_map(|(i, p)| grads.get(p.var.as_tensor()).map(|g| (i, p, g.clone())))
             .collect();
+        let roots: Vec<Option<usize>> = match owners {
+            Some(_) => (0..world).map(Some).collect(),
+            None => vec![None],
+        };
         let scale = 1.0 / world as f32;
-        let mut start = 0;
-        while start < present.len() {
-            let mut end = start;
-            let mut elements = 0;
-            while end < present.len() && (end == start || elements < BUCKET_ELEMENTS) {
-                elements += present[end].1.elem_count();
-                end += 1;
+        for root in roots {
+            let share: Vec<(&Param, Tensor)> = present
+                .iter()
+                .filter(|(i, ..)| root.is_none() || owners.map(|o| o[*i]) == root)
+                .map(|(_, p, g)| (*p, g.clone()))
+                .collect();
+            let mut start = 0;
+            while start < share.len() {
+                let mut end = start;
+                let mut elements = 0;
+                while end < share.len() && (end == start || elements < BUCKET_ELEMENTS) {
+                    elements += share[end].1.elem_count();
+                    end += 1;
+                }
+                let bucket = &share[start..end];
+                if bucket[0].1.device().is_cpu() {
+                    self.average_on_host(grads, bucket, elements, scale, root)?;
+                } else {
+                    self.average_on_device(grads, bucket, scale, root)?;
+                }
+                start = end;
             }
-            let bucket = &present[start..end];
-            if bucket[0].1.device().is_cpu() {
-                self.average_on_host(grads, bucket, elements, scale)?;
-            } else {
-                self.average_on_device(grads, bucket, scale)?;
-            }
-            start = end;
         }
         Ok(())
     }
 
-    /// Averages one bucket of CPU gradients in a host buffer.
+    /// Σ g² of each gradient in `grads` (named, in `params` order) after
+    /// [`DataParallel::average`] with the same `owners`: each rank measures the means it owns,
+    /// and the ranks add their figures, so that every rank gets every mean's.
+    pub fn squared_norms<'a>(
+        &self,
+        grads: &GradStore,
+        params: &'a [Param],
+        owners: Option<&[usize]>,
+    ) -> Result<Vec<(&'a str, f64)>> {
+        let rank = self.rank();
+        let mut names = Vec::with_capacity(params.len());
+        let mut squares = Vec::with_capacity(params.len());
+        for (i, p) in params.iter().enumerate() {
+            if let Some(g) = grads.get(p.var.as_tensor()) {
+                let mine = owners.is_none_or(|o| o[i] == rank);
+                names.push(p.name.as_str());
+                squares.push(if mine { squared_norm(g)? } else { 0.0 });
+            }
+        }
+        if owners.is_some() && self.world_size() > 1 {
+            // One owner's figure and zeros: the sums are exact.
+            self.comm.all_reduce_sum_f64(&mut squares);
+        }
+        Ok(names.into_iter().zip(squares).collect())
+    }
+
+    /// Scales the gradients after [`DataParallel::average`] with the same `owners` so that
+    /// their global L2 norm (see [`norm_in_name_order`]) is at most `max` (0: no clipping), and
+    /// returns the norm before clipping. With `owners` only this rank's means are scaled.
+    pub fn clip_grad_norm(
+        &self,
+        grads: &mut GradStore,
+        params: &[Param],
+        owners: Option<&[usize]>,
+        max: f64,
+    ) -> Result<f64> {
+        let norm = norm_in_name_order(self.squared_norms(grads, params, owners)?);
+        if let Some(scale) = clip_factor(norm, max) {
+            let rank = self.rank();
+            for (i, p) in params.iter().enumerate() {
+                if owners.is_some_and(|o| o[i] != rank) {
+                    continue;
+                }
+                if let Some(g) = grads.remove(p.var.as_tensor()) {
+                    grads.insert(p.var.as_tensor(), (g * scale)?);
+                }
+            }
+        }
+        Ok(norm)
+    }
+
+    /// Sums a bucket over the ranks: into every rank's `flat` (no `root`), or into `root`'s
+    /// only. True where `flat` holds the sum.
+    fn sum_bucket(&self, flat: &mut [f32], root: Option<usize>) -> bool {
+        match root {
+            None => self.comm.all_reduce_sum(flat),
+            Some(r) => self.comm.reduce_sum(flat, r),
+        }
+        root.is_none_or(|r| r == self.rank())
+    }
+
+    /// Averages one bucket of CPU gradients in a host buffer (see [`DataParallel::sum_bucket`]).
     fn average_on_host(
         &self,
         grads: &mut GradStore,
         bucket: &[(&Param, Tensor)],
         elements: usize,
         scale: f32,
+        root: Option<usize>,
     ) -> Result<()> {
         let mut flat = Vec::with_capacity(elements);
         for (_, g) in bucket {
             flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
         }
-        self.comm.all_reduce_sum(&mut flat);
+        if !self.sum_bucket(&mut flat, root) {
+            return Ok(());
+        }
         flat.iter_mut().for_each(|x| *x *= scale);
         let mut at = 0;
         for (p, g) in bucket {
@@ -129,18 +216,28 @@ impl DataParallel {
         Ok(())
     }
 
-    /// Averages one bucket of gradients on their device, as one flat tensor.
+    /// Averages one bucket of gradients on their device, as one flat tensor (into every rank's
+    /// gradients, or into `root`'s only).
     fn average_on_device(
         &self,
         grads: &mut GradStore,
         bucket: &[(&Param, Tensor)],
         scale: f32,
+        root: Option<usize>,
     ) -> Result<()> {
         let flat = bucket
             .iter()
             .map(|(_, g)| g.to_dtype(DType::F32)?.flatten_all())
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let sum = self.comm.all_reduce_sum_tensor(&Tensor::cat(&flat, 0)?)?;
+        let flat = Tensor::cat(&flat, 0)?;
+        let sum = match root {
+            None => self.comm.all_reduce_sum_tensor(&flat)?,
+            Some(r) if r == self.rank() => self.comm.reduce_sum_tensor(&flat, r)?,
+            Some(r) => {
+                self.comm.reduce_sum_tensor(&flat, r)?;
+                return Ok(());
+            }
+        };
         let mean = (sum * f64::from(scale))?;
         let mut at = 0;
         for (p, g) in bucket {
@@ -341,9 +438,13 @@ mod tests {
         (i as f32 * 0.7).cos()
     }
 
-    /// Rank 0 of a two-rank job whose other rank sums in `other(i)` and broadcasts
+    /// Rank 0 of a two-rank job whose other rank sums in `other(i)` (also when reducing to
+    /// rank 0; it keeps its sums to itself), adds [`PEER_SQUARES`] to f64 sums, and broadcasts
     /// `other(i)` as its share.
     struct Pair;
+
+    /// Rank 1's figures in a sum of squared norms, when it owns parameters 1 and 3.
+    const PEER_SQUARES: [f64; 4] = [0.0, 4.0, 0.0, 9.0];
 
     impl Collectives for Pair {
         fn engine(&self) -> &'static str {
@@ -358,20 +459,26 @@ mod tests {
         fn all_reduce_sum(&self, buf: &mut [f32]) {
             buf.iter_mut().enumerate().for_each(|(i, x)| *x += other(i));
         }
-        fn all_reduce_sum_f64(&self, _: &mut [f64]) {
-            unreachable!()
+        fn all_reduce_sum_f64(&self, buf: &mut [f64]) {
+            assert_eq!(buf.len(), PEER_SQUARES.len());
+            buf.iter_mut().zip(PEER_SQUARES).for_each(|(x, y)| *x += y);
+        }
+        fn reduce_sum(&self, buf: &mut [f32], root: usize) {
+            if root == 0 {
+                self.all_reduce_sum(buf);
+            }
         }
         fn all_gather_bytes(&self, _: &[u8]) -> Vec<Vec<u8>> {
             unreachable!()
         }
-        fn broadcast_bytes(&self, bytes: Vec<u8>, root: usize) -> Vec<u8> {
-            match root {
-                0 => bytes,
-                _ => {
-                    let n = PEER_SHARE;
-                    (0..n).flat_map(|i| other(i).to_le_bytes()).collect()
-                }
+        fn broadcast_f32(&self, buf: &mut [f32], root: usize) {
+            if root == 1 {
+                assert_eq!(buf.len(), PEER_SHARE);
+                buf.iter_mut().enumerate().for_each(|(i, x)| *x = other(i));
             }
+        }
+        fn broadcast_bytes(&self, _: Vec<u8>, _: usize) -> Vec<u8> {
+            unreachable!()
         }
         fn gather_bytes(&self, _: Vec<u8>, _: usize) -> Vec<Vec<u8>> {
             unreachable!()
@@ -425,31 +532,117 @@ mod tests {
                 .map(|p| (p, g.get(p.var.as_tensor()).unwrap().clone()))
                 .collect()
         };
-        let (mut host, mut device) = (grads(&params), grads(&params));
-        let elements = SHAPES.iter().map(|s| s.iter().product::<usize>()).sum();
-        let bucket = present(&host);
-        parallel
-            .average_on_host(&mut host, &bucket, elements, 0.5)
-            .unwrap();
-        let bucket = present(&device);
-        parallel
-            .average_on_device(&mut device, &bucket, 0.5)
-            .unwrap();
+        // Into both ranks, into this one, and into the other one (this rank's stay its own).
+        for root in [None, Some(0), Some(1)] {
+            let (mut host, mut device) = (grads(&params), grads(&params));
+            let elements = SHAPES.iter().map(|s| s.iter().product::<usize>()).sum();
+            let bucket = present(&host);
+            parallel
+                .average_on_host(&mut host, &bucket, elements, 0.5, root)
+                .unwrap();
+            let bucket = present(&device);
+            parallel
+                .average_on_device(&mut device, &bucket, 0.5, root)
+                .unwrap();
+            let mut at = 0;
+            for (k, p) in params.iter().enumerate() {
+                let (h, d) = (
+                    host.get(p.var.as_tensor()).unwrap(),
+                    device.get(p.var.as_tensor()).unwrap(),
+                );
+                assert_eq!(h.dims(), p.var.dims());
+                assert_eq!(d.dims(), p.var.dims());
+                let want: Vec<f32> = (0..p.var.elem_count())
+                    .map(|i| match root {
+                        Some(1) => ((i + k) as f32).sin(),
+                        _ => (((i + k) as f32).sin() + other(at + i)) * 0.5,
+                    })
+                    .collect();
+                assert_eq!(flat(h), want, "{} {root:?}", p.name);
+                assert_eq!(flat(d), want, "{} {root:?}", p.name);
+                at += p.var.elem_count();
+            }
+        }
+    }
+
+    #[test]
+    fn sharded_means_reach_their_owners_and_clipping_measures_them_all() {
+        let params = params();
+        let parallel = DataParallel::new(Arc::new(Pair));
+        let owners = [0, 1, 0, 1];
+        let mut g = grads(&params);
+        parallel.average(&mut g, &params, Some(&owners)).unwrap();
+        // This rank's parameters 0 and 2 travel as one bucket, reduced to it; 1 and 3 are
+        // rank 1's, so their gradients here stay this rank's own.
         let mut at = 0;
         for (k, p) in params.iter().enumerate() {
-            let (h, d) = (
-                host.get(p.var.as_tensor()).unwrap(),
-                device.get(p.var.as_tensor()).unwrap(),
-            );
-            assert_eq!(h.dims(), p.var.dims());
-            assert_eq!(d.dims(), p.var.dims());
-            let want: Vec<f32> = (0..p.var.elem_count())
-                .map(|i| (((i + k) as f32).sin() + other(at + i)) * 0.5)
+            let n = p.var.elem_count();
+            let want: Vec<f32> = (0..n)
+                .map(|i| match owners[k] {
+                    0 => (((i + k) as f32).sin() + other(at + i)) * 0.5,
+                    _ => ((i + k) as f32).sin(),
+                })
                 .collect();
-            assert_eq!(flat(h), want, "{}", p.name);
-            assert_eq!(flat(d), want, "{}", p.name);
-            at += p.var.elem_count();
+            assert_eq!(flat(g.get(p.var.as_tensor()).unwrap()), want, "{}", p.name);
+            at += if owners[k] == 0 { n } else { 0 };
         }
+        // The global norm adds this rank's means' squares to rank 1's figures.
+        let square = |k: usize| {
+            let v = flat(g.get(params[k].var.as_tensor()).unwrap());
+            v.iter().map(|x| x * x).sum::<f32>() as f64
+        };
+        let norm = (square(0) + PEER_SQUARES[1] + square(2) + PEER_SQUARES[3]).sqrt();
+        let before: Vec<Vec<f32>> = (0..4)
+            .map(|k| flat(g.get(params[k].var.as_tensor()).unwrap()))
+            .collect();
+        let got = parallel
+            .clip_grad_norm(&mut g, &params, Some(&owners), 0.5)
+            .unwrap();
+        assert!((got - norm).abs() < 1e-9 * norm, "{got} vs {norm}");
+        for (k, p) in params.iter().enumerate() {
+            let after = flat(g.get(p.var.as_tensor()).unwrap());
+            match owners[k] {
+                0 => after.iter().zip(&before[k]).for_each(|(a, b)| {
+                    assert!((a - b * (0.5 / norm) as f32).abs() < 1e-6, "{a} {b}")
+                }),
+                _ => assert_eq!(after, before[k]),
+            }
+        }
+    }
+
+    #[test]
+    fn one_process_clips_to_the_bound() {
+        let values: [&[f32]; 2] = [&[3.0, 4.0], &[4.0]];
+        let params: Vec<Param> = ["a", "b"]
+            .iter()
+            .zip(values)
+            .map(|(name, v)| {
+                let t = Tensor::new(v, &Device::Cpu).unwrap();
+                Param::with_default_label(*name, Var::from_tensor(&t).unwrap())
+            })
+            .collect();
+        // Gradient = the parameter's value: d(Σ p²/2)/dp.
+        let loss = |params: &[Param]| {
+            let terms: Vec<Tensor> = params
+                .iter()
+                .map(|p| (p.var.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap())
+                .collect();
+            Tensor::stack(&terms, 0).unwrap().sum_all().unwrap()
+        };
+        let solo = DataParallel::default();
+        let get = |g: &GradStore, p: &Param| flat(g.get(p.var.as_tensor()).unwrap());
+        // ‖(3, 4, 4)‖ = √41; clipped to 1 every entry shrinks by 1/√41.
+        let mut g = loss(&params).backward().unwrap();
+        let norm = solo.clip_grad_norm(&mut g, &params, None, 1.0).unwrap();
+        assert!((norm - 41f64.sqrt()).abs() < 1e-12);
+        let a = get(&g, &params[0]);
+        assert!((a[0] as f64 - 3.0 / 41f64.sqrt()).abs() < 1e-6);
+        let clipped = solo.clip_grad_norm(&mut g, &params, None, 0.0).unwrap();
+        assert!((clipped - 1.0).abs() < 1e-6);
+        // Under the bound nothing changes.
+        let mut g = loss(&params).backward().unwrap();
+        solo.clip_grad_norm(&mut g, &params, None, 10.0).unwrap();
+        assert_eq!(get(&g, &params[1]), [4.0]);
     }
 
     #[test]

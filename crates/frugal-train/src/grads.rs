@@ -1,4 +1,5 @@
-//! Gradient utilities: accumulation over micro-batches and global-norm clipping.
+//! Gradient utilities: accumulation over micro-batches and the pieces of global-norm clipping
+//! (see [`crate::DataParallel::clip_grad_norm`]).
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
@@ -30,34 +31,9 @@ pub fn norm_in_name_order(mut squares: Vec<(&str, f64)>) -> f64 {
     squares.iter().map(|(_, s)| s).sum::<f64>().sqrt()
 }
 
-/// The global L2 norm of the gradients (see [`norm_in_name_order`]).
-pub fn global_norm(grads: &GradStore, params: &[Param]) -> Result<f64> {
-    let mut squares = Vec::with_capacity(params.len());
-    for p in params {
-        if let Some(g) = grads.get(p.var.as_tensor()) {
-            squares.push((p.name.as_str(), squared_norm(g)?));
-        }
-    }
-    Ok(norm_in_name_order(squares))
-}
-
 /// The factor that brings a global norm `norm` down to `max` (0: no clipping), if it is above.
 pub fn clip_factor(norm: f64, max: f64) -> Option<f64> {
     (max > 0.0 && norm > max).then(|| max / norm)
-}
-
-/// Scales the gradients so that their global L2 norm is at most `max` (0: no clipping); returns
-/// the norm before clipping.
-pub fn clip_grad_norm(grads: &mut GradStore, params: &[Param], max: f64) -> Result<f64> {
-    let norm = global_norm(grads, params)?;
-    if let Some(scale) = clip_factor(norm, max) {
-        for p in params {
-            if let Some(g) = grads.remove(p.var.as_tensor()) {
-                grads.insert(p.var.as_tensor(), (g * scale)?);
-            }
-        }
-    }
-    Ok(norm)
 }
 
 #[cfg(test)]
@@ -79,7 +55,7 @@ mod tests {
     }
 
     #[test]
-    fn accumulation_sums_and_clipping_scales_to_the_bound() {
+    fn accumulation_sums_micro_batches() {
         let params = [param("a", &[0.0, 0.0]), param("b", &[0.0])];
         let mut acc = GradStore::default();
         accumulate(&mut acc, grads_of(&params, &[&[1.0, 2.0], &[2.0]]), &params).unwrap();
@@ -88,15 +64,17 @@ mod tests {
             |g: &GradStore, p: &Param| g.get(p.var.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(get(&acc, &params[0]), [3.0, 4.0]);
         assert_eq!(get(&acc, &params[1]), [4.0]);
-        // ‖(3, 4, 4)‖ = √41; clipped to 1 every entry shrinks by 1/√41.
-        let norm = clip_grad_norm(&mut acc, &params, 1.0).unwrap();
-        assert!((norm - 41f64.sqrt()).abs() < 1e-12);
-        assert!((global_norm(&acc, &params).unwrap() - 1.0).abs() < 1e-6);
-        let a = get(&acc, &params[0]);
-        assert!((a[0] as f64 - 3.0 / 41f64.sqrt()).abs() < 1e-6);
-        // Under the bound nothing changes.
-        let before = get(&acc, &params[1]);
-        clip_grad_norm(&mut acc, &params, 10.0).unwrap();
-        assert_eq!(get(&acc, &params[1]), before);
+        // ‖(3, 4, 4)‖ = √41, whichever order the parameters come in.
+        let squares = vec![
+            (
+                "b",
+                squared_norm(acc.get(params[1].var.as_tensor()).unwrap()).unwrap(),
+            ),
+            ("a", 25.0),
+        ];
+        assert_eq!(norm_in_name_order(squares), 41f64.sqrt());
+        assert_eq!(clip_factor(41f64.sqrt(), 1.0), Some(1.0 / 41f64.sqrt()));
+        assert_eq!(clip_factor(41f64.sqrt(), 10.0), None);
+        assert_eq!(clip_factor(41f64.sqrt(), 0.0), None);
     }
 }

@@ -3,7 +3,7 @@
 //! caller's [`StopToken`] is set.
 
 use crate::data_parallel::DataParallel;
-use crate::grads::{accumulate, clip_factor, clip_grad_norm, norm_in_name_order, squared_norm};
+use crate::grads::{accumulate, clip_factor, norm_in_name_order};
 use crate::metrics::TrainRecord;
 use crate::schedule::Schedule;
 use anyhow::{bail, Result};
@@ -356,10 +356,12 @@ impl<M: Model> Trainer<M> {
         let (loss, mut grads) = self.forward_backward(data)?;
         let loss = self.parallel.mean(loss);
         check_loss(loss, self.state.step)?;
-        self.parallel.average(&mut grads, &self.params)?;
+        let owners = self.owners.as_deref();
+        self.parallel.average(&mut grads, &self.params, owners)?;
         let clip = self.settings.clip;
         let grad_norm = if clip > 0.0 {
-            Some(clip_grad_norm(&mut grads, &self.params, clip)?)
+            let parallel = &self.parallel;
+            Some(parallel.clip_grad_norm(&mut grads, &self.params, owners, clip)?)
         } else {
             None
         };
@@ -395,6 +397,7 @@ impl<M: Model> Trainer<M> {
         }
         let (x, y) = self.next_batch(data)?;
         let (params, parallel) = (&self.params, &self.parallel);
+        let owners = self.owners.as_deref();
         let clip = self.settings.clip;
         let grad_norm = if clip > 0.0 {
             let mut squares = Vec::with_capacity(params.len());
@@ -410,12 +413,8 @@ impl<M: Model> Trainer<M> {
                             totals.insert(p.var.as_tensor(), total);
                         }
                     }
-                    parallel.average(&mut totals, params)?;
-                    for p in params {
-                        if let Some(total) = totals.get(p.var.as_tensor()) {
-                            squares.push((p.name.as_str(), squared_norm(total)?));
-                        }
-                    }
+                    parallel.average(&mut totals, params, owners)?;
+                    squares.extend(parallel.squared_norms(&totals, params, owners)?);
                     Ok(())
                 })
                 .map_err(|e| layered_error(e, step))?;
@@ -438,7 +437,7 @@ impl<M: Model> Trainer<M> {
                     part.insert(v, total);
                 }
             }
-            parallel.average(&mut part, params)?;
+            parallel.average(&mut part, params, owners)?;
             if let Some(f) = factor {
                 for p in params {
                     let v = p.var.as_tensor();

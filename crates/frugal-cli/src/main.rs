@@ -199,13 +199,13 @@ fn compare_pretraining(
 fn run(matches: &ArgMatches, cli: Cli, device: Device, comm: &Arc<dyn Collectives>) -> Result<()> {
     let given = |name: &str| explicit(matches.subcommand_matches(name).expect("subcommand"));
     let across_ranks = match &cli.command {
-        Command::Train(_) => true,
+        Command::Train(_) | Command::Finetune(_) => true,
         Command::Compare(args) => args.task.is_none(),
         _ => false,
     };
     if comm.world_size() > 1 && !across_ranks {
         return Err(SharedError(format!(
-            "{} ranks were launched, but only `frugal train` and `frugal compare` (pre-training) run across ranks; run this command as one process",
+            "{} ranks were launched, but only `frugal train`, `frugal finetune` and `frugal compare` (pre-training) run across ranks; run this command as one process",
             comm.world_size()
         ))
         .into());
@@ -246,8 +246,14 @@ fn run(matches: &ArgMatches, cli: Cli, device: Device, comm: &Arc<dyn Collective
             let merged = args.merge(&given("finetune"))?;
             let resume = merged.resume.clone();
             let config = frugal_train::finetune::run::resolve(merged)?;
-            frugal_train::finetune::run::run(config, resume.as_deref(), &ctrl_c_token(), &device)
-                .map(drop)
+            frugal_train::finetune::run::run(
+                config,
+                resume.as_deref(),
+                &ctrl_c_token(),
+                &device,
+                &DataParallel::new(Arc::clone(comm)),
+            )
+            .map(drop)
         })?,
         Command::Memory(args) => memory(&args)?,
         Command::Compare(args) => {

@@ -1,6 +1,6 @@
 //! Data-parallel training under `mpirun` (the `mpi` feature; `scripts/setup-mpi.sh` installs
-//! MPI): two ranks against one process, checkpoints across world sizes, a killed rank, and
-//! ranks that disagree.
+//! MPI): two ranks against one process (pre-training and fine-tuning), checkpoints across world
+//! sizes, a killed rank, and ranks that disagree.
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -438,4 +438,121 @@ fn a_comparison_runs_across_ranks_and_tunes_like_one_process() {
         log.contains("already reached") && !log.contains("done:"),
         "{log}"
     );
+}
+
+/// all-MiniLM-L6-v2 as `scripts/fetch-finetune.sh` installs it.
+fn minilm() -> std::path::PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/finetune/all-MiniLM-L6-v2");
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "{} is missing: run scripts/fetch-finetune.sh",
+        dir.display()
+    );
+    dir
+}
+
+/// 60 short reviews, positive exactly when they name a good thing.
+fn reviews(dir: &Path) -> std::path::PathBuf {
+    let (good, bad) = (["great", "lovely", "superb"], ["awful", "dull", "broken"]);
+    let things = ["film", "meal", "phone", "hotel", "book"];
+    let mut csv = String::from("label,text\n");
+    for i in 0..60 {
+        let (label, word) = match i % 2 {
+            0 => ("pos", good[i % 3]),
+            _ => ("neg", bad[i % 3]),
+        };
+        csv += &format!("{label},the {} was {word} today\n", things[i % 5]);
+    }
+    let path = dir.join("reviews.csv");
+    std::fs::write(&path, csv).unwrap();
+    path
+}
+
+#[test]
+fn two_ranks_fine_tune_like_one_process_and_resume_on_one() {
+    let dir = scratch("dp-finetune");
+    let (model, data) = (minilm(), reviews(&dir));
+    let flags = |out: &Path| -> Vec<String> {
+        let mut f: Vec<String> = [
+            "finetune",
+            "--steps",
+            "6",
+            "--max-len",
+            "16",
+            "--log-every",
+            "1",
+            "--eval-every",
+            "3",
+            "--val-fraction",
+            "0.2",
+            "--test-fraction",
+            "0.2",
+            "--lr",
+            "1e-4",
+        ]
+        .map(String::from)
+        .to_vec();
+        f.extend(["--model".into(), model.display().to_string()]);
+        f.extend(["--data".into(), data.display().to_string()]);
+        f.extend(["--out".into(), out.display().to_string()]);
+        f
+    };
+    // One process with two micro-batches of 4 (one thread, as each rank has) against two ranks
+    // of batch 4: dropout masks follow the examples' positions, the FRUGAL recipe's coordinates
+    // the shared seed, and clipping (1.0 by default) adds the owners' norms.
+    let one = dir.join("one");
+    run_ok(frugal(&dir).args(flags(&one)).args([
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--threads",
+        "1",
+    ]));
+    let ranks = dir.join("ranks");
+    let out = run_ok(
+        mpirun(2, &dir)
+            .args(flags(&ranks))
+            .args(["--batch-size", "4"]),
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("a global batch of 8 examples"), "{log}");
+    assert_eq!(log.matches("done: 6 steps").count(), 1, "{log}");
+    assert_eq!(losses(&ranks), losses(&one));
+    assert_eq!(losses(&one).len(), 6);
+    let (a, b) = (summary(&ranks), summary(&one));
+    for key in ["val_loss", "val", "test", "examples"] {
+        assert_eq!(a[key], b[key], "{key}");
+    }
+    assert_eq!(a["world_size"], 2);
+    assert_eq!(
+        a["optimizer_state_bytes_per_rank"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    for file in ["optimizer.safetensors", "model.safetensors"] {
+        let read = |run: &Path| std::fs::read(run.join("checkpoints/step-6").join(file)).unwrap();
+        assert!(read(&ranks) == read(&one), "{file}");
+    }
+    // Paused on two ranks, resumed as one process with the same global batch.
+    let paused = dir.join("paused");
+    run_ok(
+        mpirun(2, &dir)
+            .args(flags(&paused))
+            .args(["--batch-size", "4", "--stop-after", "3"]),
+    );
+    let out = run_ok(
+        frugal(&dir)
+            .args(["finetune", "--threads", "1", "--resume"])
+            .arg(&paused),
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("keeps its global batch of 8 examples"),
+        "{log}"
+    );
+    assert_eq!(losses(&paused), losses(&one));
+    assert_eq!(summary(&paused)["val"], summary(&one)["val"]);
 }

@@ -376,6 +376,34 @@ impl DataParallel {
     }
 }
 
+/// Keeps a run's global batch when it resumes on `world` ranks after starting on `started`: the
+/// micro-batches per step change (or else the batch per rank), and a note says so; an error
+/// where `world` ranks cannot share the batch evenly. `unit` names what a batch holds.
+pub fn keep_global_batch(
+    started: usize,
+    world: usize,
+    batch_size: &mut usize,
+    grad_accum: &mut usize,
+    unit: &str,
+) -> Result<Option<String>> {
+    if started == world {
+        return Ok(None);
+    }
+    let global = started * *batch_size * *grad_accum;
+    if global.is_multiple_of(world * *batch_size) {
+        *grad_accum = global / (world * *batch_size);
+    } else if global.is_multiple_of(world * *grad_accum) {
+        *batch_size = global / (world * *grad_accum);
+    } else {
+        anyhow::bail!(
+            "the run's global batch of {global} {unit} ({started} ranks × batch {batch_size} × {grad_accum} micro-batches) cannot be shared evenly by {world} ranks; resume on a number of ranks that divides it"
+        );
+    }
+    Ok(Some(format!(
+        "the run was started on {started} rank(s); on {world} it keeps its global batch of {global} {unit} as batch {batch_size} × {grad_accum} micro-batches per rank"
+    )))
+}
+
 /// An error that every rank meets alike (a settings mismatch, or rank 0's failure handed to the
 /// others): rank 0 reports it and the other ranks end quietly.
 #[derive(Debug)]
@@ -664,6 +692,26 @@ mod tests {
             (5..12).map(other).collect::<Vec<_>>()
         );
         assert_eq!(params[3].var.dims(), [7]);
+    }
+
+    #[test]
+    fn a_resumed_run_keeps_its_global_batch_on_other_ranks() {
+        let keep = |started, world, batch, accum| {
+            let (mut b, mut a) = (batch, accum);
+            keep_global_batch(started, world, &mut b, &mut a, "examples").map(|note| (b, a, note))
+        };
+        assert_eq!(keep(2, 2, 4, 1).unwrap(), (4, 1, None));
+        // 2 × 4 × 1 = 8: one rank takes two micro-batches of 4, four ranks one of 2.
+        let (b, a, note) = keep(2, 1, 4, 1).unwrap();
+        assert_eq!((b, a), (4, 2));
+        assert!(note
+            .unwrap()
+            .contains("keeps its global batch of 8 examples as batch 4 × 2"));
+        let (b, a, _) = keep(2, 4, 4, 1).unwrap();
+        assert_eq!((b, a), (2, 1));
+        // 8 cannot be shared by 3 ranks.
+        let err = keep(2, 3, 4, 1).unwrap_err().to_string();
+        assert!(err.contains("cannot be shared evenly by 3 ranks"), "{err}");
     }
 
     #[test]

@@ -4,14 +4,23 @@
 //! - [`data`]: corpora, the tokenizer, the token cache and batches.
 //! - [`trainer`]: the training loop over any [`Model`], stopped by a
 //!   [`StopToken`] the caller owns.
-//! - [`grads`]: gradient accumulation and global-norm clipping.
-//! - [`data_parallel`]: gradients averaged across ranks.
+//! - [`grads`]: gradient accumulation and the pieces of global-norm clipping.
+//! - [`data_parallel`]: gradients averaged across ranks, sharded optimizer state.
 //! - [`schedule`]: learning-rate schedules.
 //! - [`settings`]: the settings of a run (the command line and TOML files, with the `cli` feature).
 //! - [`run`]: a pre-training run in a run directory: metrics, plots, checkpoints, resume.
 //! - [`finetune`]: fine-tuning pretrained encoders on text classification.
 //! - [`compare`]: comparisons of optimizer configurations, with [`tune`]d settings.
 //! - [`checkpoint`], [`metrics`], [`eval`], [`memory_report`], [`plot`], [`run_dir`].
+
+/// Prints a line on rank 0 only (`$lead`) of a data-parallel run.
+macro_rules! say {
+    ($lead:expr, $($line:tt)*) => {
+        if $lead {
+            eprintln!($($line)*)
+        }
+    };
+}
 
 pub mod checkpoint;
 pub mod compare;

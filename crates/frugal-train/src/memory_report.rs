@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use frugal::config::DensitySchedule;
-use frugal::labels::RoleCounts;
+use frugal::labels::{ParamShape, RoleCounts};
 use frugal::memory::{by_role, plan};
 use frugal::{OptimizerConfig, StateBytes};
 use frugal_nn::chunked_loss::LossChunks;
@@ -121,13 +121,7 @@ impl MemoryReport {
         if world < 2 {
             return Ok(self);
         }
-        let shapes = model.labelled_shapes();
-        let owners = frugal::memory::shard_owners(optimizer, &shapes, world)?;
-        let mut held = vec![StateBytes::default(); world];
-        for ((_, bytes), r) in plan(optimizer, &shapes)?.into_iter().zip(owners) {
-            held[r] += bytes;
-        }
-        self.state_per_rank = held;
+        self.state_per_rank = state_per_rank(optimizer, &model.labelled_shapes(), world)?;
         Ok(self)
     }
 
@@ -257,4 +251,19 @@ impl MemoryReport {
         }
         out
     }
+}
+
+/// The optimizer state each of `world` data-parallel ranks holds after the first step, planned
+/// (see [`frugal::memory::shard_owners`]).
+pub fn state_per_rank(
+    optimizer: &OptimizerConfig,
+    shapes: &[ParamShape],
+    world: usize,
+) -> Result<Vec<StateBytes>> {
+    let owners = frugal::memory::shard_owners(optimizer, shapes, world)?;
+    let mut held = vec![StateBytes::default(); world];
+    for ((_, bytes), r) in plan(optimizer, shapes)?.into_iter().zip(owners) {
+        held[r] += bytes;
+    }
+    Ok(held)
 }

@@ -4,9 +4,9 @@
 
 use crate::checkpoint;
 use crate::data::{Batches, Dataset, Format, Holdout, Source, TextTokenizer, TokenizerChoice};
-use crate::data_parallel::DataParallel;
+use crate::data_parallel::{keep_global_batch, DataParallel};
 use crate::eval::mean_loss;
-use crate::memory_report::MemoryReport;
+use crate::memory_report::{state_per_rank, MemoryReport};
 use crate::metrics::{peak_rss_bytes, EvalRecord, Metrics, Record, Summary, TrainRecord};
 use crate::schedule::Schedule;
 use crate::settings::{Precision, TrainSettings};
@@ -104,28 +104,17 @@ impl RunConfig {
     /// started on another number of ranks keeps its global batch by changing the micro-batches
     /// per step (or else the batch per rank), and says so.
     pub fn on_ranks(&mut self, world: usize) -> Result<Option<String>> {
-        let (started, global) = (self.world_size, self.global_batch());
-        self.world_size = world;
-        self.tokens_per_step = global * self.seq_len;
-        if started == world {
-            return Ok(None);
-        }
         let a = &mut self.args;
-        if global % (world * a.batch_size) == 0 {
-            a.grad_accum = global / (world * a.batch_size);
-        } else if global % (world * a.grad_accum) == 0 {
-            a.batch_size = global / (world * a.grad_accum);
-        } else {
-            bail!(
-                "the run's global batch of {global} sequences ({started} ranks × batch {} × {} micro-batches) cannot be shared evenly by {world} ranks; resume on a number of ranks that divides it",
-                a.batch_size,
-                a.grad_accum
-            );
-        }
-        Ok(Some(format!(
-            "the run was started on {started} rank(s); on {world} it keeps its global batch of {global} sequences as batch {} × {} micro-batches per rank",
-            a.batch_size, a.grad_accum
-        )))
+        let note = keep_global_batch(
+            self.world_size,
+            world,
+            &mut a.batch_size,
+            &mut a.grad_accum,
+            "sequences",
+        )?;
+        self.world_size = world;
+        self.tokens_per_step = self.global_batch() * self.seq_len;
+        Ok(note)
     }
 
     /// The learning-rate schedule of this run.
@@ -327,23 +316,8 @@ impl Hooks<Llama> for RunHooks<'_> {
 
 /// The optimizer state each of `world` ranks holds after the first step, planned.
 pub fn sharded_plan(run: &RunConfig, world: usize) -> Result<Vec<usize>> {
-    let shapes = run.model.labelled_shapes();
-    let plan = frugal::memory::plan(&run.optimizer, &shapes)?;
-    let owners = frugal::memory::shard_owners(&run.optimizer, &shapes, world)?;
-    let mut held = vec![0; world];
-    for ((_, bytes), r) in plan.iter().zip(owners) {
-        held[r] += bytes.total();
-    }
-    Ok(held)
-}
-
-/// Prints a line on rank 0 only.
-macro_rules! say {
-    ($lead:expr, $($line:tt)*) => {
-        if $lead {
-            eprintln!($($line)*)
-        }
-    };
+    let shares = state_per_rank(&run.optimizer, &run.model.labelled_shapes(), world)?;
+    Ok(shares.iter().map(|s| s.total()).collect())
 }
 
 /// What every rank of a run must agree on: its flags (less those that may differ between

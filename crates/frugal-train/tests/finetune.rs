@@ -4,6 +4,7 @@
 
 use candle_core::Device;
 use frugal_nn::encoder::Encoder;
+use frugal_train::data_parallel::DataParallel;
 use frugal_train::finetune::run::{resolve, run, FinetuneSettings, FinetuneSummary};
 use frugal_train::StopToken;
 use rand::{Rng, SeedableRng};
@@ -103,6 +104,7 @@ fn train(s: FinetuneSettings) -> (PathBuf, FinetuneSummary) {
         resume.as_deref(),
         &StopToken::new(),
         &Device::Cpu,
+        &DataParallel::default(),
     )
     .unwrap();
     let summary =
@@ -176,14 +178,28 @@ fn bad_tasks_and_tokenizers_are_named() {
     let mut s = settings(&dir, "one", "adamw", 2);
     std::fs::write(dir.join("one.csv"), "label,text\nx,w4 w5\nx,w6 w7\n").unwrap();
     s.data = Some(dir.join("one.csv"));
-    let err = run(resolve(s).unwrap(), None, &StopToken::new(), &Device::Cpu).unwrap_err();
+    let err = run(
+        resolve(s).unwrap(),
+        None,
+        &StopToken::new(),
+        &Device::Cpu,
+        &DataParallel::default(),
+    )
+    .unwrap_err();
     assert!(format!("{err:#}").contains("1 class (x)"), "{err:#}");
     // A tokenizer without the model's special tokens.
     let s = settings(&dir, "plain", "adamw", 2);
     let mut tok = Tokenizer::from_file(s.model.join("tokenizer.json")).unwrap();
     tok.with_post_processor(None::<TemplateProcessing>);
     tok.save(s.model.join("tokenizer.json"), false).unwrap();
-    let err = run(resolve(s).unwrap(), None, &StopToken::new(), &Device::Cpu).unwrap_err();
+    let err = run(
+        resolve(s).unwrap(),
+        None,
+        &StopToken::new(),
+        &Device::Cpu,
+        &DataParallel::default(),
+    )
+    .unwrap_err();
     assert!(
         format!("{err:#}").contains("adds no special tokens"),
         "{err:#}"

@@ -103,6 +103,7 @@ impl Job for Finetuning<'_> {
             resume.then_some(dir),
             self.stop,
             self.device,
+            &DataParallel::default(),
         )?;
         Ok(())
     }

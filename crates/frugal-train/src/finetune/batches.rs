@@ -3,8 +3,9 @@
 
 use super::scores::Scores;
 use super::tokenize::Encoded;
+use crate::data_parallel::DataParallel;
 use crate::trainer::BatchSource;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use frugal_nn::encoder::{Classifier, EncoderBatch, EncoderConfig};
 use rand::seq::SliceRandom;
@@ -64,20 +65,55 @@ impl BatchSource<EncoderBatch> for ClassBatches<'_> {
 }
 
 /// Mean loss and scores of the model on a split, in batches of `batch_size`, without dropout.
-pub fn evaluate(model: &Classifier, data: &Encoded, batch_size: usize) -> Result<(f64, Scores)> {
-    let (mut loss_sum, mut predicted) = (0.0f64, Vec::with_capacity(data.labels.len()));
+/// Each rank of `parallel` scores every world-th batch and the ranks share their figures, which
+/// every rank then adds in batch order: the result of one process, bit for bit.
+pub fn evaluate(
+    model: &Classifier,
+    data: &Encoded,
+    batch_size: usize,
+    parallel: &DataParallel,
+) -> Result<(f64, Scores)> {
+    let size = batch_size.max(1);
+    let (rank, world) = (parallel.rank(), parallel.world_size());
     let device = model.encoder.device().clone();
+    // Per batch of this rank: its mean loss (f64), then its predicted classes (u32).
+    let mut mine = Vec::new();
     for (inputs, labels) in data
         .inputs
-        .chunks(batch_size.max(1))
-        .zip(data.labels.chunks(batch_size.max(1)))
+        .chunks(size)
+        .zip(data.labels.chunks(size))
+        .skip(rank)
+        .step_by(world)
     {
         let batch = EncoderBatch::new(&model.encoder.config, inputs, &device)?;
         let logits = model.logits(&batch)?;
         let targets = Tensor::new(labels, &device)?;
         let loss = frugal_nn::ops::cross_entropy(&logits, &targets)?.to_scalar::<f32>()? as f64;
+        mine.extend(loss.to_le_bytes());
+        for class in logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()? {
+            mine.extend(class.to_le_bytes());
+        }
+    }
+    let shares = match world {
+        1 => vec![mine],
+        _ => parallel.comm().all_gather_bytes(&mine),
+    };
+    let mut unread: Vec<&[u8]> = shares.iter().map(Vec::as_slice).collect();
+    let (mut loss_sum, mut predicted) = (0.0f64, Vec::with_capacity(data.labels.len()));
+    for (b, labels) in data.labels.chunks(size).enumerate() {
+        let from = &mut unread[b % world];
+        let Some((head, rest)) = from.split_at_checked(8 + 4 * labels.len()) else {
+            bail!("rank {} sent fewer evaluation figures than its batches need: are all ranks the same frugal on the same data?", b % world);
+        };
+        *from = rest;
+        let (loss, classes) = head.split_at(8);
+        let loss = f64::from_le_bytes(loss.try_into().expect("8 bytes"));
         loss_sum += loss * labels.len() as f64;
-        predicted.extend(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?);
+        predicted.extend(
+            classes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))),
+        );
     }
     let n = data.labels.len().max(1) as f64;
     Ok((

@@ -7,6 +7,8 @@ use super::scores::Scores;
 use super::task::{read_examples, Columns, Task, TaskChoice};
 use super::tokenize::{ClassTokenizer, Encoded};
 use crate::checkpoint;
+use crate::data_parallel::{code_fingerprint, keep_global_batch, DataParallel};
+use crate::memory_report::state_per_rank;
 use crate::metrics::{peak_rss_bytes, EvalRecord, Metrics, Record, TrainRecord};
 use crate::schedule::Schedule;
 use crate::trainer::{
@@ -358,9 +360,35 @@ pub struct FinetuneConfig {
     /// The classes, in class-id order (known once the data is read).
     #[serde(default)]
     pub classes: Vec<String>,
+    /// Ranks the run was started on (data parallelism; `batch_size` is per rank).
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl FinetuneConfig {
+    /// Examples per optimizer step, over all ranks.
+    pub fn global_batch(&self) -> usize {
+        self.world_size * self.args.batch_size * self.args.grad_accum
+    }
+
+    /// The settings for training on `world` ranks (see [`keep_global_batch`]).
+    fn on_ranks(&mut self, world: usize) -> Result<Option<String>> {
+        let a = &mut self.args;
+        let note = keep_global_batch(
+            self.world_size,
+            world,
+            &mut a.batch_size,
+            &mut a.grad_accum,
+            "examples",
+        )?;
+        self.world_size = world;
+        Ok(note)
+    }
+
     fn loop_settings(&self) -> LoopSettings {
         let a = &self.args;
         LoopSettings {
@@ -438,6 +466,7 @@ pub fn resolve(args: FinetuneSettings) -> Result<FinetuneConfig> {
         eval_every,
         save_every,
         classes: Vec::new(),
+        world_size: 1,
     };
     config.schedule()?;
     Ok(config)
@@ -462,7 +491,16 @@ pub struct FinetuneSummary {
     pub parameters_by_class: RoleCounts,
     pub optimizer_state_bytes: frugal::StateBytes,
     pub optimizer_state_total_bytes: usize,
+    /// Each rank's optimizer state, in rank order (data-parallel runs).
+    #[serde(default)]
+    pub optimizer_state_bytes_per_rank: Vec<usize>,
+    /// Ranks the run ended on.
+    #[serde(default = "one")]
+    pub world_size: usize,
     pub peak_rss_bytes: u64,
+    /// Each rank's peak resident memory, in rank order (data-parallel runs).
+    #[serde(default)]
+    pub peak_rss_bytes_per_rank: Vec<u64>,
     pub wall_s: f64,
     /// Training examples per second of step time.
     pub examples_per_s: f64,
@@ -531,9 +569,12 @@ struct FinetuneHooks<'a> {
     out: &'a Path,
     config: &'a FinetuneConfig,
     tokenizer: &'a Path,
-    metrics: Metrics,
+    /// The metrics file, on rank 0 only: the other ranks of a data-parallel run only take
+    /// their share of evaluations.
+    metrics: Option<Metrics>,
     bar: ProgressBar,
     val: &'a Encoded,
+    parallel: &'a DataParallel,
     last_val: Option<(f64, Scores)>,
 }
 
@@ -544,7 +585,10 @@ impl FinetuneHooks<'_> {
             self.config.args.model.display(),
             self.config.args.method
         );
-        self.metrics.plot(&self.out.join("loss.png"), &title)
+        match &self.metrics {
+            Some(m) => m.plot(&self.out.join("loss.png"), &title),
+            None => Ok(()),
+        }
     }
 }
 
@@ -556,16 +600,23 @@ impl Hooks<Classifier> for FinetuneHooks<'_> {
     }
 
     fn log(&mut self, r: &TrainRecord) -> Result<()> {
-        self.metrics.log(Record::Train(r.clone()))
+        match &mut self.metrics {
+            Some(m) => m.log(Record::Train(r.clone())),
+            None => Ok(()),
+        }
     }
 
     fn evaluate(&mut self, model: &Classifier, state: &TrainerState) -> Result<()> {
-        let (loss, scores) = evaluate(model, self.val, self.config.args.batch_size)?;
+        let batch = self.config.args.batch_size;
+        let (loss, scores) = evaluate(model, self.val, batch, self.parallel)?;
         if !loss.is_finite() {
             bail!("the validation loss became {loss}: the weights diverged; lower --lr");
         }
         self.last_val = Some((loss, scores));
-        self.metrics.log(Record::Eval(
+        let Some(metrics) = &mut self.metrics else {
+            return Ok(());
+        };
+        metrics.log(Record::Eval(
             EvalRecord::new(state.step, loss).with_scores(scores),
         ))?;
         self.bar.suspend(|| {
@@ -578,6 +629,10 @@ impl Hooks<Classifier> for FinetuneHooks<'_> {
     }
 
     fn checkpoint(&mut self, t: &Trainer<Classifier>, stopped: bool) -> Result<()> {
+        // The replicas are equal: rank 0 saves for all.
+        if self.metrics.is_none() {
+            return Ok(());
+        }
         let dir = checkpoint::save_with(
             self.out,
             &t.optimizer,
@@ -598,16 +653,35 @@ impl Hooks<Classifier> for FinetuneHooks<'_> {
     }
 }
 
-/// Runs (or resumes, from the latest checkpoint of `resume`) a fine-tuning run on `device`;
-/// stops early, with a checkpoint, when `stop` is set. Returns the run directory.
+/// Runs (or resumes, from the latest checkpoint of `resume`) a fine-tuning run on `device`, as
+/// one of the ranks of `parallel` (see [`Trainer::with_data_parallel`]); stops early, with a
+/// checkpoint, when `stop` is set. Rank 0 writes the run directory. Returns the run directory.
 pub fn run(
     mut config: FinetuneConfig,
     resume: Option<&Path>,
     stop: &StopToken,
     device: &Device,
+    parallel: &DataParallel,
 ) -> Result<PathBuf> {
+    let (lead, world) = (parallel.rank() == 0, parallel.world_size());
+    if world > 1 {
+        let agreed = serde_json::json!({ "flags": &config.args, "code": code_fingerprint()? });
+        parallel.agree("settings or code", &agreed)?;
+    }
+    let (out, resume_from) = parallel
+        .on_lead(|| crate::run_dir::open(config.args.out.as_deref(), resume, "finetune"))?;
+    let saved: Option<FinetuneConfig> = match &resume_from {
+        Some(_) => Some(
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json"))?)
+                .with_context(|| format!("corrupt {}", out.join("config.json").display()))?,
+        ),
+        None => None,
+    };
+    config.world_size = saved.as_ref().map_or(world, |c| c.world_size);
+    if let Some(note) = config.on_ranks(world)? {
+        say!(lead, "note: {note}");
+    }
     let args = config.args.clone();
-    let (out, resume_from) = crate::run_dir::open(args.out.as_deref(), resume, "finetune")?;
 
     // The task.
     let started = Instant::now();
@@ -636,10 +710,7 @@ pub fn run(
             test_fraction: args.test_fraction,
         },
     )?;
-    if resume_from.is_some() {
-        let saved: FinetuneConfig =
-            serde_json::from_str(&std::fs::read_to_string(out.join("config.json"))?)
-                .with_context(|| format!("corrupt {}", out.join("config.json").display()))?;
+    if let Some(saved) = &saved {
         if saved.classes != task.classes {
             bail!(
                 "the data's classes ({}) differ from the run's ({}); resume with the run's data",
@@ -670,7 +741,8 @@ pub fn run(
             )
         })
         .collect();
-    eprintln!(
+    say!(
+        lead,
         "data: {} training, {} validation, {} test examples in {} classes (training: {}){}{}, read in {:.1}s",
         train.labels.len(),
         val.labels.len(),
@@ -683,7 +755,8 @@ pub fn run(
     );
     let truncated = [train.truncated, val.truncated, test.truncated];
     if truncated.iter().any(|&t| t > 0) {
-        eprintln!(
+        say!(
+            lead,
             "note: inputs longer than {} tokens were cut: {} training, {} validation, {} test",
             tokenizer.max_len(),
             truncated[0],
@@ -697,8 +770,9 @@ pub fn run(
         Some((_, ck)) => {
             let lora = config.lora.as_ref();
             let model = load_classifier(ck, config.pooling, config.dropout, lora, device)?;
+            let shard = (parallel.rank(), world);
             let (opt, state) =
-                checkpoint::restore(model.params(), config.optimizer.clone(), ck, (0, 1))?;
+                checkpoint::restore(model.params(), config.optimizer.clone(), ck, shard)?;
             (model, opt, state)
         }
         None => {
@@ -717,7 +791,7 @@ pub fn run(
             (model, opt, TrainerState::default())
         }
     };
-    if resume_from.is_none() {
+    if resume_from.is_none() && lead {
         frugal::fs::write_atomically(
             &out.join("config.json"),
             serde_json::to_string_pretty(&config)?.as_bytes(),
@@ -726,7 +800,9 @@ pub fn run(
     let infos: Vec<_> = opt.params().cloned().collect();
     let counts = RoleCounts::of(&infos);
     let parameters = counts.state_full + counts.projectable + counts.state_free;
-    eprintln!(
+    let shapes = model_shapes(&model);
+    say!(
+        lead,
         "model: {} ({} parameters: {} state-full, {} projectable, {} state-free), method `{}` ({:.2} MiB of optimizer state), {} examples per step{}",
         args.model.display(),
         parameters,
@@ -734,34 +810,57 @@ pub fn run(
         counts.projectable,
         counts.state_free,
         args.method,
-        frugal::memory::plan(&config.optimizer, &model_shapes(&model))?.iter().map(|(_, b)| b.total()).sum::<usize>() as f64 / (1024.0 * 1024.0),
-        args.batch_size * args.grad_accum,
+        frugal::memory::plan(&config.optimizer, &shapes)?.iter().map(|(_, b)| b.total()).sum::<usize>() as f64 / (1024.0 * 1024.0),
+        config.global_batch(),
         match &resume_from {
             Some((s, _)) => format!(", resuming at step {s}"),
             None => String::new(),
         }
     );
+    if world > 1 {
+        say!(
+            lead,
+            "data parallel over {}: {world} ranks × batch {} × {} micro-batches = a global batch of {} examples; optimizer state sharded: {} MiB per rank",
+            parallel.comm().engine(),
+            args.batch_size,
+            args.grad_accum,
+            config.global_batch(),
+            state_per_rank(&config.optimizer, &shapes, world)?
+                .iter()
+                .map(|b| format!("{:.2}", b.total() as f64 / (1024.0 * 1024.0)))
+                .collect::<Vec<_>>()
+                .join(" + ")
+        );
+    }
 
-    let bar = crate::run_dir::progress_bar(args.steps, state.step);
     let mut hooks = FinetuneHooks {
         out: &out,
         config: &config,
         tokenizer: &tokenizer_path,
-        metrics: Metrics::open(&out.join("metrics.jsonl"), state.step)?,
-        bar,
+        metrics: match lead {
+            true => Some(Metrics::open(&out.join("metrics.jsonl"), state.step)?),
+            false => None,
+        },
+        bar: match lead {
+            true => crate::run_dir::progress_bar(args.steps, state.step),
+            false => ProgressBar::hidden(),
+        },
         val: &val,
+        parallel,
         last_val: None,
     };
     let mut initial = None;
     if state.step == 0 {
-        let (loss, scores) = evaluate(&model, &val, args.batch_size)?;
+        let (loss, scores) = evaluate(&model, &val, args.batch_size, parallel)?;
         initial = Some(scores);
-        hooks
-            .metrics
-            .log(Record::Eval(EvalRecord::new(0, loss).with_scores(scores)))?;
-        eprintln!(
+        if let Some(m) = &mut hooks.metrics {
+            m.log(Record::Eval(EvalRecord::new(0, loss).with_scores(scores)))?;
+        }
+        say!(
+            lead,
             "step 0: validation loss {loss:.4}, accuracy {:.4}, macro-F1 {:.4}",
-            scores.accuracy, scores.macro_f1
+            scores.accuracy,
+            scores.macro_f1
         );
     }
     let mut batches = ClassBatches::new(&train, &config.encoder, args.seed, device);
@@ -772,38 +871,27 @@ pub fn run(
         config.loop_settings(),
         state,
         stop.clone(),
-    )?;
+    )?
+    .with_data_parallel(parallel.clone())?;
     let outcome = trainer.train(&mut batches, &mut hooks)?;
     hooks.bar.finish_and_clear();
     let (val_loss, val_scores) = match hooks.last_val {
         Some(v) => v,
-        None => evaluate(&trainer.model, &val, args.batch_size)?,
+        None => evaluate(&trainer.model, &val, args.batch_size, parallel)?,
     };
     let test_scores = match outcome {
         Outcome::Finished if !test.labels.is_empty() => {
-            let (loss, s) = evaluate(&trainer.model, &test, args.batch_size)?;
-            eprintln!(
+            let (loss, s) = evaluate(&trainer.model, &test, args.batch_size, parallel)?;
+            say!(
+                lead,
                 "test: loss {loss:.4}, accuracy {:.4}, macro-F1 {:.4}",
-                s.accuracy, s.macro_f1
+                s.accuracy,
+                s.macro_f1
             );
             Some(s)
         }
         _ => None,
     };
-    if config.lora.is_some() && outcome == Outcome::Finished {
-        let merged = out.join("merged");
-        std::fs::create_dir_all(&merged)?;
-        write_model(
-            &merged,
-            trainer.model.merged_tensors()?,
-            &config,
-            &tokenizer_path,
-        )?;
-        eprintln!(
-            "LoRA adapters merged into the weights: {} loads as a plain model",
-            merged.display()
-        );
-    }
     let (state, opt) = (&trainer.state, &trainer.optimizer);
     let summary = FinetuneSummary {
         method: args.method.clone(),
@@ -824,24 +912,55 @@ pub fn run(
         parameters_by_class: counts,
         optimizer_state_bytes: opt.state_bytes(),
         optimizer_state_total_bytes: opt.state_bytes().total(),
+        optimizer_state_bytes_per_rank: match world {
+            1 => Vec::new(),
+            _ => parallel.all_gather_usize(opt.state_bytes().total()),
+        },
+        world_size: world,
         peak_rss_bytes: peak_rss_bytes(),
+        peak_rss_bytes_per_rank: match world {
+            1 => Vec::new(),
+            _ => parallel
+                .all_gather_usize(peak_rss_bytes() as usize)
+                .into_iter()
+                .map(|b| b as u64)
+                .collect(),
+        },
         wall_s: state.elapsed_s,
         examples_per_s: state.tokens as f64 / state.train_s.max(1e-9),
         truncated,
         interrupted: outcome != Outcome::Finished,
     };
-    hooks.plot()?;
-    let paused = (outcome == Outcome::Paused).then_some((state.step, args.steps));
-    crate::run_dir::write_summary(&out, &summary, paused, "finetune")?;
-    eprintln!(
-        "done: {} steps, {} examples ({:.1} examples/s in training steps); validation accuracy {:.4}, macro-F1 {:.4}; run in {}",
-        state.step,
-        state.tokens,
-        summary.examples_per_s,
-        val_scores.accuracy,
-        val_scores.macro_f1,
-        out.display()
-    );
+    // Rank 0 writes the merged model and the summary; every rank returns once they are written.
+    parallel.on_lead(|| {
+        if config.lora.is_some() && outcome == Outcome::Finished {
+            let merged = out.join("merged");
+            std::fs::create_dir_all(&merged)?;
+            write_model(
+                &merged,
+                trainer.model.merged_tensors()?,
+                &config,
+                &tokenizer_path,
+            )?;
+            eprintln!(
+                "LoRA adapters merged into the weights: {} loads as a plain model",
+                merged.display()
+            );
+        }
+        hooks.plot()?;
+        let paused = (outcome == Outcome::Paused).then_some((state.step, args.steps));
+        crate::run_dir::write_summary(&out, &summary, paused, "finetune")?;
+        eprintln!(
+            "done: {} steps, {} examples ({:.1} examples/s in training steps); validation accuracy {:.4}, macro-F1 {:.4}; run in {}",
+            state.step,
+            state.tokens,
+            summary.examples_per_s,
+            val_scores.accuracy,
+            val_scores.macro_f1,
+            out.display()
+        );
+        Ok(())
+    })?;
     Ok(out)
 }
 

@@ -308,8 +308,12 @@ impl DataParallel {
         Ok(())
     }
 
-    /// Every rank's `value`, in rank order.
-    pub fn all_gather_usize(&self, value: usize) -> Vec<usize> {
+    /// Every rank's `value`, in rank order, for a data-parallel run's summary; nothing in one
+    /// process.
+    pub fn per_rank(&self, value: usize) -> Vec<usize> {
+        if self.world_size() == 1 {
+            return Vec::new();
+        }
         self.comm
             .all_gather_bytes(&(value as u64).to_le_bytes())
             .iter()

@@ -40,7 +40,8 @@ pub struct RunConfig {
     pub world_size: usize,
 }
 
-fn one() -> usize {
+/// One rank: the world size of runs written before data parallelism.
+pub(crate) fn one() -> usize {
     1
 }
 
@@ -644,10 +645,7 @@ fn train(
         parameters_by_class: counts,
         optimizer_state_bytes: opt.state_bytes(),
         optimizer_state_total_bytes: opt.state_bytes().total(),
-        optimizer_state_bytes_per_rank: match world {
-            1 => Vec::new(),
-            _ => parallel.all_gather_usize(opt.state_bytes().total()),
-        },
+        optimizer_state_bytes_per_rank: parallel.per_rank(opt.state_bytes().total()),
         world_size: world,
         optimizer_workspace_bytes: opt.workspace_bytes(),
         parameter_bytes: 4 * n_params,
@@ -656,14 +654,11 @@ fn train(
             .step_memory(args.batch_size, run.seq_len, run.step_mode())
             .gradients,
         peak_rss_bytes: peak_rss_bytes(),
-        peak_rss_bytes_per_rank: match world {
-            1 => Vec::new(),
-            _ => parallel
-                .all_gather_usize(peak_rss_bytes() as usize)
-                .into_iter()
-                .map(|b| b as u64)
-                .collect(),
-        },
+        peak_rss_bytes_per_rank: parallel
+            .per_rank(peak_rss_bytes() as usize)
+            .into_iter()
+            .map(|b| b as u64)
+            .collect(),
         wall_s: state.elapsed_s,
         tokens_per_s: state.tokens as f64 / state.train_s.max(1e-9),
         interrupted: outcome != Outcome::Finished,

@@ -172,34 +172,33 @@ fn the_frugal_recipe_keeps_little_state_and_trains() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The error of a run with settings `s`, from its start.
+fn fails(s: FinetuneSettings) -> anyhow::Error {
+    let stop = StopToken::new();
+    run(
+        resolve(s).unwrap(),
+        None,
+        &stop,
+        &Device::Cpu,
+        &DataParallel::default(),
+    )
+    .unwrap_err()
+}
+
 #[test]
 fn bad_tasks_and_tokenizers_are_named() {
     let dir = scratch("bad");
     let mut s = settings(&dir, "one", "adamw", 2);
     std::fs::write(dir.join("one.csv"), "label,text\nx,w4 w5\nx,w6 w7\n").unwrap();
     s.data = Some(dir.join("one.csv"));
-    let err = run(
-        resolve(s).unwrap(),
-        None,
-        &StopToken::new(),
-        &Device::Cpu,
-        &DataParallel::default(),
-    )
-    .unwrap_err();
+    let err = fails(s);
     assert!(format!("{err:#}").contains("1 class (x)"), "{err:#}");
     // A tokenizer without the model's special tokens.
     let s = settings(&dir, "plain", "adamw", 2);
     let mut tok = Tokenizer::from_file(s.model.join("tokenizer.json")).unwrap();
     tok.with_post_processor(None::<TemplateProcessing>);
     tok.save(s.model.join("tokenizer.json"), false).unwrap();
-    let err = run(
-        resolve(s).unwrap(),
-        None,
-        &StopToken::new(),
-        &Device::Cpu,
-        &DataParallel::default(),
-    )
-    .unwrap_err();
+    let err = fails(s);
     assert!(
         format!("{err:#}").contains("adds no special tokens"),
         "{err:#}"

@@ -361,12 +361,8 @@ pub struct FinetuneConfig {
     #[serde(default)]
     pub classes: Vec<String>,
     /// Ranks the run was started on (data parallelism; `batch_size` is per rank).
-    #[serde(default = "one")]
+    #[serde(default = "crate::run::one")]
     pub world_size: usize,
-}
-
-fn one() -> usize {
-    1
 }
 
 impl FinetuneConfig {
@@ -495,7 +491,7 @@ pub struct FinetuneSummary {
     #[serde(default)]
     pub optimizer_state_bytes_per_rank: Vec<usize>,
     /// Ranks the run ended on.
-    #[serde(default = "one")]
+    #[serde(default = "crate::run::one")]
     pub world_size: usize,
     pub peak_rss_bytes: u64,
     /// Each rank's peak resident memory, in rank order (data-parallel runs).
@@ -912,20 +908,14 @@ pub fn run(
         parameters_by_class: counts,
         optimizer_state_bytes: opt.state_bytes(),
         optimizer_state_total_bytes: opt.state_bytes().total(),
-        optimizer_state_bytes_per_rank: match world {
-            1 => Vec::new(),
-            _ => parallel.all_gather_usize(opt.state_bytes().total()),
-        },
+        optimizer_state_bytes_per_rank: parallel.per_rank(opt.state_bytes().total()),
         world_size: world,
         peak_rss_bytes: peak_rss_bytes(),
-        peak_rss_bytes_per_rank: match world {
-            1 => Vec::new(),
-            _ => parallel
-                .all_gather_usize(peak_rss_bytes() as usize)
-                .into_iter()
-                .map(|b| b as u64)
-                .collect(),
-        },
+        peak_rss_bytes_per_rank: parallel
+            .per_rank(peak_rss_bytes() as usize)
+            .into_iter()
+            .map(|b| b as u64)
+            .collect(),
         wall_s: state.elapsed_s,
         examples_per_s: state.tokens as f64 / state.train_s.max(1e-9),
         truncated,

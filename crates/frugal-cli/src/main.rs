@@ -85,7 +85,8 @@ fn finetune_memory(args: &cli::MemoryArgs, dir: &std::path::Path) -> Result<()> 
         bail!("--labels must be at least 2");
     }
     let methods: Vec<String> = args.methods.split_whitespace().map(String::from).collect();
-    let plans = frugal_train::finetune::memory::plan(&config, args.labels, &methods)?;
+    let plans =
+        frugal_train::finetune::memory::plan(&config, args.labels, &methods, args.world_size)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plans)?);
     } else {
@@ -103,6 +104,7 @@ fn finetune_memory(args: &cli::MemoryArgs, dir: &std::path::Path) -> Result<()> 
 }
 
 fn memory(args: &cli::MemoryArgs) -> Result<()> {
+    frugal_train::trainer::at_least_one(&[("--world-size", args.world_size)])?;
     let dir = std::path::Path::new(&args.model);
     if dir.join("config.json").exists() {
         let kind: serde_json::Value =
@@ -114,7 +116,6 @@ fn memory(args: &cli::MemoryArgs) -> Result<()> {
     let model = LlamaConfig::resolve(&args.model)?;
     // The plan is the peak (ρ at the start), whatever the horizon of a decaying density.
     let opt = args.opt.resolve(0, 1)?;
-    frugal_train::trainer::at_least_one(&[("--world-size", args.world_size)])?;
     let mut report =
         MemoryReport::new(&model, &opt)?.with_world_size(&model, &opt, args.world_size)?;
     args.memory.validate()?;

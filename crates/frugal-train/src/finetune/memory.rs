@@ -1,7 +1,9 @@
 //! Fine-tuning memory by method, without loading weights: the model's weights, what the
-//! optimizer trains (adapters included), its exact state and the trained weights' gradients.
+//! optimizer trains (adapters included), its exact state (and each data-parallel rank's share)
+//! and the trained weights' gradients.
 
 use super::run::{method, Method};
+use crate::memory_report::state_per_rank;
 use anyhow::Result;
 use frugal::labels::ParamShape;
 use frugal::StateBytes;
@@ -20,15 +22,20 @@ pub struct MethodMemory {
     pub adapters: usize,
     pub state: StateBytes,
     pub state_bytes: usize,
+    /// The state each of `world` data-parallel ranks holds, in rank order (none for one
+    /// process).
+    pub state_per_rank: Vec<usize>,
     /// Gradients of the trained weights (f32).
     pub gradient_bytes: usize,
 }
 
-/// Plans each method's memory for a classifier of `labels` classes on an encoder of `config`.
+/// Plans each method's memory for a classifier of `labels` classes on an encoder of `config`,
+/// trained by `world` data-parallel ranks.
 pub fn plan(
     config: &EncoderConfig,
     labels: usize,
     methods: &[String],
+    world: usize,
 ) -> Result<Vec<MethodMemory>> {
     let prefix = format!("{}.", config.model_type);
     let shape = |name: String, shape: Vec<usize>| ParamShape {
@@ -75,6 +82,13 @@ pub fn plan(
                 },
             );
             let trainable = count(&trained);
+            let state_per_rank = match world {
+                1 => Vec::new(),
+                _ => state_per_rank(&optimizer, &trained, world)?
+                    .iter()
+                    .map(StateBytes::total)
+                    .collect(),
+            };
             Ok(MethodMemory {
                 method: m.clone(),
                 parameters: count(&encoder) + count(&head) + count(&adapters),
@@ -82,28 +96,51 @@ pub fn plan(
                 adapters: count(&adapters),
                 state,
                 state_bytes: state.total(),
+                state_per_rank,
                 gradient_bytes: 4 * trainable,
             })
         })
         .collect()
 }
 
-/// The plans as a table (MiB).
+/// The plans as a table (MiB), with each rank's state where there are several.
 pub fn table(plans: &[MethodMemory]) -> String {
     let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+    let width = plans
+        .iter()
+        .map(|p| p.method.len())
+        .max()
+        .unwrap_or(0)
+        .max(6);
+    let ranks = plans.iter().any(|p| !p.state_per_rank.is_empty());
     let mut out = format!(
-        "{:<24} {:>12} {:>12} {:>10} {:>10} {:>10}\n",
-        "method", "parameters", "trainable", "adapters", "state", "gradients"
+        "{:<width$} {:>12} {:>12} {:>10} {:>10} {:>10}{}\n",
+        "method",
+        "parameters",
+        "trainable",
+        "adapters",
+        "state",
+        "gradients",
+        if ranks { "  state per rank" } else { "" }
     );
     for p in plans {
+        let shares: Vec<String> = p
+            .state_per_rank
+            .iter()
+            .map(|&b| format!("{:.2}", mib(b)))
+            .collect();
         out += &format!(
-            "{:<24} {:>12} {:>12} {:>10} {:>10.2} {:>10.2}\n",
+            "{:<width$} {:>12} {:>12} {:>10} {:>10.2} {:>10.2}{}\n",
             p.method,
             p.parameters,
             p.trainable,
             p.adapters,
             mib(p.state_bytes),
-            mib(p.gradient_bytes)
+            mib(p.gradient_bytes),
+            match ranks {
+                true => format!("  {}", shares.join(" + ")),
+                false => String::new(),
+            }
         );
     }
     out
@@ -129,7 +166,7 @@ mod tests {
         ]
         .map(String::from)
         .into();
-        let p = plan(&c, 2, &methods).unwrap();
+        let p = plan(&c, 2, &methods, 1).unwrap();
         let encoder = 22_565_376;
         let head = 2 * 384 + 2;
         // AdamW: two moments of every weight.
@@ -153,5 +190,36 @@ mod tests {
             p[4].state_bytes,
             8 * (full - embeddings + columns) + 4 * 6 * 2 * 8
         );
+    }
+
+    #[test]
+    fn ranks_share_each_methods_state_and_the_table_lists_their_shares() {
+        let c: EncoderConfig = serde_json::from_str(
+            r#"{"hidden_size": 384, "intermediate_size": 1536, "max_position_embeddings": 512,
+                "num_attention_heads": 12, "num_hidden_layers": 6, "vocab_size": 30522}"#,
+        )
+        .unwrap();
+        let methods: Vec<String> = ["adamw", "frugal-ft"].map(String::from).into();
+        let one = plan(&c, 5, &methods, 1).unwrap();
+        let two = plan(&c, 5, &methods, 2).unwrap();
+        let words = 8 * 30522 * 384;
+        for (a, b) in one.iter().zip(&two) {
+            assert!(a.state_per_rank.is_empty());
+            assert_eq!(b.state_per_rank.len(), 2);
+            assert_eq!(b.state_per_rank.iter().sum::<usize>(), a.state_bytes);
+            // No rank holds more than an even share plus the largest tensor's state.
+            let most = *b.state_per_rank.iter().max().unwrap();
+            assert!(most <= a.state_bytes / 2 + words, "{}", a.method);
+        }
+        // FRUGAL's state is mostly the word embeddings' moments: one rank holds them.
+        assert!(two[1].state_per_rank.iter().any(|&s| s >= words));
+        let table = table(&two);
+        assert!(
+            table.lines().next().unwrap().ends_with("state per rank"),
+            "{table}"
+        );
+        let adamw = table.lines().nth(1).unwrap();
+        assert_eq!(adamw.matches(" + ").count(), 1, "{table}");
+        assert!(!super::table(&one).contains("per rank"));
     }
 }

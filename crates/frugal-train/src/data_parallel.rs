@@ -21,24 +21,39 @@ use std::sync::Arc;
 /// bucket stay small next to the gradients.
 const BUCKET_ELEMENTS: usize = 8 << 20;
 
-/// The ranks a trainer shares its batches with.
+/// The ranks a trainer shares its batches with, and which rank updates each parameter when
+/// the optimizer is sharded.
 #[derive(Clone)]
 pub struct DataParallel {
     comm: Arc<dyn Collectives>,
+    /// Per parameter (model order), the rank that updates it; none while every rank updates all.
+    owners: Option<Arc<[usize]>>,
 }
 
 impl Default for DataParallel {
     fn default() -> Self {
-        DataParallel {
-            comm: Arc::new(Solo),
-        }
+        DataParallel::new(Arc::new(Solo))
     }
 }
 
 impl DataParallel {
     /// Data parallelism over the ranks of `comm`.
     pub fn new(comm: Arc<dyn Collectives>) -> Self {
-        DataParallel { comm }
+        DataParallel { comm, owners: None }
+    }
+
+    /// The same ranks with a sharded optimizer: parameter i is updated by rank `owners[i]` (see
+    /// [`Frugal::shard_evenly`]), so its averaged gradient goes to that rank only.
+    pub fn with_owners(self, owners: Vec<usize>) -> Self {
+        DataParallel {
+            owners: Some(owners.into()),
+            ..self
+        }
+    }
+
+    /// Per parameter, the rank that updates it (a sharded optimizer).
+    pub fn owners(&self) -> Option<&[usize]> {
+        self.owners.as_deref()
     }
 
     /// This process's rank.
@@ -78,15 +93,10 @@ impl DataParallel {
 
     /// Replaces each gradient in `grads` by its mean over the ranks. Every rank must hold
     /// gradients for the same parameters; they travel in buckets of consecutive parameters.
-    /// With `owners` (parameter i is updated by rank `owners[i]`), each mean reaches its owner
-    /// only: the other ranks keep their own gradient of it, which a sharded optimizer does not
-    /// read.
-    pub fn average(
-        &self,
-        grads: &mut GradStore,
-        params: &[Param],
-        owners: Option<&[usize]>,
-    ) -> Result<()> {
+    /// With [`DataParallel::owners`], each mean reaches its owner only: the other ranks keep
+    /// their own gradient of it, which a sharded optimizer does not read.
+    pub fn average(&self, grads: &mut GradStore, params: &[Param]) -> Result<()> {
+        let owners = self.owners();
         let world = self.world_size();
         if world == 1 {
             return Ok(());
@@ -128,15 +138,14 @@ impl DataParallel {
     }
 
     /// Σ g² of each gradient in `grads` (named, in `params` order) after
-    /// [`DataParallel::average`] with the same `owners`: each rank measures the means it owns,
-    /// and the ranks add their figures, so that every rank gets every mean's.
+    /// [`DataParallel::average`]: with owners, each rank measures the means it owns and the
+    /// ranks add their figures, so that every rank gets every mean's.
     pub fn squared_norms<'a>(
         &self,
         grads: &GradStore,
         params: &'a [Param],
-        owners: Option<&[usize]>,
     ) -> Result<Vec<(&'a str, f64)>> {
-        let rank = self.rank();
+        let (rank, owners) = (self.rank(), self.owners());
         let mut names = Vec::with_capacity(params.len());
         let mut squares = Vec::with_capacity(params.len());
         for (i, p) in params.iter().enumerate() {
@@ -153,19 +162,13 @@ impl DataParallel {
         Ok(names.into_iter().zip(squares).collect())
     }
 
-    /// Scales the gradients after [`DataParallel::average`] with the same `owners` so that
-    /// their global L2 norm (see [`norm_in_name_order`]) is at most `max` (0: no clipping), and
-    /// returns the norm before clipping. With `owners` only this rank's means are scaled.
-    pub fn clip_grad_norm(
-        &self,
-        grads: &mut GradStore,
-        params: &[Param],
-        owners: Option<&[usize]>,
-        max: f64,
-    ) -> Result<f64> {
-        let norm = norm_in_name_order(self.squared_norms(grads, params, owners)?);
+    /// Scales the gradients after [`DataParallel::average`] so that their global L2 norm (see
+    /// [`norm_in_name_order`]) is at most `max` (0: no clipping), and returns the norm before
+    /// clipping. With owners only this rank's means are scaled.
+    pub fn clip_grad_norm(&self, grads: &mut GradStore, params: &[Param], max: f64) -> Result<f64> {
+        let norm = norm_in_name_order(self.squared_norms(grads, params)?);
         if let Some(scale) = clip_factor(norm, max) {
-            let rank = self.rank();
+            let (rank, owners) = (self.rank(), self.owners());
             for (i, p) in params.iter().enumerate() {
                 if owners.is_some_and(|o| o[i] != rank) {
                     continue;
@@ -250,9 +253,11 @@ impl DataParallel {
     }
 
     /// Sends every rank's updated parameters to the others after a sharded step (each rank
-    /// updated only those it owns, `owners[i]` being parameter i's rank), one rank's share at a
-    /// time.
-    pub fn share_updates(&self, params: &[Param], owners: &[usize]) -> Result<()> {
+    /// updated only those it owns), one rank's share at a time; nothing without owners.
+    pub fn share_updates(&self, params: &[Param]) -> Result<()> {
+        let Some(owners) = self.owners() else {
+            return Ok(());
+        };
         let rank = self.rank();
         for from in 0..self.world_size() {
             let share: Vec<&Param> = params
@@ -600,10 +605,10 @@ mod tests {
     #[test]
     fn sharded_means_reach_their_owners_and_clipping_measures_them_all() {
         let params = params();
-        let parallel = DataParallel::new(Arc::new(Pair));
         let owners = [0, 1, 0, 1];
+        let parallel = DataParallel::new(Arc::new(Pair)).with_owners(owners.to_vec());
         let mut g = grads(&params);
-        parallel.average(&mut g, &params, Some(&owners)).unwrap();
+        parallel.average(&mut g, &params).unwrap();
         // This rank's parameters 0 and 2 travel as one bucket, reduced to it; 1 and 3 are
         // rank 1's, so their gradients here stay this rank's own.
         let mut at = 0;
@@ -627,9 +632,7 @@ mod tests {
         let before: Vec<Vec<f32>> = (0..4)
             .map(|k| flat(g.get(params[k].var.as_tensor()).unwrap()))
             .collect();
-        let got = parallel
-            .clip_grad_norm(&mut g, &params, Some(&owners), 0.5)
-            .unwrap();
+        let got = parallel.clip_grad_norm(&mut g, &params, 0.5).unwrap();
         assert!((got - norm).abs() < 1e-9 * norm, "{got} vs {norm}");
         for (k, p) in params.iter().enumerate() {
             let after = flat(g.get(p.var.as_tensor()).unwrap());
@@ -665,15 +668,15 @@ mod tests {
         let get = |g: &GradStore, p: &Param| flat(g.get(p.var.as_tensor()).unwrap());
         // ‖(3, 4, 4)‖ = √41; clipped to 1 every entry shrinks by 1/√41.
         let mut g = loss(&params).backward().unwrap();
-        let norm = solo.clip_grad_norm(&mut g, &params, None, 1.0).unwrap();
+        let norm = solo.clip_grad_norm(&mut g, &params, 1.0).unwrap();
         assert!((norm - 41f64.sqrt()).abs() < 1e-12);
         let a = get(&g, &params[0]);
         assert!((a[0] as f64 - 3.0 / 41f64.sqrt()).abs() < 1e-6);
-        let clipped = solo.clip_grad_norm(&mut g, &params, None, 0.0).unwrap();
+        let clipped = solo.clip_grad_norm(&mut g, &params, 0.0).unwrap();
         assert!((clipped - 1.0).abs() < 1e-6);
         // Under the bound nothing changes.
         let mut g = loss(&params).backward().unwrap();
-        solo.clip_grad_norm(&mut g, &params, None, 10.0).unwrap();
+        solo.clip_grad_norm(&mut g, &params, 10.0).unwrap();
         assert_eq!(get(&g, &params[1]), [4.0]);
     }
 
@@ -682,7 +685,8 @@ mod tests {
         let params = params();
         let before: Vec<Vec<f32>> = params.iter().map(|p| flat(p.var.as_tensor())).collect();
         DataParallel::new(Arc::new(Pair))
-            .share_updates(&params, &[0, 1, 0, 1])
+            .with_owners(vec![0, 1, 0, 1])
+            .share_updates(&params)
             .unwrap();
         // This rank's own parameters are kept; rank 1's arrive in order, one flat share.
         assert_eq!(flat(params[0].var.as_tensor()), before[0]);

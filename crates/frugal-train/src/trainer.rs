@@ -235,7 +235,6 @@ pub struct Trainer<M> {
     stop: StopToken,
     parallel: DataParallel,
     /// The rank that owns each parameter when the optimizer state is sharded across ranks.
-    owners: Option<Vec<usize>>,
     /// Wall time of earlier sessions and the start of this one.
     clock: (f64, Instant),
 }
@@ -268,7 +267,6 @@ impl<M: Model> Trainer<M> {
             state,
             stop,
             parallel: DataParallel::default(),
-            owners: None,
         })
     }
 
@@ -278,11 +276,11 @@ impl<M: Model> Trainer<M> {
     /// [`Frugal::shard_evenly`]): it keeps the state of, and updates, its share of the
     /// parameters, and the ranks exchange the updated values after every step.
     pub fn with_data_parallel(mut self, parallel: DataParallel) -> Result<Self> {
-        if parallel.world_size() > 1 {
-            let (rank, world) = (parallel.rank(), parallel.world_size());
-            self.owners = Some(self.optimizer.shard_evenly(rank, world)?);
-        }
-        self.parallel = parallel;
+        let (rank, world) = (parallel.rank(), parallel.world_size());
+        self.parallel = match world {
+            1 => parallel,
+            _ => parallel.with_owners(self.optimizer.shard_evenly(rank, world)?),
+        };
         Ok(self)
     }
 
@@ -329,9 +327,7 @@ impl<M: Model> Trainer<M> {
         } else {
             self.step_whole(data)?
         };
-        if let Some(owners) = &self.owners {
-            self.parallel.share_updates(&self.params, owners)?;
-        }
+        self.parallel.share_updates(&self.params)?;
         self.optimizer.observe_loss(loss);
         let tokens = self.settings.tokens_per_step() * self.parallel.world_size();
         let dt = t0.elapsed().as_secs_f64();
@@ -356,12 +352,13 @@ impl<M: Model> Trainer<M> {
         let (loss, mut grads) = self.forward_backward(data)?;
         let loss = self.parallel.mean(loss);
         check_loss(loss, self.state.step)?;
-        let owners = self.owners.as_deref();
-        self.parallel.average(&mut grads, &self.params, owners)?;
+        self.parallel.average(&mut grads, &self.params)?;
         let clip = self.settings.clip;
         let grad_norm = if clip > 0.0 {
-            let parallel = &self.parallel;
-            Some(parallel.clip_grad_norm(&mut grads, &self.params, owners, clip)?)
+            Some(
+                self.parallel
+                    .clip_grad_norm(&mut grads, &self.params, clip)?,
+            )
         } else {
             None
         };
@@ -397,7 +394,6 @@ impl<M: Model> Trainer<M> {
         }
         let (x, y) = self.next_batch(data)?;
         let (params, parallel) = (&self.params, &self.parallel);
-        let owners = self.owners.as_deref();
         let clip = self.settings.clip;
         let grad_norm = if clip > 0.0 {
             let mut squares = Vec::with_capacity(params.len());
@@ -413,8 +409,8 @@ impl<M: Model> Trainer<M> {
                             totals.insert(p.var.as_tensor(), total);
                         }
                     }
-                    parallel.average(&mut totals, params, owners)?;
-                    squares.extend(parallel.squared_norms(&totals, params, owners)?);
+                    parallel.average(&mut totals, params)?;
+                    squares.extend(parallel.squared_norms(&totals, params)?);
                     Ok(())
                 })
                 .map_err(|e| layered_error(e, step))?;
@@ -437,7 +433,7 @@ impl<M: Model> Trainer<M> {
                     part.insert(v, total);
                 }
             }
-            parallel.average(&mut part, params, owners)?;
+            parallel.average(&mut part, params)?;
             if let Some(f) = factor {
                 for p in params {
                     let v = p.var.as_tensor();
@@ -503,7 +499,7 @@ impl<M: Model> Trainer<M> {
     /// Saves a checkpoint through `hooks`. A sharded optimizer first gathers every rank's state
     /// into rank 0's, which saves it whole, then returns to its shard.
     fn checkpoint(&mut self, hooks: &mut impl Hooks<M>, stopped: bool) -> Result<()> {
-        let Some(owners) = &self.owners else {
+        let Some(owners) = self.parallel.owners() else {
             return hooks.checkpoint(self, stopped);
         };
         let owned: Vec<bool> = owners.iter().map(|&o| o == self.parallel.rank()).collect();

@@ -150,13 +150,18 @@ pub fn table(plans: &[MethodMemory]) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn minilm_methods_by_hand() {
-        let c: EncoderConfig = serde_json::from_str(
+    /// all-MiniLM-L6-v2's shapes.
+    fn minilm() -> EncoderConfig {
+        serde_json::from_str(
             r#"{"hidden_size": 384, "intermediate_size": 1536, "max_position_embeddings": 512,
                 "num_attention_heads": 12, "num_hidden_layers": 6, "vocab_size": 30522}"#,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn minilm_methods_by_hand() {
+        let c = minilm();
         let methods: Vec<String> = [
             "adamw",
             "lora",
@@ -194,11 +199,7 @@ mod tests {
 
     #[test]
     fn ranks_share_each_methods_state_and_the_table_lists_their_shares() {
-        let c: EncoderConfig = serde_json::from_str(
-            r#"{"hidden_size": 384, "intermediate_size": 1536, "max_position_embeddings": 512,
-                "num_attention_heads": 12, "num_hidden_layers": 6, "vocab_size": 30522}"#,
-        )
-        .unwrap();
+        let c = minilm();
         let methods: Vec<String> = ["adamw", "frugal-ft"].map(String::from).into();
         let one = plan(&c, 5, &methods, 1).unwrap();
         let two = plan(&c, 5, &methods, 2).unwrap();

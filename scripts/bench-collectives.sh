@@ -6,12 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ranks=${1:-2}
 shift || true
-cargo bench -p frugal-dist --features mpi --bench collectives --no-run
-bin=$(cargo bench -p frugal-dist --features mpi --bench collectives --no-run --message-format=json 2>/dev/null |
-  python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "collectives" and m.get("executable"):
+# Build once; cargo's JSON messages name the benchmark's executable.
+bin=$(cargo bench -p frugal-dist --features mpi --bench collectives --no-run --message-format=json |
+  python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("executable"):
         print(m["executable"])')
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 mpirun -np "$ranks" --oversubscribe "$bin" "$@"

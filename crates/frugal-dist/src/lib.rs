@@ -105,9 +105,14 @@ pub trait Collectives: Send + Sync {
     }
 }
 
+/// `t`'s values as f32, in a host buffer (the buffer the host collectives work on).
+fn host_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
 /// [`Collectives::all_reduce_sum_tensor`] on a host copy of `t`.
 fn sum_through_host<C: Collectives + ?Sized>(comm: &C, t: &Tensor) -> candle_core::Result<Tensor> {
-    let mut values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut values = host_values(t)?;
     comm.all_reduce_sum(&mut values);
     Tensor::from_vec(values, t.shape(), t.device())
 }
@@ -118,7 +123,7 @@ fn reduce_through_host<C: Collectives + ?Sized>(
     t: &Tensor,
     root: usize,
 ) -> candle_core::Result<Tensor> {
-    let mut values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut values = host_values(t)?;
     comm.reduce_sum(&mut values, root);
     if comm.rank() != root {
         return Ok(t.clone());
@@ -133,7 +138,7 @@ fn broadcast_through_host<C: Collectives + ?Sized>(
     root: usize,
 ) -> candle_core::Result<Tensor> {
     let mut values = match comm.rank() == root {
-        true => t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+        true => host_values(t)?,
         false => vec![0.0; t.elem_count()],
     };
     comm.broadcast_f32(&mut values, root);

@@ -6,29 +6,33 @@
 //! skips every collective, so its steps are those of a run without data parallelism, bit for
 //! bit.
 
-use crate::grads::{clip_factor, norm_in_name_order, squared_norm};
+use crate::grads::{chunk_squares, clip_factor, norm_in_name_order, NORM_CHUNK};
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
-use frugal::{Frugal, Param};
+use frugal::{Frugal, Param, ShardPlan};
 use frugal_dist::{Collectives, Solo};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// Gradient elements averaged per collective: 8 Mi f32 (32 MiB), so that the buffers of a
 /// bucket stay small next to the gradients.
 const BUCKET_ELEMENTS: usize = 8 << 20;
 
-/// The ranks a trainer shares its batches with, and which rank updates each parameter when
-/// the optimizer is sharded.
+/// The ranks a trainer shares its batches with, and which rank updates each parameter (or
+/// each piece of one) when the optimizer is sharded.
 #[derive(Clone)]
 pub struct DataParallel {
     comm: Arc<dyn Collectives>,
-    /// Per parameter (model order), the rank that updates it; none while every rank updates all.
-    owners: Option<Arc<[usize]>>,
+    /// Which rank updates each parameter or piece; none while every rank updates all.
+    shards: Option<Arc<ShardPlan>>,
 }
+
+/// A range of one parameter's elements, with its gradient.
+type Segment<'a> = (&'a Param, Tensor, Range<usize>);
 
 impl Default for DataParallel {
     fn default() -> Self {
@@ -39,21 +43,22 @@ impl Default for DataParallel {
 impl DataParallel {
     /// Data parallelism over the ranks of `comm`.
     pub fn new(comm: Arc<dyn Collectives>) -> Self {
-        DataParallel { comm, owners: None }
+        DataParallel { comm, shards: None }
     }
 
-    /// The same ranks with a sharded optimizer: parameter i is updated by rank `owners[i]` (see
-    /// [`Frugal::shard_evenly`]), so its averaged gradient goes to that rank only.
-    pub fn with_owners(self, owners: Vec<usize>) -> Self {
+    /// The same ranks with a sharded optimizer, whose pieces are updated by the ranks of
+    /// `shards` (see [`Frugal::shard_evenly`]): each averaged gradient piece goes to its rank
+    /// only.
+    pub fn with_shards(self, shards: ShardPlan) -> Self {
         DataParallel {
-            owners: Some(owners.into()),
+            shards: Some(shards.into()),
             ..self
         }
     }
 
-    /// Per parameter, the rank that updates it (a sharded optimizer).
-    pub fn owners(&self) -> Option<&[usize]> {
-        self.owners.as_deref()
+    /// Which rank updates each parameter or piece (a sharded optimizer).
+    pub fn shards(&self) -> Option<&ShardPlan> {
+        self.shards.as_deref()
     }
 
     /// This process's rank.
@@ -93,43 +98,55 @@ impl DataParallel {
 
     /// Replaces each gradient in `grads` by its mean over the ranks. Every rank must hold
     /// gradients for the same parameters; they travel in buckets of consecutive parameters.
-    /// With [`DataParallel::owners`], each mean reaches its owner only: the other ranks keep
-    /// their own gradient of it, which a sharded optimizer does not read.
+    /// With [`DataParallel::shards`], each piece's mean reaches its owner only: the other ranks
+    /// keep their own gradient of it, which a sharded optimizer does not read.
     pub fn average(&self, grads: &mut GradStore, params: &[Param]) -> Result<()> {
-        let owners = self.owners();
         let world = self.world_size();
         if world == 1 {
             return Ok(());
         }
-        let present: Vec<(usize, &Param, Tensor)> = params
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| grads.get(p.var.as_tensor()).map(|g| (i, p, g.clone())))
-            .collect();
-        let roots: Vec<Option<usize>> = match owners {
+        let shards = self.shards();
+        let mut segments: Vec<(Option<usize>, Segment)> = Vec::new();
+        for (i, p) in params.iter().enumerate() {
+            let Some(g) = grads.get(p.var.as_tensor()) else {
+                continue;
+            };
+            match shards {
+                None => segments.push((None, (p, g.clone(), 0..g.elem_count()))),
+                Some(plan) => segments.extend(
+                    plan.pieces(i)
+                        .iter()
+                        .map(|piece| (Some(piece.rank), (p, g.clone(), piece.range.clone()))),
+                ),
+            }
+        }
+        let roots: Vec<Option<usize>> = match shards {
             Some(_) => (0..world).map(Some).collect(),
             None => vec![None],
         };
         let scale = 1.0 / world as f32;
         for root in roots {
-            let share: Vec<(&Param, Tensor)> = present
+            let share: Vec<Segment> = segments
                 .iter()
-                .filter(|(i, ..)| root.is_none() || owners.map(|o| o[*i]) == root)
-                .map(|(_, p, g)| (*p, g.clone()))
+                .filter(|(r, _)| *r == root)
+                .map(|(_, segment)| segment.clone())
                 .collect();
             let mut start = 0;
             while start < share.len() {
                 let mut end = start;
                 let mut elements = 0;
                 while end < share.len() && (end == start || elements < BUCKET_ELEMENTS) {
-                    elements += share[end].1.elem_count();
+                    elements += share[end].2.len();
                     end += 1;
                 }
                 let bucket = &share[start..end];
-                if bucket[0].1.device().is_cpu() {
-                    self.average_on_host(grads, bucket, elements, scale, root)?;
+                let means = if bucket[0].1.device().is_cpu() {
+                    self.mean_on_host(bucket, elements, scale, root)?
                 } else {
-                    self.average_on_device(grads, bucket, scale, root)?;
+                    self.mean_on_device(bucket, scale, root)?
+                };
+                if let Some(means) = means {
+                    insert_means(grads, bucket, &means)?;
                 }
                 start = end;
             }
@@ -138,39 +155,59 @@ impl DataParallel {
     }
 
     /// Σ g² of each gradient in `grads` (named, in `params` order) after
-    /// [`DataParallel::average`]: with owners, each rank measures the means it owns and the
-    /// ranks add their figures, so that every rank gets every mean's.
+    /// [`DataParallel::average`], added in f64 from f32 sums of [`NORM_CHUNK`] elements: with
+    /// shards, each rank measures the chunks of the means it owns and the ranks add their
+    /// figures, so that every rank gets every mean's, as one process would.
     pub fn squared_norms<'a>(
         &self,
         grads: &GradStore,
         params: &'a [Param],
     ) -> Result<Vec<(&'a str, f64)>> {
-        let (rank, owners) = (self.rank(), self.owners());
-        let mut names = Vec::with_capacity(params.len());
-        let mut squares = Vec::with_capacity(params.len());
+        let (rank, shards) = (self.rank(), self.shards());
+        let mut spans = Vec::with_capacity(params.len());
+        let mut chunks: Vec<f64> = Vec::new();
         for (i, p) in params.iter().enumerate() {
-            if let Some(g) = grads.get(p.var.as_tensor()) {
-                let mine = owners.is_none_or(|o| o[i] == rank);
-                names.push(p.name.as_str());
-                squares.push(if mine { squared_norm(g)? } else { 0.0 });
+            let Some(g) = grads.get(p.var.as_tensor()) else {
+                continue;
+            };
+            let at = chunks.len();
+            chunks.resize(at + g.elem_count().div_ceil(NORM_CHUNK), 0.0);
+            let mine: Vec<Range<usize>> = match shards {
+                None => std::iter::once(0..g.elem_count()).collect(),
+                Some(plan) => plan
+                    .pieces(i)
+                    .iter()
+                    .filter(|piece| piece.rank == rank)
+                    .map(|piece| piece.range.clone())
+                    .collect(),
+            };
+            for range in mine {
+                let first = at + range.start / NORM_CHUNK;
+                for (k, s) in chunk_squares(g, range)?.into_iter().enumerate() {
+                    chunks[first + k] = f64::from(s);
+                }
             }
+            spans.push((p.name.as_str(), at..chunks.len()));
         }
-        if owners.is_some() && self.world_size() > 1 {
+        if shards.is_some() && self.world_size() > 1 {
             // One owner's figure and zeros: the sums are exact.
-            self.comm.all_reduce_sum_f64(&mut squares);
+            self.comm.all_reduce_sum_f64(&mut chunks);
         }
-        Ok(names.into_iter().zip(squares).collect())
+        Ok(spans
+            .into_iter()
+            .map(|(name, span)| (name, chunks[span].iter().sum()))
+            .collect())
     }
 
     /// Scales the gradients after [`DataParallel::average`] so that their global L2 norm (see
     /// [`norm_in_name_order`]) is at most `max` (0: no clipping), and returns the norm before
-    /// clipping. With owners only this rank's means are scaled.
+    /// clipping. With shards only the gradients this rank owns some of are scaled.
     pub fn clip_grad_norm(&self, grads: &mut GradStore, params: &[Param], max: f64) -> Result<f64> {
         let norm = norm_in_name_order(self.squared_norms(grads, params)?);
         if let Some(scale) = clip_factor(norm, max) {
-            let (rank, owners) = (self.rank(), self.owners());
+            let (rank, shards) = (self.rank(), self.shards());
             for (i, p) in params.iter().enumerate() {
-                if owners.is_some_and(|o| o[i] != rank) {
+                if shards.is_some_and(|s| !s.owns(i, rank)) {
                     continue;
                 }
                 if let Some(g) = grads.remove(p.var.as_tensor()) {
@@ -181,56 +218,45 @@ impl DataParallel {
         Ok(norm)
     }
 
-    /// Sums a bucket over the ranks: into every rank's `flat` (no `root`), or into `root`'s
-    /// only. True where `flat` holds the sum.
-    fn sum_bucket(&self, flat: &mut [f32], root: Option<usize>) -> bool {
-        match root {
-            None => self.comm.all_reduce_sum(flat),
-            Some(r) => self.comm.reduce_sum(flat, r),
-        }
-        root.is_none_or(|r| r == self.rank())
-    }
-
-    /// Averages one bucket of CPU gradients in a host buffer (see [`DataParallel::sum_bucket`]).
-    fn average_on_host(
+    /// Sums a bucket over the ranks in a host buffer, into every rank's (no `root`) or into
+    /// `root`'s only, and scales it by `scale`: the means, where this rank gets them.
+    fn mean_on_host(
         &self,
-        grads: &mut GradStore,
-        bucket: &[(&Param, Tensor)],
+        bucket: &[Segment],
         elements: usize,
         scale: f32,
         root: Option<usize>,
-    ) -> Result<()> {
+    ) -> Result<Option<Tensor>> {
         let mut flat = Vec::with_capacity(elements);
-        for (_, g) in bucket {
-            flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        for (_, g, range) in bucket {
+            flat.extend(flat_range(g, range)?.to_vec1::<f32>()?);
         }
-        if !self.sum_bucket(&mut flat, root) {
-            return Ok(());
+        match root {
+            None => self.comm.all_reduce_sum(&mut flat),
+            Some(r) => self.comm.reduce_sum(&mut flat, r),
+        }
+        if root.is_some_and(|r| r != self.rank()) {
+            return Ok(None);
         }
         flat.iter_mut().for_each(|x| *x *= scale);
-        let mut at = 0;
-        for (p, g) in bucket {
-            let n = g.elem_count();
-            let mean = Tensor::from_slice(&flat[at..at + n], g.shape(), g.device())?
-                .to_dtype(g.dtype())?;
-            grads.insert(p.var.as_tensor(), mean);
-            at += n;
-        }
-        Ok(())
+        Ok(Some(Tensor::from_vec(
+            flat,
+            elements,
+            bucket[0].1.device(),
+        )?))
     }
 
-    /// Averages one bucket of gradients on their device, as one flat tensor (into every rank's
-    /// gradients, or into `root`'s only).
-    fn average_on_device(
+    /// The means of a bucket on its device, summed as one flat tensor (see
+    /// [`DataParallel::mean_on_host`]).
+    fn mean_on_device(
         &self,
-        grads: &mut GradStore,
-        bucket: &[(&Param, Tensor)],
+        bucket: &[Segment],
         scale: f32,
         root: Option<usize>,
-    ) -> Result<()> {
+    ) -> Result<Option<Tensor>> {
         let flat = bucket
             .iter()
-            .map(|(_, g)| g.to_dtype(DType::F32)?.flatten_all())
+            .map(|(_, g, range)| flat_range(g, range))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let flat = Tensor::cat(&flat, 0)?;
         let sum = match root {
@@ -238,42 +264,39 @@ impl DataParallel {
             Some(r) if r == self.rank() => self.comm.reduce_sum_tensor(&flat, r)?,
             Some(r) => {
                 self.comm.reduce_sum_tensor(&flat, r)?;
-                return Ok(());
+                return Ok(None);
             }
         };
-        let mean = (sum * f64::from(scale))?;
-        let mut at = 0;
-        for (p, g) in bucket {
-            let n = g.elem_count();
-            let part = mean.narrow(0, at, n)?.reshape(g.shape())?;
-            grads.insert(p.var.as_tensor(), part.to_dtype(g.dtype())?);
-            at += n;
-        }
-        Ok(())
+        Ok(Some((sum * f64::from(scale))?))
     }
 
     /// Sends every rank's updated parameters to the others after a sharded step (each rank
-    /// updated only those it owns), one rank's share at a time; nothing without owners.
+    /// updated only the pieces it owns), one rank's share at a time; nothing without shards.
     pub fn share_updates(&self, params: &[Param]) -> Result<()> {
-        let Some(owners) = self.owners() else {
+        let Some(shards) = self.shards() else {
             return Ok(());
         };
         let rank = self.rank();
         for from in 0..self.world_size() {
-            let share: Vec<&Param> = params
+            let share: Vec<(&Param, Range<usize>)> = params
                 .iter()
-                .zip(owners)
-                .filter(|(_, &o)| o == from)
-                .map(|(p, _)| p)
+                .enumerate()
+                .flat_map(|(i, p)| {
+                    shards
+                        .pieces(i)
+                        .iter()
+                        .filter(|piece| piece.rank == from)
+                        .map(move |piece| (p, piece.range.clone()))
+                })
                 .collect();
-            let total: usize = share.iter().map(|p| p.var.elem_count()).sum();
-            let Some(first) = share.first() else {
+            let total: usize = share.iter().map(|(_, r)| r.len()).sum();
+            let Some((first, _)) = share.first() else {
                 continue;
             };
             let flat = if from == rank {
                 let parts = share
                     .iter()
-                    .map(|p| p.var.to_dtype(DType::F32)?.flatten_all())
+                    .map(|(p, range)| flat_range(p.var.as_tensor(), range))
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 Tensor::cat(&parts, 0)?
             } else {
@@ -288,11 +311,15 @@ impl DataParallel {
                 continue;
             }
             let mut at = 0;
-            for p in share {
-                let n = p.var.elem_count();
-                let values = flat.narrow(0, at, n)?.reshape(p.var.shape())?;
-                p.var.set(&values.to_dtype(p.var.dtype())?)?;
-                at += n;
+            for (p, range) in share {
+                let values = flat.narrow(0, at, range.len())?.to_dtype(p.var.dtype())?;
+                if range.len() == p.var.elem_count() {
+                    p.var.set(&values.reshape(p.var.shape())?)?;
+                } else {
+                    // A piece: written in place into the parameter's storage.
+                    p.var.flatten_all()?.slice_set(&values, 0, range.start)?;
+                }
+                at += range.len();
             }
         }
         Ok(())
@@ -383,6 +410,35 @@ impl DataParallel {
         ))
         .into())
     }
+}
+
+/// The elements `range` of `t`, flat, as f32.
+fn flat_range(t: &Tensor, range: &Range<usize>) -> candle_core::Result<Tensor> {
+    t.to_dtype(DType::F32)?
+        .flatten_all()?
+        .narrow(0, range.start, range.len())
+}
+
+/// Puts the means of a bucket (`flat`, in the bucket's order) in place of its gradients: a
+/// whole gradient is replaced, a piece is written over the rank's own gradient of the rest.
+fn insert_means(grads: &mut GradStore, bucket: &[Segment], flat: &Tensor) -> Result<()> {
+    let mut at = 0;
+    for (p, g, range) in bucket {
+        let n = range.len();
+        let mean = flat.narrow(0, at, n)?;
+        let mean = if n == g.elem_count() {
+            mean.reshape(g.shape())?
+        } else {
+            let own = g.to_dtype(DType::F32)?.flatten_all()?;
+            let after = own.elem_count() - range.end;
+            let mut parts = vec![own.narrow(0, 0, range.start)?, mean];
+            parts.push(own.narrow(0, range.end, after)?);
+            Tensor::cat(&parts, 0)?.reshape(g.shape())?
+        };
+        grads.insert(p.var.as_tensor(), mean.to_dtype(g.dtype())?);
+        at += n;
+    }
+    Ok(())
 }
 
 /// Keeps a run's global batch when it resumes on `world` ranks after starting on `started`: the
@@ -476,12 +532,23 @@ mod tests {
     }
 
     /// Rank 0 of a two-rank job whose other rank sums in `other(i)` (also when reducing to
-    /// rank 0; it keeps its sums to itself), adds [`PEER_SQUARES`] to f64 sums, and broadcasts
-    /// `other(i)` as its share.
-    struct Pair;
+    /// rank 0; it keeps its sums to itself), adds its `squares` to f64 sums, and broadcasts
+    /// `other(i)` as its share of `share` values.
+    struct Pair {
+        squares: &'static [f64],
+        share: usize,
+    }
 
     /// Rank 1's figures in a sum of squared norms, when it owns parameters 1 and 3.
     const PEER_SQUARES: [f64; 4] = [0.0, 4.0, 0.0, 9.0];
+
+    /// Rank 1 of [`params`] owning parameters 1 and 3.
+    fn pair() -> Arc<Pair> {
+        Arc::new(Pair {
+            squares: &PEER_SQUARES,
+            share: PEER_SHARE,
+        })
+    }
 
     impl Collectives for Pair {
         fn engine(&self) -> &'static str {
@@ -497,8 +564,8 @@ mod tests {
             buf.iter_mut().enumerate().for_each(|(i, x)| *x += other(i));
         }
         fn all_reduce_sum_f64(&self, buf: &mut [f64]) {
-            assert_eq!(buf.len(), PEER_SQUARES.len());
-            buf.iter_mut().zip(PEER_SQUARES).for_each(|(x, y)| *x += y);
+            assert_eq!(buf.len(), self.squares.len());
+            buf.iter_mut().zip(self.squares).for_each(|(x, y)| *x += y);
         }
         fn reduce_sum(&self, buf: &mut [f32], root: usize) {
             if root == 0 {
@@ -510,7 +577,7 @@ mod tests {
         }
         fn broadcast_f32(&self, buf: &mut [f32], root: usize) {
             if root == 1 {
-                assert_eq!(buf.len(), PEER_SHARE);
+                assert_eq!(buf.len(), self.share);
                 buf.iter_mut().enumerate().for_each(|(i, x)| *x = other(i));
             }
         }
@@ -562,11 +629,17 @@ mod tests {
     #[test]
     fn gradients_average_alike_in_host_buffers_and_as_device_tensors() {
         let params = params();
-        let parallel = DataParallel::new(Arc::new(Pair));
-        let present = |g: &GradStore| -> Vec<(&Param, Tensor)> {
+        let parallel = DataParallel::new(pair());
+        let present = |g: &GradStore| -> Vec<Segment> {
             params
                 .iter()
-                .map(|p| (p, g.get(p.var.as_tensor()).unwrap().clone()))
+                .map(|p| {
+                    (
+                        p,
+                        g.get(p.var.as_tensor()).unwrap().clone(),
+                        0..p.var.elem_count(),
+                    )
+                })
                 .collect()
         };
         // Into both ranks, into this one, and into the other one (this rank's stay its own).
@@ -574,13 +647,15 @@ mod tests {
             let (mut host, mut device) = (grads(&params), grads(&params));
             let elements = SHAPES.iter().map(|s| s.iter().product::<usize>()).sum();
             let bucket = present(&host);
-            parallel
-                .average_on_host(&mut host, &bucket, elements, 0.5, root)
-                .unwrap();
+            let means = parallel.mean_on_host(&bucket, elements, 0.5, root).unwrap();
+            assert_eq!(means.is_some(), root != Some(1));
+            if let Some(means) = means {
+                insert_means(&mut host, &bucket, &means).unwrap();
+            }
             let bucket = present(&device);
-            parallel
-                .average_on_device(&mut device, &bucket, 0.5, root)
-                .unwrap();
+            if let Some(means) = parallel.mean_on_device(&bucket, 0.5, root).unwrap() {
+                insert_means(&mut device, &bucket, &means).unwrap();
+            }
             let mut at = 0;
             for (k, p) in params.iter().enumerate() {
                 let (h, d) = (
@@ -606,7 +681,9 @@ mod tests {
     fn sharded_means_reach_their_owners_and_clipping_measures_them_all() {
         let params = params();
         let owners = [0, 1, 0, 1];
-        let parallel = DataParallel::new(Arc::new(Pair)).with_owners(owners.to_vec());
+        let numels: Vec<usize> = params.iter().map(|p| p.var.elem_count()).collect();
+        let plan = ShardPlan::whole(&owners, &numels, 2);
+        let parallel = DataParallel::new(pair()).with_shards(plan);
         let mut g = grads(&params);
         parallel.average(&mut g, &params).unwrap();
         // This rank's parameters 0 and 2 travel as one bucket, reduced to it; 1 and 3 are
@@ -684,8 +761,9 @@ mod tests {
     fn updated_parameters_come_from_their_owners() {
         let params = params();
         let before: Vec<Vec<f32>> = params.iter().map(|p| flat(p.var.as_tensor())).collect();
-        DataParallel::new(Arc::new(Pair))
-            .with_owners(vec![0, 1, 0, 1])
+        let numels: Vec<usize> = params.iter().map(|p| p.var.elem_count()).collect();
+        DataParallel::new(pair())
+            .with_shards(ShardPlan::whole(&[0, 1, 0, 1], &numels, 2))
             .share_updates(&params)
             .unwrap();
         // This rank's own parameters are kept; rank 1's arrive in order, one flat share.
@@ -700,6 +778,75 @@ mod tests {
             (5..12).map(other).collect::<Vec<_>>()
         );
         assert_eq!(params[3].var.dims(), [7]);
+    }
+
+    #[test]
+    fn pieces_of_a_split_parameter_reach_their_owners_and_come_back_from_them() {
+        use frugal::sharding::{Piece, PIECE};
+        // `a` is split: its first PIECE values are this rank's, the last 10 and `b` rank 1's.
+        let n = PIECE + 10;
+        let var = |values: Vec<f32>| Var::from_tensor(&Tensor::new(values, &Device::Cpu).unwrap());
+        let a: Vec<f32> = (0..n).map(|i| (i % 13) as f32).collect();
+        let params = [
+            Param::with_default_label("a", var(a.clone()).unwrap()),
+            Param::with_default_label("b", var(vec![1.0, 2.0, 3.0]).unwrap()),
+        ];
+        let pieces = vec![
+            vec![
+                Piece {
+                    rank: 0,
+                    range: 0..PIECE,
+                },
+                Piece {
+                    rank: 1,
+                    range: PIECE..n,
+                },
+            ],
+            vec![Piece {
+                rank: 1,
+                range: 0..3,
+            }],
+        ];
+        let plan = ShardPlan::new(2, pieces).unwrap();
+        // Rank 1's figures for a's two chunks and b's one.
+        static SQUARES: [f64; 3] = [0.0, 500.0, 700.0];
+        let comm = Pair {
+            squares: &SQUARES,
+            share: 10 + 3,
+        };
+        let parallel = DataParallel::new(Arc::new(comm)).with_shards(plan);
+        let grad = |k: usize| (k as f32 * 0.01).sin();
+        let loss = (params[0].var.as_tensor()
+            * Tensor::new((0..n).map(grad).collect::<Vec<_>>(), &Device::Cpu).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap();
+        let loss = (loss + params[1].var.as_tensor().sum_all().unwrap()).unwrap();
+        let mut g = loss.backward().unwrap();
+        parallel.average(&mut g, &params).unwrap();
+        let mean_a = flat(g.get(params[0].var.as_tensor()).unwrap());
+        for (k, x) in mean_a.iter().enumerate() {
+            let want = match k < PIECE {
+                true => (grad(k) + other(k)) * 0.5,
+                false => grad(k), // rank 1's piece: this rank's own gradient
+            };
+            assert_eq!(*x, want, "a[{k}]");
+        }
+        assert_eq!(flat(g.get(params[1].var.as_tensor()).unwrap()), [1.0; 3]);
+        // The norm: this rank's chunk of a, rank 1's chunk of a and b.
+        let mine: f64 = mean_a[..PIECE].iter().map(|&x| f64::from(x * x)).sum();
+        let norm = parallel.clip_grad_norm(&mut g, &params, 0.0).unwrap();
+        let want = (mine + 500.0 + 700.0).sqrt();
+        assert!((norm - want).abs() < 1e-5 * want, "{norm} vs {want}");
+        // Rank 1's updated piece of a and all of b arrive; this rank's piece stays.
+        parallel.share_updates(&params).unwrap();
+        let got = flat(params[0].var.as_tensor());
+        assert_eq!(got[..PIECE], a[..PIECE]);
+        assert_eq!(got[PIECE..], (0..10).map(other).collect::<Vec<_>>());
+        assert_eq!(
+            flat(params[1].var.as_tensor()),
+            (10..13).map(other).collect::<Vec<_>>()
+        );
     }
 
     #[test]

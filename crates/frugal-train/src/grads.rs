@@ -4,6 +4,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
 use frugal::Param;
+use std::ops::Range;
 
 /// Adds the gradients in `more` into `acc`, parameter by parameter (gradient accumulation).
 pub fn accumulate(acc: &mut GradStore, mut more: GradStore, params: &[Param]) -> Result<()> {
@@ -19,12 +20,29 @@ pub fn accumulate(acc: &mut GradStore, mut more: GradStore, params: &[Param]) ->
     Ok(())
 }
 
-/// Σ g² of one gradient, summed in f32 and widened (every global norm adds these).
-pub fn squared_norm(g: &Tensor) -> Result<f64> {
-    Ok(g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)
+/// Elements per f32 partial sum of a squared norm: the pieces of a sharded parameter start
+/// at multiples of it, so that a rank holding a piece sums its chunks as one process does.
+pub const NORM_CHUNK: usize = frugal::sharding::PIECE;
+
+/// Σ g² of the elements `range` (flat) of a gradient, one f32 sum per [`NORM_CHUNK`] elements
+/// from the range's start.
+pub fn chunk_squares(g: &Tensor, range: Range<usize>) -> Result<Vec<f32>> {
+    let flat = g.flatten_all()?.narrow(0, range.start, range.len())?;
+    let (full, tail) = (range.len() / NORM_CHUNK, range.len() % NORM_CHUNK);
+    let mut sums = Vec::with_capacity(full + 1);
+    if full > 0 {
+        let rows = flat.narrow(0, 0, full * NORM_CHUNK)?;
+        sums = rows.reshape((full, NORM_CHUNK))?.sqr()?.sum(1)?.to_vec1()?;
+    }
+    if tail > 0 {
+        let rest = flat.narrow(0, full * NORM_CHUNK, tail)?;
+        sums.push(rest.sqr()?.sum_all()?.to_scalar()?);
+    }
+    Ok(sums)
 }
 
-/// The global L2 norm from each parameter's [`squared_norm`], added in name order so that it
+/// The global L2 norm from each parameter's Σ g² (see [`crate::DataParallel::squared_norms`]),
+/// added in name order so that it
 /// does not depend on the order in which a model lists, or a backward pass makes, them.
 pub fn norm_in_name_order(mut squares: Vec<(&str, f64)>) -> f64 {
     squares.sort_by(|a, b| a.0.cmp(b.0));
@@ -55,6 +73,21 @@ mod tests {
     }
 
     #[test]
+    fn squares_are_summed_by_chunks_from_the_range_start() {
+        let n = 2 * NORM_CHUNK + 4;
+        let values: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 3.0).collect();
+        let g = Tensor::from_vec(values.clone(), (n / 4, 4), &Device::Cpu).unwrap();
+        let want = |r: std::ops::Range<usize>| values[r].iter().map(|x| x * x).sum::<f32>();
+        let whole = chunk_squares(&g, 0..n).unwrap();
+        assert_eq!(whole.len(), 3);
+        assert_eq!(whole[0], want(0..NORM_CHUNK));
+        assert_eq!(whole[2], want(2 * NORM_CHUNK..n));
+        // A piece from a chunk boundary has the same chunks.
+        assert_eq!(chunk_squares(&g, NORM_CHUNK..n).unwrap(), whole[1..]);
+        assert_eq!(chunk_squares(&g, 5..8).unwrap(), [want(5..8)]);
+    }
+
+    #[test]
     fn accumulation_sums_micro_batches() {
         let params = [param("a", &[0.0, 0.0]), param("b", &[0.0])];
         let mut acc = GradStore::default();
@@ -65,13 +98,8 @@ mod tests {
         assert_eq!(get(&acc, &params[0]), [3.0, 4.0]);
         assert_eq!(get(&acc, &params[1]), [4.0]);
         // ‖(3, 4, 4)‖ = √41, whichever order the parameters come in.
-        let squares = vec![
-            (
-                "b",
-                squared_norm(acc.get(params[1].var.as_tensor()).unwrap()).unwrap(),
-            ),
-            ("a", 25.0),
-        ];
+        let b = chunk_squares(acc.get(params[1].var.as_tensor()).unwrap(), 0..1).unwrap();
+        let squares = vec![("b", f64::from(b[0])), ("a", 25.0)];
         assert_eq!(norm_in_name_order(squares), 41f64.sqrt());
         assert_eq!(clip_factor(41f64.sqrt(), 1.0), Some(1.0 / 41f64.sqrt()));
         assert_eq!(clip_factor(41f64.sqrt(), 10.0), None);

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use frugal::config::DensitySchedule;
-use frugal::labels::{ParamShape, RoleCounts};
+use frugal::labels::RoleCounts;
 use frugal::memory::{by_role, plan};
 use frugal::{OptimizerConfig, StateBytes};
 use frugal_nn::chunked_loss::LossChunks;
@@ -111,7 +111,7 @@ impl MemoryReport {
     }
 
     /// Plans the optimizer state of each of `world` data-parallel ranks (see
-    /// [`frugal::memory::shard_owners`]); the step peaks then count the largest share.
+    /// [`frugal::sharding::plan_shards`]); the step peaks then count the largest share.
     pub fn with_world_size(
         mut self,
         model: &LlamaConfig,
@@ -121,7 +121,8 @@ impl MemoryReport {
         if world < 2 {
             return Ok(self);
         }
-        self.state_per_rank = state_per_rank(optimizer, &model.labelled_shapes(), world)?;
+        self.state_per_rank =
+            frugal::sharding::state_per_rank(optimizer, &model.labelled_shapes(), world)?;
         Ok(self)
     }
 
@@ -251,19 +252,4 @@ impl MemoryReport {
         }
         out
     }
-}
-
-/// The optimizer state each of `world` data-parallel ranks holds after the first step, planned
-/// (see [`frugal::memory::shard_owners`]).
-pub fn state_per_rank(
-    optimizer: &OptimizerConfig,
-    shapes: &[ParamShape],
-    world: usize,
-) -> Result<Vec<StateBytes>> {
-    let owners = frugal::memory::shard_owners(optimizer, shapes, world)?;
-    let mut held = vec![StateBytes::default(); world];
-    for ((_, bytes), r) in plan(optimizer, shapes)?.into_iter().zip(owners) {
-        held[r] += bytes;
-    }
-    Ok(held)
 }

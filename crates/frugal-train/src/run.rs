@@ -6,7 +6,7 @@ use crate::checkpoint;
 use crate::data::{Batches, Dataset, Format, Holdout, Source, TextTokenizer, TokenizerChoice};
 use crate::data_parallel::{keep_global_batch, DataParallel};
 use crate::eval::mean_loss;
-use crate::memory_report::{state_per_rank, MemoryReport};
+use crate::memory_report::MemoryReport;
 use crate::metrics::{peak_rss_bytes, EvalRecord, Metrics, Record, Summary, TrainRecord};
 use crate::schedule::Schedule;
 use crate::settings::{Precision, TrainSettings};
@@ -317,7 +317,8 @@ impl Hooks<Llama> for RunHooks<'_> {
 
 /// The optimizer state each of `world` ranks holds after the first step, planned.
 pub fn sharded_plan(run: &RunConfig, world: usize) -> Result<Vec<usize>> {
-    let shares = state_per_rank(&run.optimizer, &run.model.labelled_shapes(), world)?;
+    let shares =
+        frugal::sharding::state_per_rank(&run.optimizer, &run.model.labelled_shapes(), world)?;
     Ok(shares.iter().map(|s| s.total()).collect())
 }
 

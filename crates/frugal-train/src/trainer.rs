@@ -279,7 +279,7 @@ impl<M: Model> Trainer<M> {
         let (rank, world) = (parallel.rank(), parallel.world_size());
         self.parallel = match world {
             1 => parallel,
-            _ => parallel.with_owners(self.optimizer.shard_evenly(rank, world)?),
+            _ => parallel.with_shards(self.optimizer.shard_evenly(rank, world)?),
         };
         Ok(self)
     }
@@ -499,10 +499,10 @@ impl<M: Model> Trainer<M> {
     /// Saves a checkpoint through `hooks`. A sharded optimizer first gathers every rank's state
     /// into rank 0's, which saves it whole, then returns to its shard.
     fn checkpoint(&mut self, hooks: &mut impl Hooks<M>, stopped: bool) -> Result<()> {
-        let Some(owners) = self.parallel.owners() else {
+        let Some(shards) = self.parallel.shards() else {
             return hooks.checkpoint(self, stopped);
         };
-        let owned: Vec<bool> = owners.iter().map(|&o| o == self.parallel.rank()).collect();
+        let owned = shards.owned_by(self.parallel.rank());
         self.parallel.gather_state(&mut self.optimizer)?;
         let saved = hooks.checkpoint(self, stopped);
         self.optimizer.shard(&owned)?;

@@ -16,6 +16,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::{SafeTensorError, SafeTensors};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 
 const FORMAT: u32 = 1;
@@ -49,6 +50,9 @@ struct ParamMeta {
     /// The norm-growth limiter's record (scaled state-free rules).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     scaled_norm: Option<f32>,
+    /// The elements whose state a shard's part holds (absent: all of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    piece: Option<[usize; 2]>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -195,7 +199,7 @@ impl Frugal {
     /// taken in parts must be finished first; a [`Frugal::shard`] must first hold the state of
     /// every parameter (see [`Frugal::absorb_state`]).
     pub fn save_state(&self, path: &Path) -> Result<()> {
-        if let Some(s) = self.slots.iter().find(|s| !s.owned) {
+        if let Some(s) = self.slots.iter().find(|s| !s.owns() || s.piece().is_some()) {
             return Err(Error::StateMismatch(format!(
                 "this optimizer is a shard without the state of `{}`; absorb the other shards' states before saving",
                 s.info.name
@@ -219,7 +223,7 @@ impl Frugal {
         }
         let mut arrays: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         let mut params = Vec::with_capacity(self.slots.len());
-        for s in self.slots.iter().filter(|s| s.owned) {
+        for s in self.slots.iter().filter(|s| s.owns()) {
             let name = &s.info.name;
             let (m, v) = s.host_moments()?;
             for (suffix, data) in [("m", &m), ("v", &v)] {
@@ -291,6 +295,7 @@ impl Frugal {
                 t: s.t,
                 subspace,
                 scaled_norm: s.scaled_norm,
+                piece: s.piece().map(|r| [r.start, r.end]),
             });
         }
         let meta = StateMeta {
@@ -413,10 +418,35 @@ impl Frugal {
                     found: slot.info.shape.clone(),
                 });
             }
-            if whole && !slot.owned {
+            if whole && !slot.owns() {
                 restored.push(None); // another shard's
                 continue;
             }
+            let range = match p.piece {
+                None => 0..slot.info.numel(),
+                Some(_) if whole => {
+                    return Err(file_err(
+                        path,
+                        format!(
+                            "`{}` holds a shard's part of its state, not all of it",
+                            p.name
+                        ),
+                    ))
+                }
+                Some([a, b])
+                    if a < b
+                        && b <= slot.info.numel()
+                        && matches!(p.subspace, SubspaceMeta::All) =>
+                {
+                    a..b
+                }
+                Some(piece) => {
+                    return Err(file_err(
+                        path,
+                        format!("`{}` has an impossible piece {piece:?}", p.name),
+                    ))
+                }
+            };
             let name = &p.name;
             let subspace = match &p.subspace {
                 SubspaceMeta::All => Subspace::All,
@@ -469,7 +499,10 @@ impl Frugal {
             };
             check_subspace(&slot.info, &subspace)
                 .map_err(|e| Error::StateMismatch(format!("parameter `{name}`: {e}")))?;
-            let expect = subspace.state_len(slot.info.numel());
+            let expect = match subspace {
+                Subspace::All => range.len(),
+                _ => subspace.state_len(slot.info.numel()),
+            };
             let slots = crate::rules::moment_slots(self.config.state_full);
             let lens = [
                 if slots >= 1 { expect } else { 0 },
@@ -508,7 +541,19 @@ impl Frugal {
                     (Vec::new(), Vec::new(), Some(packed))
                 }
             };
-            restored.push(Some((subspace, m, v, packed, p.t, p.scaled_norm)));
+            let state = Restored {
+                subspace,
+                m,
+                v,
+                packed,
+                range,
+                t: p.t,
+                scaled_norm: p.scaled_norm,
+            };
+            restored.push(Some(match slot.piece() {
+                Some(piece) if whole => state.cut(&piece),
+                _ => state,
+            }));
         }
         if !whole && restored.iter().flatten().count() != meta.params.len() {
             return Err(Error::StateMismatch(
@@ -516,8 +561,17 @@ impl Frugal {
             ));
         }
         for (slot, restored) in self.slots.iter_mut().zip(restored) {
-            let Some((subspace, m, v, packed, t, norm)) = restored else {
+            let Some(state) = restored else {
                 continue;
+            };
+            if self.engine == Engine::Tensors {
+                slot.pull()?;
+            }
+            let state = match slot.owned.clone() {
+                Some(held) if !whole && state.range != held && held.len() != slot.info.numel() => {
+                    state.join(slot, &held)?
+                }
+                _ => state,
             };
             let Slot {
                 subspace: s,
@@ -529,8 +583,15 @@ impl Frugal {
                 owned,
                 ..
             } = slot;
-            (*s, *sm, *sv, *sp, *st, *sn) = (subspace, m, v, packed, t, norm);
-            *owned = true;
+            (*s, *sm, *sv, *sp, *st, *sn) = (
+                state.subspace,
+                state.m,
+                state.v,
+                state.packed,
+                state.t,
+                state.scaled_norm,
+            );
+            *owned = Some(state.range);
             if self.engine == Engine::Tensors {
                 slot.device = Default::default();
                 slot.push()?;
@@ -547,6 +608,84 @@ impl Frugal {
             .unwrap_or_else(|| UpdateGap::fixed_at(&self.config, meta.step));
         Ok(())
     }
+}
+
+/// One parameter's state read from a file, for the elements in `range`.
+struct Restored {
+    subspace: Subspace,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    packed: Option<(Packed, Packed)>,
+    range: Range<usize>,
+    t: u64,
+    scaled_norm: Option<f32>,
+}
+
+impl Restored {
+    /// The state of the elements in `piece` (within `self.range`; a whole tensor's state).
+    fn cut(self, piece: &Range<usize>) -> Restored {
+        if self.subspace != Subspace::All {
+            return self;
+        }
+        let local = piece.start - self.range.start..piece.end - self.range.start;
+        let part = |x: Vec<f32>| match x.is_empty() {
+            true => x,
+            false => x[local.clone()].to_vec(),
+        };
+        Restored {
+            m: part(self.m),
+            v: part(self.v),
+            packed: self.packed.map(|(m, v)| (m.slice(&local), v.slice(&local))),
+            range: piece.clone(),
+            ..self
+        }
+    }
+
+    /// This piece joined to the adjacent piece `held` that `slot` holds (its moments on the
+    /// host), in element order.
+    fn join(mut self, slot: &mut Slot, held: &Range<usize>) -> Result<Restored> {
+        let mine = (
+            std::mem::take(&mut self.m),
+            std::mem::take(&mut self.v),
+            self.packed.take(),
+        );
+        let (first, second, range) = if held.end == self.range.start {
+            (take_moments(slot), mine, held.start..self.range.end)
+        } else if self.range.end == held.start {
+            (mine, take_moments(slot), self.range.start..held.end)
+        } else {
+            return Err(Error::StateMismatch(format!(
+                "the piece {:?} of `{}` does not adjoin the piece {held:?} held",
+                self.range, slot.info.name
+            )));
+        };
+        let ((mut m, mut v, mut packed), (m2, v2, packed2)) = (first, second);
+        m.extend(m2);
+        v.extend(v2);
+        if let (Some((pm, pv)), Some((pm2, pv2))) = (&mut packed, &packed2) {
+            pm.append(pm2);
+            pv.append(pv2);
+        }
+        Ok(Restored {
+            m,
+            v,
+            packed,
+            range,
+            ..self
+        })
+    }
+}
+
+/// f32 moments and 8-bit moments.
+type Moments = (Vec<f32>, Vec<f32>, Option<(Packed, Packed)>);
+
+/// The moments `slot` holds on the host, taken out of it.
+fn take_moments(slot: &mut Slot) -> Moments {
+    (
+        std::mem::take(&mut slot.m),
+        std::mem::take(&mut slot.v),
+        slot.packed.take(),
+    )
 }
 
 fn read_array(

@@ -35,6 +35,7 @@ pub mod projection;
 pub mod quant;
 mod refresh;
 pub mod rules;
+pub mod sharding;
 pub mod update_gap;
 
 pub use config::OptimizerConfig;
@@ -43,3 +44,4 @@ pub use labels::{Label, Param, ParamInfo, ParamShape, Role};
 pub use memory::StateBytes;
 pub use on_device::Engine;
 pub use optimizer::{Frugal, ParamStateView};
+pub use sharding::ShardPlan;

@@ -40,7 +40,11 @@ impl AddAssign for StateBytes {
 }
 
 /// State bytes of one parameter once its subspace is chosen.
-fn planned(config: &OptimizerConfig, info: &ParamInfo, active_block: bool) -> StateBytes {
+pub(crate) fn planned(
+    config: &OptimizerConfig,
+    info: &ParamInfo,
+    active_block: bool,
+) -> StateBytes {
     let buffers = moment_slots(config.state_full);
     let moments = |elems: usize| match config.moment_storage {
         MomentStorage::F32 => 4 * buffers * elems,
@@ -103,7 +107,10 @@ fn planned(config: &OptimizerConfig, info: &ParamInfo, active_block: bool) -> St
 }
 
 /// The parameters of `params` as `config` routes them (the configuration checked first).
-fn resolve_shapes(config: &OptimizerConfig, params: &[ParamShape]) -> Result<Vec<ParamInfo>> {
+pub(crate) fn resolve_shapes(
+    config: &OptimizerConfig,
+    params: &[ParamShape],
+) -> Result<Vec<ParamInfo>> {
     config.validate()?;
     resolve(
         params
@@ -138,50 +145,6 @@ pub fn plan(
             (info, bytes)
         })
         .collect())
-}
-
-/// The rank that keeps each parameter's state when `world` ranks shard the optimizer (ZeRO-1
-/// style, see [`crate::Frugal::shard`]), in the given order. Parameters with state go largest
-/// first to the rank holding the least so far (ties to the lower rank), so no rank holds more
-/// than an even share plus one tensor. A parameter of a block schedule counts with its state
-/// while active times the share of blocks active (ρ), what it holds on average, so the ranks'
-/// shares stay even as the blocks rotate. Parameters without state are then spread by size,
-/// which evens out the work of their updates.
-pub fn shard_owners(
-    config: &OptimizerConfig,
-    params: &[ParamShape],
-    world: usize,
-) -> Result<Vec<usize>> {
-    let infos = resolve_shapes(config, params)?;
-    Ok(owners(config, &infos, world))
-}
-
-/// [`shard_owners`] of resolved parameters.
-pub(crate) fn owners(config: &OptimizerConfig, infos: &[ParamInfo], world: usize) -> Vec<usize> {
-    let world = world.max(1);
-    let rotating = config.blocks().is_some();
-    let potential: Vec<usize> = infos
-        .iter()
-        .map(|info| {
-            let bytes = planned(config, info, true).total();
-            match info.role {
-                Role::Projectable if rotating => (bytes as f64 * config.density).ceil() as usize,
-                _ => bytes,
-            }
-        })
-        .collect();
-    let mut owner = vec![0; infos.len()];
-    let mut order: Vec<usize> = (0..infos.len()).collect();
-    order.sort_by_key(|&i| (std::cmp::Reverse((potential[i], infos[i].numel())), i));
-    let (mut bytes, mut elements) = (vec![0usize; world], vec![0usize; world]);
-    for i in order {
-        let load = if potential[i] > 0 { &bytes } else { &elements };
-        let rank = (0..world).min_by_key(|&r| (load[r], r)).unwrap_or(0);
-        owner[i] = rank;
-        bytes[rank] += potential[i];
-        elements[rank] += infos[i].numel();
-    }
-    owner
 }
 
 /// Sums planned state by role: (always state-full, projectable); state-free tensors hold none.

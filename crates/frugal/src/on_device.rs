@@ -10,7 +10,7 @@ use crate::optimizer::{Frugal, Slot};
 use crate::projection::Subspace;
 use crate::rules::scaled::Scaled;
 use crate::rules::Full;
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use std::borrow::Cow;
 
 /// How the optimizer's element-wise work runs.
@@ -152,7 +152,7 @@ impl Frugal {
                 .slots
                 .iter_mut()
                 .zip(marked)
-                .filter(|(s, m)| **m && s.owned)
+                .filter(|(s, m)| **m && s.owns())
             {
                 slot.push()?;
             }
@@ -170,9 +170,10 @@ pub(crate) fn step_slot(
     rules: Rules,
     scaled: Option<Scaled>,
 ) -> Result<()> {
+    let piece = slot.piece();
     let Slot {
         info,
-        var,
+        var: whole,
         subspace,
         scaled_norm,
         t,
@@ -180,6 +181,25 @@ pub(crate) fn step_slot(
         device,
         ..
     } = slot;
+    let failed = |e: candle_core::Error| Error::UnsupportedTensor {
+        name: info.name.clone(),
+        reason: format!("the step on {:?} failed: {e}", whole.device().location()),
+    };
+    // A piece of a state-full tensor is stepped as a tensor of its own, then written back.
+    let (var, g) = match &piece {
+        Some(r) => {
+            let piece = whole
+                .flatten_all()
+                .and_then(|w| w.narrow(0, r.start, r.len()));
+            let g = g.flatten_all().and_then(|g| g.narrow(0, r.start, r.len()));
+            (
+                Var::from_tensor(&piece.map_err(failed)?).map_err(failed)?,
+                g.map_err(failed)?,
+            )
+        }
+        None => (whole.clone(), g.clone()),
+    };
+    let (var, g) = (&var, &g);
     if let Some((pm, pv)) = packed.as_ref() {
         // 8-bit moments are unpacked onto the device for the step and packed again after.
         let (mut m, mut v) = (Vec::new(), Vec::new());
@@ -205,10 +225,12 @@ pub(crate) fn step_slot(
             rules,
         ),
     };
-    stepped.map_err(|e| Error::UnsupportedTensor {
-        name: info.name.clone(),
-        reason: format!("the step on {:?} failed: {e}", var.device().location()),
-    })?;
+    stepped.map_err(failed)?;
+    if let Some(r) = &piece {
+        let flat = whole.flatten_all().map_err(failed)?;
+        flat.slice_set(var.as_tensor(), 0, r.start)
+            .map_err(failed)?;
+    }
     if let Some((pm, pv)) = packed {
         pm.pack_from(&download(device.m.take())?);
         pv.pack_from(&download(device.v.take())?);

@@ -13,6 +13,7 @@ use crate::quant::Packed;
 use crate::refresh::OpenStep;
 use crate::rules::scaled::{self, Scaled};
 use crate::rules::{Free, Full};
+use crate::sharding::ShardPlan;
 use crate::update_gap::UpdateGap;
 use crate::with_rules;
 use candle_core::backprop::GradStore;
@@ -21,6 +22,7 @@ use candle_nn::VarMap;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::borrow::Cow;
+use std::ops::Range;
 
 /// Per-parameter optimizer state.
 pub(crate) struct Slot {
@@ -39,8 +41,9 @@ pub(crate) struct Slot {
     pub scaled_norm: Option<f32>,
     /// 8-bit moments (m, v), when the configuration stores them so; `m` and `v` are empty then.
     pub packed: Option<(Packed, Packed)>,
-    /// This optimizer keeps the parameter's state and updates it (see [`Frugal::shard`]).
-    pub owned: bool,
+    /// The elements whose state this optimizer keeps and which it updates: all, a piece of a
+    /// state-full tensor, or none (another shard's; see [`Frugal::shard`]).
+    pub owned: Option<Range<usize>>,
     /// Moments and subspace tensors on the parameter's device ([`Engine::Tensors`]); `m` and
     /// `v` are empty then.
     pub device: OnDevice,
@@ -60,6 +63,43 @@ impl Slot {
         if !matches!(self.subspace, Subspace::All | Subspace::Nothing) {
             self.subspace = Subspace::Nothing;
         }
+    }
+
+    /// True where this optimizer updates some of the parameter.
+    pub(crate) fn owns(&self) -> bool {
+        self.owned.is_some()
+    }
+
+    /// The owned piece, where this optimizer owns part of the parameter only.
+    pub(crate) fn piece(&self) -> Option<Range<usize>> {
+        self.owned.clone().filter(|r| r.len() != self.info.numel())
+    }
+
+    /// Keeps the state of the elements in `range` of the whole tensor (within those held now,
+    /// from `self.owned`'s start) and drops the rest.
+    fn trim(&mut self, range: &Range<usize>) -> Result<()> {
+        let held = self.owned.clone().unwrap_or(0..0);
+        if self.subspace != Subspace::All || *range == held {
+            return Ok(());
+        }
+        let on_device = self.device.m.is_some() || self.device.v.is_some();
+        if on_device {
+            self.pull()?;
+        }
+        let local = range.start - held.start..range.end - held.start;
+        for moment in [&mut self.m, &mut self.v] {
+            if !moment.is_empty() {
+                *moment = moment[local.clone()].to_vec();
+            }
+        }
+        if let Some((pm, pv)) = &mut self.packed {
+            *pm = pm.slice(&local);
+            *pv = pv.slice(&local);
+        }
+        if on_device {
+            self.push()?;
+        }
+        Ok(())
     }
 
     /// Length of the first moment, however stored.
@@ -121,6 +161,51 @@ fn check_storage(name: &str, var: &Var) -> Result<()> {
     Ok(())
 }
 
+/// Checks that `own` is a share [`Frugal::shard`] can keep of `slot`: within what it holds now,
+/// and a piece only of a state-full tensor, cut at 8-bit blocks.
+fn check_share(slot: &Slot, own: Option<&Range<usize>>) -> Result<()> {
+    let (Some(range), Some(held)) = (own, slot.owned.as_ref()) else {
+        return match own {
+            None => Ok(()),
+            Some(_) => Err(Error::setting(
+                "shard",
+                format!(
+                    "`{}` is not held by this shard; a shard can only give up state",
+                    slot.info.name
+                ),
+            )),
+        };
+    };
+    let numel = slot.info.numel();
+    let cut = |at: usize| at.is_multiple_of(crate::quant::BLOCK) || at == numel;
+    let problem = if range.start >= range.end && numel > 0 {
+        Some("it is empty (give none for another shard's parameter)".to_string())
+    } else if range.start < held.start || range.end > held.end {
+        Some(format!(
+            "it is not within the held {held:?}; a shard can only give up state"
+        ))
+    } else if range.len() != numel && slot.info.role != Role::StateFull {
+        Some("only state-full parameters are split".into())
+    } else if !cut(range.start) || !cut(range.end) {
+        Some(format!(
+            "its ends are not multiples of {}",
+            crate::quant::BLOCK
+        ))
+    } else {
+        None
+    };
+    match problem {
+        Some(p) => Err(Error::setting(
+            "shard",
+            format!(
+                "the range {range:?} of `{}` cannot be kept: {p}",
+                slot.info.name
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 impl Frugal {
     /// Builds the optimizer over labelled parameters, in the caller's (model) order. Every
     /// parameter must be an f32 tensor; names must be unique. Parameters on the CPU are stepped
@@ -175,7 +260,7 @@ impl Frugal {
                 block,
                 scaled_norm: None,
                 packed: None,
-                owned: true,
+                owned: Some(0..info.numel()),
                 device: OnDevice::default(),
                 info,
             })
@@ -425,12 +510,14 @@ impl Frugal {
         Ok(())
     }
 
-    /// Keeps state for, and updates, only the parameters marked in `owned` (model order): one
-    /// shard of a data-parallel optimizer whose other shards update the rest. Every shard still
-    /// makes every decision (blocks, random subspaces, step counts), so they stay in step; the
-    /// state of the others' parameters is released now and never allocated. Their updated
-    /// values must come from their owners after each step.
-    pub fn shard(&mut self, owned: &[bool]) -> Result<()> {
+    /// Keeps state for, and updates, only the elements in `owned` (per parameter, in model
+    /// order: all of it, none, or for a state-full parameter a range whose ends are multiples
+    /// of [`crate::quant::BLOCK`] or its end): one shard of a data-parallel optimizer whose
+    /// other shards update the rest. Every shard still makes every decision (blocks, random
+    /// subspaces, step counts), so they stay in step; the state of the others' elements is
+    /// released now and never allocated. Their updated values must come from their owners
+    /// after each step. A shard may only shrink what it holds (see [`Frugal::absorb_state`]).
+    pub fn shard(&mut self, owned: &[Option<Range<usize>>]) -> Result<()> {
         if owned.len() != self.slots.len() {
             return Err(Error::setting(
                 "shard",
@@ -441,28 +528,32 @@ impl Frugal {
                 ),
             ));
         }
-        for (slot, &own) in self.slots.iter_mut().zip(owned) {
-            slot.owned = own;
-            if !own {
-                slot.release();
+        for (slot, own) in self.slots.iter().zip(owned) {
+            check_share(slot, own.as_ref())?;
+        }
+        for (slot, own) in self.slots.iter_mut().zip(owned) {
+            match own {
+                Some(range) => slot.trim(range)?,
+                None => slot.release(),
             }
+            slot.owned = own.clone();
         }
         Ok(())
     }
 
-    /// Makes this optimizer rank `rank`'s shard of `world` (see [`crate::memory::shard_owners`]);
-    /// returns the owning rank of every parameter, in model order.
-    pub fn shard_evenly(&mut self, rank: usize, world: usize) -> Result<Vec<usize>> {
+    /// Makes this optimizer rank `rank`'s shard of `world` (see
+    /// [`crate::sharding::plan_shards`]); returns the plan of every rank.
+    pub fn shard_evenly(&mut self, rank: usize, world: usize) -> Result<ShardPlan> {
         let infos: Vec<ParamInfo> = self.slots.iter().map(|s| s.info.clone()).collect();
-        let owners = crate::memory::owners(&self.config, &infos, world);
-        let owned: Vec<bool> = owners.iter().map(|&o| o == rank).collect();
-        self.shard(&owned)?;
-        Ok(owners)
+        let plan = crate::sharding::shards(&self.config, &infos, world);
+        self.shard(&plan.owned_by(rank))?;
+        Ok(plan)
     }
 
-    /// Which parameters this optimizer updates, in model order (all unless [`Frugal::shard`]ed).
-    pub fn owned(&self) -> Vec<bool> {
-        self.slots.iter().map(|s| s.owned).collect()
+    /// The elements of each parameter this optimizer updates, in model order (all of every
+    /// one unless [`Frugal::shard`]ed).
+    pub fn owned(&self) -> Vec<Option<Range<usize>>> {
+        self.slots.iter().map(|s| s.owned.clone()).collect()
     }
 
     /// True while a step taken in parts is open.
@@ -508,7 +599,7 @@ impl Frugal {
         let engine = self.engine;
         let config = &self.config;
         let slot = &mut self.slots[i];
-        if !slot.owned {
+        if !slot.owns() {
             return Ok(()); // another shard's
         }
         let lr = config.lr;
@@ -539,6 +630,7 @@ impl Frugal {
             let rules = Rules { full, free, keep };
             return on_device::step_slot(config, slot, g, rules, scaled);
         }
+        let piece = slot.piece();
         let Slot {
             info,
             var,
@@ -556,6 +648,7 @@ impl Frugal {
             Some((pm, pv)) if *subspace == Subspace::All => {
                 // Whole tensors are updated chunk by chunk, never unpacked whole.
                 return kernels::with_weight_and_grad(&info.name, var.as_tensor(), g, |w, g| {
+                    let (w, g) = within(w, g, &piece);
                     with_rules!(full, free, |r, _f| kernels::dense_full_packed(
                         w,
                         g,
@@ -589,7 +682,10 @@ impl Frugal {
         } else {
             kernels::with_weight_and_grad(&info.name, var.as_tensor(), g, |w, g| {
                 with_rules!(full, free, |r, f| match &*subspace {
-                    Subspace::All => kernels::dense_full(w, g, m, v, r, keep),
+                    Subspace::All => {
+                        let (w, g) = within(w, g, &piece);
+                        kernels::dense_full(w, g, m, v, r, keep)
+                    }
                     Subspace::Nothing => kernels::dense_free(w, g, f, keep),
                     Subspace::Coords(sel) => kernels::selected(w, g, m, v, sel, (r, f), keep),
                     Subspace::Basis(basis) => {
@@ -628,6 +724,19 @@ impl Frugal {
             pv.pack_from(v);
         }
         result
+    }
+}
+
+/// The owned piece of a weight and of its gradient (all of them where the tensor is owned
+/// whole).
+fn within<'a>(
+    w: &'a mut [f32],
+    g: &'a [f32],
+    piece: &Option<Range<usize>>,
+) -> (&'a mut [f32], &'a [f32]) {
+    match piece {
+        Some(r) => (&mut w[r.clone()], &g[r.clone()]),
+        None => (w, g),
     }
 }
 

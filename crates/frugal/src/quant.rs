@@ -163,6 +163,23 @@ impl Packed {
     pub fn pack_from(&mut self, values: &[f32]) {
         pack(values, self.code, &mut self.codes, &mut self.scales);
     }
+
+    /// The values in `range`, which starts at a block boundary, with their blocks' scales.
+    pub fn slice(&self, range: &std::ops::Range<usize>) -> Packed {
+        debug_assert!(range.start.is_multiple_of(BLOCK));
+        Packed {
+            codes: self.codes[range.clone()].to_vec(),
+            scales: self.scales[range.start / BLOCK..range.end.div_ceil(BLOCK)].to_vec(),
+            code: self.code,
+        }
+    }
+
+    /// Appends `more`'s values to these, which end at a block boundary.
+    pub fn append(&mut self, more: &Packed) {
+        debug_assert!(self.len().is_multiple_of(BLOCK));
+        self.codes.extend_from_slice(&more.codes);
+        self.scales.extend_from_slice(&more.scales);
+    }
 }
 
 #[cfg(test)]

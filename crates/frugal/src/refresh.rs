@@ -164,7 +164,7 @@ impl Frugal {
         let pending: Vec<(&(usize, Tensor), u64)> = work
             .iter()
             .filter_map(|item| svds.seeds[item.0].take().map(|seed| (item, seed)))
-            .filter(|((i, _), _)| slots[*i].owned)
+            .filter(|((i, _), _)| slots[*i].owns())
             .collect();
         if pending.is_empty() {
             return Ok(());
@@ -295,9 +295,12 @@ fn install(
     storage: MomentStorage,
     pool: &mut Pool,
 ) {
-    let len = sub.state_len(slot.info.numel());
+    let len = match (&sub, &slot.owned) {
+        (Subspace::All, Some(piece)) => piece.len(),
+        _ => sub.state_len(slot.info.numel()),
+    };
     slot.subspace = sub;
-    if !slot.owned {
+    if !slot.owns() {
         slot.release();
         return;
     }

@@ -5,17 +5,35 @@
 mod common;
 
 use common::*;
-use frugal::Frugal;
+use frugal::{Engine, Frugal};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use std::ops::Range;
+
+/// Rank r's share of [`LLAMA_LIKE`] between two ranks: parameter i whole where i % 2 == r,
+/// except the embeddings and the head (state-full, 384 values), split at 256.
+fn share(rank: usize) -> Vec<Option<Range<usize>>> {
+    LLAMA_LIKE
+        .iter()
+        .enumerate()
+        .map(|(i, (name, shape))| {
+            let n: usize = shape.iter().product();
+            if name.contains("embed") || name.contains("lm_head") {
+                Some(if rank == 0 { 0..256 } else { 256..n })
+            } else {
+                (i % 2 == rank).then_some(0..n)
+            }
+        })
+        .collect()
+}
 
 #[test]
 fn shards_update_like_the_whole_optimizer_and_hold_its_state_between_them() {
     let dir = std::env::temp_dir().join(format!("frugal-shards-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     // Every projection family, SVD and random refreshes, blocks, 8-bit moments, moment transfer
-    // and the scaled state-free rules; T = 2 crosses refreshes.
-    for spec in [
+    // and the scaled state-free rules; T = 2 crosses refreshes. Both engines.
+    let specs = [
         "adamw",
         "frugal:update_gap=2",
         "frugal:update_gap=2,projection=blocks,block_order=random,density=0.4",
@@ -29,20 +47,24 @@ fn shards_update_like_the_whole_optimizer_and_hold_its_state_between_them() {
         "frugal:update_gap=2,moment_storage=8bit",
         "fira:update_gap=2",
         "apollo-mini:update_gap=2",
-    ] {
+    ];
+    let engines = [Engine::Fused, Engine::Tensors];
+    for (spec, engine) in specs.iter().flat_map(|s| engines.map(|e| (*s, e))) {
+        let label = format!("{spec} ({engine:?})");
         let cfg = config(spec);
         let whole_vars = named_vars(LLAMA_LIKE, 7);
-        let mut whole = Frugal::from_named(whole_vars.clone(), cfg.clone()).unwrap();
-        // Rank r owns every parameter i with i % 2 == r.
-        let n = LLAMA_LIKE.len();
-        let owner: Vec<usize> = (0..n).map(|i| i % 2).collect();
+        let build = |vars: Vec<(String, candle_core::Var)>| {
+            let mut opt = Frugal::from_named(vars, cfg.clone()).unwrap();
+            opt.set_engine(engine).unwrap();
+            opt
+        };
+        let mut whole = build(whole_vars.clone());
         let vars = [clone_vars(&whole_vars), clone_vars(&whole_vars)];
         let mut shards: Vec<Frugal> = (0..2)
             .map(|r| {
-                let mut opt = Frugal::from_named(vars[r].clone(), cfg.clone()).unwrap();
-                let owned: Vec<bool> = owner.iter().map(|&o| o == r).collect();
-                opt.shard(&owned).unwrap();
-                assert_eq!(opt.owned(), owned);
+                let mut opt = build(vars[r].clone());
+                opt.shard(&share(r)).unwrap();
+                assert_eq!(opt.owned(), share(r));
                 opt
             })
             .collect();
@@ -53,44 +75,77 @@ fn shards_update_like_the_whole_optimizer_and_hold_its_state_between_them() {
             for (shard, vars) in shards.iter_mut().zip(&vars) {
                 shard.step_grads(&grads_from(vars, &flat)).unwrap();
             }
-            // Each shard updated only its own parameters; the other's are still the old values.
-            for i in 0..n {
-                let (own, other) = (&vars[owner[i]][i].1, &vars[1 - owner[i]][i].1);
-                other.set(own.as_tensor()).unwrap();
+            // Each shard updated only its own elements: every value comes from its owner.
+            for i in 0..LLAMA_LIKE.len() {
+                let mut merged = values(&vars[0][i].1);
+                if let Some(r) = share(1)[i].clone() {
+                    merged[r.clone()].copy_from_slice(&values(&vars[1][i].1)[r]);
+                }
+                for vars in &vars {
+                    let t = candle_core::Tensor::from_slice(
+                        &merged,
+                        vars[i].1.shape(),
+                        vars[i].1.device(),
+                    );
+                    vars[i].1.set(&t.unwrap()).unwrap();
+                }
             }
             for vars in &vars {
                 let got: Vec<Vec<f32>> = vars.iter().map(|(_, v)| values(v)).collect();
                 let want: Vec<Vec<f32>> = whole_vars.iter().map(|(_, v)| values(v)).collect();
-                assert_eq!(got, want, "{spec}, step {step}");
+                assert_eq!(got, want, "{label}, step {step}");
             }
             let held: usize = shards.iter().map(|s| s.state_bytes().total()).sum();
-            assert_eq!(held, whole.state_bytes().total(), "{spec}, step {step}");
+            assert_eq!(held, whole.state_bytes().total(), "{label}, step {step}");
         }
         // A shard cannot save alone; gathered into one, the shards save the whole state.
         let path = dir.join("shard.safetensors");
         let err = shards[0].save_state(&path).unwrap_err().to_string();
         assert!(err.contains("absorb"), "{err}");
         let part = shards[1].owned_state().unwrap();
+        let held = shards[0].state_bytes();
         shards[0].absorb_state(&part).unwrap();
         shards[0].save_state(&path).unwrap();
         let whole_path = dir.join("whole.safetensors");
         whole.save_state(&whole_path).unwrap();
         assert!(
             std::fs::read(&path).unwrap() == std::fs::read(&whole_path).unwrap(),
-            "{spec}: the gathered state differs from the whole optimizer's"
+            "{label}: the gathered state differs from the whole optimizer's"
         );
+        // Back to its share, the gathering shard holds what it held before.
+        shards[0].shard(&share(0)).unwrap();
+        assert_eq!(shards[0].state_bytes(), held, "{label}");
         // Loaded by a shard, a whole state keeps only that shard's part.
-        let mut again = Frugal::from_named(clone_vars(&vars[1]), cfg.clone()).unwrap();
-        again.shard(&shards[1].owned()).unwrap();
+        let mut again = build(clone_vars(&vars[1]));
+        again.shard(&share(1)).unwrap();
         again.load_state(&whole_path).unwrap();
-        assert_eq!(again.state_bytes(), shards[1].state_bytes(), "{spec}");
-        assert_eq!(again.owned_state().unwrap(), part, "{spec}");
+        assert_eq!(again.state_bytes(), shards[1].state_bytes(), "{label}");
+        assert_eq!(again.owned_state().unwrap(), part, "{label}");
     }
     std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
-fn shard_owners_split_the_state_evenly_within_one_tensor() {
+fn a_shard_keeps_pieces_of_state_full_tensors_cut_at_blocks_and_only_gives_up_state() {
+    let mut opt = Frugal::from_named(named_vars(LLAMA_LIKE, 7), config("adamw")).unwrap();
+    let mut owned = share(0);
+    owned[0] = Some(0..100);
+    let err = opt.shard(&owned).unwrap_err().to_string();
+    assert!(err.contains("multiples of 256"), "{err}");
+    let mut owned = share(0);
+    owned[1] = Some(0..64);
+    let err = opt.shard(&owned).unwrap_err().to_string();
+    assert!(
+        err.contains("only state-full parameters are split"),
+        "{err}"
+    );
+    opt.shard(&share(0)).unwrap();
+    let err = opt.shard(&share(1)).unwrap_err().to_string();
+    assert!(err.contains("can only give up state"), "{err}");
+}
+
+#[test]
+fn shard_plans_split_the_state_evenly_within_one_unsplit_tensor() {
     let shapes = frugal_nn::llama::LlamaConfig::builtin("60m")
         .unwrap()
         .labelled_shapes();
@@ -100,25 +155,50 @@ fn shard_owners_split_the_state_evenly_within_one_tensor() {
         "galore",
         "frugal:density=0",
         "frugal",
+        "frugal:moment_storage=8bit",
     ] {
         let cfg = config(spec);
         let plan = frugal::memory::plan(&cfg, &shapes).unwrap();
         let total: usize = plan.iter().map(|(_, b)| b.total()).sum();
-        let largest = plan.iter().map(|(_, b)| b.total()).max().unwrap();
-        for world in [2, 3, 4] {
-            let owners = frugal::memory::shard_owners(&cfg, &shapes, world).unwrap();
-            assert!(owners.iter().all(|&r| r < world));
-            let mut held = vec![0usize; world];
+        for world in [2, 3, 4, 8] {
+            let shards = frugal::sharding::plan_shards(&cfg, &shapes, world).unwrap();
+            let held: Vec<usize> = frugal::sharding::state_per_rank(&cfg, &shapes, world)
+                .unwrap()
+                .iter()
+                .map(|b| b.total())
+                .collect();
+            assert_eq!(held.iter().sum::<usize>(), total, "{spec}, {world}");
             let mut elements = vec![0usize; world];
-            for ((info, bytes), &r) in plan.iter().zip(&owners) {
-                held[r] += bytes.total();
-                elements[r] += info.numel();
+            let mut largest_whole = 0;
+            for (i, (info, bytes)) in plan.iter().enumerate() {
+                let pieces = shards.pieces(i);
+                // The pieces cover the tensor in order; only state-full tensors are split.
+                assert_eq!(pieces.first().unwrap().range.start, 0);
+                assert_eq!(pieces.last().unwrap().range.end, info.numel());
+                assert!(pieces
+                    .windows(2)
+                    .all(|w| w[0].range.end == w[1].range.start));
+                if pieces.len() > 1 {
+                    assert_eq!(info.role, frugal::Role::StateFull, "{}", info.name);
+                    assert!(pieces
+                        .iter()
+                        .all(|p| p.range.start % frugal::sharding::PIECE == 0));
+                } else {
+                    largest_whole = largest_whole.max(bytes.total());
+                }
+                for p in pieces {
+                    elements[p.rank] += p.range.len();
+                }
             }
-            assert_eq!(held.iter().sum::<usize>(), total);
             // Blocks rotate: their first period's state is not what the split evens out.
             if !spec.starts_with("frugal") || spec.contains("svd") || spec.contains("density=0") {
+                // Pieces are whole units of PIECE values: one unit's state (f32 AdamW) at most.
+                let unit = 8 * frugal::sharding::PIECE;
                 for h in &held {
-                    assert!(*h <= total / world + largest, "{spec}, {world}: {held:?}");
+                    assert!(
+                        *h <= total / world + largest_whole.max(unit),
+                        "{spec}, {world}: {held:?}"
+                    );
                 }
             }
             // Every rank gets a share of the work.

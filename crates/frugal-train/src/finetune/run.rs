@@ -8,7 +8,6 @@ use super::task::{read_examples, Columns, Task, TaskChoice};
 use super::tokenize::{ClassTokenizer, Encoded};
 use crate::checkpoint;
 use crate::data_parallel::{code_fingerprint, keep_global_batch, DataParallel};
-use crate::memory_report::state_per_rank;
 use crate::metrics::{peak_rss_bytes, EvalRecord, Metrics, Record, TrainRecord};
 use crate::schedule::Schedule;
 use crate::trainer::{
@@ -17,6 +16,7 @@ use crate::trainer::{
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use frugal::labels::RoleCounts;
+use frugal::sharding::state_per_rank;
 use frugal::{Frugal, OptimizerConfig};
 use frugal_nn::encoder::{Classifier, Encoder, EncoderConfig, LoraConfig, LoraTargets, Pooling};
 use indicatif::ProgressBar;

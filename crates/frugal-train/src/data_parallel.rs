@@ -1,10 +1,10 @@
 //! Data parallelism: each rank computes the gradients of its share of a global batch, and the
 //! ranks average them before every optimizer step, in buckets. The optimizer state is sharded
-//! (ZeRO-1 style): each rank keeps the state of its share of the parameters and updates those,
-//! so each gradient's mean is reduced to the rank that owns it only (half the traffic of an
-//! all-reduce), and the ranks then exchange the updated values. A single process ([`Solo`])
-//! skips every collective, so its steps are those of a run without data parallelism, bit for
-//! bit.
+//! (ZeRO-1 style, see [`ShardPlan`]): each rank keeps the state of its share of the parameters,
+//! and of a piece of each large state-full one, and updates those, so each mean is reduced to
+//! the rank that owns it only (half the traffic of an all-reduce), and the ranks then exchange
+//! the updated values. A single process ([`Solo`]) skips every collective, so its steps are
+//! those of a run without data parallelism, bit for bit.
 
 use crate::grads::{chunk_squares, clip_factor, norm_in_name_order, NORM_CHUNK};
 use anyhow::{Context, Result};

@@ -336,8 +336,9 @@ impl Frugal {
     }
 
     /// Takes over the state of the parameters in `bytes` (another shard's
-    /// [`Frugal::owned_state`]), which this shard then owns: gathering every shard's state
-    /// into one makes a whole optimizer that can be saved.
+    /// [`Frugal::owned_state`]), which this shard then owns; a piece of a split tensor joins
+    /// the adjoining piece held here. Gathering every shard's state into one, in rank order,
+    /// makes a whole optimizer that can be saved.
     pub fn absorb_state(&mut self, bytes: &[u8]) -> Result<()> {
         self.restore(bytes, Path::new("(a shard's state)"), false)
     }
@@ -594,7 +595,12 @@ impl Frugal {
             *owned = Some(state.range);
             if self.engine == Engine::Tensors {
                 slot.device = Default::default();
-                slot.push()?;
+                if whole {
+                    slot.push()?;
+                } else {
+                    // Gathered to be saved: the device keeps only this shard's own state.
+                    slot.device.on_host = true;
+                }
             }
         }
         if !whole {

@@ -326,16 +326,20 @@ impl DataParallel {
     }
 
     /// Gathers every shard's optimizer state into rank 0's `optimizer`, which then holds the
-    /// whole state (to save it); the other ranks send theirs.
+    /// whole state (to save it); the other ranks send theirs, one rank at a time, so that
+    /// rank 0 holds one rank's serialized state at most besides the state.
     pub fn gather_state(&self, optimizer: &mut Frugal) -> Result<()> {
-        let lead = self.rank() == 0;
-        let mine = if lead {
-            Vec::new()
-        } else {
-            optimizer.owned_state()?
-        };
-        for part in self.comm.gather_bytes(mine, 0).iter().skip(1) {
-            optimizer.absorb_state(part)?;
+        let rank = self.rank();
+        for from in 1..self.world_size() {
+            let mine = if rank == from {
+                optimizer.owned_state()?
+            } else {
+                Vec::new()
+            };
+            let parts = self.comm.gather_bytes(mine, 0);
+            if rank == 0 {
+                optimizer.absorb_state(&parts[from])?;
+            }
         }
         Ok(())
     }

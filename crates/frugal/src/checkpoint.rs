@@ -4,7 +4,7 @@
 
 use crate::config::{DensitySchedule, MomentStorage, OptimizerConfig};
 use crate::error::{Error, Result};
-use crate::fs::write_atomically;
+use crate::fs::write_atomically_with;
 use crate::labels::{ParamInfo, Role};
 use crate::on_device::Engine;
 use crate::optimizer::{Frugal, Slot};
@@ -15,6 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::{SafeTensorError, SafeTensors};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
@@ -76,12 +77,47 @@ fn axis_name(a: Axis) -> &'static str {
     }
 }
 
-fn f32_bytes(x: &[f32]) -> Vec<u8> {
-    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+/// Values as the file's little-endian bytes: borrowed, not copied, on a little-endian machine.
+fn le_bytes<'a, T: bytemuck::Pod + ToLeBytes>(x: Cow<'a, [T]>) -> Cow<'a, [u8]> {
+    match x {
+        Cow::Borrowed(x) if cfg!(target_endian = "little") => {
+            Cow::Borrowed(bytemuck::cast_slice(x))
+        }
+        x => Cow::Owned(x.iter().flat_map(|v| v.le_bytes()).collect()),
+    }
 }
 
-fn u32_bytes(x: &[u32]) -> Vec<u8> {
-    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+/// The little-endian bytes of a 4-byte value.
+trait ToLeBytes {
+    fn le_bytes(&self) -> [u8; 4];
+}
+
+impl ToLeBytes for f32 {
+    fn le_bytes(&self) -> [u8; 4] {
+        self.to_le_bytes()
+    }
+}
+
+impl ToLeBytes for u32 {
+    fn le_bytes(&self) -> [u8; 4] {
+        self.to_le_bytes()
+    }
+}
+
+/// One array of a state file: its name, dtype, shape and bytes.
+type Array<'a> = (String, Dtype, Vec<usize>, Cow<'a, [u8]>);
+
+/// The arrays as safetensors views.
+fn views<'a>(arrays: &'a [Array<'_>], path: &Path) -> Result<Vec<(String, TensorView<'a>)>> {
+    arrays
+        .iter()
+        .map(|(n, dt, shape, bytes)| {
+            Ok((
+                n.clone(),
+                TensorView::new(*dt, shape.clone(), bytes).map_err(|e| file_err(path, e))?,
+            ))
+        })
+        .collect()
 }
 
 fn file_err(path: &Path, reason: impl ToString) -> Error {
@@ -205,7 +241,12 @@ impl Frugal {
                 s.info.name
             )));
         }
-        write_atomically(path, &self.serialize(path)?)
+        // Streamed to the file from the state itself: no copy of the state in memory.
+        let (header, arrays) = self.contents()?;
+        let views = views(&arrays, path)?;
+        write_atomically_with(path, |tmp| {
+            safetensors::serialize_to_file(views, Some(header), tmp).map_err(|e| file_err(path, e))
+        })
     }
 
     /// The state of the parameters this shard owns (see [`Frugal::shard`]), in the format of
@@ -216,23 +257,29 @@ impl Frugal {
 
     /// The state of the owned parameters, as a safetensors file's bytes.
     fn serialize(&self, path: &Path) -> Result<Vec<u8>> {
+        let (header, arrays) = self.contents()?;
+        safetensors::serialize(views(&arrays, path)?, Some(header)).map_err(|e| file_err(path, e))
+    }
+
+    /// The header and the arrays of the owned parameters' state.
+    fn contents(&self) -> Result<(HashMap<String, String>, Vec<Array<'_>>)> {
         if self.step_is_open() {
             return Err(Error::StepInParts(
                 "the state cannot be saved in the middle of a step; call finish_step first".into(),
             ));
         }
-        let mut arrays: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut arrays: Vec<Array> = Vec::new();
         let mut params = Vec::with_capacity(self.slots.len());
         for s in self.slots.iter().filter(|s| s.owns()) {
             let name = &s.info.name;
             let (m, v) = s.host_moments()?;
-            for (suffix, data) in [("m", &m), ("v", &v)] {
+            for (suffix, data) in [("m", m), ("v", v)] {
                 if !data.is_empty() {
                     arrays.push((
                         format!("{name}::{suffix}"),
                         Dtype::F32,
                         vec![data.len()],
-                        f32_bytes(data),
+                        le_bytes(data),
                     ));
                 }
             }
@@ -243,13 +290,13 @@ impl Frugal {
                             format!("{name}::{suffix}.codes"),
                             Dtype::U8,
                             vec![p.len()],
-                            p.codes.clone(),
+                            Cow::Borrowed(&p.codes),
                         ));
                         arrays.push((
                             format!("{name}::{suffix}.scales"),
                             Dtype::F32,
                             vec![p.scales.len()],
-                            f32_bytes(&p.scales),
+                            le_bytes(Cow::Borrowed(&p.scales)),
                         ));
                     }
                 }
@@ -262,7 +309,7 @@ impl Frugal {
                         format!("{name}::idx"),
                         Dtype::U32,
                         vec![sel.idx.len()],
-                        u32_bytes(&sel.idx),
+                        le_bytes(Cow::Borrowed(&sel.idx)),
                     ));
                     SubspaceMeta::Coords {
                         axis: axis_name(sel.axis).into(),
@@ -277,7 +324,7 @@ impl Frugal {
                                 format!("{name}::{suffix}"),
                                 Dtype::F32,
                                 vec![data.len()],
-                                f32_bytes(data),
+                                le_bytes(Cow::Borrowed(data)),
                             ));
                         }
                     }
@@ -311,16 +358,7 @@ impl Frugal {
             META_KEY.to_string(),
             serde_json::to_string(&meta).expect("metadata serialises"),
         )]);
-        let views = arrays
-            .iter()
-            .map(|(n, dt, shape, bytes)| {
-                Ok((
-                    n.clone(),
-                    TensorView::new(*dt, shape.clone(), bytes).map_err(|e| file_err(path, e))?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        safetensors::serialize(views, Some(header)).map_err(|e| file_err(path, e))
+        Ok((header, arrays))
     }
 
     /// Restores the state saved by [`Frugal::save_state`] into an optimizer built over the same

@@ -3,7 +3,6 @@
 //! processes writing the same destination never share a temporary file.
 
 use crate::error::{Error, Result};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -21,20 +20,33 @@ pub fn temp_path(path: &Path) -> PathBuf {
 
 /// Writes `bytes` to `path` atomically (unique temporary file, fsync, rename).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_path(path);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        std::fs::remove_file(&tmp).ok();
-        Error::StateFile {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        }
+    write_atomically_with(path, |tmp| {
+        std::fs::write(tmp, bytes).map_err(|e| file_error(path, e))
     })
+}
+
+/// Has `write` create the file at the temporary path it is given, then syncs it and renames it
+/// over `path` (see [`write_atomically`]); the temporary file is removed on failure.
+pub fn write_atomically_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = temp_path(path);
+    let written = write(&tmp).and_then(|()| {
+        let sync = || -> std::io::Result<()> {
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, path)
+        };
+        sync().map_err(|e| file_error(path, e))
+    });
+    if written.is_err() {
+        std::fs::remove_file(&tmp).ok();
+    }
+    written
+}
+
+fn file_error(path: &Path, e: std::io::Error) -> Error {
+    Error::StateFile {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -108,6 +108,8 @@ fn shards_update_like_the_whole_optimizer_and_hold_its_state_between_them() {
         shards[0].save_state(&path).unwrap();
         let whole_path = dir.join("whole.safetensors");
         whole.save_state(&whole_path).unwrap();
+        // The file, streamed from the state, holds the bytes of the state in memory.
+        assert!(std::fs::read(&whole_path).unwrap() == whole.owned_state().unwrap());
         assert!(
             std::fs::read(&path).unwrap() == std::fs::read(&whole_path).unwrap(),
             "{label}: the gathered state differs from the whole optimizer's"

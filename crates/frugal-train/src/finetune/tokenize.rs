@@ -9,6 +9,9 @@ use tokenizers::{
     EncodeInput, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
 };
 
+/// Examples tokenized at a time by [`ClassTokenizer::encode`].
+const ENCODE_CHUNK: usize = 256;
+
 /// Token ids and token types of inputs, with their class ids.
 #[derive(Clone, Debug, Default)]
 pub struct Encoded {
@@ -84,8 +87,29 @@ impl ClassTokenizer {
         self.max_len
     }
 
-    /// Tokenizes labelled examples (in parallel), cutting long ones.
+    /// Tokenizes labelled examples (in parallel), cutting long ones. The examples go through
+    /// the tokenizer [`ENCODE_CHUNK`] at a time and only their ids are kept, so that the
+    /// tokenizer's full encodings of long texts (tokens, offsets, masks) never exist for all of
+    /// them at once.
     pub fn encode(&self, examples: &[(Example, u32)]) -> Result<Encoded> {
+        let mut inputs = Vec::with_capacity(examples.len());
+        let mut truncated = 0;
+        for chunk in examples.chunks(ENCODE_CHUNK) {
+            truncated += self.encode_into(chunk, &mut inputs)?;
+        }
+        Ok(Encoded {
+            inputs,
+            labels: examples.iter().map(|(_, c)| *c).collect(),
+            truncated,
+        })
+    }
+
+    /// Appends the token ids and types of `examples` to `inputs`; returns how many were cut.
+    fn encode_into(
+        &self,
+        examples: &[(Example, u32)],
+        inputs: &mut Vec<(Vec<u32>, Vec<u32>)>,
+    ) -> Result<usize> {
         fn input(e: &Example) -> EncodeInput<'_> {
             match &e.pair {
                 Some(p) => (e.text.as_str(), p.as_str()).into(),
@@ -107,21 +131,66 @@ impl ClassTokenizer {
         for (&i, e) in long.iter().zip(cut) {
             encodings[i] = e;
         }
-        let inputs = encodings
-            .iter()
-            .map(|e| {
-                let types = if self.zero_types {
-                    vec![0; e.len()]
-                } else {
-                    e.get_type_ids().to_vec()
+        inputs.extend(encodings.iter().map(|e| {
+            let types = if self.zero_types {
+                vec![0; e.len()]
+            } else {
+                e.get_type_ids().to_vec()
+            };
+            (e.get_ids().to_vec(), types)
+        }));
+        Ok(long.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// all-MiniLM-L6-v2's tokenizer (`scripts/fetch-finetune.sh`), when it has been installed;
+    /// CI installs it.
+    #[test]
+    fn inputs_encode_alike_in_chunks_and_one_at_a_time() {
+        let dir =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/finetune/all-MiniLM-L6-v2");
+        if !dir.join("tokenizer.json").exists() {
+            eprintln!(
+                "skipped: no tokenizer at {} (scripts/fetch-finetune.sh installs it)",
+                dir.display()
+            );
+            return;
+        }
+        let config: EncoderConfig =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        let tokenizer = ClassTokenizer::load(&dir.join("tokenizer.json"), &config, 12).unwrap();
+        // Lengths on both sides of the limit, pairs among them, over three chunks.
+        let examples: Vec<(Example, u32)> = (0..2 * ENCODE_CHUNK + 7)
+            .map(|i| {
+                let example = Example {
+                    text: "word ".repeat(i % 20 + 1),
+                    pair: (i % 3 == 0).then(|| "a second text".to_string()),
+                    label: String::new(),
                 };
-                (e.get_ids().to_vec(), types)
+                (example, (i % 4) as u32)
             })
             .collect();
-        Ok(Encoded {
-            inputs,
-            labels: examples.iter().map(|(_, c)| *c).collect(),
-            truncated: long.len(),
-        })
+        let all = tokenizer.encode(&examples).unwrap();
+        let single: Vec<Encoded> = examples
+            .iter()
+            .map(|e| tokenizer.encode(std::slice::from_ref(e)).unwrap())
+            .collect();
+        let inputs: Vec<_> = single.iter().flat_map(|e| e.inputs.clone()).collect();
+        assert_eq!(all.inputs, inputs);
+        assert_eq!(all.labels, examples.iter().map(|e| e.1).collect::<Vec<_>>());
+        assert_eq!(
+            all.truncated,
+            single.iter().map(|e| e.truncated).sum::<usize>()
+        );
+        assert!(all.truncated > 0 && all.truncated < examples.len());
+        assert!(all
+            .inputs
+            .iter()
+            .all(|(ids, types)| ids.len() <= 12 && types.len() == ids.len()));
     }
 }

@@ -7,6 +7,10 @@ use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
+/// Bytes of text tokenized at a time by [`TextTokenizer::encode_packed`] (at least one
+/// document).
+const ENCODE_BYTES: usize = 4 << 20;
+
 /// The end-of-text token added to trained tokenizers and separating packed documents.
 pub const EOS: &str = "<|endoftext|>";
 const EOS_CANDIDATES: &[&str] = &[
@@ -83,16 +87,35 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 
-    /// Token ids of each document followed by the end-of-text token, concatenated.
+    /// Token ids of each document followed by the end-of-text token, concatenated. The
+    /// documents go through the tokenizer (in parallel) about [`ENCODE_BYTES`] of text at a
+    /// time and only their ids are kept: the tokenizer's full encodings (tokens, offsets,
+    /// masks) take many times the text's size.
     pub fn encode_packed(&self, docs: &[String]) -> Result<Vec<u32>> {
-        let encodings = self
-            .inner
-            .encode_batch(docs.to_vec(), false)
-            .map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
-        let mut out = Vec::with_capacity(encodings.iter().map(|e| e.len() + 1).sum());
-        for e in encodings {
-            out.extend_from_slice(e.get_ids());
-            out.push(self.eos);
+        self.encode_packed_by(docs, ENCODE_BYTES)
+    }
+
+    /// [`TextTokenizer::encode_packed`], `chunk` bytes of text at a time.
+    fn encode_packed_by(&self, docs: &[String], chunk: usize) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < docs.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < docs.len() && (end == start || bytes < chunk) {
+                bytes += docs[end].len();
+                end += 1;
+            }
+            let texts: Vec<&str> = docs[start..end].iter().map(String::as_str).collect();
+            let encodings = self
+                .inner
+                .encode_batch(texts, false)
+                .map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
+            for e in encodings {
+                out.extend_from_slice(e.get_ids());
+                out.push(self.eos);
+            }
+            start = end;
         }
         Ok(out)
     }
@@ -109,6 +132,10 @@ mod tests {
             .collect();
         let tok = TextTokenizer::train(&docs, 300).unwrap();
         assert!(tok.vocab_size() <= 300);
+        // A few documents at a time or all at once, the same ids.
+        let whole = tok.encode_packed_by(&docs, usize::MAX).unwrap();
+        assert_eq!(tok.encode_packed_by(&docs, 100).unwrap(), whole);
+        assert_eq!(tok.encode_packed(&docs).unwrap(), whole);
         let ids = tok.encode_packed(&docs[..2]).unwrap();
         assert_eq!(ids.iter().filter(|&&i| i == tok.eos).count(), 2);
         let text = tok.inner.decode(&ids[..ids.len() / 2 - 1], true).unwrap();

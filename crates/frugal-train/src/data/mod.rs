@@ -139,10 +139,10 @@ impl Dataset {
     ) -> Result<Self> {
         std::fs::create_dir_all(cache)
             .with_context(|| format!("cannot create cache directory {}", cache.display()))?;
-        let contents = source.contents()?;
+        // The files are read again to be split: their bytes are not kept meanwhile.
         let mut data_key = FNV_OFFSET;
-        for (label, bytes) in &contents {
-            data_key = fnv1a(fnv1a(data_key, label.as_bytes()), bytes);
+        for (label, bytes) in source.contents()? {
+            data_key = fnv1a(fnv1a(data_key, label.as_bytes()), &bytes);
         }
         data_key = fnv1a(data_key, &holdout.val.to_le_bytes());
         if holdout.test > 0.0 {

@@ -54,7 +54,7 @@ fn config(vocab: usize) -> LlamaConfig {
 fn pretrained(dir: &Path, texts: &[String]) -> (PathBuf, Llama) {
     let folder = dir.join("pretrained");
     std::fs::create_dir_all(&folder).unwrap();
-    let tok = TextTokenizer::train(texts, 300).unwrap();
+    let tok = TextTokenizer::train(texts.iter(), 300).unwrap();
     std::fs::write(folder.join("tokenizer.json"), tok.to_json().unwrap()).unwrap();
     let config = config(tok.vocab_size());
     std::fs::write(

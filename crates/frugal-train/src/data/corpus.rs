@@ -85,32 +85,41 @@ impl Source {
 
     /// The raw bytes of every file, in order, with a label for messages.
     pub fn contents(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        (0..self.file_count()).map(|i| self.file(i)).collect()
+    }
+
+    /// Number of files.
+    pub fn file_count(&self) -> usize {
         match self {
-            Source::Embedded => Ok(vec![(
-                format!("{EMBEDDED_NAME}.jsonl"),
-                EMBEDDED.as_bytes().to_vec(),
-            )]),
-            Source::Files(files) => files
-                .iter()
-                .map(|p| {
-                    let raw = std::fs::read(p)
-                        .with_context(|| format!("cannot read data file {}", p.display()))?;
-                    let bytes = if p.to_string_lossy().ends_with(".gz") {
-                        let mut out = Vec::new();
-                        flate2::read::MultiGzDecoder::new(raw.as_slice())
-                            .read_to_end(&mut out)
-                            .with_context(|| {
-                                format!("data file {} is not valid gzip", p.display())
-                            })?;
-                        out
-                    } else {
-                        raw
-                    };
-                    let label = p.display().to_string().trim_end_matches(".gz").to_string();
-                    Ok((label, bytes))
-                })
-                .collect(),
+            Source::Embedded => 1,
+            Source::Files(files) => files.len(),
         }
+    }
+
+    /// The raw bytes of file `i` (decompressed), with a label for messages.
+    pub fn file(&self, i: usize) -> Result<(String, Vec<u8>)> {
+        let p = match self {
+            Source::Embedded => {
+                return Ok((
+                    format!("{EMBEDDED_NAME}.jsonl"),
+                    EMBEDDED.as_bytes().to_vec(),
+                ))
+            }
+            Source::Files(files) => &files[i],
+        };
+        let raw =
+            std::fs::read(p).with_context(|| format!("cannot read data file {}", p.display()))?;
+        let bytes = if p.to_string_lossy().ends_with(".gz") {
+            let mut out = Vec::new();
+            flate2::read::MultiGzDecoder::new(raw.as_slice())
+                .read_to_end(&mut out)
+                .with_context(|| format!("data file {} is not valid gzip", p.display()))?;
+            out
+        } else {
+            raw
+        };
+        let label = p.display().to_string().trim_end_matches(".gz").to_string();
+        Ok((label, bytes))
     }
 }
 
@@ -196,6 +205,84 @@ impl Holdout {
     pub fn validation(val: f64) -> Self {
         Holdout { val, test: 0.0 }
     }
+
+    /// The part document `index` of a corpus goes to, by its position (before [`split`]'s
+    /// guarantees for tiny corpora).
+    pub fn part(&self, index: usize) -> Part {
+        let u = position(index);
+        if u < self.val {
+            Part::Val
+        } else if u < self.val + self.test {
+            Part::Test
+        } else {
+            Part::Train
+        }
+    }
+
+    /// True when documents counted by part (training, validation, test) need none of
+    /// [`split`]'s moves for tiny corpora, so that each document stays where
+    /// [`Holdout::part`] puts it.
+    pub fn keeps_positions(&self, counts: [usize; 3]) -> bool {
+        counts[0] > 1 && counts[1] > 0 && (self.test == 0.0 || counts[2] > 0)
+    }
+}
+
+/// A part of a corpus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Train = 0,
+    Val = 1,
+    Test = 2,
+}
+
+/// The documents of a source, read one file at a time, with their parts: the corpus never
+/// exists whole in memory. An error (a file that cannot be read or parsed) ends the files and
+/// is kept in `error`.
+pub struct StreamedDocuments<'a> {
+    source: &'a Source,
+    holdout: Holdout,
+    next_file: usize,
+    index: usize,
+    pub error: Option<anyhow::Error>,
+}
+
+impl<'a> StreamedDocuments<'a> {
+    /// The documents of `source`, from the first file.
+    pub fn new(source: &'a Source, holdout: Holdout) -> Self {
+        StreamedDocuments {
+            source,
+            holdout,
+            next_file: 0,
+            index: 0,
+            error: None,
+        }
+    }
+
+    /// The documents of the next file with their parts; none after the last file or an error.
+    pub fn next_file(&mut self) -> Option<Vec<(Part, String)>> {
+        if self.error.is_some() || self.next_file == self.source.file_count() {
+            return None;
+        }
+        let read = self.source.file(self.next_file);
+        self.next_file += 1;
+        match read.and_then(|(label, bytes)| documents(&label, &bytes)) {
+            Ok(docs) => {
+                let first = self.index;
+                self.index += docs.len();
+                let holdout = self.holdout;
+                Some(
+                    docs.into_iter()
+                        .enumerate()
+                        .map(|(k, d)| (holdout.part(first + k), d))
+                        .collect(),
+                )
+            }
+            Err(e) => {
+                self.error = Some(e);
+                None
+            }
+        }
+    }
 }
 
 /// A corpus' documents (or records) by split.
@@ -235,13 +322,10 @@ pub fn split<T>(docs: Vec<T>, holdout: Holdout) -> Result<Documents<T>> {
         test: Vec::new(),
     };
     for (i, d) in docs.into_iter().enumerate() {
-        let u = position(i);
-        if u < holdout.val {
-            split.val.push(d);
-        } else if u < holdout.val + holdout.test {
-            split.test.push(d);
-        } else {
-            split.train.push(d);
+        match holdout.part(i) {
+            Part::Val => split.val.push(d),
+            Part::Test => split.test.push(d),
+            Part::Train => split.train.push(d),
         }
     }
     // Tiny corpora: guarantee one document on each side.

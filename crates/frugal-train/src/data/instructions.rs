@@ -153,7 +153,7 @@ mod tests {
         let docs: Vec<String> = (0..40)
             .map(|i| format!("### Instruction:\nsay {i}\n\n### Response:\nthe number {i}"))
             .collect();
-        let tok = TextTokenizer::train(&docs, 300).unwrap();
+        let tok = TextTokenizer::train(docs.iter(), 300).unwrap();
         let rec = |instruction: &str, response: &str| Instruction {
             instruction: instruction.into(),
             input: String::new(),

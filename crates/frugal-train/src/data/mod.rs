@@ -8,10 +8,10 @@ pub mod tokenizer;
 
 use anyhow::{Context, Result};
 pub use batches::Batches;
-use corpus::Documents;
+use corpus::{Documents, Part, StreamedDocuments};
 pub use corpus::{Holdout, Source};
 use instructions::Instruction;
-use shard::{fnv1a, TokenShard, FNV_OFFSET};
+use shard::{fnv1a, ShardWriter, TokenShard, FNV_OFFSET};
 use std::path::{Path, PathBuf};
 pub use tokenizer::TextTokenizer;
 
@@ -115,6 +115,68 @@ pub struct Dataset {
     pub notes: Vec<String>,
 }
 
+/// True when the corpus can be prepared one file at a time: packed text whose documents all
+/// stay where their positions put them (see [`corpus::Holdout::keeps_positions`]; the moves
+/// for tiny corpora need the whole corpus, which is small then).
+fn streams(source: &Source, holdout: Holdout, format: Format) -> Result<bool> {
+    if format != Format::Packed {
+        return Ok(false);
+    }
+    let mut docs = StreamedDocuments::new(source, holdout);
+    let mut counts = [0; 3];
+    while let Some(file) = docs.next_file() {
+        for (part, _) in file {
+            counts[part as usize] += 1;
+        }
+    }
+    match docs.error {
+        Some(e) => Err(e),
+        None => Ok(holdout.keeps_positions(counts)),
+    }
+}
+
+/// A tokenizer trained on the training documents, read one file at a time.
+fn train_streamed(source: &Source, holdout: Holdout, vocab: usize) -> Result<TextTokenizer> {
+    let mut docs = StreamedDocuments::new(source, holdout);
+    let texts = std::iter::from_fn(|| docs.next_file())
+        .flatten()
+        .filter(|(part, _)| *part == Part::Train)
+        .map(|(_, text)| text);
+    let tok = TextTokenizer::train(texts, vocab);
+    match docs.error {
+        Some(e) => Err(e),
+        None => tok,
+    }
+}
+
+/// Tokenizes the documents one file at a time into the shards at `paths` (training,
+/// validation, and test when held out), packed in corpus order.
+fn encode_streamed(
+    source: &Source,
+    holdout: Holdout,
+    tok: &TextTokenizer,
+    paths: &[PathBuf],
+) -> Result<()> {
+    let mut shards = paths
+        .iter()
+        .map(|p| ShardWriter::create(p))
+        .collect::<Result<Vec<_>>>()?;
+    let mut docs = StreamedDocuments::new(source, holdout);
+    while let Some(file) = docs.next_file() {
+        let mut parts: [Vec<String>; 3] = Default::default();
+        for (part, text) in file {
+            parts[part as usize].push(text);
+        }
+        for (shard, texts) in shards.iter_mut().zip(&parts) {
+            shard.append(&tok.encode_packed(texts)?)?;
+        }
+    }
+    if let Some(e) = docs.error {
+        return Err(e);
+    }
+    shards.into_iter().try_for_each(ShardWriter::finish)
+}
+
 /// Default cache directory: `$FRUGAL_CACHE`, else `$XDG_CACHE_HOME/frugal`, else `~/.cache/frugal`.
 pub fn default_cache_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("FRUGAL_CACHE") {
@@ -139,9 +201,10 @@ impl Dataset {
     ) -> Result<Self> {
         std::fs::create_dir_all(cache)
             .with_context(|| format!("cannot create cache directory {}", cache.display()))?;
-        // The files are read again to be split: their bytes are not kept meanwhile.
+        // One file at a time: the corpus is never held whole for its key.
         let mut data_key = FNV_OFFSET;
-        for (label, bytes) in source.contents()? {
+        for i in 0..source.file_count() {
+            let (label, bytes) = source.file(i)?;
             data_key = fnv1a(fnv1a(data_key, label.as_bytes()), &bytes);
         }
         data_key = fnv1a(data_key, &holdout.val.to_le_bytes());
@@ -153,6 +216,7 @@ impl Dataset {
         }
         let mut split = None;
         let load_split = || Parts::load(source, holdout, format);
+        let mut streamed = None;
         let tokenizer = match tokenizer {
             TokenizerChoice::File(p) => TextTokenizer::load(p)?,
             TokenizerChoice::Train(vocab) => {
@@ -160,10 +224,15 @@ impl Dataset {
                 if path.exists() {
                     TextTokenizer::load(&path)?
                 } else {
-                    let docs = load_split()?;
-                    let tok = TextTokenizer::train(&docs.training_texts(), vocab)?;
+                    let tok = if *streamed.insert(streams(source, holdout, format)?) {
+                        train_streamed(source, holdout, vocab)?
+                    } else {
+                        let docs = load_split()?;
+                        let tok = TextTokenizer::train(docs.training_texts().iter(), vocab)?;
+                        split = Some(docs);
+                        tok
+                    };
                     frugal::fs::write_atomically(&path, tok.to_json()?.as_bytes())?;
-                    split = Some(docs);
                     tok
                 }
             }
@@ -181,14 +250,22 @@ impl Dataset {
         let cached = paths.iter().all(|p| p.exists());
         let mut notes = Vec::new();
         if !cached {
-            let docs = match split {
+            let streamed = match streamed {
                 Some(s) => s,
-                None => load_split()?,
+                None => streams(source, holdout, format)?,
             };
-            let (streams, why) = docs.encode(&tokenizer)?;
-            notes = why;
-            for (path, tokens) in paths.iter().zip(&streams) {
-                TokenShard::write(path, tokens)?;
+            if streamed {
+                encode_streamed(source, holdout, &tokenizer, &paths)?;
+            } else {
+                let docs = match split {
+                    Some(s) => s,
+                    None => load_split()?,
+                };
+                let (streams, why) = docs.encode(&tokenizer)?;
+                notes = why;
+                for (path, tokens) in paths.iter().zip(&streams) {
+                    TokenShard::write(path, tokens)?;
+                }
             }
         }
         Ok(Dataset {
@@ -199,5 +276,73 @@ impl Dataset {
             cached,
             notes,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A corpus of three JSON-lines files in a fresh folder under the system's temporary one.
+    fn corpus(name: &str, docs_per_file: usize) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("frugal-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..3 {
+            let lines: Vec<String> = (0..docs_per_file)
+                .map(|d| {
+                    let text = format!("file {f} tells story {d} of the whale and ship {}", d * f);
+                    serde_json::json!({ "text": text }).to_string()
+                })
+                .collect();
+            std::fs::write(dir.join(format!("part-{f}.jsonl")), lines.join("\n")).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn a_corpus_read_one_file_at_a_time_gives_the_tokens_of_the_whole_corpus() {
+        let dir = corpus("streamed", 80);
+        let source = Source::resolve(dir.to_str().unwrap()).unwrap();
+        let holdout = Holdout {
+            val: 0.1,
+            test: 0.1,
+        };
+        assert!(streams(&source, holdout, Format::Packed).unwrap());
+        let whole = Parts::load(&source, holdout, Format::Packed).unwrap();
+        let tok = TextTokenizer::train(whole.training_texts().iter(), 300).unwrap();
+        let streamed = train_streamed(&source, holdout, 300).unwrap();
+        assert_eq!(streamed.to_json().unwrap(), tok.to_json().unwrap());
+        let paths: Vec<PathBuf> = ["train", "val", "test"]
+            .iter()
+            .map(|s| dir.join(format!("{s}.bin")))
+            .collect();
+        encode_streamed(&source, holdout, &tok, &paths).unwrap();
+        let (streams, _) = whole.encode(&tok).unwrap();
+        for (path, tokens) in paths.iter().zip(&streams) {
+            let shard = TokenShard::open(path).unwrap();
+            assert!(!tokens.is_empty());
+            assert_eq!(&shard.range(0, shard.len()), tokens, "{}", path.display());
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn tiny_corpora_and_instructions_are_prepared_whole() {
+        // Two documents a file: the tiny corpus' validation document is moved from training.
+        let dir = corpus("tiny", 1);
+        let source = Source::resolve(dir.to_str().unwrap()).unwrap();
+        let holdout = Holdout::validation(0.01);
+        assert!(!streams(&source, holdout, Format::Packed).unwrap());
+        assert!(!streams(&source, holdout, Format::Instructions { seq_len: 8 }).unwrap());
+        // A file that does not parse is named, whichever way the corpus is read.
+        std::fs::write(dir.join("part-1.jsonl"), "{\"body\": 1}\n").unwrap();
+        let err = streams(&source, holdout, Format::Packed)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("part-1.jsonl") && err.contains("text"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

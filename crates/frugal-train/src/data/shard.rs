@@ -3,11 +3,65 @@
 
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
-use std::io::Write;
-use std::path::Path;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"FRGTOK01";
 const HEADER: usize = 16;
+
+/// A shard written as its tokens come (under a temporary name, renamed when finished).
+pub struct ShardWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    len: u64,
+}
+
+impl ShardWriter {
+    /// Starts the shard that will be `path`.
+    pub fn create(path: &Path) -> Result<Self> {
+        let tmp = frugal::fs::temp_path(path);
+        let mut file = std::io::BufWriter::new(
+            std::fs::File::create(&tmp)
+                .with_context(|| format!("cannot create {}", tmp.display()))?,
+        );
+        file.write_all(MAGIC)?;
+        file.write_all(&0u64.to_le_bytes())?; // the length, written when finished
+        Ok(ShardWriter {
+            path: path.to_path_buf(),
+            tmp,
+            file,
+            len: 0,
+        })
+    }
+
+    /// Appends `tokens`.
+    pub fn append(&mut self, tokens: &[u32]) -> Result<()> {
+        for t in tokens {
+            self.file.write_all(&t.to_le_bytes())?;
+        }
+        self.len += tokens.len() as u64;
+        Ok(())
+    }
+
+    /// Writes the length, syncs and renames the shard into place.
+    pub fn finish(mut self) -> Result<()> {
+        self.file.flush()?;
+        let file = self.file.get_mut();
+        file.seek(SeekFrom::Start(MAGIC.len() as u64))?;
+        file.write_all(&self.len.to_le_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&self.tmp, &self.path)
+            .with_context(|| format!("cannot write {}", self.path.display()))
+    }
+}
+
+impl Drop for ShardWriter {
+    /// An unfinished shard leaves no temporary file behind (after `finish` there is none).
+    fn drop(&mut self) {
+        std::fs::remove_file(&self.tmp).ok();
+    }
+}
 
 /// A read-only, memory-mapped sequence of token ids.
 pub struct TokenShard {
@@ -18,19 +72,9 @@ pub struct TokenShard {
 impl TokenShard {
     /// Writes `tokens` to `path` (temporary file + rename).
     pub fn write(path: &Path, tokens: &[u32]) -> Result<()> {
-        let tmp = frugal::fs::temp_path(path);
-        let mut f = std::io::BufWriter::new(
-            std::fs::File::create(&tmp)
-                .with_context(|| format!("cannot create {}", tmp.display()))?,
-        );
-        f.write_all(MAGIC)?;
-        f.write_all(&(tokens.len() as u64).to_le_bytes())?;
-        for t in tokens {
-            f.write_all(&t.to_le_bytes())?;
-        }
-        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(())
+        let mut w = ShardWriter::create(path)?;
+        w.append(tokens)?;
+        w.finish()
     }
 
     /// Opens a shard, checking its header and size.

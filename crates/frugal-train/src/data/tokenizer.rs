@@ -9,7 +9,7 @@ use tokenizers::{AddedToken, Tokenizer};
 
 /// Bytes of text tokenized at a time by [`TextTokenizer::encode_packed`] (at least one
 /// document).
-const ENCODE_BYTES: usize = 4 << 20;
+const ENCODE_BYTES: usize = 1 << 20;
 
 /// The end-of-text token added to trained tokenizers and separating packed documents.
 pub const EOS: &str = "<|endoftext|>";
@@ -53,8 +53,12 @@ impl TextTokenizer {
         Ok(TextTokenizer { inner, eos })
     }
 
-    /// Trains a byte-level BPE with `vocab_size` entries (including the end-of-text token).
-    pub fn train(docs: &[String], vocab_size: usize) -> Result<Self> {
+    /// Trains a byte-level BPE with `vocab_size` entries (including the end-of-text token) on
+    /// `docs`.
+    pub fn train<S: AsRef<str> + Send>(
+        docs: impl Iterator<Item = S> + Send,
+        vocab_size: usize,
+    ) -> Result<Self> {
         if vocab_size < 257 + 1 {
             bail!("--vocab-size {vocab_size} is too small for a byte-level BPE (at least 258)");
         }
@@ -70,7 +74,7 @@ impl TextTokenizer {
         inner.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
         inner.with_decoder(Some(ByteLevel::default()));
         inner
-            .train(&mut trainer, docs.iter())
+            .train(&mut trainer, docs)
             .map_err(|e| anyhow::anyhow!("tokenizer training failed: {e}"))?;
         Self::with_eos(inner)
     }
@@ -130,7 +134,7 @@ mod tests {
         let docs: Vec<String> = (0..50)
             .map(|i| format!("the whale number {i} swam past the ship"))
             .collect();
-        let tok = TextTokenizer::train(&docs, 300).unwrap();
+        let tok = TextTokenizer::train(docs.iter(), 300).unwrap();
         assert!(tok.vocab_size() <= 300);
         // A few documents at a time or all at once, the same ids.
         let whole = tok.encode_packed_by(&docs, usize::MAX).unwrap();

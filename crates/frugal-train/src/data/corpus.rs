@@ -223,7 +223,7 @@ impl Holdout {
     /// [`split`]'s moves for tiny corpora, so that each document stays where
     /// [`Holdout::part`] puts it.
     pub fn keeps_positions(&self, counts: [usize; 3]) -> bool {
-        counts[0] > 1 && counts[1] > 0 && (self.test == 0.0 || counts[2] > 0)
+        counts[0] > 0 && counts[1] > 0 && (self.test == 0.0 || counts[2] > 0)
     }
 }
 

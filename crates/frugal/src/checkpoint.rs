@@ -4,10 +4,10 @@
 
 use crate::config::{DensitySchedule, MomentStorage, OptimizerConfig};
 use crate::error::{Error, Result};
-use crate::fs::write_atomically_with;
+use crate::fs::{file_error, write_atomically_with};
 use crate::labels::{ParamInfo, Role};
 use crate::on_device::Engine;
-use crate::optimizer::{Frugal, Slot};
+use crate::optimizer::{cut_moments, Frugal, Slot};
 use crate::projection::{Axis, Basis, BlockSchedule, Selection, Subspace};
 use crate::quant::{self, Code, Packed};
 use crate::update_gap::UpdateGap;
@@ -114,17 +114,10 @@ fn views<'a>(arrays: &'a [Array<'_>], path: &Path) -> Result<Vec<(String, Tensor
         .map(|(n, dt, shape, bytes)| {
             Ok((
                 n.clone(),
-                TensorView::new(*dt, shape.clone(), bytes).map_err(|e| file_err(path, e))?,
+                TensorView::new(*dt, shape.clone(), bytes).map_err(|e| file_error(path, e))?,
             ))
         })
         .collect()
-}
-
-fn file_err(path: &Path, reason: impl ToString) -> Error {
-    Error::StateFile {
-        path: path.display().to_string(),
-        reason: reason.to_string(),
-    }
 }
 
 /// The settings that must agree between the saving and the resuming run: all but the learning
@@ -245,7 +238,8 @@ impl Frugal {
         let (header, arrays) = self.contents()?;
         let views = views(&arrays, path)?;
         write_atomically_with(path, |tmp| {
-            safetensors::serialize_to_file(views, Some(header), tmp).map_err(|e| file_err(path, e))
+            safetensors::serialize_to_file(views, Some(header), tmp)
+                .map_err(|e| file_error(path, e))
         })
     }
 
@@ -258,7 +252,7 @@ impl Frugal {
     /// The state of the owned parameters, as a safetensors file's bytes.
     fn serialize(&self, path: &Path) -> Result<Vec<u8>> {
         let (header, arrays) = self.contents()?;
-        safetensors::serialize(views(&arrays, path)?, Some(header)).map_err(|e| file_err(path, e))
+        safetensors::serialize(views(&arrays, path)?, Some(header)).map_err(|e| file_error(path, e))
     }
 
     /// The header and the arrays of the owned parameters' state.
@@ -365,11 +359,11 @@ impl Frugal {
     /// parameters with the same configuration (the learning rate may differ). A shard reads
     /// only its own parameters' part.
     pub fn load_state(&mut self, path: &Path) -> Result<()> {
-        let file = std::fs::File::open(path).map_err(|e| file_err(path, e))?;
+        let file = std::fs::File::open(path).map_err(|e| file_error(path, e))?;
         // Mapped, not read: a shard touches only the pages of its own parameters.
         // SAFETY: checkpoints are replaced by atomic renames, never rewritten in place, so the
         // mapped file does not change while it is read.
-        let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| file_err(path, e))?;
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| file_error(path, e))?;
         self.restore(&bytes, path, true)
     }
 
@@ -385,17 +379,17 @@ impl Frugal {
     /// own position (step, random state, schedules) when `whole`, else the parameters it holds.
     fn restore(&mut self, bytes: &[u8], path: &Path, whole: bool) -> Result<()> {
         let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| file_err(path, format!("not a safetensors file ({e})")))?;
-        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| file_err(path, e))?;
+            .map_err(|e| file_error(path, format!("not a safetensors file ({e})")))?;
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| file_error(path, e))?;
         let json = header
             .metadata()
             .as_ref()
             .and_then(|m| m.get(META_KEY))
-            .ok_or_else(|| file_err(path, "no optimizer metadata in the header"))?;
-        let meta: StateMeta =
-            serde_json::from_str(json).map_err(|e| file_err(path, format!("bad metadata: {e}")))?;
+            .ok_or_else(|| file_error(path, "no optimizer metadata in the header"))?;
+        let meta: StateMeta = serde_json::from_str(json)
+            .map_err(|e| file_error(path, format!("bad metadata: {e}")))?;
         if meta.format != FORMAT {
-            return Err(file_err(
+            return Err(file_error(
                 path,
                 format!(
                     "format {} is not supported (expected {FORMAT})",
@@ -418,7 +412,7 @@ impl Frugal {
             )));
         }
         if meta.gap.as_ref().is_some_and(|g| g.gap == 0) {
-            return Err(file_err(path, "the saved update gap is 0"));
+            return Err(file_error(path, "the saved update gap is 0"));
         }
         let fixed = self.config.density_schedule == DensitySchedule::Constant;
         check_schedule(&meta.schedule, &self.schedule, fixed)
@@ -464,7 +458,7 @@ impl Frugal {
             let range = match p.piece {
                 None => 0..slot.info.numel(),
                 Some(_) if whole => {
-                    return Err(file_err(
+                    return Err(file_error(
                         path,
                         format!(
                             "`{}` holds a shard's part of its state, not all of it",
@@ -480,7 +474,7 @@ impl Frugal {
                     a..b
                 }
                 Some(piece) => {
-                    return Err(file_err(
+                    return Err(file_error(
                         path,
                         format!("`{}` has an impossible piece {piece:?}", p.name),
                     ))
@@ -495,10 +489,10 @@ impl Frugal {
                         "columns" => Axis::Columns,
                         "rows" => Axis::Rows,
                         "entries" => Axis::Entries,
-                        other => return Err(file_err(path, format!("unknown axis `{other}`"))),
+                        other => return Err(file_error(path, format!("unknown axis `{other}`"))),
                     };
                     let idx = read_array(&st, &format!("{name}::idx"), Dtype::U32, path)?
-                        .ok_or_else(|| file_err(path, format!("missing indices of `{name}`")))?
+                        .ok_or_else(|| file_error(path, format!("missing indices of `{name}`")))?
                         .chunks_exact(4)
                         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                         .collect();
@@ -522,7 +516,7 @@ impl Frugal {
                             None => Ok(None),
                             Some(r) => Ok(Some((
                                 f32s(&format!("{name}::{suffix}"))?.ok_or_else(|| {
-                                    file_err(path, format!("missing {suffix} basis of `{name}`"))
+                                    file_error(path, format!("missing {suffix} basis of `{name}`"))
                                 })?,
                                 *r,
                             ))),
@@ -667,22 +661,14 @@ struct Restored {
 
 impl Restored {
     /// The state of the elements in `piece` (within `self.range`; a whole tensor's state).
-    fn cut(self, piece: &Range<usize>) -> Restored {
+    fn cut(mut self, piece: &Range<usize>) -> Restored {
         if self.subspace != Subspace::All {
             return self;
         }
         let local = piece.start - self.range.start..piece.end - self.range.start;
-        let part = |x: Vec<f32>| match x.is_empty() {
-            true => x,
-            false => x[local.clone()].to_vec(),
-        };
-        Restored {
-            m: part(self.m),
-            v: part(self.v),
-            packed: self.packed.map(|(m, v)| (m.slice(&local), v.slice(&local))),
-            range: piece.clone(),
-            ..self
-        }
+        cut_moments((&mut self.m, &mut self.v, &mut self.packed), &local);
+        self.range = piece.clone();
+        self
     }
 
     /// This piece joined to the adjacent piece `held` that `slot` holds (its moments on the
@@ -740,11 +726,11 @@ fn read_array(
 ) -> Result<Option<Vec<u8>>> {
     match st.tensor(key) {
         Ok(view) if view.dtype() == dtype => Ok(Some(view.data().to_vec())),
-        Ok(view) => Err(file_err(
+        Ok(view) => Err(file_error(
             path,
             format!("`{key}` has dtype {:?}, expected {dtype:?}", view.dtype()),
         )),
         Err(SafeTensorError::TensorNotFound(_)) => Ok(None),
-        Err(e) => Err(file_err(path, format!("`{key}`: {e}"))),
+        Err(e) => Err(file_error(path, format!("`{key}`: {e}"))),
     }
 }

@@ -42,10 +42,11 @@ pub fn write_atomically_with(path: &Path, write: impl FnOnce(&Path) -> Result<()
     written
 }
 
-fn file_error(path: &Path, e: std::io::Error) -> Error {
+/// A state file error: `path` and why.
+pub(crate) fn file_error(path: &Path, reason: impl ToString) -> Error {
     Error::StateFile {
         path: path.display().to_string(),
-        reason: e.to_string(),
+        reason: reason.to_string(),
     }
 }
 

@@ -87,15 +87,7 @@ impl Slot {
             self.pull()?;
         }
         let local = range.start - held.start..range.end - held.start;
-        for moment in [&mut self.m, &mut self.v] {
-            if !moment.is_empty() {
-                *moment = moment[local.clone()].to_vec();
-            }
-        }
-        if let Some((pm, pv)) = &mut self.packed {
-            *pm = pm.slice(&local);
-            *pv = pv.slice(&local);
-        }
+        cut_moments((&mut self.m, &mut self.v, &mut self.packed), &local);
         if on_device {
             self.push()?;
         }
@@ -159,6 +151,23 @@ fn check_storage(name: &str, var: &Var) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Keeps the values `local` of host moments, f32 or 8-bit (those the rule keeps none of stay
+/// empty).
+pub(crate) fn cut_moments(
+    (m, v, packed): (&mut Vec<f32>, &mut Vec<f32>, &mut Option<(Packed, Packed)>),
+    local: &Range<usize>,
+) {
+    for moment in [m, v] {
+        if !moment.is_empty() {
+            *moment = moment[local.clone()].to_vec();
+        }
+    }
+    if let Some((pm, pv)) = packed {
+        *pm = pm.slice(local);
+        *pv = pv.slice(local);
+    }
 }
 
 /// Checks that `own` is a share [`Frugal::shard`] can keep of `slot`: within what it holds now,

@@ -422,6 +422,38 @@ fn memory_report_equals_what_training_holds() {
 }
 
 #[test]
+fn memory_plans_ranks_within_an_even_share_with_the_embeddings_split() {
+    let dir = scratch("memory-ranks");
+    let out = run_ok(frugal(&dir).args([
+        "memory",
+        "--model",
+        "60m",
+        "--json",
+        "--world-size",
+        "8",
+        "--optimizer",
+        "adamw",
+    ]));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["split_tensors"],
+        serde_json::json!(["model.embed_tokens.weight", "lm_head.weight"])
+    );
+    let shares: Vec<u64> = report["state_per_rank"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["moments"].as_u64().unwrap())
+        .collect();
+    let total = report["total"]["state"]["moments"].as_u64().unwrap();
+    assert_eq!(shares.iter().sum::<u64>(), total);
+    // Within one 64Ki-value piece of AdamW moments (512 KiB) of an even share.
+    for s in &shares {
+        assert!(s.abs_diff(total / 8) <= 8 << 16, "{shares:?} of {total}");
+    }
+}
+
+#[test]
 fn compare_reports_every_method_and_resumes() {
     let dir = scratch("compare");
     let out_dir = dir.join("cmp");

@@ -35,6 +35,8 @@ pub struct MemoryReport {
     /// Under data parallelism with sharded state: the state each rank holds, in rank order
     /// (weights and gradients are whole on every rank).
     pub state_per_rank: Vec<StateBytes>,
+    /// The tensors whose state is split into one piece per rank.
+    pub split_tensors: Vec<String>,
 }
 
 /// The planned memory of training steps in one memory mode.
@@ -107,6 +109,7 @@ impl MemoryReport {
             steps: Vec::new(),
             adamw_normal_peak_bytes: None,
             state_per_rank: Vec::new(),
+            split_tensors: Vec::new(),
         })
     }
 
@@ -121,8 +124,15 @@ impl MemoryReport {
         if world < 2 {
             return Ok(self);
         }
-        self.state_per_rank =
-            frugal::sharding::state_per_rank(optimizer, &model.labelled_shapes(), world)?;
+        let shapes = model.labelled_shapes();
+        self.state_per_rank = frugal::sharding::state_per_rank(optimizer, &shapes, world)?;
+        let plan = frugal::sharding::plan_shards(optimizer, &shapes, world)?;
+        self.split_tensors = shapes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| plan.pieces(*i).len() > 1)
+            .map(|(_, p)| p.name.clone())
+            .collect();
         Ok(self)
     }
 
@@ -222,6 +232,12 @@ impl MemoryReport {
                 shares.join(", "),
                 self.state_mib()
             );
+            if !self.split_tensors.is_empty() {
+                out += &format!(
+                    "split into one piece per rank: {}\n",
+                    self.split_tensors.join(", ")
+                );
+            }
         }
         if !self.steps.is_empty() {
             out += &format!(

@@ -110,14 +110,14 @@ fn two_ranks_of_batch_4_train_like_one_process_of_batch_8() {
             norms.iter().all(|n| n.parse::<f64>().unwrap() > 0.05),
             "{norms:?}"
         );
-        // Rank 0 gathers the sharded state into the checkpoint of the one-process run.
-        for file in ["optimizer.safetensors", "model.safetensors"] {
-            let read = |run: &Path| std::fs::read(run.join("checkpoints/step-30").join(file));
-            assert!(
-                read(&ranks).unwrap() == read(&halves).unwrap(),
-                "{optimizer}: {file}"
-            );
-        }
+        // The model is the one-process run's; the ranks' parts of the state join into its state.
+        let (a, b) = (
+            ranks.join("checkpoints/step-30"),
+            halves.join("checkpoints/step-30"),
+        );
+        let read = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
+        assert!(read(&a) == read(&b), "{optimizer}");
+        assert_parts_join_into(&a, &b);
         check_sharded_state(&dir, optimizer, &ranks, &halves);
         // One batch of 8 sums in another order. signSGD (FRUGAL's state-free rule) turns the
         // last-bit differences of near-zero gradient entries into whole steps of ±lr, so FRUGAL's
@@ -135,6 +135,81 @@ fn two_ranks_of_batch_4_train_like_one_process_of_batch_8() {
         assert_close(&a, &b, tol, optimizer);
         assert!(a[29] < a[0] - 1.0, "{optimizer}: the loss must fall: {a:?}");
         assert_eq!(summary(&ranks)["tokens"], summary(&whole)["tokens"]);
+    }
+}
+
+/// Asserts that the two ranks' parts of the optimizer state in checkpoint `ranks` join into the
+/// state of the one-process checkpoint `whole`: the same position, and each parameter's pieces,
+/// in element order, the same values and fields, bit for bit.
+fn assert_parts_join_into(ranks: &Path, whole: &Path) {
+    use safetensors::SafeTensors;
+    use serde_json::Value;
+    let read = |path: std::path::PathBuf| {
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{e}: {}", path.display()))
+    };
+    assert!(!ranks.join("optimizer.safetensors").exists());
+    let whole_bytes = read(whole.join("optimizer.safetensors"));
+    let parts: Vec<Vec<u8>> = (1..=2)
+        .map(|k| read(ranks.join(format!("optimizer-{k:05}-of-00002.safetensors"))))
+        .collect();
+    let meta = |bytes: &[u8]| -> Value {
+        let (_, header) = SafeTensors::read_metadata(bytes).unwrap();
+        serde_json::from_str(&header.metadata().as_ref().unwrap()["frugal"]).unwrap()
+    };
+    let want = meta(&whole_bytes);
+    let metas: Vec<Value> = parts.iter().map(|p| meta(p)).collect();
+    for m in &metas {
+        for key in ["format", "config", "step", "rng", "schedule", "gap"] {
+            assert_eq!(m[key], want[key], "{key}");
+        }
+        assert!(
+            !m["params"].as_array().unwrap().is_empty(),
+            "each rank holds a part"
+        );
+    }
+    let tensors: Vec<SafeTensors> = parts
+        .iter()
+        .map(|p| SafeTensors::deserialize(p).unwrap())
+        .collect();
+    let whole_tensors = SafeTensors::deserialize(&whole_bytes).unwrap();
+    for t in &tensors {
+        for key in t.names() {
+            assert!(
+                whole_tensors.tensor(key).is_ok(),
+                "{key} is not in the whole state"
+            );
+        }
+    }
+    for p in want["params"].as_array().unwrap() {
+        let name = p["name"].as_str().unwrap();
+        let mut held: Vec<(u64, usize, Value)> = Vec::new();
+        for (rank, m) in metas.iter().enumerate() {
+            for q in m["params"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|q| q["name"] == name)
+            {
+                let mut q = q.clone();
+                let start = q["piece"][0].as_u64().unwrap_or(0);
+                q.as_object_mut().unwrap().remove("piece");
+                held.push((start, rank, q));
+            }
+        }
+        held.sort_by_key(|h| h.0);
+        assert!(!held.is_empty(), "{name} is in no part");
+        for (_, _, q) in &held {
+            assert_eq!(q, p, "{name}");
+        }
+        for (key, view) in whole_tensors.tensors() {
+            if key.strip_prefix(name).is_some_and(|k| k.starts_with("::")) {
+                let joined: Vec<u8> = held
+                    .iter()
+                    .flat_map(|(_, rank, _)| tensors[*rank].tensor(&key).unwrap().data().to_vec())
+                    .collect();
+                assert!(joined == view.data(), "{key}");
+            }
+        }
     }
 }
 
@@ -532,10 +607,13 @@ fn two_ranks_fine_tune_like_one_process_and_resume_on_one() {
             .len(),
         2
     );
-    for file in ["optimizer.safetensors", "model.safetensors"] {
-        let read = |run: &Path| std::fs::read(run.join("checkpoints/step-6").join(file)).unwrap();
-        assert!(read(&ranks) == read(&one), "{file}");
-    }
+    let (a, b) = (
+        ranks.join("checkpoints/step-6"),
+        one.join("checkpoints/step-6"),
+    );
+    let read = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
+    assert!(read(&a) == read(&b));
+    assert_parts_join_into(&a, &b);
     // Paused on two ranks, resumed as one process with the same global batch.
     let paused = dir.join("paused");
     run_ok(

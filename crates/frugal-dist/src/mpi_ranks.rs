@@ -100,6 +100,10 @@ impl Collectives for MpiRanks {
         let world = self.world();
         let mut lens = vec![0u64; self.size];
         world.all_gather_into(&(mine.len() as u64), &mut lens[..]);
+        if lens.iter().all(|&n| n == 0) {
+            // Nothing to gather: MPI refuses an empty receive buffer.
+            return vec![Vec::new(); self.size];
+        }
         let counts: Vec<Count> = lens.iter().map(|&n| count(n as usize)).collect();
         let displs: Vec<Count> = counts
             .iter()

@@ -74,6 +74,8 @@ fn rank_checks() {
         ranks.all_gather_bytes(&mine),
         vec![vec![0u8; 2], vec![1u8; 3]]
     );
+    // Nothing from every rank (MPI itself refuses an empty receive buffer).
+    assert_eq!(ranks.all_gather_bytes(&[]), vec![Vec::<u8>::new(); 2]);
     let sent = if rank == 1 {
         b"from one".to_vec()
     } else {

@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 use std::ops::Range;
+use std::path::Path;
 use std::sync::Arc;
 
 /// Gradient elements averaged per collective: 8 Mi f32 (32 MiB), so that the buffers of a
@@ -325,23 +326,66 @@ impl DataParallel {
         Ok(())
     }
 
-    /// Gathers every shard's optimizer state into rank 0's `optimizer`, which then holds the
-    /// whole state (to save it); the other ranks send theirs, one rank at a time, so that
-    /// rank 0 holds one rank's serialized state at most besides the state.
-    pub fn gather_state(&self, optimizer: &mut Frugal) -> Result<()> {
-        let rank = self.rank();
-        for from in 1..self.world_size() {
-            let mine = if rank == from {
-                optimizer.owned_state()?
-            } else {
-                Vec::new()
+    /// Writes every rank's part of the sharded `optimizer`'s state into `dir`, the checkpoint
+    /// directory rank 0 made, as [`crate::checkpoint::optimizer_part`] names it: each rank
+    /// writes its own part, at the same time as the others. A rank that cannot see `dir` (its
+    /// file system is not rank 0's) sends its part to rank 0, which writes it, one rank at a
+    /// time. Fails on every rank when a part could not be written, naming the rank and why.
+    pub fn save_state_parts(&self, optimizer: &Frugal, dir: &Path) -> Result<()> {
+        let (rank, world) = (self.rank(), self.world_size());
+        let file = |r: usize| dir.join(crate::checkpoint::optimizer_part(r, world));
+        let sees: Vec<bool> = match world {
+            1 => vec![true],
+            _ => self
+                .per_rank(dir.is_dir() as usize)
+                .iter()
+                .map(|&s| s == 1)
+                .collect(),
+        };
+        let mut outcome: Result<()> = match sees[rank] {
+            true => optimizer
+                .save_state_part(&file(rank))
+                .with_context(|| format!("cannot write {}", file(rank).display())),
+            false => Ok(()),
+        };
+        for from in (1..world).filter(|&r| !sees[r]) {
+            let mine = match (rank == from).then(|| optimizer.owned_state()) {
+                Some(Ok(bytes)) => bytes,
+                Some(Err(e)) => {
+                    outcome = Err(e.into());
+                    Vec::new()
+                }
+                None => Vec::new(),
             };
             let parts = self.comm.gather_bytes(mine, 0);
-            if rank == 0 {
-                optimizer.absorb_state(&parts[from])?;
+            if rank == 0 && !parts[from].is_empty() && outcome.is_ok() {
+                outcome = frugal::fs::write_atomically(&file(from), &parts[from])
+                    .with_context(|| format!("cannot write rank {from}'s part"));
             }
         }
-        Ok(())
+        if world == 1 {
+            return outcome;
+        }
+        let mine = outcome.err().map(|e| format!("{e:#}")).unwrap_or_default();
+        let failed: Vec<String> = self
+            .comm
+            .all_gather_bytes(mine.as_bytes())
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !e.is_empty())
+            .map(|(r, e)| format!("rank {r}: {}", String::from_utf8_lossy(e)))
+            .collect();
+        if failed.is_empty() {
+            return Ok(());
+        }
+        let message = format!(
+            "the optimizer state could not be saved ({}); check that the run directory has room and is writable",
+            failed.join("; ")
+        );
+        match rank {
+            0 => Err(anyhow::anyhow!(message)),
+            _ => Err(SharedError(message).into()),
+        }
     }
 
     /// Every rank's `value`, in rank order, for a data-parallel run's summary; nothing in one
@@ -886,5 +930,106 @@ mod tests {
         let mut none = Vec::new();
         differing_fields("", &a, &a, &mut none);
         assert!(none.is_empty());
+    }
+
+    /// Rank 0 of a pair whose rank 1 cannot see the checkpoint directory: it sends `part` to
+    /// rank 0 and then reports `error` (empty: none).
+    struct Distant {
+        part: Vec<u8>,
+        error: String,
+        gathers: std::sync::Mutex<usize>,
+    }
+
+    impl Distant {
+        fn new(part: Vec<u8>, error: &str) -> Arc<Self> {
+            Arc::new(Distant {
+                part,
+                error: error.into(),
+                gathers: Default::default(),
+            })
+        }
+    }
+
+    impl Collectives for Distant {
+        fn engine(&self) -> &'static str {
+            "a distant pair"
+        }
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn all_reduce_sum(&self, _: &mut [f32]) {
+            unreachable!()
+        }
+        fn all_reduce_sum_f64(&self, _: &mut [f64]) {
+            unreachable!()
+        }
+        fn reduce_sum(&self, _: &mut [f32], _: usize) {
+            unreachable!()
+        }
+        /// First whether rank 1 sees the directory (it does not), then its error.
+        fn all_gather_bytes(&self, mine: &[u8]) -> Vec<Vec<u8>> {
+            let mut calls = self.gathers.lock().unwrap();
+            *calls += 1;
+            let theirs = match *calls {
+                1 => 0u64.to_le_bytes().to_vec(),
+                _ => self.error.as_bytes().to_vec(),
+            };
+            vec![mine.to_vec(), theirs]
+        }
+        fn broadcast_f32(&self, _: &mut [f32], _: usize) {
+            unreachable!()
+        }
+        fn broadcast_bytes(&self, _: Vec<u8>, _: usize) -> Vec<u8> {
+            unreachable!()
+        }
+        fn gather_bytes(&self, mine: Vec<u8>, root: usize) -> Vec<Vec<u8>> {
+            assert_eq!(root, 0);
+            vec![mine, self.part.clone()]
+        }
+        fn barrier(&self) {}
+        fn abort(&self, _: i32) -> ! {
+            unreachable!()
+        }
+    }
+
+    #[test]
+    fn rank_0_writes_the_part_of_a_rank_that_cannot_see_the_checkpoint() {
+        let dir = std::env::temp_dir().join(format!("frugal-distant-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // AdamW after one step, whole or a shard owning `owned`.
+        let stepped = |owned: &[Option<Range<usize>>]| {
+            let params = params();
+            let config = frugal::OptimizerConfig::preset("adamw").unwrap();
+            let mut opt = Frugal::from_params(params.clone(), config).unwrap();
+            opt.shard(owned).unwrap();
+            opt.step_grads(&grads(&params)).unwrap();
+            opt
+        };
+        let n: Vec<usize> = SHAPES.iter().map(|s| s.iter().product()).collect();
+        let mine = stepped(&[Some(0..n[0]), None, Some(0..n[2]), None]);
+        let theirs = stepped(&[None, Some(0..n[1]), None, Some(0..n[3])]);
+        let parallel = DataParallel::new(Distant::new(theirs.owned_state().unwrap(), ""));
+        parallel.save_state_parts(&mine, &dir).unwrap();
+        let parts: Vec<_> = (0..2)
+            .map(|r| dir.join(crate::checkpoint::optimizer_part(r, 2)))
+            .collect();
+        assert!(std::fs::read(&parts[1]).unwrap() == theirs.owned_state().unwrap());
+        let whole = stepped(&n.iter().map(|&k| Some(0..k)).collect::<Vec<_>>());
+        let mut joined =
+            Frugal::from_params(params(), frugal::OptimizerConfig::preset("adamw").unwrap())
+                .unwrap();
+        joined.load_state_parts(&parts).unwrap();
+        assert!(joined.owned_state().unwrap() == whole.owned_state().unwrap());
+        // A rank that failed fails rank 0 too, which names it.
+        let failing = DataParallel::new(Distant::new(Vec::new(), "no space left"));
+        let err = failing.save_state_parts(&mine, &dir).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("rank 1: no space left"),
+            "{err:#}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

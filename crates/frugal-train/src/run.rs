@@ -289,20 +289,10 @@ impl Hooks<Llama> for RunHooks<'_> {
     }
 
     fn checkpoint(&mut self, t: &Trainer<Llama>, stopped: bool) -> Result<()> {
-        // The replicas are equal: rank 0 saves for all.
-        if self.metrics.is_none() {
-            return Ok(());
-        }
         let keep = self.run.args.keep_checkpoints;
-        let dir = checkpoint::save(
-            self.out,
-            &t.model,
-            &t.optimizer,
-            &t.state,
-            self.tokenizer,
-            keep,
-        )?;
-        if stopped {
+        let dir = checkpoint::save(self.out, t, self.tokenizer, keep)?;
+        // Rank 0 alone reports.
+        if stopped && self.metrics.is_some() {
             self.bar.suspend(|| {
                 eprintln!(
                     "interrupted: saved {}; continue with `frugal train --resume {}`",

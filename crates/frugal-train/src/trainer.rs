@@ -169,7 +169,9 @@ pub trait Hooks<M> {
     fn log(&mut self, record: &TrainRecord) -> Result<()>;
     /// Evaluate the model (every `eval_every` steps and the last).
     fn evaluate(&mut self, model: &M, state: &TrainerState) -> Result<()>;
-    /// Save a checkpoint (every `save_every` steps, the last, and when stopped).
+    /// Save a checkpoint (every `save_every` steps, the last, and when stopped). Every rank of
+    /// a data-parallel run calls it, each holding its shard of the optimizer state:
+    /// [`crate::checkpoint::save_with`] saves them all.
     fn checkpoint(&mut self, trainer: &Trainer<M>, stopped: bool) -> Result<()>;
 }
 
@@ -234,7 +236,6 @@ pub struct Trainer<M> {
     params: Vec<Param>,
     stop: StopToken,
     parallel: DataParallel,
-    /// The rank that owns each parameter when the optimizer state is sharded across ranks.
     /// Wall time of earlier sessions and the start of this one.
     clock: (f64, Instant),
 }
@@ -308,7 +309,7 @@ impl<M: Model> Trainer<M> {
             }
             let stopped = self.parallel.any(self.stop.is_stopped());
             if stopped || paused || step % s.save_every == 0 || last {
-                self.checkpoint(hooks, stopped)?;
+                hooks.checkpoint(self, stopped)?;
             }
             if stopped {
                 return Ok(Outcome::Stopped);
@@ -496,17 +497,9 @@ impl<M: Model> Trainer<M> {
         data.batch(start, size)
     }
 
-    /// Saves a checkpoint through `hooks`. A sharded optimizer first gathers every rank's state
-    /// into rank 0's, which saves it whole, then returns to its shard.
-    fn checkpoint(&mut self, hooks: &mut impl Hooks<M>, stopped: bool) -> Result<()> {
-        let Some(shards) = self.parallel.shards() else {
-            return hooks.checkpoint(self, stopped);
-        };
-        let owned = shards.owned_by(self.parallel.rank());
-        self.parallel.gather_state(&mut self.optimizer)?;
-        let saved = hooks.checkpoint(self, stopped);
-        self.optimizer.shard(&owned)?;
-        saved
+    /// The ranks this trainer is one of (one process unless [`Trainer::with_data_parallel`]).
+    pub fn parallel(&self) -> &DataParallel {
+        &self.parallel
     }
 
     /// The stop token this trainer watches.

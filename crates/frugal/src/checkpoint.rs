@@ -1,13 +1,14 @@
 //! Saving and loading the complete optimizer state (moments, subspaces, block cursor, step counts,
-//! random-number state) as one safetensors file whose header carries the JSON metadata. A resumed
-//! optimizer continues bit-for-bit like an uninterrupted one.
+//! random-number state) as one safetensors file whose header carries the JSON metadata, or as
+//! one such file per shard. A resumed optimizer continues bit-for-bit like an uninterrupted one,
+//! however its state was sharded when saved and is sharded when loaded.
 
 use crate::config::{DensitySchedule, MomentStorage, OptimizerConfig};
 use crate::error::{Error, Result};
 use crate::fs::{file_error, write_atomically_with};
 use crate::labels::{ParamInfo, Role};
 use crate::on_device::Engine;
-use crate::optimizer::{cut_moments, Frugal, Slot};
+use crate::optimizer::{Frugal, Slot};
 use crate::projection::{Axis, Basis, BlockSchedule, Selection, Subspace};
 use crate::quant::{self, Code, Packed};
 use crate::update_gap::UpdateGap;
@@ -225,15 +226,22 @@ fn check_schedule(
 
 impl Frugal {
     /// Writes the complete state to `path` atomically (temporary file, fsync, rename). A step
-    /// taken in parts must be finished first; a [`Frugal::shard`] must first hold the state of
-    /// every parameter (see [`Frugal::absorb_state`]).
+    /// taken in parts must be finished first. A shard (see [`Frugal::shard`]) writes its part
+    /// with [`Frugal::save_state_part`] instead.
     pub fn save_state(&self, path: &Path) -> Result<()> {
         if let Some(s) = self.slots.iter().find(|s| !s.owns() || s.piece().is_some()) {
             return Err(Error::StateMismatch(format!(
-                "this optimizer is a shard without the state of `{}`; absorb the other shards' states before saving",
+                "this optimizer is a shard without the state of all of `{}`; save each shard's part with save_state_part and load them together with load_state_parts",
                 s.info.name
             )));
         }
+        self.save_state_part(path)
+    }
+
+    /// Writes the state of what this optimizer owns to `path` atomically: the whole state, or
+    /// one shard's part of it. The parts of every shard load together with
+    /// [`Frugal::load_state_parts`].
+    pub fn save_state_part(&self, path: &Path) -> Result<()> {
         // Streamed to the file from the state itself: no copy of the state in memory.
         let (header, arrays) = self.contents()?;
         let views = views(&arrays, path)?;
@@ -243,14 +251,9 @@ impl Frugal {
         })
     }
 
-    /// The state of the parameters this shard owns (see [`Frugal::shard`]), in the format of
-    /// [`Frugal::save_state`], for [`Frugal::absorb_state`] of another shard.
+    /// The bytes [`Frugal::save_state_part`] writes, for another process to write them.
     pub fn owned_state(&self) -> Result<Vec<u8>> {
-        self.serialize(Path::new("(owned state)"))
-    }
-
-    /// The state of the owned parameters, as a safetensors file's bytes.
-    fn serialize(&self, path: &Path) -> Result<Vec<u8>> {
+        let path = Path::new("(owned state)");
         let (header, arrays) = self.contents()?;
         safetensors::serialize(views(&arrays, path)?, Some(header)).map_err(|e| file_error(path, e))
     }
@@ -357,27 +360,105 @@ impl Frugal {
 
     /// Restores the state saved by [`Frugal::save_state`] into an optimizer built over the same
     /// parameters with the same configuration (the learning rate may differ). A shard reads
-    /// only its own parameters' part.
+    /// only its own part.
     pub fn load_state(&mut self, path: &Path) -> Result<()> {
-        let file = std::fs::File::open(path).map_err(|e| file_error(path, e))?;
-        // Mapped, not read: a shard touches only the pages of its own parameters.
-        // SAFETY: checkpoints are replaced by atomic renames, never rewritten in place, so the
-        // mapped file does not change while it is read.
-        let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| file_error(path, e))?;
-        self.restore(&bytes, path, true)
+        self.load_state_parts(&[path])
     }
 
-    /// Takes over the state of the parameters in `bytes` (another shard's
-    /// [`Frugal::owned_state`]), which this shard then owns; a piece of a split tensor joins
-    /// the adjoining piece held here. Gathering every shard's state into one, in rank order,
-    /// makes a whole optimizer that can be saved.
-    pub fn absorb_state(&mut self, bytes: &[u8]) -> Result<()> {
-        self.restore(bytes, Path::new("(a shard's state)"), false)
+    /// Restores a state saved in parts, one per shard ([`Frugal::save_state_part`]), given in
+    /// any order: together they hold every parameter's state once, all of one step. The
+    /// loading optimizer need not be sharded like the saving ones: whole, or a shard of any
+    /// plan, it reads only the elements it owns, cutting and joining the saved pieces.
+    pub fn load_state_parts<P: AsRef<Path>>(&mut self, paths: &[P]) -> Result<()> {
+        // Mapped, not read: a shard touches only the pages of what it owns.
+        let maps = paths
+            .iter()
+            .map(|p| map_file(p.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
+        let files = maps
+            .iter()
+            .zip(paths)
+            .map(|(bytes, p)| self.parse(bytes, p.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
+        let Some(first) = files.first() else {
+            return Err(Error::StateMismatch("no state file was given".into()));
+        };
+        for f in &files[1..] {
+            if f.position() != first.position() {
+                return Err(Error::StateMismatch(format!(
+                    "{} (step {}) and {} (step {}) are parts of different states; load the parts of one checkpoint",
+                    first.path.display(),
+                    first.meta.step,
+                    f.path.display(),
+                    f.meta.step
+                )));
+            }
+        }
+        let located = self.locate(&files)?;
+        let mut restored = Vec::with_capacity(self.slots.len());
+        for (slot, pieces) in self.slots.iter().zip(&located) {
+            let Some(need) = slot.owned.clone() else {
+                restored.push(None); // another shard's
+                continue;
+            };
+            let mut state: Option<Restored> = None;
+            for (f, p, range) in pieces {
+                let want = range.start.max(need.start)..range.end.min(need.end);
+                if want.is_empty() {
+                    continue;
+                }
+                let file = &files[*f];
+                let piece =
+                    file.read(&file.meta.params[*p], range, &slot.info, &self.config, want)?;
+                state = Some(match state {
+                    None => piece,
+                    Some(s) => s.append(piece),
+                });
+            }
+            restored.push(state);
+        }
+        for (slot, state) in self.slots.iter_mut().zip(restored) {
+            let Some(state) = state else {
+                continue;
+            };
+            let Slot {
+                subspace: s,
+                m: sm,
+                v: sv,
+                packed: sp,
+                t: st,
+                scaled_norm: sn,
+                owned,
+                device,
+                ..
+            } = slot;
+            (*s, *sm, *sv, *sp, *st, *sn, *owned, *device) = (
+                state.subspace,
+                state.m,
+                state.v,
+                state.packed,
+                state.t,
+                state.scaled_norm,
+                Some(state.range),
+                Default::default(),
+            );
+            if self.engine == Engine::Tensors {
+                slot.push()?;
+            }
+        }
+        let meta = &first.meta;
+        self.step = meta.step;
+        self.rng = meta.rng.clone();
+        self.schedule = meta.schedule.clone();
+        self.gap = meta
+            .gap
+            .clone()
+            .unwrap_or_else(|| UpdateGap::fixed_at(&self.config, meta.step));
+        Ok(())
     }
 
-    /// Restores the parameters of the state in `bytes`: every parameter and the optimizer's
-    /// own position (step, random state, schedules) when `whole`, else the parameters it holds.
-    fn restore(&mut self, bytes: &[u8], path: &Path, whole: bool) -> Result<()> {
+    /// Reads the header of a state file and checks it against this optimizer's settings.
+    fn parse<'a>(&self, bytes: &'a [u8], path: &'a Path) -> Result<StateFile<'a>> {
         let st = SafeTensors::deserialize(bytes)
             .map_err(|e| file_error(path, format!("not a safetensors file ({e})")))?;
         let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| file_error(path, e))?;
@@ -404,248 +485,295 @@ impl Frugal {
                 structural(&self.config)
             )));
         }
-        if whole && meta.params.len() != self.slots.len() {
-            return Err(Error::StateMismatch(format!(
-                "the state has {} parameters, the model {}",
-                meta.params.len(),
-                self.slots.len()
-            )));
-        }
         if meta.gap.as_ref().is_some_and(|g| g.gap == 0) {
             return Err(file_error(path, "the saved update gap is 0"));
         }
         let fixed = self.config.density_schedule == DensitySchedule::Constant;
         check_schedule(&meta.schedule, &self.schedule, fixed)
             .map_err(|e| Error::StateMismatch(format!("block schedule: {e}")))?;
-        let saved: HashMap<&str, &ParamMeta> =
-            meta.params.iter().map(|p| (p.name.as_str(), p)).collect();
-        let f32s = |key: &str| -> Result<Option<Vec<f32>>> {
-            read_array(&st, key, Dtype::F32, path).map(|o| {
-                o.map(|b| {
-                    b.chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect()
-                })
-            })
-        };
-        let mut restored = Vec::with_capacity(self.slots.len());
-        for slot in &self.slots {
-            let p = saved.get(slot.info.name.as_str());
-            if p.is_none() && !whole {
-                restored.push(None);
-                continue;
+        Ok(StateFile { meta, st, path })
+    }
+
+    /// Where `files` hold each parameter's state, in element order, covering every parameter
+    /// exactly once.
+    fn locate(&self, files: &[StateFile<'_>]) -> Result<Vec<Vec<Held>>> {
+        let index: HashMap<&str, usize> = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(k, s)| (s.info.name.as_str(), k))
+            .collect();
+        let mut located = vec![Vec::new(); self.slots.len()];
+        for (f, file) in files.iter().enumerate() {
+            for (p, saved) in file.meta.params.iter().enumerate() {
+                let Some(&k) = index.get(saved.name.as_str()) else {
+                    return Err(Error::StateMismatch(format!(
+                        "{} holds the state of `{}` {:?}, a parameter the model lacks",
+                        file.path.display(),
+                        saved.name,
+                        saved.shape
+                    )));
+                };
+                let info = &self.slots[k].info;
+                if info.shape != saved.shape {
+                    return Err(Error::ShapeChanged {
+                        name: saved.name.clone(),
+                        expected: saved.shape.clone(),
+                        found: info.shape.clone(),
+                    });
+                }
+                located[k].push((f, p, file.range(saved, info.numel())?));
             }
-            let Some(p) = p else {
-                let names: Vec<&str> = saved.keys().copied().take(3).collect();
+        }
+        for (slot, pieces) in self.slots.iter().zip(&mut located) {
+            let name = &slot.info.name;
+            if pieces.is_empty() {
+                let names: Vec<&str> = files[0]
+                    .meta
+                    .params
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .take(3)
+                    .collect();
                 return Err(Error::StateMismatch(format!(
-                    "the model's parameter `{}` {:?} is not in the state (it has e.g. {})",
-                    slot.info.name,
+                    "the model's parameter `{name}` {:?} is not in the state (it has e.g. {})",
                     slot.info.shape,
                     names.join(", ")
                 )));
-            };
-            if slot.info.shape != p.shape {
-                return Err(Error::ShapeChanged {
-                    name: p.name.clone(),
-                    expected: p.shape.clone(),
-                    found: slot.info.shape.clone(),
-                });
             }
-            if whole && !slot.owns() {
-                restored.push(None); // another shard's
-                continue;
-            }
-            let range = match p.piece {
-                None => 0..slot.info.numel(),
-                Some(_) if whole => {
-                    return Err(file_error(
-                        path,
-                        format!(
-                            "`{}` holds a shard's part of its state, not all of it",
-                            p.name
-                        ),
-                    ))
-                }
-                Some([a, b])
-                    if a < b
-                        && b <= slot.info.numel()
-                        && matches!(p.subspace, SubspaceMeta::All) =>
-                {
-                    a..b
-                }
-                Some(piece) => {
-                    return Err(file_error(
-                        path,
-                        format!("`{}` has an impossible piece {piece:?}", p.name),
-                    ))
-                }
-            };
-            let name = &p.name;
-            let subspace = match &p.subspace {
-                SubspaceMeta::All => Subspace::All,
-                SubspaceMeta::Nothing => Subspace::Nothing,
-                SubspaceMeta::Coords { axis, m, n } => {
-                    let axis = match axis.as_str() {
-                        "columns" => Axis::Columns,
-                        "rows" => Axis::Rows,
-                        "entries" => Axis::Entries,
-                        other => return Err(file_error(path, format!("unknown axis `{other}`"))),
+            pieces.sort_by_key(|(_, _, r)| r.start);
+            let mut end = 0;
+            for (_, _, r) in pieces.iter() {
+                if r.start != end {
+                    let problem = if r.start < end {
+                        "holds some of its elements twice"
+                    } else {
+                        "lacks some of its elements: a shard's part is missing"
                     };
-                    let idx = read_array(&st, &format!("{name}::idx"), Dtype::U32, path)?
-                        .ok_or_else(|| file_error(path, format!("missing indices of `{name}`")))?
-                        .chunks_exact(4)
-                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect();
-                    Subspace::Coords(Selection {
-                        axis,
-                        idx,
-                        m: *m,
-                        n: *n,
-                    })
+                    return Err(Error::StateMismatch(format!(
+                        "the state of `{name}` {problem} (load every part of one state together)"
+                    )));
                 }
-                SubspaceMeta::Basis {
-                    m,
-                    n,
-                    left_rank,
-                    right_rank,
-                } => {
-                    let part = |suffix: &str,
-                                rank: &Option<usize>|
-                     -> Result<Option<(Vec<f32>, usize)>> {
+                end = r.end;
+            }
+            if end != slot.info.numel() {
+                return Err(Error::StateMismatch(format!(
+                    "the state of `{name}` lacks its elements from {end} on: a shard's part is missing (load every part of one state together)"
+                )));
+            }
+        }
+        Ok(located)
+    }
+}
+
+/// Where a file holds some of a parameter's state: the file, the parameter of the file, and the
+/// elements.
+type Held = (usize, usize, Range<usize>);
+
+/// The bytes of the file at `path`, mapped.
+fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path).map_err(|e| file_error(path, e))?;
+    // SAFETY: checkpoints are replaced by atomic renames, never rewritten in place, so the
+    // mapped file does not change while it is read.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| file_error(path, e))
+}
+
+/// One state file (a whole state or a shard's part), its header checked.
+struct StateFile<'a> {
+    meta: StateMeta,
+    st: SafeTensors<'a>,
+    path: &'a Path,
+}
+
+impl<'a> StateFile<'a> {
+    /// The optimizer's own position (step, random state, schedules), equal in every part of
+    /// one state.
+    fn position(&self) -> serde_json::Value {
+        let m = &self.meta;
+        serde_json::json!([m.step, m.rng, m.schedule, m.gap])
+    }
+
+    /// The elements whose state `p` holds, of a parameter of `numel` elements.
+    fn range(&self, p: &ParamMeta, numel: usize) -> Result<Range<usize>> {
+        match p.piece {
+            None => Ok(0..numel),
+            Some([a, b])
+                if a < b
+                    && b <= numel
+                    && a.is_multiple_of(quant::BLOCK)
+                    && matches!(p.subspace, SubspaceMeta::All) =>
+            {
+                Ok(a..b)
+            }
+            Some(piece) => Err(file_error(
+                self.path,
+                format!("`{}` has an impossible piece {piece:?}", p.name),
+            )),
+        }
+    }
+
+    /// The bytes of array `key`, checked to be of `dtype`; none when absent.
+    fn bytes(&self, key: &str, dtype: Dtype) -> Result<Option<&'a [u8]>> {
+        match self.st.tensor(key) {
+            Ok(view) if view.dtype() == dtype => Ok(Some(view.data())),
+            Ok(view) => Err(file_error(
+                self.path,
+                format!("`{key}` has dtype {:?}, expected {dtype:?}", view.dtype()),
+            )),
+            Err(SafeTensorError::TensorNotFound(_)) => Ok(None),
+            Err(e) => Err(file_error(self.path, format!("`{key}`: {e}"))),
+        }
+    }
+
+    /// The f32 values of array `key`; none when absent.
+    fn f32s(&self, key: &str) -> Result<Option<Vec<f32>>> {
+        Ok(self.bytes(key, Dtype::F32)?.map(f32_values))
+    }
+
+    /// The state of `p`, which holds the elements `range` of its parameter `info`, for the
+    /// elements `want` (within `range`; a projected parameter's state is read whole).
+    fn read(
+        &self,
+        p: &ParamMeta,
+        range: &Range<usize>,
+        info: &ParamInfo,
+        config: &OptimizerConfig,
+        want: Range<usize>,
+    ) -> Result<Restored> {
+        let (name, path) = (&p.name, self.path);
+        let subspace = match &p.subspace {
+            SubspaceMeta::All => Subspace::All,
+            SubspaceMeta::Nothing => Subspace::Nothing,
+            SubspaceMeta::Coords { axis, m, n } => {
+                let axis = match axis.as_str() {
+                    "columns" => Axis::Columns,
+                    "rows" => Axis::Rows,
+                    "entries" => Axis::Entries,
+                    other => return Err(file_error(path, format!("unknown axis `{other}`"))),
+                };
+                let idx = self
+                    .bytes(&format!("{name}::idx"), Dtype::U32)?
+                    .ok_or_else(|| file_error(path, format!("missing indices of `{name}`")))?
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                Subspace::Coords(Selection {
+                    axis,
+                    idx,
+                    m: *m,
+                    n: *n,
+                })
+            }
+            SubspaceMeta::Basis {
+                m,
+                n,
+                left_rank,
+                right_rank,
+            } => {
+                let part =
+                    |suffix: &str, rank: &Option<usize>| -> Result<Option<(Vec<f32>, usize)>> {
                         match rank {
                             None => Ok(None),
                             Some(r) => Ok(Some((
-                                f32s(&format!("{name}::{suffix}"))?.ok_or_else(|| {
+                                self.f32s(&format!("{name}::{suffix}"))?.ok_or_else(|| {
                                     file_error(path, format!("missing {suffix} basis of `{name}`"))
                                 })?,
                                 *r,
                             ))),
                         }
                     };
-                    Subspace::Basis(Basis {
-                        m: *m,
-                        n: *n,
-                        left: part("left", left_rank)?,
-                        right: part("right", right_rank)?,
-                    })
-                }
-            };
-            check_subspace(&slot.info, &subspace)
-                .map_err(|e| Error::StateMismatch(format!("parameter `{name}`: {e}")))?;
-            let expect = match subspace {
-                Subspace::All => range.len(),
-                _ => subspace.state_len(slot.info.numel()),
-            };
-            let slots = crate::rules::moment_slots(self.config.state_full);
-            let lens = [
-                if slots >= 1 { expect } else { 0 },
-                if slots >= 2 { expect } else { 0 },
-            ];
-            let wrong =
-                || Error::StateMismatch(format!("moments of `{name}` have the wrong length"));
-            let (m, v, packed) = match self.config.moment_storage {
-                MomentStorage::F32 => {
-                    let m = f32s(&format!("{name}::m"))?.unwrap_or_default();
-                    let v = f32s(&format!("{name}::v"))?.unwrap_or_default();
-                    if [m.len(), v.len()] != lens {
+                Subspace::Basis(Basis {
+                    m: *m,
+                    n: *n,
+                    left: part("left", left_rank)?,
+                    right: part("right", right_rank)?,
+                })
+            }
+        };
+        check_subspace(info, &subspace)
+            .map_err(|e| Error::StateMismatch(format!("parameter `{name}`: {e}")))?;
+        // The saved moments' length, and the values of them to keep.
+        let (expect, keep) = match subspace {
+            Subspace::All => (
+                range.len(),
+                want.start - range.start..want.end - range.start,
+            ),
+            _ => {
+                let len = subspace.state_len(info.numel());
+                (len, 0..len)
+            }
+        };
+        let slots = crate::rules::moment_slots(config.state_full);
+        let lens = [
+            if slots >= 1 { expect } else { 0 },
+            if slots >= 2 { expect } else { 0 },
+        ];
+        let wrong = || Error::StateMismatch(format!("moments of `{name}` have the wrong length"));
+        let kept = |len: usize| if len == 0 { 0..0 } else { keep.clone() };
+        let (m, v, packed) = match config.moment_storage {
+            MomentStorage::F32 => {
+                let mut moments = [Vec::new(), Vec::new()];
+                for ((suffix, len), out) in ["m", "v"].into_iter().zip(lens).zip(&mut moments) {
+                    let bytes = self
+                        .bytes(&format!("{name}::{suffix}"), Dtype::F32)?
+                        .unwrap_or_default();
+                    if bytes.len() != 4 * len {
                         return Err(wrong());
                     }
-                    (m, v, None)
+                    let r = kept(len);
+                    *out = f32_values(&bytes[4 * r.start..4 * r.end]);
                 }
-                MomentStorage::Bits8 => {
-                    let read = |suffix: &str, len: usize, code: Code| -> Result<Packed> {
-                        let codes =
-                            read_array(&st, &format!("{name}::{suffix}.codes"), Dtype::U8, path)?
-                                .unwrap_or_default();
-                        let scales = f32s(&format!("{name}::{suffix}.scales"))?.unwrap_or_default();
-                        if codes.len() != len || scales.len() != len.div_ceil(quant::BLOCK) {
-                            return Err(wrong());
-                        }
-                        Ok(Packed {
-                            codes,
-                            scales,
-                            code,
-                        })
-                    };
-                    let packed = (
-                        read("m", lens[0], Code::Signed)?,
-                        read("v", lens[1], Code::Unsigned)?,
-                    );
-                    (Vec::new(), Vec::new(), Some(packed))
-                }
-            };
-            let state = Restored {
-                subspace,
-                m,
-                v,
-                packed,
-                range,
-                t: p.t,
-                scaled_norm: p.scaled_norm,
-            };
-            restored.push(Some(match slot.piece() {
-                Some(piece) if whole => state.cut(&piece),
-                _ => state,
-            }));
-        }
-        if !whole && restored.iter().flatten().count() != meta.params.len() {
-            return Err(Error::StateMismatch(
-                "the state names a parameter twice or one the model lacks".into(),
-            ));
-        }
-        for (slot, restored) in self.slots.iter_mut().zip(restored) {
-            let Some(state) = restored else {
-                continue;
-            };
-            if self.engine == Engine::Tensors {
-                slot.pull()?;
+                let [m, v] = moments;
+                (m, v, None)
             }
-            let state = match slot.owned.clone() {
-                Some(held) if !whole && state.range != held && held.len() != slot.info.numel() => {
-                    state.join(slot, &held)?
-                }
-                _ => state,
-            };
-            let Slot {
-                subspace: s,
-                m: sm,
-                v: sv,
-                packed: sp,
-                t: st,
-                scaled_norm: sn,
-                owned,
-                ..
-            } = slot;
-            (*s, *sm, *sv, *sp, *st, *sn) = (
-                state.subspace,
-                state.m,
-                state.v,
-                state.packed,
-                state.t,
-                state.scaled_norm,
-            );
-            *owned = Some(state.range);
-            if self.engine == Engine::Tensors {
-                slot.device = Default::default();
-                if whole {
-                    slot.push()?;
-                } else {
-                    // Gathered to be saved: the device keeps only this shard's own state.
-                    slot.device.on_host = true;
-                }
+            MomentStorage::Bits8 => {
+                let read = |suffix: &str, len: usize, code: Code| -> Result<Packed> {
+                    let codes = self
+                        .bytes(&format!("{name}::{suffix}.codes"), Dtype::U8)?
+                        .unwrap_or_default();
+                    let scales = self
+                        .bytes(&format!("{name}::{suffix}.scales"), Dtype::F32)?
+                        .unwrap_or_default();
+                    if codes.len() != len || scales.len() != 4 * len.div_ceil(quant::BLOCK) {
+                        return Err(wrong());
+                    }
+                    let r = kept(len);
+                    let blocks = r.start / quant::BLOCK..r.end.div_ceil(quant::BLOCK);
+                    Ok(Packed {
+                        codes: codes[r].to_vec(),
+                        scales: f32_values(&scales[4 * blocks.start..4 * blocks.end]),
+                        code,
+                    })
+                };
+                let packed = (
+                    read("m", lens[0], Code::Signed)?,
+                    read("v", lens[1], Code::Unsigned)?,
+                );
+                (Vec::new(), Vec::new(), Some(packed))
             }
-        }
-        if !whole {
-            return Ok(());
-        }
-        self.step = meta.step;
-        self.rng = meta.rng;
-        self.schedule = meta.schedule;
-        self.gap = meta
-            .gap
-            .unwrap_or_else(|| UpdateGap::fixed_at(&self.config, meta.step));
-        Ok(())
+        };
+        let range = match subspace {
+            Subspace::All => want,
+            _ => range.clone(),
+        };
+        Ok(Restored {
+            subspace,
+            m,
+            v,
+            packed,
+            range,
+            t: p.t,
+            scaled_norm: p.scaled_norm,
+        })
     }
+}
+
+/// Little-endian f32 values.
+fn f32_values(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// One parameter's state read from a file, for the elements in `range`.
@@ -660,77 +788,15 @@ struct Restored {
 }
 
 impl Restored {
-    /// The state of the elements in `piece` (within `self.range`; a whole tensor's state).
-    fn cut(mut self, piece: &Range<usize>) -> Restored {
-        if self.subspace != Subspace::All {
-            return self;
+    /// This state followed by `next`'s, of the elements after this one's.
+    fn append(mut self, next: Restored) -> Restored {
+        self.m.extend(next.m);
+        self.v.extend(next.v);
+        if let (Some((pm, pv)), Some((nm, nv))) = (&mut self.packed, &next.packed) {
+            pm.append(nm);
+            pv.append(nv);
         }
-        let local = piece.start - self.range.start..piece.end - self.range.start;
-        cut_moments((&mut self.m, &mut self.v, &mut self.packed), &local);
-        self.range = piece.clone();
+        self.range.end = next.range.end;
         self
-    }
-
-    /// This piece joined to the adjacent piece `held` that `slot` holds (its moments on the
-    /// host), in element order.
-    fn join(mut self, slot: &mut Slot, held: &Range<usize>) -> Result<Restored> {
-        let mine = (
-            std::mem::take(&mut self.m),
-            std::mem::take(&mut self.v),
-            self.packed.take(),
-        );
-        let (first, second, range) = if held.end == self.range.start {
-            (take_moments(slot), mine, held.start..self.range.end)
-        } else if self.range.end == held.start {
-            (mine, take_moments(slot), self.range.start..held.end)
-        } else {
-            return Err(Error::StateMismatch(format!(
-                "the piece {:?} of `{}` does not adjoin the piece {held:?} held",
-                self.range, slot.info.name
-            )));
-        };
-        let ((mut m, mut v, mut packed), (m2, v2, packed2)) = (first, second);
-        m.extend(m2);
-        v.extend(v2);
-        if let (Some((pm, pv)), Some((pm2, pv2))) = (&mut packed, &packed2) {
-            pm.append(pm2);
-            pv.append(pv2);
-        }
-        Ok(Restored {
-            m,
-            v,
-            packed,
-            range,
-            ..self
-        })
-    }
-}
-
-/// f32 moments and 8-bit moments.
-type Moments = (Vec<f32>, Vec<f32>, Option<(Packed, Packed)>);
-
-/// The moments `slot` holds on the host, taken out of it.
-fn take_moments(slot: &mut Slot) -> Moments {
-    (
-        std::mem::take(&mut slot.m),
-        std::mem::take(&mut slot.v),
-        slot.packed.take(),
-    )
-}
-
-fn read_array(
-    st: &SafeTensors<'_>,
-    key: &str,
-    dtype: Dtype,
-    path: &Path,
-) -> Result<Option<Vec<u8>>> {
-    match st.tensor(key) {
-        Ok(view) if view.dtype() == dtype => Ok(Some(view.data().to_vec())),
-        Ok(view) => Err(file_error(
-            path,
-            format!("`{key}` has dtype {:?}, expected {dtype:?}", view.dtype()),
-        )),
-        Err(SafeTensorError::TensorNotFound(_)) => Ok(None),
-        Err(e) => Err(file_error(path, format!("`{key}`: {e}"))),
     }
 }

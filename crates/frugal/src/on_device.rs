@@ -29,9 +29,6 @@ pub(crate) struct OnDevice {
     pub m: Option<Tensor>,
     pub v: Option<Tensor>,
     pub subspace: Option<DeviceSubspace>,
-    /// The state waits on the host (gathered there to be saved, see
-    /// [`Frugal::absorb_state`]) and goes to the device at the parameter's next step.
-    pub on_host: bool,
 }
 
 impl OnDevice {
@@ -82,7 +79,6 @@ impl Slot {
         }
         (self.m, self.v) = (Vec::new(), Vec::new());
         on.subspace = DeviceSubspace::of(&self.subspace, &device)?;
-        on.on_host = false;
         Ok(())
     }
 
@@ -174,9 +170,6 @@ pub(crate) fn step_slot(
     rules: Rules,
     scaled: Option<Scaled>,
 ) -> Result<()> {
-    if slot.device.on_host {
-        slot.push()?;
-    }
     let piece = slot.piece();
     let Slot {
         info,
@@ -243,65 +236,4 @@ pub(crate) fn step_slot(
         pv.pack_from(&download(device.v.take())?);
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::backprop::GradStore;
-
-    /// Two parameters of AdamW stepped by tensor operations, the second owned elsewhere.
-    fn shard_of_two(own_both: bool) -> (Frugal, Vec<Var>) {
-        let vars: Vec<Var> = (0..2)
-            .map(|k| Var::new(&[1.0f32 + k as f32, -2.0, 0.5][..], &Device::Cpu).unwrap())
-            .collect();
-        let named = vars
-            .iter()
-            .enumerate()
-            .map(|(k, v)| (format!("p{k}"), v.clone()))
-            .collect();
-        let mut opt = Frugal::from_named(named, OptimizerConfig::preset("adamw").unwrap()).unwrap();
-        opt.set_engine(Engine::Tensors).unwrap();
-        if !own_both {
-            opt.shard(&[Some(0..3), None]).unwrap();
-        }
-        (opt, vars)
-    }
-
-    fn grads(vars: &[Var]) -> GradStore {
-        let mut g = GradStore::default();
-        for v in vars {
-            g.insert(
-                v.as_tensor(),
-                Tensor::new(&[0.1f32, -0.2, 0.3], &Device::Cpu).unwrap(),
-            );
-        }
-        g
-    }
-
-    #[test]
-    fn gathered_state_waits_on_the_host_until_the_next_step() {
-        let (mut whole, whole_vars) = shard_of_two(true);
-        let (mut shard, vars) = shard_of_two(false);
-        whole.step_grads(&grads(&whole_vars)).unwrap();
-        shard.step_grads(&grads(&vars)).unwrap();
-        // The other shard's state, absorbed to be saved, stays off the device.
-        let (mut other, _) = shard_of_two(true);
-        other.step_grads(&grads(&vars)).unwrap();
-        other.shard(&[None, Some(0..3)]).unwrap();
-        shard.absorb_state(&other.owned_state().unwrap()).unwrap();
-        let gathered = &shard.slots[1];
-        assert!(gathered.device.on_host && gathered.device.m.is_none());
-        assert_eq!(gathered.m.len(), 3);
-        // At its next step it goes to the device and steps as the whole optimizer does.
-        vars[1].set(whole_vars[1].as_tensor()).unwrap();
-        whole.step_grads(&grads(&whole_vars)).unwrap();
-        shard.step_grads(&grads(&vars)).unwrap();
-        let moved = &shard.slots[1];
-        assert!(!moved.device.on_host && moved.device.m.is_some() && moved.m.is_empty());
-        for (v, w) in vars.iter().zip(&whole_vars) {
-            let (a, b) = (v.to_vec1::<f32>().unwrap(), w.to_vec1::<f32>().unwrap());
-            assert_eq!(a, b);
-        }
-    }
 }

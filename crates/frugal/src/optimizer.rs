@@ -155,7 +155,7 @@ fn check_storage(name: &str, var: &Var) -> Result<()> {
 
 /// Keeps the values `local` of host moments, f32 or 8-bit (those the rule keeps none of stay
 /// empty).
-pub(crate) fn cut_moments(
+fn cut_moments(
     (m, v, packed): (&mut Vec<f32>, &mut Vec<f32>, &mut Option<(Packed, Packed)>),
     local: &Range<usize>,
 ) {
@@ -525,7 +525,8 @@ impl Frugal {
     /// other shards update the rest. Every shard still makes every decision (blocks, random
     /// subspaces, step counts), so they stay in step; the state of the others' elements is
     /// released now and never allocated. Their updated values must come from their owners
-    /// after each step. A shard may only shrink what it holds (see [`Frugal::absorb_state`]).
+    /// after each step. A shard may only shrink what it holds; it saves its part of the state
+    /// with [`Frugal::save_state_part`].
     pub fn shard(&mut self, owned: &[Option<Range<usize>>]) -> Result<()> {
         if owned.len() != self.slots.len() {
             return Err(Error::setting(

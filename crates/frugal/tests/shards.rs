@@ -1,6 +1,7 @@
 //! Shards of one optimizer (ZeRO-1 style): each keeps the state of, and updates, only the
 //! parameters it owns; with the updated values exchanged after every step they update exactly
-//! like the whole optimizer, hold its state between them, and gathered they save its state.
+//! like the whole optimizer and hold its state between them; their saved parts load into any
+//! other sharding of it.
 
 mod common;
 
@@ -9,6 +10,11 @@ use frugal::{Engine, Frugal};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
 
 /// Rank r's share of [`LLAMA_LIKE`] between two ranks: parameter i whole where i % 2 == r,
 /// except the embeddings and the head (state-full, 384 values), split at 256.
@@ -98,32 +104,115 @@ fn shards_update_like_the_whole_optimizer_and_hold_its_state_between_them() {
             let held: usize = shards.iter().map(|s| s.state_bytes().total()).sum();
             assert_eq!(held, whole.state_bytes().total(), "{label}, step {step}");
         }
-        // A shard cannot save alone; gathered into one, the shards save the whole state.
-        let path = dir.join("shard.safetensors");
-        let err = shards[0].save_state(&path).unwrap_err().to_string();
-        assert!(err.contains("absorb"), "{err}");
-        let part = shards[1].owned_state().unwrap();
-        let held = shards[0].state_bytes();
-        shards[0].absorb_state(&part).unwrap();
-        shards[0].save_state(&path).unwrap();
+        // A shard cannot save the whole state; the shards' parts, loaded together in any
+        // order, make the whole optimizer, which saves the whole optimizer's very file.
+        let err = shards[0]
+            .save_state(&dir.join("shard.safetensors"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("save_state_part"), "{err}");
+        let parts: Vec<PathBuf> = (0..2)
+            .map(|r| dir.join(format!("part-{r}.safetensors")))
+            .collect();
+        for (shard, path) in shards.iter().zip(&parts) {
+            shard.save_state_part(path).unwrap();
+        }
+        // The file, streamed from the state, holds the bytes of the state in memory.
+        assert!(read(&parts[1]) == shards[1].owned_state().unwrap());
         let whole_path = dir.join("whole.safetensors");
         whole.save_state(&whole_path).unwrap();
-        // The file, streamed from the state, holds the bytes of the state in memory.
-        assert!(std::fs::read(&whole_path).unwrap() == whole.owned_state().unwrap());
+        let mut joined = build(clone_vars(&whole_vars));
+        joined.load_state_parts(&[&parts[1], &parts[0]]).unwrap();
+        let joined_path = dir.join("joined.safetensors");
+        joined.save_state(&joined_path).unwrap();
         assert!(
-            std::fs::read(&path).unwrap() == std::fs::read(&whole_path).unwrap(),
-            "{label}: the gathered state differs from the whole optimizer's"
+            read(&joined_path) == read(&whole_path),
+            "{label}: the joined parts differ from the whole optimizer's state"
         );
-        // Back to its share, the gathering shard holds what it held before.
-        shards[0].shard(&share(0)).unwrap();
-        assert_eq!(shards[0].state_bytes(), held, "{label}");
-        // Loaded by a shard, a whole state keeps only that shard's part.
-        let mut again = build(clone_vars(&vars[1]));
-        again.shard(&share(1)).unwrap();
-        again.load_state(&whole_path).unwrap();
-        assert_eq!(again.state_bytes(), shards[1].state_bytes(), "{label}");
-        assert_eq!(again.owned_state().unwrap(), part, "{label}");
+        // Loaded by a shard, the whole state and the parts alike leave it that shard's state.
+        for files in [vec![whole_path.clone()], parts.clone()] {
+            let mut again = build(clone_vars(&vars[1]));
+            again.shard(&share(1)).unwrap();
+            again.load_state_parts(&files).unwrap();
+            assert_eq!(again.state_bytes(), shards[1].state_bytes(), "{label}");
+            assert!(
+                again.owned_state().unwrap() == shards[1].owned_state().unwrap(),
+                "{label}"
+            );
+        }
     }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// AdamW over one state-full tensor of 1024 values and one matrix.
+const SPLIT: &[(&str, &[usize])] = &[
+    ("model.embed_tokens.weight", &[64, 16]),
+    ("model.layers.0.mlp.up_proj.weight", &[8, 16]),
+];
+
+/// An AdamW optimizer over [`SPLIT`] owning `owned`, after `steps` seeded steps.
+fn stepped(owned: &[Option<Range<usize>>], steps: usize) -> Frugal {
+    let vars = named_vars(SPLIT, 3);
+    let mut opt = Frugal::from_named(vars.clone(), config("adamw")).unwrap();
+    opt.shard(owned).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    for _ in 0..steps {
+        let (_, g) = random_grads(&vars, &mut rng);
+        opt.step_grads(&g).unwrap();
+    }
+    opt
+}
+
+#[test]
+fn parts_saved_by_two_shards_load_into_three_shards_cut_elsewhere() {
+    let dir = std::env::temp_dir().join(format!("frugal-reshard-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let two = [[Some(0..512), Some(0..128)], [Some(512..1024), None]];
+    let three = [
+        [Some(0..256), None],
+        [Some(256..768), Some(0..128)],
+        [Some(768..1024), None],
+    ];
+    let parts: Vec<PathBuf> = two
+        .iter()
+        .enumerate()
+        .map(|(r, owned)| {
+            let path = dir.join(format!("part-{r}.safetensors"));
+            stepped(owned, 3).save_state_part(&path).unwrap();
+            path
+        })
+        .collect();
+    let whole = stepped(&[Some(0..1024), Some(0..128)], 3);
+    for owned in &three {
+        // Rank 1 of three joins the ends of both saved pieces; ranks 0 and 2 cut one.
+        let mut loaded = Frugal::from_named(named_vars(SPLIT, 3), config("adamw")).unwrap();
+        loaded.shard(owned).unwrap();
+        loaded.load_state_parts(&parts).unwrap();
+        let mut cut = stepped(&[Some(0..1024), Some(0..128)], 3);
+        cut.shard(owned).unwrap();
+        assert!(loaded.owned_state().unwrap() == cut.owned_state().unwrap());
+        assert_eq!(loaded.steps_done(), 3);
+    }
+    // Every part is needed once, and all of one state.
+    let fresh = || Frugal::from_named(named_vars(SPLIT, 3), config("adamw")).unwrap();
+    let err = fresh()
+        .load_state_parts(&parts[..1])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("part is missing"), "{err}");
+    let doubled = [&parts[0], &parts[1], &parts[1]];
+    let err = fresh().load_state_parts(&doubled).unwrap_err().to_string();
+    assert!(err.contains("twice"), "{err}");
+    let later = dir.join("later.safetensors");
+    stepped(&two[1], 4).save_state_part(&later).unwrap();
+    let err = fresh()
+        .load_state_parts(&[&parts[0], &later])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("different states"), "{err}");
+    let mut loaded = fresh();
+    loaded.load_state_parts(&parts).unwrap();
+    assert!(loaded.owned_state().unwrap() == whole.owned_state().unwrap());
     std::fs::remove_dir_all(&dir).ok();
 }
 

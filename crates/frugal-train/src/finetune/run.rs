@@ -625,18 +625,12 @@ impl Hooks<Classifier> for FinetuneHooks<'_> {
     }
 
     fn checkpoint(&mut self, t: &Trainer<Classifier>, stopped: bool) -> Result<()> {
-        // The replicas are equal: rank 0 saves for all.
-        if self.metrics.is_none() {
-            return Ok(());
-        }
-        let dir = checkpoint::save_with(
-            self.out,
-            &t.optimizer,
-            &t.state,
-            self.config.args.keep_checkpoints,
-            |tmp| write_model(tmp, t.model.named_tensors(), self.config, self.tokenizer),
-        )?;
-        if stopped {
+        let keep = self.config.args.keep_checkpoints;
+        let dir = checkpoint::save_with(self.out, t, keep, |tmp| {
+            write_model(tmp, t.model.named_tensors(), self.config, self.tokenizer)
+        })?;
+        // Rank 0 alone reports.
+        if stopped && self.metrics.is_some() {
             self.bar.suspend(|| {
                 eprintln!(
                     "interrupted: saved {}; continue with `frugal finetune --resume {}`",

@@ -60,8 +60,8 @@ fn keep_freed_memory() {
 /// the peak RSS then shows the real peak, while memory freed and reused within a layer's work
 /// is not faulted in again (purging at once made `60m` steps 1.65× slower, against 1.35× with
 /// this delay).
-fn return_freed_memory(memory: &frugal_train::settings::MemorySettings) {
-    if memory.memory == frugal_train::settings::MemoryMode::Low {
+fn return_freed_memory(memory: &frugal_train::settings::BackwardSettings) {
+    if memory.is_low() {
         // SAFETY: setting an option has no preconditions; the delay is in milliseconds.
         unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 1000) };
     }
@@ -187,7 +187,7 @@ fn compare_pretraining(
         let given: Vec<String> = given.into_iter().filter(|k| k != "resume").collect();
         args.train = args.train.clone().merge(&given)?;
         args.train.resume = resume;
-        return_freed_memory(&args.train.memory);
+        return_freed_memory(&args.train.memory.backward);
         let cache = args
             .train
             .cache_dir
@@ -219,7 +219,7 @@ fn run(matches: &ArgMatches, cli: Cli, device: Device, comm: &Arc<dyn Collective
                 .clone()
                 .unwrap_or_else(data::default_cache_dir);
             let resume = merged.resume.clone();
-            return_freed_memory(&merged.memory);
+            return_freed_memory(&merged.memory.backward);
             let config = frugal_train::run::resolve(merged)?;
             frugal_train::run::run(
                 config,
@@ -246,6 +246,7 @@ fn run(matches: &ArgMatches, cli: Cli, device: Device, comm: &Arc<dyn Collective
         Command::Finetune(args) => in_pool(args.threads, args.matmul, || {
             let merged = args.merge(&given("finetune"))?;
             let resume = merged.resume.clone();
+            return_freed_memory(&merged.memory);
             let config = frugal_train::finetune::run::resolve(merged)?;
             frugal_train::finetune::run::run(
                 config,
@@ -280,6 +281,7 @@ fn run(matches: &ArgMatches, cli: Cli, device: Device, comm: &Arc<dyn Collective
                             given.into_iter().filter(|k| k != "resume").collect();
                         args.finetune = args.finetune.clone().merge(&given)?;
                         args.finetune.resume = resume;
+                        return_freed_memory(&args.finetune.memory);
                         frugal_train::compare::finetune::compare(
                             *args,
                             &command,

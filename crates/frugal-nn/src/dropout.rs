@@ -8,7 +8,9 @@ use rand_chacha::ChaCha8Rng;
 /// Mask elements drawn by one worker at a time.
 const MASK_CHUNK: usize = 1 << 14;
 
-/// A stream of dropout masks.
+/// A stream of dropout masks; a clone draws the same masks as the stream from where it was
+/// cloned.
+#[derive(Clone)]
 pub struct Dropout {
     rng: ChaCha8Rng,
 }

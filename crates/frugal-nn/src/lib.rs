@@ -32,6 +32,7 @@ pub mod error;
 pub mod hf;
 pub mod init;
 pub mod labels;
+mod layered;
 pub mod llama;
 pub mod matmul;
 pub mod ops;

@@ -64,7 +64,7 @@ impl RunConfig {
             grad_accum: a.grad_accum,
             seq_len: self.seq_len,
             clip: a.clip,
-            backward: a.memory.backward(),
+            backward: a.memory.backward.backward(),
             log_every: a.log_every,
             eval_every: self.eval_every,
             save_every: self.save_every,
@@ -78,22 +78,8 @@ impl RunConfig {
 
     /// What the memory settings cost or save under accumulation and clipping, one line each.
     pub fn step_mode_notes(&self) -> Vec<String> {
-        let (mode, a) = (self.step_mode(), &self.args);
-        let mut notes = Vec::new();
-        if mode.per_layer_updates && a.grad_accum > 1 {
-            notes.push(format!(
-                "per-layer updates with --grad-accum {}: the first {} micro-batches keep whole summed gradients (no gradient memory is saved); the last one updates layer by layer",
-                a.grad_accum,
-                a.grad_accum - 1
-            ));
-        }
-        if mode.per_layer_updates && a.clip > 0.0 {
-            notes.push(format!(
-                "per-layer updates with --clip {}: a first layer-by-layer pass measures the global gradient norm before any update (one more forward and backward per step)",
-                a.clip
-            ));
-        }
-        notes
+        let a = &self.args;
+        a.memory.backward.backward().notes(a.grad_accum, a.clip)
     }
 
     /// Sequences per optimizer step, over all ranks.
@@ -678,7 +664,7 @@ fn train(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::MemorySettings;
+    use crate::settings::{BackwardSettings, MemorySettings};
 
     #[test]
     fn per_layer_updates_say_what_accumulation_and_clipping_cost() {
@@ -686,7 +672,10 @@ mod tests {
             grad_accum,
             clip,
             memory: MemorySettings {
-                per_layer_updates: true,
+                backward: BackwardSettings {
+                    per_layer_updates: true,
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             ..Default::default()

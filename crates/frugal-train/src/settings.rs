@@ -173,17 +173,18 @@ pub enum MemoryMode {
     /// Only the techniques asked for by their own flags.
     #[default]
     Normal,
-    /// Every technique: activation checkpointing, per-layer updates, the loss in chunks, and
-    /// freed memory returned to the operating system.
+    /// Every technique: activation checkpointing, per-layer updates, the loss in chunks
+    /// (pre-training), and freed memory returned to the operating system.
     Low,
 }
 
-/// How a run trades compute for memory: each technique alone, or all of them by `--memory low`.
+/// How a backward pass trades compute for memory: each technique alone, or all of them by
+/// `--memory low`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
-pub struct MemorySettings {
-    /// Memory preset: normal, or low (all the techniques below, and freed memory returned to
-    /// the operating system so that the peak RSS is the real peak).
+pub struct BackwardSettings {
+    /// Memory preset: normal, or low (every memory-saving technique of this command, and freed
+    /// memory returned to the operating system so that the peak RSS is the real peak).
     #[cfg_attr(feature = "cli", arg(long, value_enum, default_value_t = MemoryMode::Normal))]
     #[serde(default)]
     pub memory: MemoryMode,
@@ -197,6 +198,31 @@ pub struct MemorySettings {
     #[cfg_attr(feature = "cli", arg(long))]
     #[serde(default)]
     pub per_layer_updates: bool,
+}
+
+impl BackwardSettings {
+    /// The backward pass these settings ask for.
+    pub fn backward(&self) -> crate::trainer::Backward {
+        let low = self.is_low();
+        crate::trainer::Backward {
+            checkpointing: low || self.activation_checkpointing,
+            per_layer_updates: low || self.per_layer_updates,
+        }
+    }
+
+    /// True under `--memory low`.
+    pub fn is_low(&self) -> bool {
+        self.memory == MemoryMode::Low
+    }
+}
+
+/// How a pre-training run trades compute for memory: the backward pass, and the loss in chunks.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct MemorySettings {
+    #[cfg_attr(feature = "cli", command(flatten))]
+    #[serde(flatten)]
+    pub backward: BackwardSettings,
     /// Compute the loss and its gradient over N chunks of tokens, one chunk's logits at a
     /// time, never the whole logits [default: 1, or 8 with --memory low].
     #[cfg_attr(feature = "cli", arg(long))]
@@ -210,18 +236,9 @@ pub struct MemorySettings {
 }
 
 impl MemorySettings {
-    /// The backward pass these settings ask for.
-    pub fn backward(&self) -> crate::trainer::Backward {
-        let low = self.memory == MemoryMode::Low;
-        crate::trainer::Backward {
-            checkpointing: low || self.activation_checkpointing,
-            per_layer_updates: low || self.per_layer_updates,
-        }
-    }
-
     /// The step mode these settings ask for, with `grad_accum` micro-batches per step.
     pub fn step_mode(&self, grad_accum: usize) -> frugal_nn::llama::StepMode {
-        let backward = self.backward();
+        let backward = self.backward.backward();
         frugal_nn::llama::StepMode {
             checkpointing: backward.checkpointing,
             per_layer_updates: backward.per_layer_updates,
@@ -232,7 +249,7 @@ impl MemorySettings {
 
     /// How the loss is split.
     pub fn loss_chunks(&self) -> frugal_nn::chunked_loss::LossChunks {
-        let tokens = match (self.loss_chunks, self.memory) {
+        let tokens = match (self.loss_chunks, self.backward.memory) {
             (Some(n), _) => n,
             (None, MemoryMode::Low) => 8,
             (None, MemoryMode::Normal) => 1,

@@ -87,6 +87,26 @@ pub struct Backward {
     pub per_layer_updates: bool,
 }
 
+impl Backward {
+    /// What per-layer updates cost with `grad_accum` micro-batches per step and clipping at
+    /// `clip` (0: off), to tell the user.
+    pub fn notes(&self, grad_accum: usize, clip: f64) -> Vec<String> {
+        let mut notes = Vec::new();
+        if self.per_layer_updates && grad_accum > 1 {
+            notes.push(format!(
+                "per-layer updates with --grad-accum {grad_accum}: the first {} micro-batches keep whole summed gradients (no gradient memory is saved); the last one updates layer by layer",
+                grad_accum - 1
+            ));
+        }
+        if self.per_layer_updates && clip > 0.0 {
+            notes.push(format!(
+                "per-layer updates with --clip {clip}: a first layer-by-layer pass measures the global gradient norm before any update (one more forward and backward per step)"
+            ));
+        }
+        notes
+    }
+}
+
 /// A source of training batches, addressed by position in the data order (so that a resumed
 /// run continues with the very batch it would have seen).
 pub trait BatchSource<I = Tensor> {

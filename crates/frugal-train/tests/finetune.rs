@@ -6,6 +6,7 @@ use candle_core::Device;
 use frugal_nn::encoder::Encoder;
 use frugal_train::data_parallel::DataParallel;
 use frugal_train::finetune::run::{resolve, run, FinetuneSettings, FinetuneSummary};
+use frugal_train::settings::{BackwardSettings, MemoryMode};
 use frugal_train::StopToken;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -169,6 +170,42 @@ fn the_frugal_recipe_keeps_little_state_and_trains() {
     // From ln 2 = 0.69 (chance) on the validation split; the training losses carry dropout.
     assert!(frugal.val_loss < 0.45, "{frugal:?}");
     assert!(frugal.val.accuracy >= 0.85, "{frugal:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn memory_modes_fine_tune_like_the_normal_backward_bit_for_bit() {
+    let dir = scratch("memory");
+    // Clipping (the default 1.0) and two micro-batches: per-layer updates measure the norm
+    // in a first pass and sum the first micro-batch whole.
+    for method in ["adamw", "lora", "frugal-ft:rank=2"] {
+        let run = |name: &str, memory: BackwardSettings| {
+            let mut s = settings(&dir, &format!("{method}-{name}"), method, 6);
+            (s.batch_size, s.grad_accum, s.memory) = (8, 2, memory);
+            let (out, summary) = train(s);
+            (losses(&out), summary.val_loss)
+        };
+        let normal = run("normal", BackwardSettings::default());
+        assert_eq!(normal.0.len(), 6);
+        for (name, memory) in [
+            (
+                "checkpointing",
+                BackwardSettings {
+                    activation_checkpointing: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                "low",
+                BackwardSettings {
+                    memory: MemoryMode::Low,
+                    ..Default::default()
+                },
+            ),
+        ] {
+            assert_eq!(run(name, memory), normal, "{method}, {name}");
+        }
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

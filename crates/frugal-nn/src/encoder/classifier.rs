@@ -3,7 +3,9 @@
 use super::{Dense, Encoder, EncoderBatch};
 use crate::dropout::{maybe, Dropout};
 use crate::error::{Error, Result};
+use crate::layered::{only, take};
 use crate::ops::cross_entropy;
+use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var, D};
 use frugal::Param;
 use rand::SeedableRng;
@@ -138,6 +140,28 @@ impl Classifier {
         let mut stream = batch.dropout_seed.map(Dropout::new);
         let mut dropout = stream.as_mut();
         let hidden = self.encoder.forward(batch, dropout.as_deref_mut())?;
+        self.head_logits(&hidden, batch, &mut dropout)
+    }
+
+    /// Class scores for evaluation: no dropout, and no backward graph kept, so that each
+    /// layer's intermediates are freed when the next layer starts (a training forward keeps
+    /// every layer's until its loss is dropped). The values are [`Classifier::logits`]'.
+    pub fn eval_logits(&self, batch: &EncoderBatch) -> Result<Tensor> {
+        let encoder = &self.encoder;
+        let mut x = encoder.embed(batch, &mut None)?.detach();
+        for l in &encoder.layers {
+            x = encoder.layer(l, &x, batch, &mut None)?.detach();
+        }
+        Ok(self.head_logits(&x, batch, &mut None)?.detach())
+    }
+
+    /// Class scores from the last hidden states: pooling, dropout, the head.
+    fn head_logits(
+        &self,
+        hidden: &Tensor,
+        batch: &EncoderBatch,
+        dropout: &mut Option<&mut Dropout>,
+    ) -> Result<Tensor> {
         let pooled = match self.pooling {
             Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
             Pooling::Mean => {
@@ -149,7 +173,7 @@ impl Classifier {
                     .broadcast_div(&counts)?
             }
         };
-        let pooled = maybe(&mut dropout, &pooled, self.dropout)?;
+        let pooled = maybe(dropout, &pooled, self.dropout)?;
         self.head.forward(&pooled, &mut None)
     }
 
@@ -158,13 +182,79 @@ impl Classifier {
         Ok(cross_entropy(&self.logits(batch)?, labels)?)
     }
 
+    /// The loss of a batch, with its gradients handed to `sink` one part at a time as a
+    /// layer-by-layer backward pass makes them: the forward keeps only each layer's input (and
+    /// where its dropout masks start), and the backward recomputes each layer from it, drawing
+    /// the same masks. The head's gradients come first, then each layer's from the top, the
+    /// embeddings' last; a part without trained tensors (frozen under LoRA) is not sent, and
+    /// frozen embeddings are not recomputed. `scale` multiplies the loss before the backward
+    /// pass. The gradients equal those of `loss(..).backward()`, bit for bit. Returns the
+    /// unscaled loss; a non-finite loss is an error before any gradient reaches `sink`.
+    pub fn backward_by_layers<E: From<Error> + From<candle_core::Error>>(
+        &self,
+        batch: &EncoderBatch,
+        labels: &Tensor,
+        scale: f64,
+        mut sink: impl FnMut(GradStore) -> std::result::Result<(), E>,
+    ) -> std::result::Result<f32, E> {
+        let encoder = &self.encoder;
+        let mut stream = batch.dropout_seed.map(Dropout::new);
+        let embedding_stream = stream.clone();
+        let mut x = encoder.embed(batch, &mut stream.as_mut())?.detach();
+        let mut inputs = Vec::with_capacity(encoder.layers.len());
+        for l in &encoder.layers {
+            let at = stream.clone();
+            let next = encoder.layer(l, &x, batch, &mut stream.as_mut())?.detach();
+            inputs.push((x, at));
+            x = next;
+        }
+        let top = Var::from_tensor(&x)?;
+        drop(x);
+        let logits = self.head_logits(top.as_tensor(), batch, &mut stream.as_mut())?;
+        let loss = cross_entropy(&logits, labels)?;
+        let value = loss.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            return Err(Error::NonFiniteLoss { loss: value }.into());
+        }
+        let scaled = if scale == 1.0 { loss } else { (loss * scale)? };
+        let mut grads = scaled.backward()?;
+        drop(scaled);
+        let mut dy = take(&mut grads, top.as_tensor())?;
+        let head: Vec<&Tensor> = self.head_vars.iter().map(|v| v.as_tensor()).collect();
+        sink(only(grads, &head))?;
+        let embeddings = encoder.embedding_trainables();
+        for (k, (l, (x, mut at))) in encoder.layers.iter().zip(inputs).enumerate().rev() {
+            // The bottom layer's input needs no gradient when the embeddings are frozen.
+            let below = k > 0 || !embeddings.is_empty();
+            let input = match below {
+                true => Var::from_tensor(&x)?.as_tensor().clone(),
+                false => x,
+            };
+            let y = encoder.layer(l, &input, batch, &mut at.as_mut())?;
+            let mut grads = (y * &dy)?.sum_all()?.backward()?;
+            let trained = l.trainables();
+            if below {
+                dy = take(&mut grads, &input)?;
+            }
+            if !trained.is_empty() {
+                sink(only(grads, &trained))?;
+            }
+        }
+        if !embeddings.is_empty() {
+            let mut at = embedding_stream;
+            let e = encoder.embed(batch, &mut at.as_mut())?;
+            let grads = (e * dy)?.sum_all()?.backward()?;
+            sink(only(grads, &embeddings))?;
+        }
+        Ok(value)
+    }
+
     /// The most likely class of each input (no dropout).
     pub fn predict(&self, batch: &EncoderBatch) -> Result<Vec<u32>> {
-        let plain = EncoderBatch {
-            dropout_seed: None,
-            ..batch.clone()
-        };
-        Ok(self.logits(&plain)?.argmax(D::Minus1)?.to_vec1::<u32>()?)
+        Ok(self
+            .eval_logits(batch)?
+            .argmax(D::Minus1)?
+            .to_vec1::<u32>()?)
     }
 
     /// Every weight with its Hugging Face name: the encoder's (`bert.…` / `roberta.…`), then

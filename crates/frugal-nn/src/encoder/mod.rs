@@ -74,6 +74,37 @@ struct Layer {
     output_norm: Norm,
 }
 
+impl Layer {
+    /// The linears, in model order.
+    fn dense(&self) -> [&Dense; 6] {
+        [
+            &self.query,
+            &self.key,
+            &self.value,
+            &self.attention_out,
+            &self.intermediate,
+            &self.output,
+        ]
+    }
+
+    /// The layer's trained tensors: its weights, or under LoRA its adapters.
+    fn trainables(&self) -> Vec<&Tensor> {
+        let norms = [&self.attention_norm, &self.output_norm];
+        self.dense()
+            .into_iter()
+            .flat_map(|d| {
+                let adapter = d
+                    .lora
+                    .iter()
+                    .flat_map(|a| [a.a.as_tensor(), a.b.as_tensor()]);
+                [&d.w, &d.b].into_iter().chain(adapter)
+            })
+            .chain(norms.iter().flat_map(|n| [&n.w, &n.b]))
+            .filter(|t| t.is_variable())
+            .collect()
+    }
+}
+
 /// A BERT or RoBERTa encoder: trainable weights, or frozen weights with trainable LoRA adapters.
 pub struct Encoder {
     pub config: EncoderConfig,
@@ -295,6 +326,15 @@ impl Encoder {
         batch: &EncoderBatch,
         mut dropout: Option<&mut Dropout>,
     ) -> Result<Tensor> {
+        let mut x = self.embed(batch, &mut dropout)?;
+        for layer in &self.layers {
+            x = self.layer(layer, &x, batch, &mut dropout)?;
+        }
+        Ok(x)
+    }
+
+    /// The embeddings of a batch, normalised, with dropout: the first layer's input.
+    fn embed(&self, batch: &EncoderBatch, dropout: &mut Option<&mut Dropout>) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = batch.ids.dims2()?;
         let embed = |table: &Tensor, ids: &Tensor| -> Result<Tensor> {
@@ -304,11 +344,16 @@ impl Encoder {
             + embed(&self.token_type, &batch.type_ids)?)?
         .reshape((b, t, c.hidden_size))?;
         let x = self.embedding_norm.forward(&x)?;
-        let mut x = maybe(&mut dropout, &x, c.hidden_dropout_prob)?;
-        for layer in &self.layers {
-            x = self.layer(layer, &x, batch, &mut dropout)?;
-        }
-        Ok(x)
+        Ok(maybe(dropout, &x, c.hidden_dropout_prob)?)
+    }
+
+    /// The trained tensors of the embeddings (none under LoRA).
+    fn embedding_trainables(&self) -> Vec<&Tensor> {
+        let n = &self.embedding_norm;
+        [&self.word, &self.position, &self.token_type, &n.w, &n.b]
+            .into_iter()
+            .filter(|t| t.is_variable())
+            .collect()
     }
 
     fn layer(
@@ -351,16 +396,7 @@ impl Encoder {
     }
 
     fn dense_layers(&self) -> impl Iterator<Item = &Dense> {
-        self.layers.iter().flat_map(|l| {
-            [
-                &l.query,
-                &l.key,
-                &l.value,
-                &l.attention_out,
-                &l.intermediate,
-                &l.output,
-            ]
-        })
+        self.layers.iter().flat_map(|l| l.dense())
     }
 
     /// The LoRA settings, when the encoder has adapters.

@@ -91,6 +91,16 @@ fn every_classifier_parameter_gets_a_gradient_and_dropout_follows_the_seed() {
         assert!(norm > 0.0, "{} has a zero gradient", p.name);
     }
     assert_eq!(model.predict(&batch).unwrap().len(), 2);
+    // Evaluation keeps no graph and drops nothing out: the plain logits, bit for bit.
+    let values = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let plain = values(model.logits(&batch).unwrap());
+    assert_eq!(values(model.eval_logits(&batch).unwrap()), plain);
+    let evaluated = model.eval_logits(&batch.clone().with_dropout(5)).unwrap();
+    let reached = evaluated.sum_all().unwrap().backward().unwrap();
+    assert!(params
+        .iter()
+        .all(|p| reached.get(p.var.as_tensor()).is_none()));
+    assert_eq!(values(evaluated), plain);
 }
 
 #[test]
@@ -201,4 +211,67 @@ fn lora_trains_only_its_adapters_and_merged_weights_predict_the_same() {
     let (encoder, head) = Encoder::from_checkpoint(&c, saved, &Device::Cpu, Some(&lora)).unwrap();
     let resumed = Classifier::from_head(encoder, head, Pooling::Mean, 0.1).unwrap();
     assert_eq!(max(&adapted, &resumed.logits(&batch).unwrap()), 0.0);
+}
+
+#[test]
+fn the_layered_backward_gives_the_whole_backward_s_gradients_bit_for_bit() {
+    let c = micro();
+    let lora = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.1,
+        targets: LoraTargets::All,
+    };
+    let batch = EncoderBatch::new(&c, &inputs(&[&[2, 7, 9], &[5, 6, 1, 3]]), &Device::Cpu)
+        .unwrap()
+        .with_dropout(4);
+    let labels = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
+    for (adapters, pooling, scale) in [
+        (false, Pooling::Mean, 1.0),
+        (false, Pooling::Cls, 0.5),
+        (true, Pooling::Mean, 0.5),
+    ] {
+        let mut encoder = Encoder::init(&c, 1, &Device::Cpu).unwrap();
+        if adapters {
+            encoder = encoder.with_lora(&lora, 3).unwrap();
+        }
+        let model = Classifier::new(encoder, 3, pooling, 0.1, 2).unwrap();
+        let params = model.params();
+        // Adapters with B ≠ 0, so that every gradient is non-trivial.
+        let mut rng = <ChaCha8Rng as SeedableRng>::seed_from_u64(6);
+        for p in params.iter().filter(|p| p.name.contains("lora_B")) {
+            let values = crate::init::normal(&mut rng, p.var.elem_count(), 0.5);
+            p.var
+                .set(&Tensor::from_vec(values, p.var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let loss = model.loss(&batch, &labels).unwrap();
+        let value = loss.to_scalar::<f32>().unwrap();
+        let whole = (loss * scale).unwrap().backward().unwrap();
+        let values = |g: &Tensor| g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut parts: Vec<Vec<(String, Vec<f32>)>> = Vec::new();
+        let got = model
+            .backward_by_layers(&batch, &labels, scale, |g| {
+                let part = params
+                    .iter()
+                    .filter_map(|p| Some((p.name.clone(), values(g.get(p.var.as_tensor())?))))
+                    .collect();
+                parts.push(part);
+                Ok::<(), Error>(())
+            })
+            .unwrap();
+        assert_eq!(got, value);
+        // The head, each layer from the top, then the embeddings (frozen under LoRA).
+        assert_eq!(parts.len(), if adapters { 3 } else { 4 });
+        let names = |i: usize| -> Vec<String> { parts[i].iter().map(|(n, _)| n.clone()).collect() };
+        assert_eq!(names(0), ["classifier.weight", "classifier.bias"]);
+        assert!(names(1).iter().all(|n| n.contains("layer.1.")));
+        assert!(names(2).iter().all(|n| n.contains("layer.0.")));
+        let flat: HashMap<String, Vec<f32>> = parts.into_iter().flatten().collect();
+        assert_eq!(flat.len(), params.len());
+        for p in &params {
+            let want = values(whole.get(p.var.as_tensor()).unwrap());
+            assert!(flat[&p.name] == want, "{}, adapters {adapters}", p.name);
+        }
+    }
 }

@@ -10,6 +10,7 @@ pub use memory::{StepMemory, StepMode};
 
 use crate::chunked_loss::{linear_cross_entropy, linear_cross_entropy_value, LossChunks};
 use crate::error::{Error, Result};
+use crate::layered::{only, take};
 use crate::ops::{causal_softmax, cross_entropy, linear, rms_norm, rope_heads, swiglu};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -48,24 +49,6 @@ impl Layer {
             &self.down,
         ]
     }
-}
-
-/// The gradient of `t`, removed from `grads`.
-fn take(grads: &mut GradStore, t: &Tensor) -> Result<Tensor> {
-    grads.remove(t).ok_or_else(|| {
-        Error::Input("the backward pass left a layer input without a gradient".into())
-    })
-}
-
-/// The gradients of `params` alone (a backward pass also holds those of constants).
-fn only(mut grads: GradStore, params: &[&Tensor]) -> GradStore {
-    let mut kept = GradStore::default();
-    for p in params {
-        if let Some(g) = grads.remove(p) {
-            kept.insert(p, g);
-        }
-    }
-    kept
 }
 
 /// A LLaMA model whose parameters live in a `VarMap`, on one device in one dtype.

@@ -86,7 +86,7 @@ pub fn evaluate(
         .step_by(world)
     {
         let batch = EncoderBatch::new(&model.encoder.config, inputs, &device)?;
-        let logits = model.logits(&batch)?;
+        let logits = model.eval_logits(&batch)?;
         let targets = Tensor::new(labels, &device)?;
         let loss = frugal_nn::ops::cross_entropy(&logits, &targets)?.to_scalar::<f32>()? as f64;
         mine.extend(loss.to_le_bytes());

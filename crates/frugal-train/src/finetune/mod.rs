@@ -14,7 +14,7 @@ pub mod scores;
 pub mod task;
 pub mod tokenize;
 
-use crate::trainer::Model;
+use crate::trainer::{GradSink, Model};
 use anyhow::Result;
 use candle_core::Tensor;
 use frugal::Param;
@@ -29,5 +29,16 @@ impl Model for Classifier {
 
     fn params(&self) -> Vec<Param> {
         Classifier::params(self)
+    }
+
+    fn backward_by_layers(
+        &self,
+        inputs: &EncoderBatch,
+        targets: &Tensor,
+        scale: f64,
+        sink: &mut GradSink<'_>,
+    ) -> Result<f64> {
+        let loss = Classifier::backward_by_layers(self, inputs, targets, scale, sink)?;
+        Ok(loss as f64)
     }
 }

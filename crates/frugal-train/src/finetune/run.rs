@@ -10,8 +10,9 @@ use crate::checkpoint;
 use crate::data_parallel::{code_fingerprint, keep_global_batch, DataParallel};
 use crate::metrics::{peak_rss_bytes, EvalRecord, Metrics, Record, TrainRecord};
 use crate::schedule::Schedule;
+use crate::settings::BackwardSettings;
 use crate::trainer::{
-    at_least_one, Backward, Hooks, LoopSettings, Outcome, StopToken, Trainer, TrainerState,
+    at_least_one, Hooks, LoopSettings, Outcome, StopToken, Trainer, TrainerState,
 };
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -145,6 +146,9 @@ pub struct FinetuneSettings {
     #[cfg_attr(feature = "cli", arg(long, default_value_t = frugal_nn::matmul::MatmulLibrary::Auto))]
     #[serde(skip)]
     pub matmul: frugal_nn::matmul::MatmulLibrary,
+    #[cfg_attr(feature = "cli", command(flatten))]
+    #[serde(flatten)]
+    pub memory: BackwardSettings,
 }
 
 impl Default for FinetuneSettings {
@@ -183,6 +187,7 @@ impl Default for FinetuneSettings {
             seed: 0,
             threads: None,
             matmul: Default::default(),
+            memory: Default::default(),
         }
     }
 }
@@ -395,7 +400,7 @@ impl FinetuneConfig {
             // Counts examples as the loop's "tokens".
             seq_len: 1,
             clip: a.clip,
-            backward: Backward::default(),
+            backward: a.memory.backward(),
             log_every: a.log_every,
             eval_every: self.eval_every,
             save_every: self.save_every,
@@ -821,6 +826,10 @@ pub fn run(
                 .collect::<Vec<_>>()
                 .join(" + ")
         );
+    }
+
+    for line in args.memory.backward().notes(args.grad_accum, args.clip) {
+        say!(lead, "note: {line}");
     }
 
     let mut hooks = FinetuneHooks {

@@ -22,3 +22,26 @@ pub(crate) fn only(mut grads: GradStore, params: &[&Tensor]) -> GradStore {
     }
     kept
 }
+
+/// The backward pass from the loss of a model's top part, computed from `top` (its input):
+/// the loss's value, the gradient reaching `top`, and the other gradients. `scale` multiplies
+/// the loss first; a non-finite loss is an error before any backward pass.
+pub(crate) fn top_backward(
+    loss: Tensor,
+    top: &Tensor,
+    scale: f64,
+) -> Result<(f32, Tensor, GradStore)> {
+    let value = loss.to_scalar::<f32>()?;
+    if !value.is_finite() {
+        return Err(Error::NonFiniteLoss { loss: value });
+    }
+    let scaled = if scale == 1.0 { loss } else { (loss * scale)? };
+    let mut grads = scaled.backward()?;
+    let dy = take(&mut grads, top)?;
+    Ok((value, dy, grads))
+}
+
+/// The gradients of the graph that made `y`, given `dy`, the gradient reaching `y`.
+pub(crate) fn backward_from(y: &Tensor, dy: &Tensor) -> Result<GradStore> {
+    Ok((y * dy)?.sum_all()?.backward()?)
+}

@@ -3,7 +3,7 @@
 use super::{Dense, Encoder, EncoderBatch};
 use crate::dropout::{maybe, Dropout};
 use crate::error::{Error, Result};
-use crate::layered::{only, take};
+use crate::layered::{backward_from, only, take, top_backward};
 use crate::ops::cross_entropy;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var, D};
@@ -212,14 +212,8 @@ impl Classifier {
         drop(x);
         let logits = self.head_logits(top.as_tensor(), batch, &mut stream.as_mut())?;
         let loss = cross_entropy(&logits, labels)?;
-        let value = loss.to_scalar::<f32>()?;
-        if !value.is_finite() {
-            return Err(Error::NonFiniteLoss { loss: value }.into());
-        }
-        let scaled = if scale == 1.0 { loss } else { (loss * scale)? };
-        let mut grads = scaled.backward()?;
-        drop(scaled);
-        let mut dy = take(&mut grads, top.as_tensor())?;
+        drop(logits);
+        let (value, mut dy, grads) = top_backward(loss, top.as_tensor(), scale)?;
         let head: Vec<&Tensor> = self.head_vars.iter().map(|v| v.as_tensor()).collect();
         sink(only(grads, &head))?;
         let embeddings = encoder.embedding_trainables();
@@ -231,7 +225,7 @@ impl Classifier {
                 false => x,
             };
             let y = encoder.layer(l, &input, batch, &mut at.as_mut())?;
-            let mut grads = (y * &dy)?.sum_all()?.backward()?;
+            let mut grads = backward_from(&y, &dy)?;
             let trained = l.trainables();
             if below {
                 dy = take(&mut grads, &input)?;
@@ -242,8 +236,7 @@ impl Classifier {
         }
         if !embeddings.is_empty() {
             let mut at = embedding_stream;
-            let e = encoder.embed(batch, &mut at.as_mut())?;
-            let grads = (e * dy)?.sum_all()?.backward()?;
+            let grads = backward_from(&encoder.embed(batch, &mut at.as_mut())?, &dy)?;
             sink(only(grads, &embeddings))?;
         }
         Ok(value)

@@ -10,7 +10,7 @@ pub use memory::{StepMemory, StepMode};
 
 use crate::chunked_loss::{linear_cross_entropy, linear_cross_entropy_value, LossChunks};
 use crate::error::{Error, Result};
-use crate::layered::{only, take};
+use crate::layered::{backward_from, only, take, top_backward};
 use crate::ops::{causal_softmax, cross_entropy, linear, rms_norm, rope_heads, swiglu};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -415,26 +415,18 @@ impl Llama {
         }
         let top = Var::from_tensor(&x)?;
         drop(x);
-        let loss = self.head_loss(&top, targets)?;
-        let value = loss.to_scalar::<f32>()?;
-        if !value.is_finite() {
-            return Err(Error::NonFiniteLoss { loss: value }.into());
-        }
-        let scaled = if scale == 1.0 { loss } else { (loss * scale)? };
-        let mut grads = scaled.backward()?;
-        drop(scaled);
-        let mut dy = take(&mut grads, top.as_tensor())?;
+        let (value, mut dy, grads) =
+            top_backward(self.head_loss(&top, targets)?, top.as_tensor(), scale)?;
         sink(only(grads, &[&self.norm, &self.head]))?;
         for (l, x) in self.layers.iter().zip(inputs).rev() {
             let input = Var::from_tensor(&x)?;
             drop(x);
             let y = self.layer(l, &input, &tables)?;
-            let mut grads = (y * &dy)?.sum_all()?.backward()?;
+            let mut grads = backward_from(&y, &dy)?;
             dy = take(&mut grads, input.as_tensor())?;
             sink(only(grads, &l.weights()))?;
         }
-        let e = self.embed(ids)?;
-        let grads = (e * dy)?.sum_all()?.backward()?;
+        let grads = backward_from(&self.embed(ids)?, &dy)?;
         sink(only(grads, &[&self.embed]))?;
         Ok(value)
     }

@@ -169,7 +169,20 @@ fn resume_after_sigkill_is_bit_identical() {
         .iter()
         .any(|v| v["step"] == 5 && v.get("val_loss").is_some()));
     assert!(paused.join("checkpoints/step-5").exists());
-    run_ok(frugal(&dir).args(["train", "--resume"]).arg(&paused));
+    // A resumed run keeps the run's settings: another value is refused, but the memory modes,
+    // which leave every value as it was, may change.
+    let out = frugal(&dir)
+        .args(["train", "--update-gap", "5", "--resume"])
+        .arg(&paused)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--update-gap 5 differs from the run"), "{err}");
+    run_ok(
+        frugal(&dir)
+            .args(["train", "--per-layer-updates", "--resume"])
+            .arg(&paused),
+    );
     assert_eq!(losses(&paused), losses(&straight));
     assert_eq!(summary(&paused)["val_loss"], summary(&straight)["val_loss"]);
 

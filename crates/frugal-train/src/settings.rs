@@ -477,7 +477,8 @@ fn toml_value(key: &str, v: toml::Value, file: &Path) -> Result<serde_json::Valu
 
 /// The settings `value` (a command line's, as JSON) with those of the TOML file `config` for the
 /// keys not `given` on the command line, or, when resuming, the run in `resume`'s saved settings
-/// (a `given` key that differs from them is an error).
+/// (a `given` key that differs from them is an error, but for the memory modes, which a resumed
+/// run may change).
 pub(crate) fn merged_value(
     mut value: serde_json::Value,
     config: Option<&Path>,
@@ -509,10 +510,19 @@ pub(crate) fn merged_value(
         let saved: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))?;
         let mut saved_args = saved["args"].clone();
+        let mut changed = Vec::new();
         for key in given {
             let now = setting(&mut value, key).map(|v| v.clone());
+            if CHANGEABLE_ON_RESUME.contains(&key.as_str()) {
+                changed.extend(now.map(|now| (key, now)));
+                continue;
+            }
             if let (Some(now), Some(then)) = (now, setting(&mut saved_args, key)) {
                 if now != *then {
+                    let then = match then {
+                        serde_json::Value::Null => "its default".to_string(),
+                        then => then.to_string(),
+                    };
                     bail!(
                         "--{} {now} differs from the run in {} ({then}); resume with the run's settings",
                         key.replace('_', "-"),
@@ -522,9 +532,24 @@ pub(crate) fn merged_value(
             }
         }
         value = saved_args;
+        if let Some(args) = value.as_object_mut() {
+            for (key, now) in changed {
+                args.insert(key.clone(), now);
+            }
+        }
     }
     Ok(value)
 }
+
+/// Settings a resumed run may change: they trade compute for memory (the backward pass's
+/// modes leave every value as it was; the loss in chunks sums in another order).
+const CHANGEABLE_ON_RESUME: [&str; 5] = [
+    "memory",
+    "activation_checkpointing",
+    "per_layer_updates",
+    "loss_chunks",
+    "loss_vocab_chunks",
+];
 
 impl TrainSettings {
     /// Applies the TOML file named by `config` (settings given on the command line, named in

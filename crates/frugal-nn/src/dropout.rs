@@ -1,11 +1,13 @@
 //! Dropout with masks drawn from a seeded stream, so that a run (and its resume) draws the same
 //! masks every time.
 
-use candle_core::{Result, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use std::sync::Arc;
 
-/// Mask elements drawn by one worker at a time.
+/// Mask elements drawn by one worker at a time (a multiple of 64: whole words of bits).
 const MASK_CHUNK: usize = 1 << 14;
 
 /// A stream of dropout masks; a clone draws the same masks as the stream from where it was
@@ -24,25 +26,88 @@ impl Dropout {
     }
 
     /// `x` with each element zeroed with probability `p` and the rest scaled by 1 / (1 − p).
+    /// On the CPU the mask is kept for the backward pass as one bit per element (an f32 mask
+    /// multiplied in would keep four bytes).
     pub fn apply(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
         if p <= 0.0 {
             return Ok(x.clone());
         }
         let keep = 1.0 / (1.0 - p) as f32;
-        // Each element takes one f64 (two 32-bit words) of the stream, in order; the workers
-        // draw disjoint stretches of it by seeking, so the mask is the one a single draw makes.
-        let start = self.rng.get_word_pos();
-        let stream = &self.rng;
-        let mask = crate::ops::filled(x.elem_count(), MASK_CHUNK, |i, chunk| {
-            let mut rng = stream.clone();
-            rng.set_word_pos(start + (2 * i * MASK_CHUNK) as u128);
-            for m in chunk {
-                *m = if rng.random::<f64>() < p { 0.0 } else { keep };
-            }
-        });
-        self.rng.set_word_pos(start + 2 * x.elem_count() as u128);
+        let kept = Arc::new(self.draw(x.elem_count(), p));
+        if crate::ops::fused_here(x) {
+            return x.contiguous()?.apply_op1(Masked { kept, keep });
+        }
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|i| factor(&kept, i, keep))
+            .collect();
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x * mask
+    }
+
+    /// The next `n` mask elements as bits (1: kept). Each element takes one f64 (two 32-bit
+    /// words) of the stream, in order, and is dropped when it is below `p`; the workers draw
+    /// disjoint stretches of the stream by seeking, so the mask is the one a single draw makes.
+    fn draw(&mut self, n: usize, p: f64) -> Vec<u64> {
+        let start = self.rng.get_word_pos();
+        let stream = &self.rng;
+        let mut kept = vec![0u64; n.div_ceil(64)];
+        kept.par_chunks_mut(MASK_CHUNK / 64)
+            .enumerate()
+            .for_each(|(c, words)| {
+                let mut rng = stream.clone();
+                rng.set_word_pos(start + (2 * c * MASK_CHUNK) as u128);
+                let first = c * MASK_CHUNK;
+                for (w, word) in words.iter_mut().enumerate() {
+                    for bit in 0..64.min(n - first - 64 * w) {
+                        if rng.random::<f64>() >= p {
+                            *word |= 1 << bit;
+                        }
+                    }
+                }
+            });
+        self.rng.set_word_pos(start + 2 * n as u128);
+        kept
+    }
+}
+
+/// The mask's factor for element `i`: `keep` where it is kept, else zero.
+fn factor(kept: &[u64], i: usize, keep: f32) -> f32 {
+    if kept[i / 64] >> (i % 64) & 1 == 1 {
+        keep
+    } else {
+        0.0
+    }
+}
+
+/// Multiplies by a dropout mask held as bits: the same products as by the f32 mask, forward
+/// (x·m) and backward (dy·m).
+struct Masked {
+    kept: Arc<Vec<u64>>,
+    keep: f32,
+}
+
+impl CustomOp1 for Masked {
+    fn name(&self) -> &'static str {
+        "dropout-bits"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = crate::ops::f32s(s, l, self.name())?;
+        let out = crate::ops::filled(x.len(), MASK_CHUNK, |c, o| {
+            let first = c * MASK_CHUNK;
+            for (k, (o, x)) in o.iter_mut().zip(&x[first..]).enumerate() {
+                *o = x * factor(&self.kept, first + k, self.keep);
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let mask = Masked {
+            kept: Arc::clone(&self.kept),
+            keep: self.keep,
+        };
+        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&mask)?))
     }
 }
 
@@ -106,5 +171,36 @@ mod tests {
                 .unwrap(),
             vec![1.0; 100_000]
         );
+    }
+
+    #[test]
+    fn the_bit_mask_gives_the_products_of_the_f32_mask_forward_and_backward() {
+        // Negative values, infinities and a length that ends inside a word of bits.
+        let n = 3 * MASK_CHUNK + 77;
+        let mut values: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.3)
+            .collect();
+        (values[5], values[6]) = (f32::INFINITY, -0.0);
+        let x = candle_core::Var::new(values.as_slice(), &Device::Cpu).unwrap();
+        let kept = Dropout::new(3).draw(n, 0.25);
+        let y = Dropout::new(3).apply(&x, 0.25).unwrap();
+        let mask: Vec<f32> = (0..n).map(|i| factor(&kept, i, 1.0 / 0.75)).collect();
+        let want: Vec<f32> = values.iter().zip(&mask).map(|(x, m)| x * m).collect();
+        let got = y.to_vec1::<f32>().unwrap();
+        assert!(got
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        let dy: Vec<f32> = (0..n).map(|i| (i as f32 * 0.01).sin()).collect();
+        let dy_t = Tensor::new(dy.as_slice(), &Device::Cpu).unwrap();
+        let grads = (y * &dy_t).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = grads.get(&x).unwrap().to_vec1::<f32>().unwrap();
+        let want: Vec<f32> = dy.iter().zip(&mask).map(|(d, m)| d * m).collect();
+        assert!(dx
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        let dropped = mask.iter().filter(|&&m| m == 0.0).count() as f64 / n as f64;
+        assert!((dropped - 0.25).abs() < 0.01, "{dropped}");
     }
 }

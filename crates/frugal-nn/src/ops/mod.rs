@@ -52,7 +52,7 @@ impl Elem for u32 {
     }
 }
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     f32::slice(s, l, op)
 }
 

@@ -32,22 +32,20 @@ impl Dropout {
         if p <= 0.0 {
             return Ok(x.clone());
         }
-        let keep = 1.0 / (1.0 - p) as f32;
-        let kept = Arc::new(self.draw(x.elem_count(), p));
+        let mask = self.mask(x.elem_count(), p);
         if crate::ops::fused_here(x) {
-            return x.contiguous()?.apply_op1(Masked { kept, keep });
+            return x.contiguous()?.apply_op1(Masked(mask));
         }
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|i| factor(&kept, i, keep))
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x * mask
+        let factors: Vec<f32> = (0..x.elem_count()).map(|i| mask.factor(i)).collect();
+        let factors = Tensor::from_vec(factors, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * factors
     }
 
-    /// The next `n` mask elements as bits (1: kept). Each element takes one f64 (two 32-bit
-    /// words) of the stream, in order, and is dropped when it is below `p`; the workers draw
-    /// disjoint stretches of the stream by seeking, so the mask is the one a single draw makes.
-    fn draw(&mut self, n: usize, p: f64) -> Vec<u64> {
+    /// The next `n` elements' mask for dropping with probability `p` (> 0). Each element
+    /// takes one f64 (two 32-bit words) of the stream, in order, and is dropped when it is
+    /// below `p`; the workers draw disjoint stretches of the stream by seeking, so the mask is
+    /// the one a single draw makes.
+    pub(crate) fn mask(&mut self, n: usize, p: f64) -> Mask {
         let start = self.rng.get_word_pos();
         let stream = &self.rng;
         let mut kept = vec![0u64; n.div_ceil(64)];
@@ -66,25 +64,46 @@ impl Dropout {
                 }
             });
         self.rng.set_word_pos(start + 2 * n as u128);
-        kept
+        Mask {
+            kept: kept.into(),
+            keep: 1.0 / (1.0 - p) as f32,
+        }
     }
 }
 
-/// The mask's factor for element `i`: `keep` where it is kept, else zero.
-fn factor(kept: &[u64], i: usize, keep: f32) -> f32 {
-    if kept[i / 64] >> (i % 64) & 1 == 1 {
-        keep
-    } else {
-        0.0
-    }
-}
-
-/// Multiplies by a dropout mask held as bits: the same products as by the f32 mask, forward
-/// (x·m) and backward (dy·m).
-struct Masked {
-    kept: Arc<Vec<u64>>,
+/// A dropout mask: one bit per element (1: kept), and the factor of the kept elements.
+#[derive(Clone)]
+pub(crate) struct Mask {
+    kept: Arc<[u64]>,
     keep: f32,
 }
+
+impl Mask {
+    /// The factor of element `i`: 1 / (1 − p) where it is kept, else zero.
+    pub(crate) fn factor(&self, i: usize) -> f32 {
+        if self.kept[i / 64] >> (i % 64) & 1 == 1 {
+            self.keep
+        } else {
+            0.0
+        }
+    }
+
+    /// `values` (of the mask's elements, in order) times the mask, in place.
+    pub(crate) fn multiply_in_place(&self, values: &mut [f32], first: usize) {
+        for (k, v) in values.iter_mut().enumerate() {
+            *v *= self.factor(first + k);
+        }
+    }
+
+    /// `t` times the mask, outside the backward graph (a gradient through it).
+    pub(crate) fn multiply(&self, t: &Tensor) -> Result<Tensor> {
+        t.contiguous()?.apply_op1_no_bwd(&Masked(self.clone()))
+    }
+}
+
+/// Multiplies by a dropout mask held as bits: the products of the f32 mask, forward (x·m) and
+/// backward (dy·m).
+struct Masked(Mask);
 
 impl CustomOp1 for Masked {
     fn name(&self) -> &'static str {
@@ -95,19 +114,14 @@ impl CustomOp1 for Masked {
         let x = crate::ops::f32s(s, l, self.name())?;
         let out = crate::ops::filled(x.len(), MASK_CHUNK, |c, o| {
             let first = c * MASK_CHUNK;
-            for (k, (o, x)) in o.iter_mut().zip(&x[first..]).enumerate() {
-                *o = x * factor(&self.kept, first + k, self.keep);
-            }
+            o.copy_from_slice(&x[first..][..o.len()]);
+            self.0.multiply_in_place(o, first);
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let mask = Masked {
-            kept: Arc::clone(&self.kept),
-            keep: self.keep,
-        };
-        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&mask)?))
+        self.0.multiply(dy).map(Some)
     }
 }
 
@@ -182,9 +196,9 @@ mod tests {
             .collect();
         (values[5], values[6]) = (f32::INFINITY, -0.0);
         let x = candle_core::Var::new(values.as_slice(), &Device::Cpu).unwrap();
-        let kept = Dropout::new(3).draw(n, 0.25);
+        let kept = Dropout::new(3).mask(n, 0.25);
         let y = Dropout::new(3).apply(&x, 0.25).unwrap();
-        let mask: Vec<f32> = (0..n).map(|i| factor(&kept, i, 1.0 / 0.75)).collect();
+        let mask: Vec<f32> = (0..n).map(|i| kept.factor(i)).collect();
         let want: Vec<f32> = values.iter().zip(&mask).map(|(x, m)| x * m).collect();
         let got = y.to_vec1::<f32>().unwrap();
         assert!(got

@@ -17,7 +17,9 @@ use lora::Adapter;
 
 use crate::dropout::{maybe, Dropout};
 use crate::error::{Error, Result};
-use crate::ops::{add_bias, frozen_linear, gelu_erf, key_masked_softmax, layer_norm, linear};
+use crate::ops::{
+    add_bias, frozen_linear, gelu_erf, key_masked_softmax_dropout, layer_norm, linear,
+};
 use candle_core::{DType, Device, Tensor, Var};
 use frugal::Param;
 use rand::SeedableRng;
@@ -375,8 +377,13 @@ impl Encoder {
         };
         let (q, k, v) = (split(&l.query)?, split(&l.key)?, split(&l.value)?);
         let scores = q.matmul(&k.t()?)?;
-        let probs = key_masked_softmax(&scores, 1.0 / (d as f64).sqrt(), batch.keep.clone())?;
-        let probs = maybe(dropout, &probs, c.attention_probs_dropout_prob)?;
+        let probs = key_masked_softmax_dropout(
+            &scores,
+            1.0 / (d as f64).sqrt(),
+            batch.keep.clone(),
+            dropout,
+            c.attention_probs_dropout_prob,
+        )?;
         let context = probs
             .matmul(&v)?
             .transpose(1, 2)?

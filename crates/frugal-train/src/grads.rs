@@ -1,5 +1,5 @@
 //! Gradient utilities: accumulation over micro-batches and the pieces of global-norm clipping
-//! (see [`crate::DataParallel::clip_grad_norm`]).
+//! (see [`crate::data_parallel::DataParallel::clip_grad_norm`]).
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
@@ -41,7 +41,7 @@ pub fn chunk_squares(g: &Tensor, range: Range<usize>) -> Result<Vec<f32>> {
     Ok(sums)
 }
 
-/// The global L2 norm from each parameter's Σ g² (see [`crate::DataParallel::squared_norms`]),
+/// The global L2 norm from each parameter's Σ g² (see [`crate::data_parallel::DataParallel::squared_norms`]),
 /// added in name order so that it
 /// does not depend on the order in which a model lists, or a backward pass makes, them.
 pub fn norm_in_name_order(mut squares: Vec<(&str, f64)>) -> f64 {

@@ -92,9 +92,9 @@ impl TextTokenizer {
     }
 
     /// Token ids of each document followed by the end-of-text token, concatenated. The
-    /// documents go through the tokenizer (in parallel) about [`ENCODE_BYTES`] of text at a
-    /// time and only their ids are kept: the tokenizer's full encodings (tokens, offsets,
-    /// masks) take many times the text's size.
+    /// documents go through the tokenizer (in parallel) about 1 MiB of text at a time and only
+    /// their ids are kept: the tokenizer's full encodings (tokens, offsets, masks) take many
+    /// times the text's size.
     pub fn encode_packed(&self, docs: &[String]) -> Result<Vec<u32>> {
         self.encode_packed_by(docs, ENCODE_BYTES)
     }

@@ -88,9 +88,8 @@ impl ClassTokenizer {
     }
 
     /// Tokenizes labelled examples (in parallel), cutting long ones. The examples go through
-    /// the tokenizer [`ENCODE_CHUNK`] at a time and only their ids are kept, so that the
-    /// tokenizer's full encodings of long texts (tokens, offsets, masks) never exist for all of
-    /// them at once.
+    /// the tokenizer 256 at a time and only their ids are kept, so that the tokenizer's full
+    /// encodings of long texts (tokens, offsets, masks) never exist for all of them at once.
     pub fn encode(&self, examples: &[(Example, u32)]) -> Result<Encoded> {
         let mut inputs = Vec::with_capacity(examples.len());
         let mut truncated = 0;

@@ -88,11 +88,20 @@ impl Mask {
         }
     }
 
-    /// `values` (of the mask's elements, in order) times the mask, in place.
+    /// `values` (the mask's elements from `first`, a multiple of 64) times the mask, in place.
     pub(crate) fn multiply_in_place(&self, values: &mut [f32], first: usize) {
-        for (k, v) in values.iter_mut().enumerate() {
-            *v *= self.factor(first + k);
+        debug_assert!(first.is_multiple_of(64));
+        for (block, &word) in values.chunks_mut(64).zip(&self.kept[first / 64..]) {
+            let factors = self.factors(word);
+            for (v, f) in block.iter_mut().zip(factors) {
+                *v *= f;
+            }
         }
+    }
+
+    /// The factors of the 64 elements of one word of the mask.
+    fn factors(&self, word: u64) -> [f32; 64] {
+        std::array::from_fn(|b| if word >> b & 1 == 1 { self.keep } else { 0.0 })
     }
 
     /// `t` times the mask, outside the backward graph (a gradient through it).
@@ -114,8 +123,16 @@ impl CustomOp1 for Masked {
         let x = crate::ops::f32s(s, l, self.name())?;
         let out = crate::ops::filled(x.len(), MASK_CHUNK, |c, o| {
             let first = c * MASK_CHUNK;
-            o.copy_from_slice(&x[first..][..o.len()]);
-            self.0.multiply_in_place(o, first);
+            for ((block, x), &word) in o
+                .chunks_mut(64)
+                .zip(x[first..].chunks(64))
+                .zip(&self.0.kept[first / 64..])
+            {
+                let factors = self.0.factors(word);
+                for ((o, x), f) in block.iter_mut().zip(x).zip(factors) {
+                    *o = x * f;
+                }
+            }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Peak memory and step time of each memory mode, in one run: `frugal train` on the same model,
+# Peak memory and step time of each memory mode, and of attention computed whole (the
+# scores and probabilities kept) instead of fused, in one run: `frugal train` on the same model,
 # batch and data for every mode, read back from each run's summary and metrics.
 #   scripts/bench-memory.sh [MODEL] [BATCH] [SEQ] [STEPS]   (defaults: 60m 8 256 6)
 # Needs a release build (cargo build --release); FRUGAL=path/to/frugal picks another binary.
@@ -17,7 +18,7 @@ mkdir -p "$out"
   --out "$out/prepare" >"$out/prepare.log" 2>&1 ||
   { echo "data preparation failed: see $out/prepare.log" >&2; exit 1; }
 modes=("normal:" "checkpointing:--activation-checkpointing" "per-layer:--per-layer-updates"
-       "loss-chunks:--loss-chunks 8" "low:--memory low")
+       "loss-chunks:--loss-chunks 8" "low:--memory low" "whole-attention:--attention whole")
 printf '%-14s %12s %12s %10s %8s\n' mode "peak RSS MB" "vs normal" "step ms" "vs normal"
 base_rss=""
 base_ms=""

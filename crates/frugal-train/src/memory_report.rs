@@ -7,7 +7,7 @@ use frugal::labels::RoleCounts;
 use frugal::memory::{by_role, plan};
 use frugal::{OptimizerConfig, StateBytes};
 use frugal_nn::chunked_loss::LossChunks;
-use frugal_nn::llama::{LlamaConfig, StepMemory, StepMode};
+use frugal_nn::llama::{Attention, LlamaConfig, StepMemory, StepMode};
 use serde::Serialize;
 
 /// Bytes of one parameter role.
@@ -51,13 +51,15 @@ pub struct ModePlan {
     pub selected: bool,
 }
 
-/// The memory modes a report plans, by name: each technique alone, and all of them.
-pub fn modes(grad_accum: usize) -> Vec<(&'static str, StepMode)> {
+/// The memory modes a report plans, by name: each technique alone, and all of them, with
+/// attention computed as `attention` asks.
+pub fn modes(grad_accum: usize, attention: Attention) -> Vec<(&'static str, StepMode)> {
     let mode = |checkpointing, per_layer_updates, tokens| StepMode {
         checkpointing,
         per_layer_updates,
         loss_chunks: LossChunks { tokens, vocab: 1 },
         grad_accum,
+        attention,
     };
     vec![
         ("normal", mode(false, false, 1)),
@@ -154,7 +156,7 @@ impl MemoryReport {
         seq: usize,
         selected: StepMode,
     ) -> Result<Self> {
-        let mut all = modes(selected.grad_accum);
+        let mut all = modes(selected.grad_accum, selected.attention);
         if !all.iter().any(|(_, m)| *m == selected) {
             all.push(("selected", selected));
         }
@@ -175,6 +177,7 @@ impl MemoryReport {
         let adamw = MemoryReport::new(model, &OptimizerConfig::preset("adamw")?)?;
         let normal = StepMode {
             grad_accum: selected.grad_accum,
+            attention: selected.attention,
             ..StepMode::default()
         };
         self.adamw_normal_peak_bytes = Some(

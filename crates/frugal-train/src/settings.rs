@@ -2,6 +2,7 @@
 //! feature) and the TOML file (`--config`), and the merge of a file and a resumed run's settings.
 
 use anyhow::{bail, Context, Result};
+use frugal_nn::llama::Attention;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -233,6 +234,18 @@ pub struct MemorySettings {
     #[cfg_attr(feature = "cli", arg(long))]
     #[serde(default)]
     pub loss_vocab_chunks: Option<usize>,
+    /// Attention on the CPU: fused (a block of query rows at a time; no t × t scores or
+    /// probabilities are kept for the backward pass) or whole (the scores, softmax and product
+    /// as separate operations, which keep both).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = Attention::Fused))]
+    #[serde(default = "attention_of_older_runs")]
+    pub attention: Attention,
+}
+
+/// The attention of a run saved before `--attention` existed, which computed it whole: it
+/// resumes as it ran, bit for bit.
+fn attention_of_older_runs() -> Attention {
+    Attention::Whole
 }
 
 impl MemorySettings {
@@ -244,6 +257,7 @@ impl MemorySettings {
             per_layer_updates: backward.per_layer_updates,
             loss_chunks: self.loss_chunks(),
             grad_accum,
+            attention: self.attention,
         }
     }
 
@@ -542,8 +556,10 @@ pub(crate) fn merged_value(
 }
 
 /// Settings a resumed run may change: they trade compute for memory (the backward pass's
-/// modes leave every value as it was; the loss in chunks sums in another order).
-const CHANGEABLE_ON_RESUME: [&str; 5] = [
+/// modes leave every value as it was; the loss in chunks and fused attention sum in another
+/// order).
+const CHANGEABLE_ON_RESUME: [&str; 6] = [
+    "attention",
     "memory",
     "activation_checkpointing",
     "per_layer_updates",
@@ -674,6 +690,39 @@ mod tests {
             (merged.lr, merged.opt.density, merged.steps),
             (Some(0.002), Some(0.5), 4)
         );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn runs_saved_before_fused_attention_resume_computing_it_whole() {
+        let dir = std::env::temp_dir().join(format!("frugal-attention-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let save = |args: serde_json::Value| {
+            let config = serde_json::json!({ "args": args });
+            std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        };
+        let resume = |attention, given: &[&str]| {
+            let s = TrainSettings {
+                resume: Some(dir.clone()),
+                memory: MemorySettings {
+                    attention,
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let given: Vec<String> = given.iter().map(|g| g.to_string()).collect();
+            s.merge(&given).unwrap().memory.attention
+        };
+        let mut args = serde_json::to_value(TrainSettings::default()).unwrap();
+        assert_eq!(args["attention"], "fused");
+        save(args.clone());
+        assert_eq!(resume(Attention::Fused, &[]), Attention::Fused);
+        // Saved without the setting: the run computed attention whole, and resumes so unless
+        // told otherwise.
+        args.as_object_mut().unwrap().remove("attention");
+        save(args);
+        assert_eq!(resume(Attention::Fused, &[]), Attention::Whole);
+        assert_eq!(resume(Attention::Fused, &["attention"]), Attention::Fused);
         std::fs::remove_dir_all(&dir).ok();
     }
 }

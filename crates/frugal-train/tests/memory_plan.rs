@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use frugal::Frugal;
 use frugal_nn::chunked_loss::LossChunks;
-use frugal_nn::llama::{Llama, LlamaConfig, StepMode};
+use frugal_nn::llama::{Attention, Llama, LlamaConfig, StepMode};
 use frugal_train::schedule::Schedule;
 use frugal_train::trainer::{Backward, BatchSource, LoopSettings, Trainer, TrainerState};
 use frugal_train::StopToken;
@@ -63,6 +63,7 @@ impl BatchSource for Tokens {
 fn measured_peak(c: &LlamaConfig, mode: StepMode, batch: usize, seq: usize) -> usize {
     let mut model = Llama::init(c, 0, &Device::Cpu, DType::F32).unwrap();
     model.set_loss_chunks(mode.loss_chunks);
+    model.set_attention(mode.attention);
     let cfg = frugal::OptimizerConfig::parse_spec("frugal:update_gap=100").unwrap();
     let opt = Frugal::from_params(model.params(), cfg).unwrap();
     let settings = LoopSettings {
@@ -123,6 +124,11 @@ fn the_planned_peak_matches_counted_allocations_in_every_mode() {
         per_layer_updates,
         loss_chunks: LossChunks { tokens, vocab: 1 },
         grad_accum,
+        attention: Attention::Fused,
+    };
+    let whole = |mode: StepMode| StepMode {
+        attention: Attention::Whole,
+        ..mode
     };
     let modes = [
         ("normal", mode(false, false, 1, 1)),
@@ -140,6 +146,11 @@ fn the_planned_peak_matches_counted_allocations_in_every_mode() {
                 },
                 ..mode(true, true, 4, 1)
             },
+        ),
+        ("normal, whole attention", whole(mode(false, false, 1, 1))),
+        (
+            "checkpointing, whole attention",
+            whole(mode(true, false, 1, 1)),
         ),
     ];
     let (mut peaks, mut off) = (Vec::new(), Vec::new());

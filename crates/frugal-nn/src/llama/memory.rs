@@ -9,7 +9,7 @@
 //! coefficients measured on this implementation; the plan's test checks the resulting peak
 //! against counted allocations.
 
-use super::LlamaConfig;
+use super::{Attention, LlamaConfig};
 use crate::chunked_loss::LossChunks;
 use serde::Serialize;
 
@@ -24,6 +24,8 @@ pub struct StepMode {
     pub loss_chunks: LossChunks,
     /// Micro-batches per step: with more than one, whole gradients are accumulated.
     pub grad_accum: usize,
+    /// How attention runs: [`Attention::Whole`] keeps two t × t tensors per head and layer.
+    pub attention: Attention,
 }
 
 /// Planned bytes of one training step beyond weights and optimizer state.
@@ -62,10 +64,18 @@ impl LlamaConfig {
         let p_layer = 2.0 * h * h + 2.0 * kv * h + 3.0 * h * f + 2.0 * h;
         let p_vocab = vocab * h;
         let p_all = 2.0 * p_vocab + layers * p_layer + h;
-        // Kept by each layer: norms, projections and their rotated heads (the values'
-        // head-major copy), scores and probabilities, the attention output and its row-major
-        // copy, the MLP's gate, up and gated products, and the two residual sums.
-        let a_layer = 10.0 * n * h + 4.0 * n * kv + grouped * n * h + 2.0 * scores + 3.0 * n * f;
+        // Kept by each layer: norms, projections and their rotated heads, the attention
+        // output, the MLP's gate, up and gated products, and the two residual sums. Attention
+        // computed whole also keeps the values' head-major copy, the key-value heads repeated
+        // for grouped queries, the scores and probabilities, and the output's row-major copy;
+        // fused, two numbers per query row.
+        let a_layer = 9.0 * n * h
+            + 3.0 * n * kv
+            + 3.0 * n * f
+            + match mode.attention {
+                Attention::Whole => n * h + n * kv + grouped * n * h + 2.0 * scores,
+                Attention::Fused => 2.0 * n * self.num_attention_heads as f64,
+            };
         let rows = (n / chunks.tokens.max(1) as f64).ceil();
         let (a_top, w_top) = if chunks.is_whole() {
             // The final norm and the logits; their gradient, and part of a second one while

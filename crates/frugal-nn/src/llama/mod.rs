@@ -2,16 +2,20 @@
 //! N × (RMSNorm, causal attention with RoPE, RMSNorm, SwiGLU MLP), final RMSNorm, untied head.
 //! Parameter names follow Hugging Face's `LlamaForCausalLM`.
 
+mod attention;
 mod config;
 mod memory;
 
+pub use attention::Attention;
 pub use config::{LlamaConfig, BUILTIN};
 pub use memory::{StepMemory, StepMode};
 
 use crate::chunked_loss::{linear_cross_entropy, linear_cross_entropy_value, LossChunks};
 use crate::error::{Error, Result};
 use crate::layered::{backward_from, only, take, top_backward};
-use crate::ops::{causal_softmax, cross_entropy, linear, rms_norm, rope_heads, swiglu};
+use crate::ops::{
+    causal_attention, cross_entropy, linear, rms_norm, rope_heads, swiglu, whole_causal_attention,
+};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -62,6 +66,8 @@ pub struct Llama {
     head: Tensor,
     /// Chunks of tokens and of vocabulary the loss is computed in (1: the whole logits).
     loss_chunks: LossChunks,
+    /// How attention runs on the CPU (see [`Llama::set_attention`]).
+    attention: Attention,
     /// The dtype of activations and of the weights as used (see [`Llama::set_compute_dtype`]).
     compute: DType,
     /// Rotary tables (cos, sin) per sequence length.
@@ -185,6 +191,7 @@ impl Llama {
             varmap,
             device: device.clone(),
             loss_chunks: LossChunks::WHOLE,
+            attention: Attention::default(),
             compute: dtype,
             tables: Default::default(),
         })
@@ -287,24 +294,11 @@ impl Llama {
         let k = rope_heads(&linear(&h, &self.used(&l.k)?)?, kv, cos, sin)?;
         let v = linear(&h, &self.used(&l.v)?)?
             .reshape((b, t, kv, d))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let (k, v) = if kv == heads {
-            (k, v)
-        } else {
-            let rep = heads / kv;
-            let expand = |x: Tensor| -> Result<Tensor> {
-                Ok(x.unsqueeze(2)?
-                    .expand((b, kv, rep, t, d))?
-                    .reshape((b, heads, t, d))?)
-            };
-            (expand(k)?, expand(v)?)
+            .transpose(1, 2)?;
+        let att = match self.attention {
+            Attention::Fused => causal_attention(&q, &k, &v, scale)?,
+            Attention::Whole => whole_causal_attention(&q, &k, &v, scale)?,
         };
-        let probs = causal_softmax(&q.matmul(&k.t()?)?, scale)?;
-        let att = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, t, c.hidden_size))?;
         let x = (x + linear(&att, &self.used(&l.o)?)?)?;
         let h = rms_norm(&x, &self.used(&l.post_norm)?, c.rms_norm_eps)?;
         let mlp = swiglu(
@@ -337,6 +331,12 @@ impl Llama {
     /// the whole-logits one up to f32 rounding.
     pub fn set_loss_chunks(&mut self, chunks: LossChunks) {
         self.loss_chunks = chunks;
+    }
+
+    /// Runs attention as `attention` asks: [`Attention::Fused`] (the default) keeps no t × t
+    /// tensor on the CPU. Off the CPU both run the same tensor operations.
+    pub fn set_attention(&mut self, attention: Attention) {
+        self.attention = attention;
     }
 
     /// The loss chunking in force.
@@ -583,6 +583,28 @@ mod tests {
                 Some((p.name.clone(), g.flatten_all().unwrap().to_vec1().unwrap()))
             })
             .collect()
+    }
+
+    #[test]
+    fn fused_attention_gives_the_whole_attention_loss_and_gradients() {
+        let (x, y) = batch();
+        let mut model = init(&micro(), 6);
+        let loss = model.loss(&x, &y).unwrap();
+        let fused = by_name(&model, &loss.backward().unwrap());
+        let fused_loss = loss.to_scalar::<f32>().unwrap();
+        model.set_attention(Attention::Whole);
+        let loss = model.loss(&x, &y).unwrap();
+        let whole = by_name(&model, &loss.backward().unwrap());
+        assert!((loss.to_scalar::<f32>().unwrap() - fused_loss).abs() < 1e-5);
+        assert_eq!(fused.len(), whole.len());
+        for ((name, a), (_, b)) in fused.iter().zip(&whole) {
+            let diff = a
+                .iter()
+                .zip(b)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-5, "{name}: {diff}");
+        }
     }
 
     #[test]

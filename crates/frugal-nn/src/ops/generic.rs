@@ -149,7 +149,7 @@ pub fn check_targets(targets: &Tensor, vocab: usize) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::tests::{max_diff, randn};
     use candle_core::{DType, Tensor, Var};
     use std::sync::Arc;
@@ -182,7 +182,7 @@ mod tests {
 
     /// The fused operation (f32, CPU) and its generic twin agree in value and gradients, to
     /// `tol` in f32 and to `bf16_tol` (relative to the largest value) with bf16 inputs.
-    fn agree(
+    pub(in crate::ops) fn agree(
         fused: impl Fn(&[Tensor]) -> candle_core::Result<Tensor>,
         generic: impl Fn(&[Tensor]) -> candle_core::Result<Tensor>,
         inputs: &[Tensor],

@@ -1,11 +1,12 @@
-//! Fused CPU operations with their own backward passes: cross-entropy, causal softmax,
-//! RMSNorm, the SwiGLU gate, rotary embedding into heads, and for encoders LayerNorm, softmax
-//! over unpadded keys, exact GELU and bias addition. Each reads its inputs once per pass
-//! instead of chaining a dozen tensor operations (candle's built-in fast variants of these have
-//! no backward). Their exponentials and row sums run in eight lanes (`lanes`). They run on
-//! f32 CPU tensors; on other devices and dtypes each public operation runs its [`generic`]
-//! twin instead.
+//! Fused CPU operations with their own backward passes: causal attention, cross-entropy,
+//! causal softmax, RMSNorm, the SwiGLU gate, rotary embedding into heads, and for encoders
+//! LayerNorm, softmax over unpadded keys, exact GELU and bias addition. Each reads its inputs
+//! once per pass instead of chaining a dozen tensor operations (candle's built-in fast variants
+//! of these have no backward). Their exponentials and row sums run in eight lanes (`lanes`).
+//! They run on f32 CPU tensors; on other devices and dtypes each public operation runs its
+//! [`generic`] twin (attention: its whole form) instead.
 
+mod attention;
 mod bias;
 mod frozen_linear;
 mod gelu;
@@ -16,6 +17,7 @@ mod layer_norm;
 mod rope;
 mod swiglu;
 
+pub use attention::{causal_attention, whole_causal_attention};
 pub use bias::add_bias;
 pub use frozen_linear::frozen_linear;
 pub use gelu::gelu_erf;

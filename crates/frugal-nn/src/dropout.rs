@@ -88,10 +88,16 @@ impl Mask {
         }
     }
 
-    /// `values` (the mask's elements from `first`, a multiple of 64) times the mask, in place.
+    /// `values` (the mask's elements from `first`) times the mask, in place: element by
+    /// element up to a multiple of 64, then a word of 64 factors at a time.
     pub(crate) fn multiply_in_place(&self, values: &mut [f32], first: usize) {
-        debug_assert!(first.is_multiple_of(64));
-        for (block, &word) in values.chunks_mut(64).zip(&self.kept[first / 64..]) {
+        let head = ((64 - first % 64) % 64).min(values.len());
+        let (unaligned, aligned) = values.split_at_mut(head);
+        for (j, v) in unaligned.iter_mut().enumerate() {
+            *v *= self.factor(first + j);
+        }
+        let words = &self.kept[(first + head) / 64..];
+        for (block, &word) in aligned.chunks_mut(64).zip(words) {
             let factors = self.factors(word);
             for (v, f) in block.iter_mut().zip(factors) {
                 *v *= f;
@@ -154,6 +160,22 @@ pub fn maybe(dropout: &mut Option<&mut Dropout>, x: &Tensor, p: f64) -> Result<T
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn a_mask_multiplies_from_any_element() {
+        let mask = Dropout::new(3).mask(300, 0.3);
+        for (first, len) in [(0, 300), (5, 200), (64, 70), (100, 1), (127, 100)] {
+            let mut values: Vec<f32> = (0..len).map(|i| i as f32 + 0.5).collect();
+            mask.multiply_in_place(&mut values, first);
+            for (j, v) in values.iter().enumerate() {
+                assert_eq!(
+                    *v,
+                    (j as f32 + 0.5) * mask.factor(first + j),
+                    "{first} + {j}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn dropout_keeps_the_mean_and_repeats_with_its_seed() {

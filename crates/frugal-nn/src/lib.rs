@@ -1,9 +1,10 @@
 //! Differentiable operations and models over candle tensors, and the parameter labels the FRUGAL
 //! optimizer routes by.
 //!
-//! - [`ops`]: fused CPU operations with their own backward passes (cross-entropy, causal softmax,
-//!   RMSNorm, LayerNorm, softmax over unpadded keys), and their twins from candle operations for
-//!   other devices and dtypes ([`ops::generic`]).
+//! - [`ops`]: fused CPU operations with their own backward passes (attention, cross-entropy,
+//!   causal softmax, RMSNorm, LayerNorm, softmax over unpadded keys), and their twins from
+//!   candle operations for other devices and dtypes ([`ops::generic`]).
+//! - [`Attention`]: how the models compute attention on the CPU (fused, or whole).
 //! - [`chunked_loss`]: cross-entropy of a linear head in chunks of tokens (and vocabulary),
 //!   without the whole logits.
 //! - [`llama`]: the LLaMA decoder (Hugging Face names and layout) and its configurations.
@@ -25,6 +26,7 @@
 //! # Ok(()) }
 //! ```
 
+mod attention;
 pub mod chunked_loss;
 pub mod dropout;
 pub mod encoder;
@@ -37,4 +39,5 @@ pub mod llama;
 pub mod matmul;
 pub mod ops;
 
+pub use attention::Attention;
 pub use error::{Error, Result};

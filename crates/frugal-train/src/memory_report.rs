@@ -7,7 +7,8 @@ use frugal::labels::RoleCounts;
 use frugal::memory::{by_role, plan};
 use frugal::{OptimizerConfig, StateBytes};
 use frugal_nn::chunked_loss::LossChunks;
-use frugal_nn::llama::{Attention, LlamaConfig, StepMemory, StepMode};
+use frugal_nn::llama::{LlamaConfig, StepMemory, StepMode};
+use frugal_nn::Attention;
 use serde::Serialize;
 
 /// Bytes of one parameter role.

@@ -469,7 +469,7 @@ fn train(
         }
     };
     model.set_loss_chunks(args.memory.loss_chunks());
-    model.set_attention(args.memory.attention);
+    model.set_attention(args.memory.backward.attention);
     model.set_compute_dtype(args.dtype.compute_dtype());
     if resume_from.is_none() && lead {
         let write = frugal::fs::write_atomically;

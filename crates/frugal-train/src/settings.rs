@@ -2,7 +2,7 @@
 //! feature) and the TOML file (`--config`), and the merge of a file and a resumed run's settings.
 
 use anyhow::{bail, Context, Result};
-use frugal_nn::llama::Attention;
+use frugal_nn::Attention;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -199,6 +199,12 @@ pub struct BackwardSettings {
     #[cfg_attr(feature = "cli", arg(long))]
     #[serde(default)]
     pub per_layer_updates: bool,
+    /// Attention on the CPU: fused (a block of query rows at a time; no t × t scores or
+    /// probabilities are kept for the backward pass, only dropout's bits) or whole (the
+    /// scores, softmax and product as separate operations, which keep both).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = Attention::Fused))]
+    #[serde(default = "attention_of_older_runs")]
+    pub attention: Attention,
 }
 
 impl BackwardSettings {
@@ -234,12 +240,6 @@ pub struct MemorySettings {
     #[cfg_attr(feature = "cli", arg(long))]
     #[serde(default)]
     pub loss_vocab_chunks: Option<usize>,
-    /// Attention on the CPU: fused (a block of query rows at a time; no t × t scores or
-    /// probabilities are kept for the backward pass) or whole (the scores, softmax and product
-    /// as separate operations, which keep both).
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = Attention::Fused))]
-    #[serde(default = "attention_of_older_runs")]
-    pub attention: Attention,
 }
 
 /// The attention of a run saved before `--attention` existed, which computed it whole: it
@@ -257,7 +257,7 @@ impl MemorySettings {
             per_layer_updates: backward.per_layer_updates,
             loss_chunks: self.loss_chunks(),
             grad_accum,
-            attention: self.attention,
+            attention: self.backward.attention,
         }
     }
 
@@ -705,13 +705,16 @@ mod tests {
             let s = TrainSettings {
                 resume: Some(dir.clone()),
                 memory: MemorySettings {
-                    attention,
+                    backward: BackwardSettings {
+                        attention,
+                        ..Default::default()
+                    },
                     ..Default::default()
                 },
                 ..Default::default()
             };
             let given: Vec<String> = given.iter().map(|g| g.to_string()).collect();
-            s.merge(&given).unwrap().memory.attention
+            s.merge(&given).unwrap().memory.backward.attention
         };
         let mut args = serde_json::to_value(TrainSettings::default()).unwrap();
         assert_eq!(args["attention"], "fused");

@@ -4,6 +4,7 @@
 
 use candle_core::Device;
 use frugal_nn::encoder::Encoder;
+use frugal_nn::Attention;
 use frugal_train::data_parallel::DataParallel;
 use frugal_train::finetune::run::{resolve, run, FinetuneSettings, FinetuneSummary};
 use frugal_train::settings::{BackwardSettings, MemoryMode};
@@ -204,6 +205,24 @@ fn memory_modes_fine_tune_like_the_normal_backward_bit_for_bit() {
             ),
         ] {
             assert_eq!(run(name, memory), normal, "{method}, {name}");
+        }
+        if method == "adamw" {
+            // Attention computed whole: the fused run's losses up to the order of the sums,
+            // and the same bit for bit under checkpointing.
+            let whole = |activation_checkpointing| BackwardSettings {
+                attention: Attention::Whole,
+                activation_checkpointing,
+                ..Default::default()
+            };
+            let computed_whole = run("whole", whole(false));
+            let loss = |line: &String| -> f64 { line.split(' ').nth(1).unwrap().parse().unwrap() };
+            for (a, b) in computed_whole.0.iter().zip(&normal.0) {
+                assert!(
+                    (loss(a) - loss(b)).abs() < 1e-5 * loss(b),
+                    "{a} against {b}"
+                );
+            }
+            assert_eq!(run("whole-checkpointing", whole(true)), computed_whole);
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();

@@ -4,7 +4,8 @@
 use candle_core::{DType, Device, Tensor};
 use frugal::Frugal;
 use frugal_nn::chunked_loss::LossChunks;
-use frugal_nn::llama::{Attention, Llama, LlamaConfig, StepMode};
+use frugal_nn::llama::{Llama, LlamaConfig, StepMode};
+use frugal_nn::Attention;
 use frugal_train::schedule::Schedule;
 use frugal_train::trainer::{Backward, BatchSource, LoopSettings, Trainer, TrainerState};
 use frugal_train::StopToken;

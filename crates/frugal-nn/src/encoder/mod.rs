@@ -18,8 +18,9 @@ use lora::Adapter;
 use crate::dropout::{maybe, Dropout};
 use crate::error::{Error, Result};
 use crate::ops::{
-    add_bias, frozen_linear, gelu_erf, key_masked_softmax_dropout, layer_norm, linear,
+    add_bias, frozen_linear, gelu_erf, layer_norm, linear, padded_attention, whole_padded_attention,
 };
+use crate::Attention;
 use candle_core::{DType, Device, Tensor, Var};
 use frugal::Param;
 use rand::SeedableRng;
@@ -122,6 +123,8 @@ pub struct Encoder {
     token_type: Tensor,
     embedding_norm: Norm,
     layers: Vec<Layer>,
+    /// How attention runs on the CPU (see [`Encoder::set_attention`]).
+    attention: Attention,
 }
 
 /// The tensors of a checkpoint under the names of [`EncoderConfig::parameter_shapes`]: without
@@ -307,7 +310,15 @@ impl Encoder {
             vars,
             lora: lora.copied(),
             device: device.clone(),
+            attention: Attention::default(),
         })
+    }
+
+    /// Runs attention as `attention` asks: [`Attention::Fused`] (the default) keeps no t × t
+    /// tensor of f32 on the CPU, only the dropout mask's bits. Off the CPU both run the same
+    /// tensor operations.
+    pub fn set_attention(&mut self, attention: Attention) {
+        self.attention = attention;
     }
 
     /// The device the weights live on.
@@ -372,22 +383,20 @@ impl Encoder {
             Ok(dense
                 .forward(x, dropout)?
                 .reshape((b, t, heads, d))?
-                .transpose(1, 2)?
-                .contiguous()?)
+                .transpose(1, 2)?)
         };
         let (q, k, v) = (split(&l.query)?, split(&l.key)?, split(&l.value)?);
-        let scores = q.matmul(&k.t()?)?;
-        let probs = key_masked_softmax_dropout(
-            &scores,
+        let attention = match self.attention {
+            Attention::Fused => padded_attention,
+            Attention::Whole => whole_padded_attention,
+        };
+        let context = attention(
+            (&q, &k, &v),
             1.0 / (d as f64).sqrt(),
             batch.keep.clone(),
             dropout,
             c.attention_probs_dropout_prob,
         )?;
-        let context = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, t, c.hidden_size))?;
         let attended = l.attention_out.forward(&context, dropout)?;
         let attended = maybe(dropout, &attended, c.hidden_dropout_prob)?;
         let x = l.attention_norm.forward(&(attended + x)?)?;

@@ -9,8 +9,9 @@
 //! coefficients measured on this implementation; the plan's test checks the resulting peak
 //! against counted allocations.
 
-use super::{Attention, LlamaConfig};
+use super::LlamaConfig;
 use crate::chunked_loss::LossChunks;
+use crate::Attention;
 use serde::Serialize;
 
 /// How a step runs its backward pass.

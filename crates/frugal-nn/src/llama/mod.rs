@@ -2,14 +2,13 @@
 //! N × (RMSNorm, causal attention with RoPE, RMSNorm, SwiGLU MLP), final RMSNorm, untied head.
 //! Parameter names follow Hugging Face's `LlamaForCausalLM`.
 
-mod attention;
 mod config;
 mod memory;
 
-pub use attention::Attention;
 pub use config::{LlamaConfig, BUILTIN};
 pub use memory::{StepMemory, StepMode};
 
+use crate::attention::Attention;
 use crate::chunked_loss::{linear_cross_entropy, linear_cross_entropy_value, LossChunks};
 use crate::error::{Error, Result};
 use crate::layered::{backward_from, only, take, top_backward};

@@ -15,9 +15,10 @@
 //! of threads.
 
 use super::{lanes, scaled_max};
+use crate::dropout::{Dropout, Mask};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 /// Query rows per block.
 const BLOCK: usize = 64;
@@ -116,21 +117,21 @@ unsafe fn product(
     )
 }
 
-/// The probabilities of query rows `r0..r0 + m` (m × `keys`, rows `keys` apart) from their
-/// scores in `p`, in place: row `i` keeps keys `..= r0 + i`, from its maximum and inverse sum
-/// `stats[2i..2i + 2]`, which `fresh` computes and stores (forward) and otherwise reads
+/// The probabilities of a block of query rows (m × `keys`, rows `keys` apart) from their
+/// scores in `p`, in place: row `i` sees its first `seen(i)` keys, from its maximum and inverse
+/// sum `stats[2i..2i + 2]`, which `fresh` computes and stores (forward) and otherwise reads
 /// (backward), so that both passes get the same probabilities bit for bit.
 fn probabilities(
     p: &mut [f32],
     keys: usize,
-    r0: usize,
+    seen: impl Fn(usize) -> usize,
     scale: f32,
     stats: &mut [f32],
     fresh: bool,
 ) {
     let mut exp = vec![0f32; keys];
     for (i, (row, stat)) in p.chunks_mut(keys).zip(stats.chunks_mut(2)).enumerate() {
-        let len = r0 + i + 1;
+        let len = seen(i);
         let (seen, unseen) = row.split_at_mut(len);
         if fresh {
             stat[0] = scaled_max(seen, scale);
@@ -183,158 +184,239 @@ fn gather_stats(
     }
 }
 
-/// The forward pass: the output (batch, t, heads · d) and each row's (max, 1 / sum), laid out
-/// (batch, t, heads, 2).
-fn forward(
-    (q, qr): (&[f32], Rows),
-    (k, kr): (&[f32], Rows),
-    (v, vr): (&[f32], Rows),
-    sz: Sizes,
-    scale: f32,
-) -> (Vec<f32>, Vec<f32>) {
-    let (t, d, heads) = (sz.t, sz.d, sz.h);
-    let or = Rows::token_major(t, heads, d);
-    let mut out = vec![0f32; sz.b * t * heads * d];
-    let mut stats = vec![0f32; sz.b * t * heads * 2];
-    out.par_chunks_mut(t * heads * d)
-        .zip(stats.par_chunks_mut(t * heads * 2))
-        .enumerate()
-        .for_each(|(b, (o_item, st_item))| {
-            o_item
-                .par_chunks_mut(BLOCK * heads * d)
-                .zip(st_item.par_chunks_mut(BLOCK * heads * 2))
-                .enumerate()
-                .for_each(|(blk, (o, st))| {
-                    let r0 = blk * BLOCK;
-                    let m = (t - r0).min(BLOCK);
-                    let keys = r0 + m;
-                    let mut p = vec![0f32; m * keys];
-                    let mut row_stats = vec![0f32; m * 2];
-                    for h in 0..heads {
-                        let g = h / sz.group();
-                        // SAFETY: the operands' rows were checked to lie in q, k and v, and p
-                        // holds m × keys values.
-                        unsafe { scores(&mut p, (q, qr), (k, kr), sz, (b, h), (r0, m, keys)) };
-                        probabilities(&mut p, keys, r0, scale, &mut row_stats, true);
-                        // SAFETY: o holds rows r0..r0 + m of batch item b, heads · d values
-                        // each, of which head h's d start at h·d.
-                        unsafe {
-                            product(
-                                (m, d, keys),
-                                o.as_mut_ptr().add(h * d),
-                                or.row,
-                                false,
-                                (p.as_ptr(), keys, 1),
-                                (v.as_ptr().add(vr.at(b, g, 0)), vr.row, 1),
-                            );
-                        }
-                        for (i, s) in row_stats.chunks(2).enumerate() {
-                            st[(i * heads + h) * 2..][..2].copy_from_slice(s);
-                        }
-                    }
-                });
-        });
-    (out, stats)
+/// The keys each query row attends to: always a prefix of the keys.
+#[derive(Clone, Debug)]
+enum Visible {
+    /// Those at or before the query's position (decoders).
+    Causal,
+    /// The first `lens[b]` keys of batch item `b`, for every query (encoders over batches
+    /// padded at the end).
+    Prefix(Arc<[usize]>),
 }
 
-/// The gradients (dq, dk, dv), laid out (batch, heads, t, d) and (batch, kv heads, t, d), of
-/// the output `o` (token-major) whose gradient is `dout`, from the forward pass's `stats`.
-fn backward(
-    (q, qr): (&[f32], Rows),
-    (k, kr): (&[f32], Rows),
-    (v, vr): (&[f32], Rows),
-    (o, dout): (&[f32], &[f32]),
-    stats: &[f32],
-    sz: Sizes,
+impl Visible {
+    /// The number of keys row `i` of batch item `b` attends to.
+    fn keys(&self, b: usize, i: usize) -> usize {
+        match self {
+            Visible::Causal => i + 1,
+            Visible::Prefix(lens) => lens[b],
+        }
+    }
+}
+
+/// Attention on f32 CPU tensors, a block of query rows at a time (see the module's
+/// documentation), with dropout of the probabilities where `dropout` holds a mask of the
+/// (batch, heads, t, t) probabilities.
+struct FusedAttention {
+    sizes: Sizes,
     scale: f32,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (t, d, group) = (sz.t, sz.d, sz.group());
-    let or = Rows::token_major(t, sz.h, d);
-    let mut dq = vec![0f32; sz.b * sz.h * t * d];
-    let mut dk = vec![0f32; sz.b * sz.kv * t * d];
-    let mut dv = vec![0f32; sz.b * sz.kv * t * d];
-    dq.par_chunks_mut(group * t * d)
-        .zip(dk.par_chunks_mut(t * d))
-        .zip(dv.par_chunks_mut(t * d))
-        .enumerate()
-        .for_each(|(task, ((dq, dk), dv))| {
-            let (b, g) = (task / sz.kv, task % sz.kv);
-            let mut p = Vec::new();
-            let mut ds = Vec::new();
-            let mut row_stats = vec![0f32; BLOCK * 2];
-            for (dq, h) in dq.chunks_mut(t * d).zip(g * group..) {
-                for r0 in (0..t).step_by(BLOCK) {
-                    let m = (t - r0).min(BLOCK);
-                    let keys = r0 + m;
-                    p.resize(m * keys, 0.0);
-                    ds.resize(m * keys, 0.0);
-                    let row_stats = &mut row_stats[..m * 2];
-                    gather_stats(stats, sz, (b, h), r0, row_stats);
-                    let dout_block = (dout[or.at(b, h, r0)..].as_ptr(), or.row, 1);
-                    // SAFETY (every product below): the operands' rows were checked to lie in
-                    // q, k, v, o and dout; p and ds hold m × keys values; dq, dk and dv hold t
-                    // rows of d.
-                    unsafe {
-                        scores(&mut p, (q, qr), (k, kr), sz, (b, h), (r0, m, keys));
-                        probabilities(&mut p, keys, r0, scale, row_stats, false);
-                        // dv += pᵀ·dout
-                        product(
-                            (keys, d, m),
-                            dv.as_mut_ptr(),
-                            d,
-                            true,
-                            (p.as_ptr(), 1, keys),
-                            dout_block,
-                        );
-                        // ds = dout·vᵀ, the probabilities' gradient
-                        product(
-                            (m, keys, d),
-                            ds.as_mut_ptr(),
-                            keys,
-                            false,
-                            dout_block,
-                            (v[vr.at(b, g, 0)..].as_ptr(), 1, vr.row),
-                        );
-                    }
-                    // ds = scale·p⊙(dp − Σ p⊙dp), where Σ p⊙dp = dout·o for each row
-                    for (i, (ds, p)) in ds.chunks_mut(keys).zip(p.chunks(keys)).enumerate() {
-                        let at = or.at(b, h, r0 + i);
-                        let dot = lanes::dot(&dout[at..][..d], &o[at..][..d]);
-                        for (ds, &p) in ds.iter_mut().zip(p) {
-                            *ds = scale * p * (*ds - dot);
+    visible: Visible,
+    dropout: Option<Mask>,
+    /// Each query row's (max, 1 / sum), from the forward pass.
+    stats: OnceLock<Vec<f32>>,
+}
+
+impl FusedAttention {
+    /// The probabilities of rows `r0..r0 + m` of head `h` of batch item `b` (m × keys, in `p`)
+    /// from the queries and keys, with the row statistics in `row_stats` (computed where
+    /// `fresh`, else read).
+    #[allow(clippy::too_many_arguments)]
+    fn block_probabilities(
+        &self,
+        p: &mut [f32],
+        q: (&[f32], Rows),
+        k: (&[f32], Rows),
+        (b, h): (usize, usize),
+        (r0, m, keys): (usize, usize, usize),
+        row_stats: &mut [f32],
+        fresh: bool,
+    ) {
+        // SAFETY: the operands' rows were checked to lie in q and k, and p holds m × keys
+        // values.
+        unsafe { scores(p, q, k, self.sizes, (b, h), (r0, m, keys)) };
+        let seen = |i| self.visible.keys(b, r0 + i);
+        probabilities(p, keys, seen, self.scale, row_stats, fresh);
+    }
+
+    /// `p` (rows `r0..` of head `h` of batch item `b`, `keys` each) times the dropout mask,
+    /// in place (nothing without dropout).
+    fn drop(&self, p: &mut [f32], (b, h): (usize, usize), r0: usize, keys: usize) {
+        let Some(mask) = &self.dropout else { return };
+        let t = self.sizes.t;
+        for (i, row) in p.chunks_mut(keys).enumerate() {
+            mask.multiply_in_place(row, ((b * self.sizes.h + h) * t + r0 + i) * t);
+        }
+    }
+
+    /// The forward pass: the output (batch, t, heads · d) and each row's (max, 1 / sum), laid
+    /// out (batch, t, heads, 2).
+    fn forward(
+        &self,
+        q: (&[f32], Rows),
+        k: (&[f32], Rows),
+        (v, vr): (&[f32], Rows),
+    ) -> (Vec<f32>, Vec<f32>) {
+        let sz = self.sizes;
+        let (t, d, heads) = (sz.t, sz.d, sz.h);
+        let or = Rows::token_major(t, heads, d);
+        let mut out = vec![0f32; sz.b * t * heads * d];
+        let mut stats = vec![0f32; sz.b * t * heads * 2];
+        out.par_chunks_mut(t * heads * d)
+            .zip(stats.par_chunks_mut(t * heads * 2))
+            .enumerate()
+            .for_each(|(b, (o_item, st_item))| {
+                o_item
+                    .par_chunks_mut(BLOCK * heads * d)
+                    .zip(st_item.par_chunks_mut(BLOCK * heads * 2))
+                    .enumerate()
+                    .for_each(|(blk, (o, st))| {
+                        let r0 = blk * BLOCK;
+                        let m = (t - r0).min(BLOCK);
+                        let keys = self.visible.keys(b, r0 + m - 1);
+                        let mut p = vec![0f32; m * keys];
+                        let mut row_stats = vec![0f32; m * 2];
+                        for h in 0..heads {
+                            let block = (r0, m, keys);
+                            self.block_probabilities(
+                                &mut p,
+                                q,
+                                k,
+                                (b, h),
+                                block,
+                                &mut row_stats,
+                                true,
+                            );
+                            self.drop(&mut p, (b, h), r0, keys);
+                            // SAFETY: o holds rows r0..r0 + m of batch item b, heads · d
+                            // values each, of which head h's d start at h·d; the values' rows
+                            // were checked to lie in v.
+                            unsafe {
+                                product(
+                                    (m, d, keys),
+                                    o.as_mut_ptr().add(h * d),
+                                    or.row,
+                                    false,
+                                    (p.as_ptr(), keys, 1),
+                                    (v.as_ptr().add(vr.at(b, h / sz.group(), 0)), vr.row, 1),
+                                );
+                            }
+                            for (i, s) in row_stats.chunks(2).enumerate() {
+                                st[(i * heads + h) * 2..][..2].copy_from_slice(s);
+                            }
+                        }
+                    });
+            });
+        (out, stats)
+    }
+
+    /// The gradients (dq, dk, dv), laid out (batch, heads, t, d) and (batch, kv heads, t, d),
+    /// from the output's gradient `dout` (token-major) and the forward pass's `stats`.
+    fn backward(
+        &self,
+        q: (&[f32], Rows),
+        k: (&[f32], Rows),
+        (v, vr): (&[f32], Rows),
+        dout: &[f32],
+        stats: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let sz = self.sizes;
+        let (t, d, group) = (sz.t, sz.d, sz.group());
+        let (qr, kr, or) = (q.1, k.1, Rows::token_major(t, sz.h, d));
+        let mut dq = vec![0f32; sz.b * sz.h * t * d];
+        let mut dk = vec![0f32; sz.b * sz.kv * t * d];
+        let mut dv = vec![0f32; sz.b * sz.kv * t * d];
+        dq.par_chunks_mut(group * t * d)
+            .zip(dk.par_chunks_mut(t * d))
+            .zip(dv.par_chunks_mut(t * d))
+            .enumerate()
+            .for_each(|(task, ((dq, dk), dv))| {
+                let (b, g) = (task / sz.kv, task % sz.kv);
+                let (mut p, mut dropped, mut ds) = (Vec::new(), Vec::new(), Vec::new());
+                let mut row_stats = vec![0f32; BLOCK * 2];
+                for (dq, h) in dq.chunks_mut(t * d).zip(g * group..) {
+                    for r0 in (0..t).step_by(BLOCK) {
+                        let m = (t - r0).min(BLOCK);
+                        let keys = self.visible.keys(b, r0 + m - 1);
+                        p.resize(m * keys, 0.0);
+                        ds.resize(m * keys, 0.0);
+                        let row_stats = &mut row_stats[..m * 2];
+                        gather_stats(stats, sz, (b, h), r0, row_stats);
+                        let block = (r0, m, keys);
+                        self.block_probabilities(&mut p, q, k, (b, h), block, row_stats, false);
+                        // The probabilities as the values met them: after dropout.
+                        let used = if self.dropout.is_some() {
+                            dropped.clear();
+                            dropped.extend_from_slice(&p);
+                            self.drop(&mut dropped, (b, h), r0, keys);
+                            &dropped
+                        } else {
+                            &p
+                        };
+                        let dout_block = (dout[or.at(b, h, r0)..].as_ptr(), or.row, 1);
+                        // SAFETY (every product below): the operands' rows were checked to
+                        // lie in q, k, v and dout; p, dropped and ds hold m × keys values; dq,
+                        // dk and dv hold t rows of d.
+                        unsafe {
+                            // dv += usedᵀ·dout
+                            product(
+                                (keys, d, m),
+                                dv.as_mut_ptr(),
+                                d,
+                                true,
+                                (used.as_ptr(), 1, keys),
+                                dout_block,
+                            );
+                            // ds = dout·vᵀ, the gradient of the used probabilities
+                            product(
+                                (m, keys, d),
+                                ds.as_mut_ptr(),
+                                keys,
+                                false,
+                                dout_block,
+                                (v[vr.at(b, g, 0)..].as_ptr(), 1, vr.row),
+                            );
+                        }
+                        // The probabilities' gradient (through the dropout mask), then the
+                        // scores': scale·p⊙(dp − Σ p⊙dp) for each row.
+                        self.drop(&mut ds, (b, h), r0, keys);
+                        for (ds, p) in ds.chunks_mut(keys).zip(p.chunks(keys)) {
+                            let dot = lanes::dot(p, ds);
+                            for (ds, &p) in ds.iter_mut().zip(p) {
+                                *ds = self.scale * p * (*ds - dot);
+                            }
+                        }
+                        unsafe {
+                            // dq = ds·k
+                            product(
+                                (m, d, keys),
+                                dq[r0 * d..].as_mut_ptr(),
+                                d,
+                                false,
+                                (ds.as_ptr(), keys, 1),
+                                (k.0[kr.at(b, g, 0)..].as_ptr(), kr.row, 1),
+                            );
+                            // dk += dsᵀ·q
+                            product(
+                                (keys, d, m),
+                                dk.as_mut_ptr(),
+                                d,
+                                true,
+                                (ds.as_ptr(), 1, keys),
+                                (q.0[qr.at(b, h, r0)..].as_ptr(), qr.row, 1),
+                            );
                         }
                     }
-                    unsafe {
-                        // dq = ds·k
-                        product(
-                            (m, d, keys),
-                            dq[r0 * d..].as_mut_ptr(),
-                            d,
-                            false,
-                            (ds.as_ptr(), keys, 1),
-                            (k[kr.at(b, g, 0)..].as_ptr(), kr.row, 1),
-                        );
-                        // dk += dsᵀ·q
-                        product(
-                            (keys, d, m),
-                            dk.as_mut_ptr(),
-                            d,
-                            true,
-                            (ds.as_ptr(), 1, keys),
-                            (q[qr.at(b, h, r0)..].as_ptr(), qr.row, 1),
-                        );
-                    }
                 }
-            }
-        });
-    (dq, dk, dv)
+            });
+        (dq, dk, dv)
+    }
 }
 
 /// The f32 contents of a CPU storage, whole (operands are read through their [`Rows`]).
 fn all_f32<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
     match s {
         CpuStorage::F32(v) => Ok(v),
-        _ => bail!("causal_attention: {what} must be f32"),
+        _ => bail!("attention: {what} must be f32"),
     }
 }
 
@@ -342,7 +424,7 @@ fn all_f32<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
 fn cpu(s: &candle_core::Storage) -> Result<&CpuStorage> {
     match s {
         candle_core::Storage::Cpu(c) => Ok(c),
-        _ => bail!("causal_attention: the backward pass runs on the CPU"),
+        _ => bail!("attention: the backward pass runs on the CPU"),
     }
 }
 
@@ -357,28 +439,20 @@ fn operand<'a>(
     let (data, rows) = (all_f32(s, what)?, Rows::of(l, what)?);
     if l.dims() != [sz.b, heads, sz.t, sz.d] {
         bail!(
-            "causal_attention: {what} is {:?}, expected {:?}",
+            "attention: {what} is {:?}, expected {:?}",
             l.dims(),
             [sz.b, heads, sz.t, sz.d]
         );
     }
     if rows.at(sz.b - 1, heads - 1, sz.t - 1) + sz.d > data.len() {
-        bail!("causal_attention: {what}'s rows reach past its storage");
+        bail!("attention: {what}'s rows reach past its storage");
     }
     Ok((data, rows))
 }
 
-/// Causal attention on f32 CPU tensors (see the module's documentation).
-struct CausalAttention {
-    sizes: Sizes,
-    scale: f32,
-    /// Each query row's (max, 1 / sum), from the forward pass.
-    stats: OnceLock<Vec<f32>>,
-}
-
-impl CustomOp3 for CausalAttention {
+impl CustomOp3 for FusedAttention {
     fn name(&self) -> &'static str {
-        "fused-causal-attention"
+        "fused-attention"
     }
 
     fn cpu_fwd(
@@ -394,7 +468,7 @@ impl CustomOp3 for CausalAttention {
         let q = operand(s1, l1, sz.h, sz, "the queries")?;
         let k = operand(s2, l2, sz.kv, sz, "the keys")?;
         let v = operand(s3, l3, sz.kv, sz, "the values")?;
-        let (out, stats) = forward(q, k, v, sz, self.scale);
+        let (out, stats) = self.forward(q, k, v);
         // A second forward pass of the same operation keeps the first one's values (equal).
         let _ = self.stats.set(stats);
         Ok((CpuStorage::F32(out), Shape::from((sz.b, sz.t, sz.h * sz.d))))
@@ -405,38 +479,30 @@ impl CustomOp3 for CausalAttention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let Some(stats) = self.stats.get() else {
-            bail!("causal_attention: the backward pass ran before the forward pass");
+            bail!("attention: the backward pass ran before the forward pass");
         };
         let sz = self.sizes;
         let grad = grad.contiguous()?;
         let (qs, ql) = q.storage_and_layout();
         let (ks, kl) = k.storage_and_layout();
         let (vs, vl) = v.storage_and_layout();
-        let (os, ol) = res.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
-        let contiguous = |s, l: &Layout, what| -> Result<&[f32]> {
-            match l.contiguous_offsets() {
-                Some((a, b)) if b - a == sz.b * sz.t * sz.h * sz.d => {
-                    Ok(&all_f32(cpu(s)?, what)?[a..b])
-                }
-                _ => bail!("causal_attention: {what} must be (batch, t, heads · d)"),
+        let dout = match gl.contiguous_offsets() {
+            Some((a, b)) if b - a == sz.b * sz.t * sz.h * sz.d => {
+                &all_f32(cpu(&gs)?, "grad")?[a..b]
             }
+            _ => bail!("attention: the output's gradient must be (batch, t, heads · d)"),
         };
-        let (dq, dk, dv) = backward(
+        let (dq, dk, dv) = self.backward(
             operand(cpu(&qs)?, ql, sz.h, sz, "the queries")?,
             operand(cpu(&ks)?, kl, sz.kv, sz, "the keys")?,
             operand(cpu(&vs)?, vl, sz.kv, sz, "the values")?,
-            (
-                contiguous(&os, ol, "the output")?,
-                contiguous(&gs, gl, "the output's gradient")?,
-            ),
+            dout,
             stats,
-            sz,
-            self.scale,
         );
         let device = q.device();
         Ok((
@@ -447,25 +513,30 @@ impl CustomOp3 for CausalAttention {
     }
 }
 
-/// Causal attention softmax(scale·q·kᵀ)·v of queries `q` (batch, heads, t, d) over keys and
-/// values `k`, `v` (batch, kv heads, t, d), where kv heads divides heads (query head `h` reads
-/// key-value head `h / (heads / kv heads)`), as (batch, t, heads · d). On f32 CPU tensors it
-/// is one operation that keeps no t × t tensor (see the module's documentation); elsewhere the
-/// scores, the causal softmax and the product run as tensor operations.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+/// The sizes of queries (batch, heads, t, d) and keys and values (batch, kv heads, t, d), where
+/// kv heads divides heads; `op` names the caller in errors.
+fn sizes(q: &Tensor, k: &Tensor, v: &Tensor, op: &str) -> Result<Sizes> {
     let (b, h, t, d) = q.dims4()?;
     let (kb, kv, kt, kd) = k.dims4()?;
     if (kb, kt, kd) != (b, t, d) || v.dims() != k.dims() || kv == 0 || h % kv != 0 {
         bail!(
-            "causal_attention: queries {:?}, keys {:?} and values {:?} do not fit (batch, heads, t, d) with kv heads dividing heads",
+            "{op}: queries {:?}, keys {:?} and values {:?} do not fit (batch, heads, t, d) with kv heads dividing heads",
             q.dims(),
             k.dims(),
             v.dims()
         );
     }
-    if ![q, k, v].iter().all(|x| super::fused_here(x)) || b * t * d == 0 {
-        return whole_causal_attention(q, k, v, scale);
-    }
+    Ok(Sizes { b, h, kv, t, d })
+}
+
+/// True where the fused operation runs: f32 CPU operands with something to attend over.
+fn fused_here(ops: [&Tensor; 3], sz: Sizes) -> bool {
+    ops.iter().all(|x| super::fused_here(x)) && sz.b * sz.t * sz.d > 0
+}
+
+/// Runs `op` on `q`, `k` and `v` with their rows contiguous (a copy of an operand whose last
+/// dimension is not).
+fn apply(q: &Tensor, k: &Tensor, v: &Tensor, op: FusedAttention) -> Result<Tensor> {
     let rows = |x: &Tensor| -> Result<Tensor> {
         if x.stride()[3] == 1 {
             Ok(x.clone())
@@ -473,36 +544,115 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
             x.contiguous()
         }
     };
-    rows(q)?.apply_op3(
-        &rows(k)?,
-        &rows(v)?,
-        CausalAttention {
-            sizes: Sizes { b, h, kv, t, d },
-            scale: scale as f32,
-            stats: OnceLock::new(),
-        },
-    )
+    rows(q)?.apply_op3(&rows(k)?, &rows(v)?, op)
+}
+
+/// Causal attention softmax(scale·q·kᵀ)·v of queries `q` (batch, heads, t, d) over keys and
+/// values `k`, `v` (batch, kv heads, t, d), where kv heads divides heads (query head `h` reads
+/// key-value head `h / (heads / kv heads)`), as (batch, t, heads · d). On f32 CPU tensors it
+/// is one operation that keeps no t × t tensor (see the module's documentation); elsewhere it
+/// is [`whole_causal_attention`].
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let sz = sizes(q, k, v, "causal_attention")?;
+    if !fused_here([q, k, v], sz) {
+        return whole_causal_attention(q, k, v, scale);
+    }
+    let op = FusedAttention {
+        sizes: sz,
+        scale: scale as f32,
+        visible: Visible::Causal,
+        dropout: None,
+        stats: OnceLock::new(),
+    };
+    apply(q, k, v, op)
 }
 
 /// Causal attention as in [`causal_attention`], computed whole: the key-value heads repeated
 /// for their query heads, the scores (batch, heads, t, t), [`super::causal_softmax`] and the
 /// product with the values, which keep the scores and the probabilities for the backward pass.
 pub fn whole_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, heads, t, d) = q.dims4()?;
-    let kv = k.dim(1)?;
-    let repeat = |x: &Tensor| -> Result<Tensor> {
-        if kv == heads {
-            return Ok(x.clone());
-        }
-        x.unsqueeze(2)?
-            .expand((b, kv, heads / kv, t, d))?
-            .reshape((b, heads, t, d))
+    let sz = sizes(q, k, v, "causal_attention")?;
+    let probs = super::causal_softmax(&q.matmul(&repeated(k, sz)?.t()?)?, scale)?;
+    merged(&probs.matmul(&repeated(&v.contiguous()?, sz)?)?, sz)
+}
+
+/// Keys or values (batch, kv heads, t, d) repeated for their query heads (batch, heads, t, d).
+fn repeated(x: &Tensor, sz: Sizes) -> Result<Tensor> {
+    if sz.kv == sz.h {
+        return Ok(x.clone());
+    }
+    x.unsqueeze(2)?
+        .expand((sz.b, sz.kv, sz.group(), sz.t, sz.d))?
+        .reshape((sz.b, sz.h, sz.t, sz.d))
+}
+
+/// Heads (batch, heads, t, d) as token-major rows (batch, t, heads · d).
+fn merged(x: &Tensor, sz: Sizes) -> Result<Tensor> {
+    x.transpose(1, 2)?.reshape((sz.b, sz.t, sz.h * sz.d))
+}
+
+/// Encoder attention: softmax(scale·q·kᵀ)·v of queries `q` (batch, heads, t, d) over the keys
+/// of each batch item whose entry in `keep` (batch · t, row-major) is true, with dropout at
+/// rate `p` from `dropout` (none: no dropout) on the probabilities, as (batch, t, heads · d);
+/// keys and values as in [`causal_attention`]. Its values and gradients are those of
+/// [`whole_padded_attention`], which it runs on other devices and dtypes and where a batch
+/// item's kept keys are not a prefix of its keys. On the CPU it keeps, besides its inputs and
+/// output, the dropout mask's bits and two numbers per query row.
+pub fn padded_attention(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    scale: f64,
+    keep: Arc<[bool]>,
+    dropout: &mut Option<&mut Dropout>,
+    p: f64,
+) -> Result<Tensor> {
+    let sz = sizes(q, k, v, "padded_attention")?;
+    let lens = prefix_lengths(&keep, sz);
+    let Some(lens) = lens.filter(|_| fused_here([q, k, v], sz)) else {
+        return whole_padded_attention((q, k, v), scale, keep, dropout, p);
     };
-    let (k, v) = (repeat(k)?, repeat(&v.contiguous()?)?);
-    super::causal_softmax(&q.matmul(&k.t()?)?, scale)?
-        .matmul(&v)?
-        .transpose(1, 2)?
-        .reshape((b, t, heads * d))
+    let dropout = dropout
+        .as_deref_mut()
+        .filter(|_| p > 0.0)
+        .map(|stream| stream.mask(sz.b * sz.h * sz.t * sz.t, p));
+    let op = FusedAttention {
+        sizes: sz,
+        scale: scale as f32,
+        visible: Visible::Prefix(lens),
+        dropout,
+        stats: OnceLock::new(),
+    };
+    apply(q, k, v, op)
+}
+
+/// The number of kept keys of each batch item, where `keep` (batch · t) keeps a non-empty
+/// prefix of every item's keys; else none.
+fn prefix_lengths(keep: &[bool], sz: Sizes) -> Option<Arc<[usize]>> {
+    if keep.len() != sz.b * sz.t || sz.t == 0 {
+        return None;
+    }
+    keep.chunks(sz.t)
+        .map(|item| {
+            let len = item.iter().take_while(|&&k| k).count();
+            (len > 0 && item[len..].iter().all(|&k| !k)).then_some(len)
+        })
+        .collect()
+}
+
+/// Encoder attention as in [`padded_attention`], computed whole: the scores (batch, heads, t,
+/// t), [`super::key_masked_softmax_dropout`] and the product with the values.
+pub fn whole_padded_attention(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    scale: f64,
+    keep: Arc<[bool]>,
+    dropout: &mut Option<&mut Dropout>,
+    p: f64,
+) -> Result<Tensor> {
+    let sz = sizes(q, k, v, "padded_attention")?;
+    let scores = q
+        .contiguous()?
+        .matmul(&repeated(&k.contiguous()?, sz)?.t()?)?;
+    let probs = super::key_masked_softmax_dropout(&scores, scale, keep, dropout, p)?;
+    merged(&probs.matmul(&repeated(&v.contiguous()?, sz)?)?, sz)
 }
 
 #[cfg(test)]
@@ -547,6 +697,55 @@ mod tests {
         let mut out = vec![y];
         out.extend(vars.iter().map(|v| grads.get(v).unwrap().clone()));
         out
+    }
+
+    #[test]
+    fn padded_attention_matches_the_whole_form_with_dropout() {
+        // 70 tokens (rows of the probabilities start off the mask's 64-element words), items
+        // padded after 70 and 33 tokens, grouped heads.
+        let t = 70;
+        let keep: Arc<[bool]> = (0..2 * t).map(|i| i < t || i % t < 33).collect();
+        for p in [0.0, 0.2] {
+            let attend = |fused: bool, x: &[Tensor]| {
+                let mut stream = Dropout::new(11);
+                let mut dropout = Some(&mut stream);
+                let v = x[2].transpose(1, 2)?;
+                let run = if fused {
+                    padded_attention
+                } else {
+                    whole_padded_attention
+                };
+                run((&x[0], &x[1], &v), 0.4, keep.clone(), &mut dropout, p)
+            };
+            agree(
+                |x| attend(true, x),
+                |x| attend(false, x),
+                &[
+                    randn(&[2, 4, t, 8], 31),
+                    randn(&[2, 2, t, 8], 32),
+                    randn(&[2, t, 2, 8], 33),
+                ],
+                (2e-5, 3e-2),
+            );
+        }
+    }
+
+    #[test]
+    fn only_prefixes_of_kept_keys_run_fused() {
+        let sz = Sizes {
+            b: 2,
+            h: 1,
+            kv: 1,
+            t: 3,
+            d: 1,
+        };
+        let lens = |keep: &[bool]| prefix_lengths(keep, sz).map(|l| l.to_vec());
+        assert_eq!(
+            lens(&[true, true, false, true, false, false]),
+            Some(vec![2, 1])
+        );
+        assert_eq!(lens(&[true, false, true, true, true, true]), None);
+        assert_eq!(lens(&[false, false, false, true, true, true]), None);
     }
 
     #[test]

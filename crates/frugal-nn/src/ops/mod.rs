@@ -17,7 +17,9 @@ mod layer_norm;
 mod rope;
 mod swiglu;
 
-pub use attention::{causal_attention, whole_causal_attention};
+pub use attention::{
+    causal_attention, padded_attention, whole_causal_attention, whole_padded_attention,
+};
 pub use bias::add_bias;
 pub use frozen_linear::frozen_linear;
 pub use gelu::gelu_erf;

@@ -761,7 +761,7 @@ pub fn run(
     }
 
     // Model, optimizer, loop state.
-    let (model, opt, state) = match &resume_from {
+    let (mut model, opt, state) = match &resume_from {
         Some((_, ck)) => {
             let lora = config.lora.as_ref();
             let model = load_classifier(ck, config.pooling, config.dropout, lora, device)?;
@@ -786,6 +786,7 @@ pub fn run(
             (model, opt, TrainerState::default())
         }
     };
+    model.encoder.set_attention(args.memory.attention);
     if resume_from.is_none() && lead {
         frugal::fs::write_atomically(
             &out.join("config.json"),

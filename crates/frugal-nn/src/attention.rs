@@ -1,21 +1,21 @@
-//! How the decoder computes attention on the CPU.
+//! How the models compute attention on the CPU.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
-/// How a decoder computes causal attention on the CPU (elsewhere both run the same tensor
-/// operations, those of [`Attention::Whole`]).
+/// How a model computes attention on the CPU (elsewhere both run the same tensor operations,
+/// those of [`Attention::Whole`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Attention {
-    /// One operation over blocks of query rows, which keeps no t × t tensor for the backward
-    /// pass ([`crate::ops::causal_attention`]).
+    /// One operation over blocks of query rows, which keeps no t × t tensor of f32 for the
+    /// backward pass ([`crate::ops::causal_attention`], [`crate::ops::padded_attention`]).
     #[default]
     Fused,
-    /// The whole scores, the causal softmax and the product with the values as three
-    /// operations, which keep the scores and the probabilities
-    /// ([`crate::ops::whole_causal_attention`]).
+    /// The whole scores, the softmax and the product with the values as three operations,
+    /// which keep the scores and the probabilities ([`crate::ops::whole_causal_attention`],
+    /// [`crate::ops::whole_padded_attention`]).
     Whole,
 }
 

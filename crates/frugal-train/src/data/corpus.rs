@@ -98,33 +98,77 @@ impl Source {
 
     /// The raw bytes of file `i` (decompressed), with a label for messages.
     pub fn file(&self, i: usize) -> Result<(String, Vec<u8>)> {
+        let mut file = self.open(i)?;
+        let mut bytes = Vec::new();
+        file.read_more(&mut bytes, usize::MAX)?;
+        Ok((file.label, bytes))
+    }
+
+    /// File `i`, open for reading (decompressed).
+    fn open(&self, i: usize) -> Result<OpenFile> {
         let p = match self {
             Source::Embedded => {
-                return Ok((
-                    format!("{EMBEDDED_NAME}.jsonl"),
-                    EMBEDDED.as_bytes().to_vec(),
-                ))
+                return Ok(OpenFile {
+                    label: format!("{EMBEDDED_NAME}.jsonl"),
+                    path: None,
+                    reader: Box::new(EMBEDDED.as_bytes()),
+                })
             }
             Source::Files(files) => &files[i],
         };
-        let raw =
-            std::fs::read(p).with_context(|| format!("cannot read data file {}", p.display()))?;
-        let bytes = if p.to_string_lossy().ends_with(".gz") {
-            let mut out = Vec::new();
-            flate2::read::MultiGzDecoder::new(raw.as_slice())
-                .read_to_end(&mut out)
-                .with_context(|| format!("data file {} is not valid gzip", p.display()))?;
-            out
-        } else {
-            raw
-        };
-        let label = p.display().to_string().trim_end_matches(".gz").to_string();
-        Ok((label, bytes))
+        let file = std::fs::File::open(p)
+            .with_context(|| format!("cannot read data file {}", p.display()))?;
+        let file = std::io::BufReader::new(file);
+        let gz = p.to_string_lossy().ends_with(".gz");
+        Ok(OpenFile {
+            label: p.display().to_string().trim_end_matches(".gz").to_string(),
+            path: Some((p.clone(), gz)),
+            reader: match gz {
+                true => Box::new(flate2::read::MultiGzDecoder::new(file)),
+                false => Box::new(file),
+            },
+        })
+    }
+}
+
+/// A corpus file open for reading.
+struct OpenFile {
+    /// The file's name in messages (without `.gz`).
+    label: String,
+    /// The file on disk, and whether it is gzip-compressed (none: the embedded corpus).
+    path: Option<(PathBuf, bool)>,
+    reader: Box<dyn Read + Send>,
+}
+
+impl OpenFile {
+    /// Appends up to `n` more bytes to `buf`; false once the file has ended.
+    fn read_more(&mut self, buf: &mut Vec<u8>, n: usize) -> Result<bool> {
+        let before = buf.len();
+        let read = (&mut self.reader).take(n as u64).read_to_end(buf);
+        read.with_context(|| match &self.path {
+            Some((p, true)) => format!("data file {} is not valid gzip", p.display()),
+            Some((p, false)) => format!("cannot read data file {}", p.display()),
+            None => "cannot read the embedded corpus".into(),
+        })?;
+        Ok(n > 0 && buf.len() - before == n)
     }
 }
 
 /// Splits one file's contents into documents.
 pub fn documents(label: &str, bytes: &[u8]) -> Result<Vec<String>> {
+    documents_at(label, bytes, Place::default())
+}
+
+/// Where a piece of a file starts, for messages: lines and bytes before it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Place {
+    line: usize,
+    byte: usize,
+}
+
+/// Splits a piece of a file (its contents from `place`, cut at a document boundary) into
+/// documents.
+fn documents_at(label: &str, bytes: &[u8], place: Place) -> Result<Vec<String>> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
         let line = bytes[..e.valid_up_to()]
             .iter()
@@ -132,8 +176,9 @@ pub fn documents(label: &str, bytes: &[u8]) -> Result<Vec<String>> {
             .count()
             + 1;
         anyhow::anyhow!(
-            "data file {label} is not valid UTF-8 (line {line}, byte {}); convert it to UTF-8",
-            e.valid_up_to()
+            "data file {label} is not valid UTF-8 (line {}, byte {}); convert it to UTF-8",
+            place.line + line,
+            place.byte + e.valid_up_to()
         )
     })?;
     if label.ends_with(".txt") {
@@ -151,18 +196,20 @@ pub fn documents(label: &str, bytes: &[u8]) -> Result<Vec<String>> {
             _ => bail!("{label}{place}: expected a JSON object with a string field `text`"),
         }
     };
-    let docs = json_records(label, text, field)?;
+    let docs = json_records(label, text, place.line, field)?;
     Ok(docs.into_iter().filter(|d| !d.trim().is_empty()).collect())
 }
 
 /// The records of a JSON array or of JSON lines (blank lines skipped), each read by `record`
-/// with its place in the file (` item 3`, ` line 4`) for messages.
+/// with its place in the file (` item 3`, ` line 4`; `text` starts after `first_line` lines)
+/// for messages.
 pub fn json_records<T>(
     label: &str,
     text: &str,
+    first_line: usize,
     record: impl Fn(&serde_json::Value, &str) -> Result<T>,
 ) -> Result<Vec<T>> {
-    if text.trim_start().starts_with('[') {
+    if first_line == 0 && text.trim_start().starts_with('[') {
         let items: Vec<serde_json::Value> = serde_json::from_str(text)
             .map_err(|e| anyhow::anyhow!("{label} is not a valid JSON array: {e}"))?;
         return items
@@ -175,9 +222,10 @@ pub fn json_records<T>(
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
+            let line = first_line + i + 1;
             let v: serde_json::Value = serde_json::from_str(l)
-                .map_err(|e| anyhow::anyhow!("{label} line {}: not valid JSON ({e})", i + 1))?;
-            record(&v, &format!(" line {}", i + 1))
+                .map_err(|e| anyhow::anyhow!("{label} line {line}: not valid JSON ({e})"))?;
+            record(&v, &format!(" line {line}"))
         })
         .collect()
 }
@@ -235,15 +283,83 @@ pub enum Part {
     Test = 2,
 }
 
-/// The documents of a source, read one file at a time, with their parts: the corpus never
-/// exists whole in memory. An error (a file that cannot be read or parsed) ends the files and
-/// is kept in `error`.
+/// Bytes of a file read at a time: a piece of the corpus ends at the last document boundary
+/// within them (a longer document, or a JSON array, is read whole).
+const PIECE_BYTES: usize = 32 << 20;
+
+/// The documents of a source, read a piece at a time (a file, or about 32 MiB of a larger one,
+/// cut between documents), with their parts: the corpus never exists whole in memory, and the
+/// documents and their parts are those of the whole files. An error (a file that cannot be
+/// read or parsed) ends the pieces and is kept in `error`.
 pub struct StreamedDocuments<'a> {
     source: &'a Source,
     holdout: Holdout,
     next_file: usize,
     index: usize,
+    /// The file being read.
+    reading: Option<Reading>,
+    piece_bytes: usize,
     pub error: Option<anyhow::Error>,
+}
+
+/// A file being read a piece at a time.
+struct Reading {
+    file: OpenFile,
+    /// Bytes read and not yet handed out, from `place`.
+    buf: Vec<u8>,
+    place: Place,
+    /// True once every byte of the file is in `buf` or handed out.
+    ended: bool,
+}
+
+impl Reading {
+    /// The next piece of the file (empty at its end), reading about `piece_bytes` at a time,
+    /// with the place where it starts; `last` is true when it ends the file.
+    fn next(&mut self, piece_bytes: usize) -> Result<(Vec<u8>, Place, bool)> {
+        let json = !self.file.label.ends_with(".txt");
+        let mut target = piece_bytes;
+        loop {
+            if !self.ended && self.buf.len() < target {
+                let wanted = target - self.buf.len();
+                self.ended = !self.file.read_more(&mut self.buf, wanted)?;
+            }
+            let first = self.buf.iter().find(|b| !b.is_ascii_whitespace());
+            let cut = if self.ended {
+                Some(self.buf.len())
+            } else if json && self.place.byte == 0 && first.is_none_or(|&b| b == b'[') {
+                // A JSON array is read whole (and blank space until the first record).
+                None
+            } else {
+                boundary(&self.buf, json)
+            };
+            let Some(cut) = cut else {
+                target = match first {
+                    Some(b'[') if json && self.place.byte == 0 => usize::MAX,
+                    _ => self.buf.len().max(1).saturating_mul(2),
+                };
+                continue;
+            };
+            let rest = self.buf.split_off(cut);
+            let piece = std::mem::replace(&mut self.buf, rest);
+            let at = self.place;
+            self.place.line += piece.iter().filter(|&&b| b == b'\n').count();
+            self.place.byte += piece.len();
+            return Ok((piece, at, self.ended && self.buf.is_empty()));
+        }
+    }
+}
+
+/// The end of the last whole document in `buf`: after its last line break (JSON lines), or
+/// after its last blank line (text: "\n\n", or "\n\r\n"); none if there is none.
+fn boundary(buf: &[u8], json: bool) -> Option<usize> {
+    let ends_document = |i: usize| {
+        json || (i >= 1 && buf[i - 1] == b'\n')
+            || (i >= 2 && buf[i - 1] == b'\r' && buf[i - 2] == b'\n')
+    };
+    (0..buf.len())
+        .rev()
+        .find(|&i| buf[i] == b'\n' && ends_document(i))
+        .map(|i| i + 1)
 }
 
 impl<'a> StreamedDocuments<'a> {
@@ -254,19 +370,20 @@ impl<'a> StreamedDocuments<'a> {
             holdout,
             next_file: 0,
             index: 0,
+            reading: None,
+            piece_bytes: PIECE_BYTES,
             error: None,
         }
     }
 
-    /// The documents of the next file with their parts; none after the last file or an error.
-    pub fn next_file(&mut self) -> Option<Vec<(Part, String)>> {
-        if self.error.is_some() || self.next_file == self.source.file_count() {
+    /// The documents of the next piece with their parts; none after the last file or an
+    /// error.
+    pub fn next_piece(&mut self) -> Option<Vec<(Part, String)>> {
+        if self.error.is_some() {
             return None;
         }
-        let read = self.source.file(self.next_file);
-        self.next_file += 1;
-        match read.and_then(|(label, bytes)| documents(&label, &bytes)) {
-            Ok(docs) => {
+        match self.read_piece() {
+            Ok(Some(docs)) => {
                 let first = self.index;
                 self.index += docs.len();
                 let holdout = self.holdout;
@@ -277,11 +394,36 @@ impl<'a> StreamedDocuments<'a> {
                         .collect(),
                 )
             }
+            Ok(None) => None,
             Err(e) => {
                 self.error = Some(e);
                 None
             }
         }
+    }
+
+    /// The documents of the next piece; none after the last file.
+    fn read_piece(&mut self) -> Result<Option<Vec<String>>> {
+        let reading = match &mut self.reading {
+            Some(r) => r,
+            None if self.next_file == self.source.file_count() => return Ok(None),
+            None => {
+                let file = self.source.open(self.next_file)?;
+                self.next_file += 1;
+                self.reading.insert(Reading {
+                    file,
+                    buf: Vec::new(),
+                    place: Place::default(),
+                    ended: false,
+                })
+            }
+        };
+        let (piece, place, last) = reading.next(self.piece_bytes)?;
+        let docs = documents_at(&reading.file.label, &piece, place)?;
+        if last {
+            self.reading = None;
+        }
+        Ok(Some(docs))
     }
 }
 
@@ -396,6 +538,70 @@ mod tests {
                 .unwrap_err()
         );
         assert!(err.contains("not valid gzip"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Every document of `source` with its part, read a piece of `piece_bytes` at a time.
+    fn streamed(source: &Source, piece_bytes: usize) -> Result<Vec<(Part, String)>> {
+        let mut docs = StreamedDocuments::new(source, Holdout::validation(0.3));
+        docs.piece_bytes = piece_bytes;
+        let all = std::iter::from_fn(|| docs.next_piece()).flatten().collect();
+        docs.error.map_or(Ok(all), Err)
+    }
+
+    #[test]
+    fn files_read_in_pieces_give_the_documents_of_whole_files() {
+        use std::io::Write;
+        let dir = std::env::temp_dir().join(format!("frugal-pieces-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let long = "a long paragraph ".repeat(20);
+        let text = format!(
+            "first\r\nline\n\n\nsecond\r\n\r\n{long}\n\n\n\n  third \n\r\nfourth\n\nü and ß\n"
+        );
+        std::fs::write(dir.join("a.txt"), &text).unwrap();
+        let lines: String = (0..40)
+            .map(|i| {
+                format!(
+                    "{{\"text\": \"record {i}\"}}\n{}",
+                    ["", "\n", "  \n"][i % 3]
+                )
+            })
+            .collect();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(lines.as_bytes()).unwrap();
+        std::fs::write(dir.join("b.jsonl.gz"), gz.finish().unwrap()).unwrap();
+        let array = format!(
+            "\n  [{}]",
+            vec![r#"{"text": "in an array"}"#; 30].join(",\n")
+        );
+        std::fs::write(dir.join("c.json"), array).unwrap();
+        std::fs::write(dir.join("d.txt"), "").unwrap();
+        let source = Source::resolve(dir.to_str().unwrap()).unwrap();
+        let whole = streamed(&source, usize::MAX).unwrap();
+        let count = |needle: &str| whole.iter().filter(|(_, d)| d.contains(needle)).count();
+        assert_eq!(
+            (whole.len(), count("record"), count("array")),
+            (6 + 40 + 30, 40, 30)
+        );
+        assert_eq!(whole[2].1, long.trim());
+        assert_eq!(whole[3].1, "third");
+        for piece_bytes in [1, 7, 64, 1000] {
+            assert_eq!(
+                streamed(&source, piece_bytes).unwrap(),
+                whole,
+                "{piece_bytes}"
+            );
+        }
+        // A bad record far into a file is named by its line in the file.
+        let bad = format!("{lines}{{\"body\": 1}}\n");
+        std::fs::remove_file(dir.join("b.jsonl.gz")).unwrap();
+        std::fs::write(dir.join("e.jsonl"), &bad).unwrap();
+        let source = Source::resolve(dir.to_str().unwrap()).unwrap();
+        let line = bad.lines().count();
+        for piece_bytes in [16, usize::MAX] {
+            let err = streamed(&source, piece_bytes).unwrap_err().to_string();
+            assert!(err.contains(&format!("e.jsonl line {line}:")), "{err}");
+        }
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -72,7 +72,7 @@ pub fn instructions(label: &str, bytes: &[u8]) -> Result<Vec<Instruction>> {
     if label.ends_with(".txt") {
         bail!("{label}: --instructions reads .jsonl or .json records, not text");
     }
-    super::corpus::json_records(label, text, record)
+    super::corpus::json_records(label, text, 0, record)
 }
 
 /// An instruction split as a token stream, and what did not fit.

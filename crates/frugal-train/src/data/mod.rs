@@ -115,7 +115,7 @@ pub struct Dataset {
     pub notes: Vec<String>,
 }
 
-/// True when the corpus can be prepared one file at a time: packed text whose documents all
+/// True when the corpus can be prepared a piece at a time: packed text whose documents all
 /// stay where their positions put them (see [`corpus::Holdout::keeps_positions`]; the moves
 /// for tiny corpora need the whole corpus, which is small then).
 fn streams(source: &Source, holdout: Holdout, format: Format) -> Result<bool> {
@@ -124,8 +124,8 @@ fn streams(source: &Source, holdout: Holdout, format: Format) -> Result<bool> {
     }
     let mut docs = StreamedDocuments::new(source, holdout);
     let mut counts = [0; 3];
-    while let Some(file) = docs.next_file() {
-        for (part, _) in file {
+    while let Some(piece) = docs.next_piece() {
+        for (part, _) in piece {
             counts[part as usize] += 1;
         }
     }
@@ -135,10 +135,10 @@ fn streams(source: &Source, holdout: Holdout, format: Format) -> Result<bool> {
     }
 }
 
-/// A tokenizer trained on the training documents, read one file at a time.
+/// A tokenizer trained on the training documents, read a piece at a time.
 fn train_streamed(source: &Source, holdout: Holdout, vocab: usize) -> Result<TextTokenizer> {
     let mut docs = StreamedDocuments::new(source, holdout);
-    let texts = std::iter::from_fn(|| docs.next_file())
+    let texts = std::iter::from_fn(|| docs.next_piece())
         .flatten()
         .filter(|(part, _)| *part == Part::Train)
         .map(|(_, text)| text);
@@ -149,7 +149,7 @@ fn train_streamed(source: &Source, holdout: Holdout, vocab: usize) -> Result<Tex
     }
 }
 
-/// Tokenizes the documents one file at a time into the shards at `paths` (training,
+/// Tokenizes the documents a piece at a time into the shards at `paths` (training,
 /// validation, and test when held out), packed in corpus order.
 fn encode_streamed(
     source: &Source,
@@ -162,9 +162,9 @@ fn encode_streamed(
         .map(|p| ShardWriter::create(p))
         .collect::<Result<Vec<_>>>()?;
     let mut docs = StreamedDocuments::new(source, holdout);
-    while let Some(file) = docs.next_file() {
+    while let Some(piece) = docs.next_piece() {
         let mut parts: [Vec<String>; 3] = Default::default();
-        for (part, text) in file {
+        for (part, text) in piece {
             parts[part as usize].push(text);
         }
         for (shard, texts) in shards.iter_mut().zip(&parts) {

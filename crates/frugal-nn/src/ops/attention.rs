@@ -118,30 +118,28 @@ unsafe fn product(
 }
 
 /// The probabilities of a block of query rows (m × `keys`, rows `keys` apart) from their
-/// scores in `p`, in place: row `i` sees its first `seen(i)` keys, from its maximum and inverse
+/// scores `s`, into `p`: row `i` sees its first `seen(i)` keys, from its maximum and inverse
 /// sum `stats[2i..2i + 2]`, which `fresh` computes and stores (forward) and otherwise reads
 /// (backward), so that both passes get the same probabilities bit for bit.
 fn probabilities(
-    p: &mut [f32],
+    (s, p): (&[f32], &mut [f32]),
     keys: usize,
     seen: impl Fn(usize) -> usize,
     scale: f32,
     stats: &mut [f32],
     fresh: bool,
 ) {
-    let mut exp = vec![0f32; keys];
-    for (i, (row, stat)) in p.chunks_mut(keys).zip(stats.chunks_mut(2)).enumerate() {
+    let rows = s.chunks(keys).zip(p.chunks_mut(keys));
+    for (i, ((scores, row), stat)) in rows.zip(stats.chunks_mut(2)).enumerate() {
         let len = seen(i);
-        let (seen, unseen) = row.split_at_mut(len);
+        let (scores, (seen, unseen)) = (&scores[..len], row.split_at_mut(len));
         if fresh {
-            stat[0] = scaled_max(seen, scale);
-            stat[1] = 1.0 / lanes::exp_affine(seen, scale, stat[0], &mut exp[..len]);
+            stat[0] = scaled_max(scores, scale);
+            stat[1] = 1.0 / lanes::exp_affine(scores, scale, stat[0], seen);
         } else {
-            lanes::exp_affine(seen, scale, stat[0], &mut exp[..len]);
+            lanes::exp_affine(scores, scale, stat[0], seen);
         }
-        for (s, &e) in seen.iter_mut().zip(&exp[..len]) {
-            *s = e * stat[1];
-        }
+        seen.iter_mut().for_each(|e| *e *= stat[1]);
         unseen.fill(0.0);
     }
 }
@@ -218,12 +216,12 @@ struct FusedAttention {
 
 impl FusedAttention {
     /// The probabilities of rows `r0..r0 + m` of head `h` of batch item `b` (m × keys, in `p`)
-    /// from the queries and keys, with the row statistics in `row_stats` (computed where
-    /// `fresh`, else read).
+    /// from the queries and keys (their scores formed in `s`), with the row statistics in
+    /// `row_stats` (computed where `fresh`, else read).
     #[allow(clippy::too_many_arguments)]
     fn block_probabilities(
         &self,
-        p: &mut [f32],
+        (s, p): (&mut [f32], &mut [f32]),
         q: (&[f32], Rows),
         k: (&[f32], Rows),
         (b, h): (usize, usize),
@@ -231,11 +229,11 @@ impl FusedAttention {
         row_stats: &mut [f32],
         fresh: bool,
     ) {
-        // SAFETY: the operands' rows were checked to lie in q and k, and p holds m × keys
+        // SAFETY: the operands' rows were checked to lie in q and k, and s holds m × keys
         // values.
-        unsafe { scores(p, q, k, self.sizes, (b, h), (r0, m, keys)) };
+        unsafe { scores(s, q, k, self.sizes, (b, h), (r0, m, keys)) };
         let seen = |i| self.visible.keys(b, r0 + i);
-        probabilities(p, keys, seen, self.scale, row_stats, fresh);
+        probabilities((s, p), keys, seen, self.scale, row_stats, fresh);
     }
 
     /// `p` (rows `r0..` of head `h` of batch item `b`, `keys` each) times the dropout mask,
@@ -273,12 +271,12 @@ impl FusedAttention {
                         let r0 = blk * BLOCK;
                         let m = (t - r0).min(BLOCK);
                         let keys = self.visible.keys(b, r0 + m - 1);
-                        let mut p = vec![0f32; m * keys];
+                        let (mut s, mut p) = (vec![0f32; m * keys], vec![0f32; m * keys]);
                         let mut row_stats = vec![0f32; m * 2];
                         for h in 0..heads {
                             let block = (r0, m, keys);
                             self.block_probabilities(
-                                &mut p,
+                                (&mut s, &mut p),
                                 q,
                                 k,
                                 (b, h),
@@ -331,30 +329,32 @@ impl FusedAttention {
             .enumerate()
             .for_each(|(task, ((dq, dk), dv))| {
                 let (b, g) = (task / sz.kv, task % sz.kv);
-                let (mut p, mut dropped, mut ds) = (Vec::new(), Vec::new(), Vec::new());
+                // s holds a block's scores, then its probabilities after dropout.
+                let (mut s, mut p, mut ds) = (Vec::new(), Vec::new(), Vec::new());
                 let mut row_stats = vec![0f32; BLOCK * 2];
                 for (dq, h) in dq.chunks_mut(t * d).zip(g * group..) {
                     for r0 in (0..t).step_by(BLOCK) {
                         let m = (t - r0).min(BLOCK);
                         let keys = self.visible.keys(b, r0 + m - 1);
+                        s.resize(m * keys, 0.0);
                         p.resize(m * keys, 0.0);
                         ds.resize(m * keys, 0.0);
                         let row_stats = &mut row_stats[..m * 2];
                         gather_stats(stats, sz, (b, h), r0, row_stats);
                         let block = (r0, m, keys);
-                        self.block_probabilities(&mut p, q, k, (b, h), block, row_stats, false);
+                        let sp = (&mut s[..], &mut p[..]);
+                        self.block_probabilities(sp, q, k, (b, h), block, row_stats, false);
                         // The probabilities as the values met them: after dropout.
                         let used = if self.dropout.is_some() {
-                            dropped.clear();
-                            dropped.extend_from_slice(&p);
-                            self.drop(&mut dropped, (b, h), r0, keys);
-                            &dropped
+                            s.copy_from_slice(&p);
+                            self.drop(&mut s, (b, h), r0, keys);
+                            &s
                         } else {
                             &p
                         };
                         let dout_block = (dout[or.at(b, h, r0)..].as_ptr(), or.row, 1);
                         // SAFETY (every product below): the operands' rows were checked to
-                        // lie in q, k, v and dout; p, dropped and ds hold m × keys values; dq,
+                        // lie in q, k, v and dout; s, p and ds hold m × keys values; dq,
                         // dk and dv hold t rows of d.
                         unsafe {
                             // dv += usedᵀ·dout

@@ -78,10 +78,11 @@ pub struct MemoryArgs {
     #[arg(long)]
     pub json: bool,
     /// Sequences per micro-batch: with it, the report plans each memory mode's activations,
-    /// gradients and peak.
+    /// gradients and peak (for an encoder folder: each method's peak by mode).
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Tokens per sequence [default: min(256, the model's max_position_embeddings)].
+    /// Tokens per sequence [default: min(256, the model's max_position_embeddings); for an
+    /// encoder folder min(128, its positions), as `frugal finetune --max-len`].
     #[arg(long)]
     pub seq_len: Option<usize>,
     /// Micro-batches per optimizer step (accumulated gradients are held).

@@ -76,7 +76,6 @@ fn ctrl_c_token() -> StopToken {
     token
 }
 
-/// `frugal memory`: prints the planned memory of a model and optimizer.
 /// Fine-tuning memory by method for the encoder folder `dir`.
 fn finetune_memory(args: &cli::MemoryArgs, dir: &std::path::Path) -> Result<()> {
     let config: frugal_nn::encoder::EncoderConfig = frugal_nn::hf::read_config(dir)?;
@@ -84,9 +83,44 @@ fn finetune_memory(args: &cli::MemoryArgs, dir: &std::path::Path) -> Result<()> 
     if args.labels < 2 {
         bail!("--labels must be at least 2");
     }
+    if args.memory.loss_chunks.is_some() || args.memory.loss_vocab_chunks.is_some() {
+        bail!("--loss-chunks and --loss-vocab-chunks split a decoder's loss over its vocabulary; a classifier's loss is never split: leave them out for an encoder");
+    }
+    let step = match (args.batch_size, args.seq_len) {
+        (Some(batch), seq) => {
+            let seq = seq.unwrap_or(config.max_tokens().min(128));
+            frugal_train::trainer::at_least_one(&[
+                ("--batch-size", batch),
+                ("--seq-len", seq),
+                ("--grad-accum", args.grad_accum),
+            ])?;
+            if seq > config.max_tokens() {
+                bail!(
+                    "--seq-len {seq} exceeds the model's {} positions; plan at most that many tokens",
+                    config.max_tokens()
+                );
+            }
+            let backward = args.memory.backward.backward();
+            let mode = frugal_nn::StepMode {
+                checkpointing: backward.checkpointing,
+                per_layer_updates: backward.per_layer_updates,
+                grad_accum: args.grad_accum,
+                attention: args.memory.backward.attention,
+                ..Default::default()
+            };
+            Some(frugal_train::finetune::memory::StepShape { batch, seq, mode })
+        }
+        (None, Some(_)) => bail!("--seq-len plans a step only with --batch-size"),
+        (None, None) => None,
+    };
     let methods: Vec<String> = args.methods.split_whitespace().map(String::from).collect();
-    let plans =
-        frugal_train::finetune::memory::plan(&config, args.labels, &methods, args.world_size)?;
+    let plans = frugal_train::finetune::memory::plan(
+        &config,
+        args.labels,
+        &methods,
+        args.world_size,
+        step,
+    )?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plans)?);
     } else {
@@ -99,10 +133,17 @@ fn finetune_memory(args: &cli::MemoryArgs, dir: &std::path::Path) -> Result<()> 
             args.labels
         );
         print!("{}", frugal_train::finetune::memory::table(&plans));
+        if let Some(s) = step {
+            println!(
+                "peaks in MiB (micro-batch {} × {}, attention {}): weights, optimizer state, and the step's activations, gradients and working set; * = the mode of these flags",
+                s.batch, s.seq, s.mode.attention
+            );
+        }
     }
     Ok(())
 }
 
+/// `frugal memory`: prints the planned memory of a model and optimizer.
 fn memory(args: &cli::MemoryArgs) -> Result<()> {
     frugal_train::trainer::at_least_one(&[("--world-size", args.world_size)])?;
     let dir = std::path::Path::new(&args.model);

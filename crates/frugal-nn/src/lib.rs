@@ -10,6 +10,8 @@
 //! - [`llama`]: the LLaMA decoder (Hugging Face names and layout) and its configurations.
 //! - [`encoder`]: BERT and RoBERTa encoders loaded from Hugging Face folders, and a sequence
 //!   classifier on top.
+//! - [`step_memory`]: the planned memory of a training step (activations, gradients, working
+//!   set) in each memory mode, for both models.
 //! - [`dropout`]: dropout masks from a seeded stream.
 //! - [`hf`]: reading Hugging Face model folders (config, single or sharded safetensors).
 //! - [`labels`]: labels for LLaMA and BERT/RoBERTa parameter names.
@@ -38,6 +40,8 @@ mod layered;
 pub mod llama;
 pub mod matmul;
 pub mod ops;
+pub mod step_memory;
 
 pub use attention::Attention;
 pub use error::{Error, Result};
+pub use step_memory::{StepMemory, StepMode};

@@ -7,8 +7,9 @@ use frugal::labels::RoleCounts;
 use frugal::memory::{by_role, plan};
 use frugal::{OptimizerConfig, StateBytes};
 use frugal_nn::chunked_loss::LossChunks;
-use frugal_nn::llama::{LlamaConfig, StepMemory, StepMode};
+use frugal_nn::llama::LlamaConfig;
 use frugal_nn::Attention;
+use frugal_nn::{StepMemory, StepMode};
 use serde::Serialize;
 
 /// Bytes of one parameter role.

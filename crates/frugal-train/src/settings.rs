@@ -109,7 +109,7 @@ pub struct TrainSettings {
     /// Checkpoints to keep (older ones are deleted after a newer one is complete).
     #[cfg_attr(feature = "cli", arg(long, default_value_t = TrainSettings::default().keep_checkpoints))]
     pub keep_checkpoints: usize,
-    /// Run directory [default: runs/<timestamp>].
+    /// Run directory [default: runs/run-N, N the start time in Unix seconds].
     #[cfg_attr(feature = "cli", arg(long))]
     pub out: Option<PathBuf>,
     /// Continue the run in this directory from its latest complete checkpoint.
@@ -250,9 +250,9 @@ fn attention_of_older_runs() -> Attention {
 
 impl MemorySettings {
     /// The step mode these settings ask for, with `grad_accum` micro-batches per step.
-    pub fn step_mode(&self, grad_accum: usize) -> frugal_nn::llama::StepMode {
+    pub fn step_mode(&self, grad_accum: usize) -> frugal_nn::StepMode {
         let backward = self.backward.backward();
-        frugal_nn::llama::StepMode {
+        frugal_nn::StepMode {
             checkpointing: backward.checkpointing,
             per_layer_updates: backward.per_layer_updates,
             loss_chunks: self.loss_chunks(),

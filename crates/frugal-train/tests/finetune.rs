@@ -419,3 +419,42 @@ fn a_comparison_tunes_each_method_and_tabulates_test_scores_over_seeds() {
     assert_eq!(report_again["tuning"], report["tuning"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_device_out_of_memory_is_told_the_planned_peak() {
+    use frugal_train::finetune::memory::{plan, StepShape};
+    use frugal_train::finetune::run::out_of_memory_note;
+    let dir = scratch("oom");
+    let mut s = settings(&dir, "run", "lora", 2);
+    s.memory.memory = MemoryMode::Low;
+    let config = resolve(s).unwrap();
+    let note = out_of_memory_note(&config, 1, &Device::Cpu);
+    let step = StepShape {
+        batch: 16,
+        seq: config.args.max_len.min(config.encoder.max_tokens()),
+        mode: frugal_nn::StepMode {
+            checkpointing: true,
+            per_layer_updates: true,
+            grad_accum: 1,
+            ..Default::default()
+        },
+    };
+    let methods = ["lora".to_string(), "adamw".to_string()];
+    let planned = plan(&config.encoder, 2, &methods, 1, Some(step)).unwrap();
+    let peak = |m: usize| {
+        let low = planned[m].steps.iter().find(|s| s.selected).unwrap();
+        assert_eq!(low.mode, "low");
+        low.peak_bytes
+    };
+    let mib = format!("about {:.0} MiB", peak(0) as f64 / (1024.0 * 1024.0));
+    assert!(note.starts_with("cpu ran out of memory"), "{note}");
+    assert!(note.contains(&mib), "{note}");
+    assert!(
+        note.contains(&format!("--batch-size 16 --seq-len {}", step.seq)),
+        "{note}"
+    );
+    assert!(note.contains("--memory low"), "{note}");
+    // The note plans the run's own method: on this tiny encoder LoRA's adapters keep more
+    // activations than training every weight does.
+    assert!(peak(0) > peak(1), "{planned:?}");
+}

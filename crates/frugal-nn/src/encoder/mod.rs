@@ -7,6 +7,7 @@ mod batch;
 mod classifier;
 mod config;
 mod lora;
+mod memory;
 
 pub use batch::EncoderBatch;
 pub use classifier::{Classifier, Pooling};

@@ -10,40 +10,8 @@
 //! against counted allocations.
 
 use super::LlamaConfig;
-use crate::chunked_loss::LossChunks;
+use crate::step_memory::{StepMemory, StepMode};
 use crate::Attention;
-use serde::Serialize;
-
-/// How a step runs its backward pass.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct StepMode {
-    /// Activation checkpointing: each layer is recomputed from its saved input.
-    pub checkpointing: bool,
-    /// Per-layer updates: each part's gradients are freed once the optimizer has used them.
-    pub per_layer_updates: bool,
-    /// How the loss is split.
-    pub loss_chunks: LossChunks,
-    /// Micro-batches per step: with more than one, whole gradients are accumulated.
-    pub grad_accum: usize,
-    /// How attention runs: [`Attention::Whole`] keeps two t × t tensors per head and layer.
-    pub attention: Attention,
-}
-
-/// Planned bytes of one training step beyond weights and optimizer state.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct StepMemory {
-    /// Activations the forward pass keeps for the backward pass.
-    pub activations: usize,
-    /// Parameter gradients held at once, at most.
-    pub gradients: usize,
-    /// The rest of the peak: gradients in flight through the backward pass, a recomputed
-    /// layer, the loss's logits and their gradient.
-    pub working: usize,
-    /// The planned peak of the step.
-    pub peak: usize,
-}
-
-const F32: usize = 4;
 
 impl LlamaConfig {
     /// Plans the memory of a training step on micro-batches of `batch` sequences of `seq`
@@ -94,19 +62,12 @@ impl LlamaConfig {
             (n * h + n, p_vocab + 3.0 * n * h + 3.0 * chunk)
         };
         let w_embed = p_vocab + 2.0 * n * h;
-        // Gradients held at each phase (head, a layer, the embeddings) besides the working set:
-        // the parameters' gradients made so far, those accumulated over earlier micro-batches
-        // (all of them, released part by part in the last micro-batch by per-layer updates),
-        // or, with per-layer updates and one micro-batch, none (each part is freed once used).
+        // Gradients held at each phase (head, a layer, the embeddings) besides the working set
+        // (see `StepMode::held`).
         let accumulating = mode.grad_accum > 1;
         let accumulated = if accumulating { p_all } else { 0.0 };
-        let held = |so_far: f64, left: f64| match (mode.per_layer_updates, accumulating) {
-            (true, true) => left,
-            (true, false) => 0.0,
-            (false, _) => accumulated + so_far,
-        };
-        let layered = mode.checkpointing || mode.per_layer_updates;
-        let (activations, phases) = if layered {
+        let held = |so_far: f64, left: f64| mode.held(so_far, left, p_all);
+        let (activations, phases) = if mode.layered() {
             let saved = layers * n * h;
             let w_layer = 3.5 * n * f + 10.0 * n * h;
             let forward = saved + a_layer + accumulated;
@@ -127,14 +88,6 @@ impl LlamaConfig {
         } else {
             p_all
         };
-        let peak = phases.iter().copied().fold(0.0, f64::max);
-        let working = peak - activations - gradients;
-        let bytes = |x: f64| (x * F32 as f64).round() as usize;
-        StepMemory {
-            activations: bytes(activations),
-            gradients: bytes(gradients),
-            working: bytes(working.max(0.0)),
-            peak: bytes(peak),
-        }
+        StepMemory::of_phases(activations, gradients, &phases)
     }
 }

@@ -6,7 +6,6 @@ mod config;
 mod memory;
 
 pub use config::{LlamaConfig, BUILTIN};
-pub use memory::{StepMemory, StepMode};
 
 use crate::attention::Attention;
 use crate::chunked_loss::{linear_cross_entropy, linear_cross_entropy_value, LossChunks};

@@ -1,13 +1,16 @@
 //! Fine-tuning memory by method, without loading weights: the model's weights, what the
-//! optimizer trains (adapters included), its exact state (and each data-parallel rank's share)
-//! and the trained weights' gradients.
+//! optimizer trains (adapters included), its exact state (and each data-parallel rank's share),
+//! the trained weights' gradients, and with a batch shape each memory mode's planned step and
+//! peak.
 
 use super::run::{method, Method};
+use crate::memory_report::ModePlan;
 use anyhow::Result;
 use frugal::labels::ParamShape;
 use frugal::sharding::state_per_rank;
 use frugal::StateBytes;
 use frugal_nn::encoder::EncoderConfig;
+use frugal_nn::{Attention, StepMode};
 use serde::Serialize;
 
 /// The memory of one fine-tuning method.
@@ -27,16 +30,68 @@ pub struct MethodMemory {
     pub state_per_rank: Vec<usize>,
     /// Gradients of the trained weights (f32).
     pub gradient_bytes: usize,
+    /// With a batch shape: the planned step and peak (weights, the largest rank's state, the
+    /// step) of each memory mode.
+    pub steps: Vec<ModePlan>,
+}
+
+/// The shape and backward pass of the fine-tuning steps to plan.
+#[derive(Clone, Copy, Debug)]
+pub struct StepShape {
+    /// Inputs per micro-batch.
+    pub batch: usize,
+    /// Tokens per input (padded).
+    pub seq: usize,
+    /// The run's backward pass: the selected mode.
+    pub mode: StepMode,
+}
+
+/// The memory modes of fine-tuning, by name: each technique alone, and both, with
+/// `grad_accum` micro-batches and attention as `attention` asks.
+pub fn modes(grad_accum: usize, attention: Attention) -> Vec<(&'static str, StepMode)> {
+    let mode = |checkpointing, per_layer_updates| StepMode {
+        checkpointing,
+        per_layer_updates,
+        grad_accum,
+        attention,
+        ..StepMode::default()
+    };
+    vec![
+        ("normal", mode(false, false)),
+        ("checkpointing", mode(true, false)),
+        ("per-layer updates", mode(false, true)),
+        ("low", mode(true, true)),
+    ]
 }
 
 /// Plans each method's memory for a classifier of `labels` classes on an encoder of `config`,
-/// trained by `world` data-parallel ranks.
+/// trained by `world` data-parallel ranks, and with `step` each memory mode's step.
 pub fn plan(
     config: &EncoderConfig,
     labels: usize,
     methods: &[String],
     world: usize,
+    step: Option<StepShape>,
 ) -> Result<Vec<MethodMemory>> {
+    methods
+        .iter()
+        .map(|m| {
+            let trained = method(m, config.hidden_size, 0, None, &[])?;
+            method_memory(config, labels, m, &trained, world, step)
+        })
+        .collect()
+}
+
+/// The memory of fine-tuning as `trained` sets out (its optimizer and any adapters), named
+/// `name`; the rest as in [`plan`].
+pub fn method_memory(
+    config: &EncoderConfig,
+    labels: usize,
+    name: &str,
+    trained: &Method,
+    world: usize,
+    step: Option<StepShape>,
+) -> Result<MethodMemory> {
     let prefix = format!("{}.", config.model_type);
     let shape = |name: String, shape: Vec<usize>| ParamShape {
         label: frugal_nn::labels::bert(&name),
@@ -57,53 +112,83 @@ pub fn plan(
             .map(|p| p.shape.iter().product::<usize>())
             .sum::<usize>()
     };
-    methods
-        .iter()
-        .map(|m| {
-            let Method { optimizer, lora } = method(m, config.hidden_size, 0, None, &[])?;
-            let adapters: Vec<ParamShape> = lora
-                .map(|l| {
-                    l.adapter_shapes(config)
-                        .into_iter()
-                        .map(|(n, s)| shape(format!("{prefix}{n}"), s))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let trained: Vec<ParamShape> = if lora.is_some() {
-                adapters.iter().chain(&head).cloned().collect()
-            } else {
-                encoder.iter().chain(&head).cloned().collect()
-            };
-            let state = frugal::memory::plan(&optimizer, &trained)?.iter().fold(
-                StateBytes::default(),
-                |mut acc, (_, b)| {
-                    acc += *b;
-                    acc
-                },
-            );
-            let trainable = count(&trained);
-            let state_per_rank = match world {
-                1 => Vec::new(),
-                _ => state_per_rank(&optimizer, &trained, world)?
-                    .iter()
-                    .map(StateBytes::total)
-                    .collect(),
-            };
-            Ok(MethodMemory {
-                method: m.clone(),
-                parameters: count(&encoder) + count(&head) + count(&adapters),
-                trainable,
-                adapters: count(&adapters),
-                state,
-                state_bytes: state.total(),
-                state_per_rank,
-                gradient_bytes: 4 * trainable,
-            })
+    let Method { optimizer, lora } = trained;
+    let adapters: Vec<ParamShape> = lora
+        .map(|l| {
+            l.adapter_shapes(config)
+                .into_iter()
+                .map(|(n, s)| shape(format!("{prefix}{n}"), s))
+                .collect()
+        })
+        .unwrap_or_default();
+    let trained: Vec<ParamShape> = if lora.is_some() {
+        adapters.iter().chain(&head).cloned().collect()
+    } else {
+        encoder.iter().chain(&head).cloned().collect()
+    };
+    let state = frugal::memory::plan(optimizer, &trained)?.iter().fold(
+        StateBytes::default(),
+        |mut acc, (_, b)| {
+            acc += *b;
+            acc
+        },
+    );
+    let trainable = count(&trained);
+    let shares: Vec<usize> = match world {
+        1 => Vec::new(),
+        _ => state_per_rank(optimizer, &trained, world)?
+            .iter()
+            .map(StateBytes::total)
+            .collect(),
+    };
+    let parameters = count(&encoder) + count(&head) + count(&adapters);
+    let fixed = 4 * parameters + shares.iter().copied().max().unwrap_or(state.total());
+    let steps = step
+        .map(|shape| mode_plans(config, labels, lora.as_ref(), shape, fixed))
+        .unwrap_or_default();
+    Ok(MethodMemory {
+        method: name.to_string(),
+        parameters,
+        trainable,
+        adapters: count(&adapters),
+        state,
+        state_bytes: state.total(),
+        state_per_rank: shares,
+        gradient_bytes: 4 * trainable,
+        steps,
+    })
+}
+
+/// Every memory mode's step of `shape` (its own mode too, where it is not one of them), with
+/// `fixed` bytes of weights and state beside it.
+fn mode_plans(
+    config: &EncoderConfig,
+    labels: usize,
+    lora: Option<&frugal_nn::encoder::LoraConfig>,
+    shape: StepShape,
+    fixed: usize,
+) -> Vec<ModePlan> {
+    let selected = shape.mode;
+    let mut all = modes(selected.grad_accum, selected.attention);
+    if !all.iter().any(|(_, m)| *m == selected) {
+        all.push(("selected", selected));
+    }
+    all.into_iter()
+        .map(|(name, settings)| {
+            let step = config.step_memory(shape.batch, shape.seq, labels, lora, settings);
+            ModePlan {
+                mode: name.to_string(),
+                settings,
+                peak_bytes: fixed + step.peak,
+                step,
+                selected: settings == selected,
+            }
         })
         .collect()
 }
 
-/// The plans as a table (MiB), with each rank's state where there are several.
+/// The plans as a table (MiB), with each rank's state where there are several; with steps, a
+/// second table of each method's peak by memory mode (* marks the selected mode).
 pub fn table(plans: &[MethodMemory]) -> String {
     let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
     let width = plans
@@ -143,6 +228,22 @@ pub fn table(plans: &[MethodMemory]) -> String {
             }
         );
     }
+    let Some(first) = plans.first().filter(|p| !p.steps.is_empty()) else {
+        return out;
+    };
+    out += &format!("\n{:<width$}", "peak");
+    for m in &first.steps {
+        out += &format!(" {:>19}", m.mode);
+    }
+    out += "\n";
+    for p in plans {
+        out += &format!("{:<width$}", p.method);
+        for m in &p.steps {
+            let mark = if m.selected { "*" } else { " " };
+            out += &format!(" {:>18.1}{mark}", mib(m.peak_bytes));
+        }
+        out += "\n";
+    }
     out
 }
 
@@ -171,7 +272,7 @@ mod tests {
         ]
         .map(String::from)
         .into();
-        let p = plan(&c, 2, &methods, 1).unwrap();
+        let p = plan(&c, 2, &methods, 1, None).unwrap();
         let encoder = 22_565_376;
         let head = 2 * 384 + 2;
         // AdamW: two moments of every weight.
@@ -201,8 +302,8 @@ mod tests {
     fn ranks_share_each_methods_state_and_the_table_lists_their_shares() {
         let c = minilm();
         let methods: Vec<String> = ["adamw", "frugal-ft"].map(String::from).into();
-        let one = plan(&c, 5, &methods, 1).unwrap();
-        let two = plan(&c, 5, &methods, 2).unwrap();
+        let one = plan(&c, 5, &methods, 1, None).unwrap();
+        let two = plan(&c, 5, &methods, 2, None).unwrap();
         let words = 8 * 30522 * 384;
         for (a, b) in one.iter().zip(&two) {
             assert!(a.state_per_rank.is_empty());
@@ -230,5 +331,63 @@ mod tests {
         let adamw = table.lines().nth(1).unwrap();
         assert_eq!(adamw.matches(" + ").count(), 1, "{table}");
         assert!(!super::table(&one).contains("per rank"));
+    }
+
+    #[test]
+    fn each_methods_peak_is_weights_state_and_the_planned_step_in_every_mode() {
+        let c = minilm();
+        let methods: Vec<String> = ["adamw", "lora", "frugal-ft"].map(String::from).into();
+        let selected = StepMode {
+            checkpointing: true,
+            grad_accum: 1,
+            ..StepMode::default()
+        };
+        let shape = StepShape {
+            batch: 32,
+            seq: 128,
+            mode: selected,
+        };
+        let p = plan(&c, 2, &methods, 1, Some(shape)).unwrap();
+        for m in &p {
+            let names: Vec<&str> = m.steps.iter().map(|s| s.mode.as_str()).collect();
+            assert_eq!(
+                names,
+                ["normal", "checkpointing", "per-layer updates", "low"]
+            );
+            let lora = (m.method == "lora").then(|| method("lora", 384, 0, None, &[]).unwrap());
+            let lora = lora.and_then(|l| l.lora);
+            for s in &m.steps {
+                let step = c.step_memory(32, 128, 2, lora.as_ref(), s.settings);
+                assert_eq!(s.step, step);
+                assert_eq!(s.peak_bytes, 4 * m.parameters + m.state_bytes + step.peak);
+                assert_eq!(s.selected, s.mode == "checkpointing");
+            }
+            // Recomputing layers saves most of the activations' memory.
+            assert!(
+                m.steps[1].peak_bytes < m.steps[0].peak_bytes / 2,
+                "{}",
+                m.method
+            );
+        }
+        // Every full fine-tuning method holds the same activations; LoRA's adapters keep more,
+        // but its gradients and state are small.
+        assert_eq!(
+            p[0].steps[0].step.activations,
+            p[2].steps[0].step.activations
+        );
+        assert!(p[1].steps[0].step.activations > p[0].steps[0].step.activations);
+        assert!(p[1].steps[0].step.gradients < p[0].steps[0].step.gradients / 50);
+        let table = table(&p);
+        let rows: Vec<&str> = table
+            .lines()
+            .skip_while(|l| !l.starts_with("peak"))
+            .collect();
+        assert_eq!(rows.len(), 4, "{table}");
+        assert!(
+            rows[1..].iter().all(|r| r.matches('*').count() == 1),
+            "{table}"
+        );
+        // Without a batch shape there is no peak table.
+        assert!(!super::table(&plan(&c, 2, &methods, 1, None).unwrap()).contains("peak"));
     }
 }

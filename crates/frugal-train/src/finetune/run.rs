@@ -127,7 +127,7 @@ pub struct FinetuneSettings {
     /// Checkpoints to keep.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 2))]
     pub keep_checkpoints: usize,
-    /// Run directory [default: runs/finetune-<timestamp>].
+    /// Run directory [default: runs/finetune-N, N the start time in Unix seconds].
     #[cfg_attr(feature = "cli", arg(long))]
     pub out: Option<PathBuf>,
     /// Continue the run in this directory from its latest complete checkpoint.
@@ -651,7 +651,72 @@ impl Hooks<Classifier> for FinetuneHooks<'_> {
 /// Runs (or resumes, from the latest checkpoint of `resume`) a fine-tuning run on `device`, as
 /// one of the ranks of `parallel` (see [`Trainer::with_data_parallel`]); stops early, with a
 /// checkpoint, when `stop` is set. Rank 0 writes the run directory. Returns the run directory.
+/// A device that runs out of memory is named with the run's planned peak.
 pub fn run(
+    config: FinetuneConfig,
+    resume: Option<&Path>,
+    stop: &StopToken,
+    device: &Device,
+    parallel: &DataParallel,
+) -> Result<PathBuf> {
+    let world = parallel.world_size();
+    let note = (!device.is_cpu()).then(|| out_of_memory_note(&config, world, device));
+    finetune(config, resume, stop, device, parallel).map_err(|e| match note {
+        Some(note) if crate::device::out_of_memory(&e) => e.context(note),
+        _ => e,
+    })
+}
+
+/// What a device that ran out of memory was asked for: the planned peak of the run's step
+/// (see `frugal memory`), and what to change.
+pub fn out_of_memory_note(config: &FinetuneConfig, world: usize, device: &Device) -> String {
+    let args = &config.args;
+    let (batch, seq) = (
+        args.batch_size,
+        args.max_len.min(config.encoder.max_tokens()),
+    );
+    let backward = args.memory.backward();
+    let step = super::memory::StepShape {
+        batch,
+        seq,
+        mode: frugal_nn::StepMode {
+            checkpointing: backward.checkpointing,
+            per_layer_updates: backward.per_layer_updates,
+            grad_accum: args.grad_accum,
+            attention: args.memory.attention,
+            ..Default::default()
+        },
+    };
+    let trained = Method {
+        optimizer: config.optimizer.clone(),
+        lora: config.lora,
+    };
+    let labels = config.classes.len().max(2);
+    let planned = super::memory::method_memory(
+        &config.encoder,
+        labels,
+        &args.method,
+        &trained,
+        world,
+        Some(step),
+    )
+    .ok()
+    .and_then(|m| m.steps.into_iter().find(|s| s.selected))
+    .map(|s| {
+        format!(
+            "about {:.0} MiB: weights, optimizer state, and the gradients and activations of micro-batches of {batch} × {seq} tokens in f32 (`frugal memory --model {} --batch-size {batch} --seq-len {seq}` plans each method and mode)",
+            s.peak_bytes as f64 / (1024.0 * 1024.0),
+            args.model.display()
+        )
+    })
+    .unwrap_or_else(|| "more than the device has".into());
+    format!(
+        "{} ran out of memory; the run needs {planned}. Lower --batch-size (and raise --grad-accum to keep the batch) or --max-len, or use --memory low",
+        crate::device::name(device)
+    )
+}
+
+fn finetune(
     mut config: FinetuneConfig,
     resume: Option<&Path>,
     stop: &StopToken,

@@ -704,6 +704,62 @@ fn finetune_names_what_is_missing_and_memory_plans_each_method() {
     // LoRA rank 8 on query and value of 2 layers: A 8×16 and B 16×8.
     assert_eq!(by("lora")["adapters"], 2 * 2 * 2 * 128);
     assert!(by("frugal-ft:rank=0")["state_bytes"].as_u64() < by("adamw")["state_bytes"].as_u64());
+    // With a batch shape: each method's peak by memory mode, the flags' mode marked.
+    let out = run_ok(frugal(&dir).arg("memory").arg("--model").arg(&model).args([
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "16",
+        "--methods",
+        "adamw lora",
+        "--activation-checkpointing",
+    ]));
+    let table = String::from_utf8_lossy(&out.stdout);
+    let peaks: Vec<&str> = table
+        .lines()
+        .skip_while(|l| !l.starts_with("peak"))
+        .collect();
+    assert!(
+        peaks[0].contains("checkpointing") && peaks[0].contains("low"),
+        "{table}"
+    );
+    for (row, method) in peaks[1..3].iter().zip(["adamw", "lora"]) {
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!((cells[0], cells.len()), (method, 5), "{table}");
+        assert_eq!(row.matches('*').count(), 1, "{table}");
+        let mib: Vec<f64> = cells[1..]
+            .iter()
+            .map(|c| c.trim_end_matches('*').parse().unwrap())
+            .collect();
+        assert!(cells[2].ends_with('*') && mib[1] < mib[0], "{table}");
+    }
+    for (flags, wanted) in [
+        (
+            &["--seq-len", "16"][..],
+            "--seq-len plans a step only with --batch-size",
+        ),
+        (
+            &["--batch-size", "2", "--seq-len", "999"],
+            "exceeds the model's",
+        ),
+        (
+            &["--batch-size", "2", "--loss-chunks", "4"],
+            "a classifier's loss is never split",
+        ),
+    ] {
+        let out = frugal(&dir)
+            .arg("memory")
+            .arg("--model")
+            .arg(&model)
+            .args(flags)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(wanted),
+            "{flags:?}: {err}"
+        );
+    }
 }
 
 #[test]

@@ -53,6 +53,34 @@ pub struct ModePlan {
     pub selected: bool,
 }
 
+impl ModePlan {
+    /// The plans of `modes`, and of `selected` where it is not one of them, each step planned
+    /// by `plan`, beside `fixed` bytes (weights and optimizer state).
+    pub fn of_modes(
+        mut modes: Vec<(&'static str, StepMode)>,
+        selected: StepMode,
+        fixed: usize,
+        plan: impl Fn(StepMode) -> StepMemory,
+    ) -> Vec<ModePlan> {
+        if !modes.iter().any(|(_, m)| *m == selected) {
+            modes.push(("selected", selected));
+        }
+        modes
+            .into_iter()
+            .map(|(name, settings)| {
+                let step = plan(settings);
+                ModePlan {
+                    mode: name.to_string(),
+                    settings,
+                    peak_bytes: fixed + step.peak,
+                    step,
+                    selected: settings == selected,
+                }
+            })
+            .collect()
+    }
+}
+
 /// The memory modes a report plans, by name: each technique alone, and all of them, with
 /// attention computed as `attention` asks.
 pub fn modes(grad_accum: usize, attention: Attention) -> Vec<(&'static str, StepMode)> {
@@ -158,24 +186,11 @@ impl MemoryReport {
         seq: usize,
         selected: StepMode,
     ) -> Result<Self> {
-        let mut all = modes(selected.grad_accum, selected.attention);
-        if !all.iter().any(|(_, m)| *m == selected) {
-            all.push(("selected", selected));
-        }
+        let all = modes(selected.grad_accum, selected.attention);
         let fixed = self.total.parameter_bytes + self.largest_state();
-        self.steps = all
-            .into_iter()
-            .map(|(name, settings)| {
-                let step = model.step_memory(batch, seq, settings);
-                ModePlan {
-                    mode: name.to_string(),
-                    settings,
-                    peak_bytes: fixed + step.peak,
-                    step,
-                    selected: settings == selected,
-                }
-            })
-            .collect();
+        self.steps = ModePlan::of_modes(all, selected, fixed, |mode| {
+            model.step_memory(batch, seq, mode)
+        });
         let adamw = MemoryReport::new(model, &OptimizerConfig::preset("adamw")?)?;
         let normal = StepMode {
             grad_accum: selected.grad_accum,

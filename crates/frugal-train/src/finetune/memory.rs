@@ -168,23 +168,10 @@ fn mode_plans(
     shape: StepShape,
     fixed: usize,
 ) -> Vec<ModePlan> {
-    let selected = shape.mode;
-    let mut all = modes(selected.grad_accum, selected.attention);
-    if !all.iter().any(|(_, m)| *m == selected) {
-        all.push(("selected", selected));
-    }
-    all.into_iter()
-        .map(|(name, settings)| {
-            let step = config.step_memory(shape.batch, shape.seq, labels, lora, settings);
-            ModePlan {
-                mode: name.to_string(),
-                settings,
-                peak_bytes: fixed + step.peak,
-                step,
-                selected: settings == selected,
-            }
-        })
-        .collect()
+    let all = modes(shape.mode.grad_accum, shape.mode.attention);
+    ModePlan::of_modes(all, shape.mode, fixed, |mode| {
+        config.step_memory(shape.batch, shape.seq, labels, lora, mode)
+    })
 }
 
 /// The plans as a table (MiB), with each rank's state where there are several; with steps, a

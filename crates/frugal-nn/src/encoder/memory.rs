@@ -56,7 +56,7 @@ impl EncoderConfig {
             ),
             Some(l) => (0.0, count("encoder.layer.0.", l.adapter_shapes(self))),
         };
-        let p_head = (labels as f64 + 1.0) * h;
+        let p_head = labels as f64 * (h + 1.0);
         let p_all = p_embed + layers * p_layer + p_head;
         // Kept by each layer: the query, key and value products and their biased sums, the
         // attention output, the output projection's product and sum, its dropped copy, the
@@ -92,7 +92,7 @@ impl EncoderConfig {
         // are freed too.
         let embeddings = match lora {
             None => 6.0 * n * h + dropped(hidden_p, n * h),
-            Some(_) => n * h - 3.0 * n * h,
+            Some(_) => n * h - 3.0 * n * h, // the input, less the three products
         };
         let pooled = n * h + 3.0 * (batch as f64) * h;
         // Attention computed whole forms the gradients of the probabilities and the scores,

@@ -100,14 +100,7 @@ fn finetune_memory(args: &cli::MemoryArgs, dir: &std::path::Path) -> Result<()> 
                     config.max_tokens()
                 );
             }
-            let backward = args.memory.backward.backward();
-            let mode = frugal_nn::StepMode {
-                checkpointing: backward.checkpointing,
-                per_layer_updates: backward.per_layer_updates,
-                grad_accum: args.grad_accum,
-                attention: args.memory.backward.attention,
-                ..Default::default()
-            };
+            let mode = args.memory.backward.step_mode(args.grad_accum);
             Some(frugal_train::finetune::memory::StepShape { batch, seq, mode })
         }
         (None, Some(_)) => bail!("--seq-len plans a step only with --batch-size"),

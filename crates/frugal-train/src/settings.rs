@@ -221,6 +221,19 @@ impl BackwardSettings {
     pub fn is_low(&self) -> bool {
         self.memory == MemoryMode::Low
     }
+
+    /// The step mode these settings ask for, with `grad_accum` micro-batches per step and the
+    /// loss whole.
+    pub fn step_mode(&self, grad_accum: usize) -> frugal_nn::StepMode {
+        let backward = self.backward();
+        frugal_nn::StepMode {
+            checkpointing: backward.checkpointing,
+            per_layer_updates: backward.per_layer_updates,
+            grad_accum,
+            attention: self.attention,
+            ..Default::default()
+        }
+    }
 }
 
 /// How a pre-training run trades compute for memory: the backward pass, and the loss in chunks.
@@ -251,13 +264,9 @@ fn attention_of_older_runs() -> Attention {
 impl MemorySettings {
     /// The step mode these settings ask for, with `grad_accum` micro-batches per step.
     pub fn step_mode(&self, grad_accum: usize) -> frugal_nn::StepMode {
-        let backward = self.backward.backward();
         frugal_nn::StepMode {
-            checkpointing: backward.checkpointing,
-            per_layer_updates: backward.per_layer_updates,
             loss_chunks: self.loss_chunks(),
-            grad_accum,
-            attention: self.backward.attention,
+            ..self.backward.step_mode(grad_accum)
         }
     }
 

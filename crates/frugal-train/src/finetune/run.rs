@@ -675,17 +675,10 @@ pub fn out_of_memory_note(config: &FinetuneConfig, world: usize, device: &Device
         args.batch_size,
         args.max_len.min(config.encoder.max_tokens()),
     );
-    let backward = args.memory.backward();
     let step = super::memory::StepShape {
         batch,
         seq,
-        mode: frugal_nn::StepMode {
-            checkpointing: backward.checkpointing,
-            per_layer_updates: backward.per_layer_updates,
-            grad_accum: args.grad_accum,
-            attention: args.memory.attention,
-            ..Default::default()
-        },
+        mode: args.memory.step_mode(args.grad_accum),
     };
     let trained = Method {
         optimizer: config.optimizer.clone(),

@@ -606,7 +606,7 @@ fn low_memory_training_matches_the_normal_run_and_the_report_plans_every_mode() 
     assert_eq!(losses(&normal), losses(&layered));
     assert_eq!(summary(&normal)["val_loss"], summary(&layered)["val_loss"]);
     // The chunked loss changes f32 rounding only.
-    run_ok(&mut train(&dir, &low, &["--steps", "4", "--memory", "low"]));
+    let started = run_ok(&mut train(&dir, &low, &["--steps", "4", "--memory", "low"]));
     let (a, b) = (summary(&normal), summary(&low));
     let (a, b) = (
         a["val_loss"].as_f64().unwrap(),
@@ -636,6 +636,30 @@ fn low_memory_training_matches_the_normal_run_and_the_report_plans_every_mode() 
     assert!((1..5).all(|i| peak(i) < peak(0)), "{steps:?}");
     // AdamW in the normal mode holds more than FRUGAL in the same mode.
     assert!(report["adamw_normal_peak_bytes"].as_u64().unwrap() > peak(0));
+    // Each run's summary (and its first lines) give the peak `frugal memory` plans for its own
+    // model (the vocabulary of --vocab-size), batch shape and memory mode.
+    let config = low.join("checkpoints/step-4/config.json");
+    let planned = run_ok(
+        frugal(&dir)
+            .arg("memory")
+            .arg("--model")
+            .arg(&config)
+            .args(["--batch-size", "2", "--seq-len", "32", "--json"]),
+    );
+    let planned: Value = serde_json::from_slice(&planned.stdout).unwrap();
+    let peak_of = |mode: &str| {
+        let steps = planned["steps"].as_array().unwrap();
+        steps.iter().find(|s| s["mode"] == mode).unwrap()["peak_bytes"].clone()
+    };
+    assert_eq!(summary(&normal)["planned_peak_bytes"], peak_of("normal"));
+    assert_eq!(summary(&low)["planned_peak_bytes"], peak_of("low"));
+    assert_ne!(peak_of("low"), peak_of("normal"));
+    let mib = peak_of("low").as_f64().unwrap() / (1024.0 * 1024.0);
+    let said = String::from_utf8_lossy(&started.stderr);
+    assert!(
+        said.contains(&format!("memory: planned peak about {mib:.0} MiB")),
+        "{said}"
+    );
     let err = frugal(&dir)
         .args(["train", "--loss-chunks", "0", "--steps", "1"])
         .output()

@@ -54,6 +54,21 @@ pub struct ModePlan {
 }
 
 impl ModePlan {
+    /// The planned peak and its parts, for micro-batches of `batch` × `seq` tokens: "about N
+    /// MiB: weights and optimizer state …, activations …, gradients … and working set … MiB …".
+    pub fn describe(&self, batch: usize, seq: usize) -> String {
+        let mib = |b: usize| b as f64 / MIB;
+        let s = &self.step;
+        format!(
+            "about {:.0} MiB: weights and optimizer state {:.0}, activations {:.0}, gradients {:.0} and working set {:.0} MiB for micro-batches of {batch} × {seq} tokens in f32",
+            mib(self.peak_bytes),
+            mib(self.peak_bytes - s.peak),
+            mib(s.activations),
+            mib(s.gradients),
+            mib(s.working),
+        )
+    }
+
     /// The plans of `modes`, and of `selected` where it is not one of them, each step planned
     /// by `plan`, beside `fixed` bytes (weights and optimizer state).
     pub fn of_modes(

@@ -119,6 +119,10 @@ pub struct Summary {
     /// Parameter gradients held at once, at most (all of them, or one part with per-layer
     /// updates).
     pub gradient_bytes: usize,
+    /// The planned peak of one rank's step (weights, optimizer state and the step, as `frugal
+    /// memory` plans it; absent from runs written before it was planned).
+    #[serde(default)]
+    pub planned_peak_bytes: Option<usize>,
     pub peak_rss_bytes: u64,
     /// Under data parallelism, each rank's peak RSS, in rank order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -6,7 +6,7 @@ use crate::checkpoint;
 use crate::data::{Batches, Dataset, Format, Holdout, Source, TextTokenizer, TokenizerChoice};
 use crate::data_parallel::{keep_global_batch, DataParallel};
 use crate::eval::mean_loss;
-use crate::memory_report::MemoryReport;
+use crate::memory_report::{MemoryReport, ModePlan};
 use crate::metrics::{peak_rss_bytes, EvalRecord, Metrics, Record, Summary, TrainRecord};
 use crate::schedule::Schedule;
 use crate::settings::{Precision, TrainSettings};
@@ -329,24 +329,39 @@ pub fn run(
     })
 }
 
+/// The planned memory of one rank's step in this run's memory mode, as `frugal memory` plans
+/// it: weights, the rank's share of the optimizer state, and the step's activations, gradients
+/// and working set.
+pub fn planned_step(run: &RunConfig) -> Result<ModePlan> {
+    let (model, opt) = (&run.model, &run.optimizer);
+    MemoryReport::new(model, opt)?
+        .with_world_size(model, opt, run.world_size)?
+        .with_steps(model, run.args.batch_size, run.seq_len, run.step_mode())?
+        .steps
+        .into_iter()
+        .find(|s| s.selected)
+        .context("the run's memory mode has no plan")
+}
+
+/// Where `frugal memory` plans every memory mode of this run's step.
+fn memory_command(run: &RunConfig) -> String {
+    format!(
+        "`frugal memory --model {} --batch-size {} --seq-len {}` (with this run's optimizer and memory flags) plans each memory mode",
+        run.args.model, run.args.batch_size, run.seq_len
+    )
+}
+
 /// What a device that ran out of memory was asked for: the planned peak of the run's step
 /// (see `frugal memory`), and what to change.
 fn out_of_memory_note(run: &RunConfig, device: &Device) -> String {
-    let args = &run.args;
-    let (batch, seq) = (args.batch_size, run.seq_len);
-    let mode = args.memory.step_mode(args.grad_accum);
-    let planned = MemoryReport::new(&run.model, &run.optimizer)
-        .and_then(|r| r.with_steps(&run.model, batch, seq, mode))
-        .ok()
-        .and_then(|r| {
-            let peak = r.steps.iter().find(|s| s.selected)?.peak_bytes;
-            Some(format!(
-                "about {:.0} MiB: weights, gradients and optimizer state {:.0} MiB, plus activations of micro-batches of {batch} × {seq} tokens in f32 (`frugal memory` plans it)",
-                peak as f64 / (1024.0 * 1024.0),
-                r.training_mib()
-            ))
-        })
-        .unwrap_or_else(|| "more than the device has".into());
+    let planned = match planned_step(run) {
+        Ok(plan) => format!(
+            "{} ({})",
+            plan.describe(run.args.batch_size, run.seq_len),
+            memory_command(run)
+        ),
+        Err(_) => "more than the device has".into(),
+    };
     format!(
         "{} ran out of memory; the run needs {planned}. Lower --batch-size (and raise --grad-accum to keep the batch), or use --dtype bf16 or --memory low",
         crate::device::name(device)
@@ -525,6 +540,14 @@ fn train(
             );
         }
     }
+    let planned = planned_step(&run)?;
+    say!(
+        lead,
+        "memory: planned peak {}{}; {}",
+        planned.describe(args.batch_size, run.seq_len),
+        if world > 1 { " per rank" } else { "" },
+        memory_command(&run)
+    );
     for line in run.step_mode_notes() {
         say!(lead, "note: {line}");
     }
@@ -628,10 +651,8 @@ fn train(
         world_size: world,
         optimizer_workspace_bytes: opt.workspace_bytes(),
         parameter_bytes: 4 * n_params,
-        gradient_bytes: run
-            .model
-            .step_memory(args.batch_size, run.seq_len, run.step_mode())
-            .gradients,
+        gradient_bytes: planned.step.gradients,
+        planned_peak_bytes: Some(planned.peak_bytes),
         peak_rss_bytes: peak_rss_bytes(),
         peak_rss_bytes_per_rank: parallel
             .per_rank(peak_rss_bytes() as usize)

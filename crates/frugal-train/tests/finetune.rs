@@ -6,6 +6,7 @@ use candle_core::Device;
 use frugal_nn::encoder::Encoder;
 use frugal_nn::Attention;
 use frugal_train::data_parallel::DataParallel;
+use frugal_train::finetune::memory::{plan, StepShape};
 use frugal_train::finetune::run::{resolve, run, FinetuneSettings, FinetuneSummary};
 use frugal_train::settings::{BackwardSettings, MemoryMode};
 use frugal_train::StopToken;
@@ -182,8 +183,19 @@ fn memory_modes_fine_tune_like_the_normal_backward_bit_for_bit() {
     for method in ["adamw", "lora", "frugal-ft:rank=2"] {
         let run = |name: &str, memory: BackwardSettings| {
             let mut s = settings(&dir, &format!("{method}-{name}"), method, 6);
-            (s.batch_size, s.grad_accum, s.memory) = (8, 2, memory);
+            (s.batch_size, s.grad_accum, s.memory) = (8, 2, memory.clone());
             let (out, summary) = train(s);
+            // The summary gives the peak `frugal memory` plans for this method and mode.
+            let config = resolve(settings(&dir, "plan", method, 6)).unwrap();
+            let step = StepShape {
+                batch: 8,
+                seq: config.seq_len(),
+                mode: memory.step_mode(2),
+            };
+            let methods = [method.to_string()];
+            let plans = plan(&config.encoder, 2, &methods, 1, Some(step)).unwrap();
+            let selected = plans[0].steps.iter().find(|s| s.selected).unwrap();
+            assert_eq!(summary.planned_peak_bytes, Some(selected.peak_bytes));
             (losses(&out), summary.val_loss)
         };
         let normal = run("normal", BackwardSettings::default());
@@ -422,7 +434,6 @@ fn a_comparison_tunes_each_method_and_tabulates_test_scores_over_seeds() {
 
 #[test]
 fn a_device_out_of_memory_is_told_the_planned_peak() {
-    use frugal_train::finetune::memory::{plan, StepShape};
     use frugal_train::finetune::run::out_of_memory_note;
     let dir = scratch("oom");
     let mut s = settings(&dir, "run", "lora", 2);
@@ -431,7 +442,7 @@ fn a_device_out_of_memory_is_told_the_planned_peak() {
     let note = out_of_memory_note(&config, 1, &Device::Cpu);
     let step = StepShape {
         batch: 16,
-        seq: config.args.max_len.min(config.encoder.max_tokens()),
+        seq: config.seq_len(),
         mode: frugal_nn::StepMode {
             checkpointing: true,
             per_layer_updates: true,

@@ -8,6 +8,7 @@ use super::task::{read_examples, Columns, Task, TaskChoice};
 use super::tokenize::{ClassTokenizer, Encoded};
 use crate::checkpoint;
 use crate::data_parallel::{code_fingerprint, keep_global_batch, DataParallel};
+use crate::memory_report::ModePlan;
 use crate::metrics::{peak_rss_bytes, EvalRecord, Metrics, Record, TrainRecord};
 use crate::schedule::Schedule;
 use crate::settings::BackwardSettings;
@@ -376,6 +377,11 @@ impl FinetuneConfig {
         self.world_size * self.args.batch_size * self.args.grad_accum
     }
 
+    /// Tokens per input, at most: `--max-len`, or fewer where the encoder has fewer positions.
+    pub fn seq_len(&self) -> usize {
+        self.args.max_len.min(self.encoder.max_tokens())
+    }
+
     /// The settings for training on `world` ranks (see [`keep_global_batch`]).
     fn on_ranks(&mut self, world: usize) -> Result<Option<String>> {
         let a = &mut self.args;
@@ -498,6 +504,10 @@ pub struct FinetuneSummary {
     /// Ranks the run ended on.
     #[serde(default = "crate::run::one")]
     pub world_size: usize,
+    /// The planned peak of one rank's step (weights, optimizer state and the step, as `frugal
+    /// memory` plans it; absent from runs written before it was planned).
+    #[serde(default)]
+    pub planned_peak_bytes: Option<usize>,
     pub peak_rss_bytes: u64,
     /// Each rank's peak resident memory, in rank order (data-parallel runs).
     #[serde(default)]
@@ -667,17 +677,14 @@ pub fn run(
     })
 }
 
-/// What a device that ran out of memory was asked for: the planned peak of the run's step
-/// (see `frugal memory`), and what to change.
-pub fn out_of_memory_note(config: &FinetuneConfig, world: usize, device: &Device) -> String {
+/// The planned memory of one rank's step in this run's method and memory mode, as `frugal
+/// memory --model <encoder folder>` plans it (a head of two classes until the data has named
+/// them).
+pub fn planned_step(config: &FinetuneConfig, world: usize) -> Result<ModePlan> {
     let args = &config.args;
-    let (batch, seq) = (
-        args.batch_size,
-        args.max_len.min(config.encoder.max_tokens()),
-    );
     let step = super::memory::StepShape {
-        batch,
-        seq,
+        batch: args.batch_size,
+        seq: config.seq_len(),
         mode: args.memory.step_mode(args.grad_accum),
     };
     let trained = Method {
@@ -685,24 +692,41 @@ pub fn out_of_memory_note(config: &FinetuneConfig, world: usize, device: &Device
         lora: config.lora,
     };
     let labels = config.classes.len().max(2);
-    let planned = super::memory::method_memory(
+    super::memory::method_memory(
         &config.encoder,
         labels,
         &args.method,
         &trained,
         world,
         Some(step),
+    )?
+    .steps
+    .into_iter()
+    .find(|s| s.selected)
+    .context("the run's memory mode has no plan")
+}
+
+/// Where `frugal memory` plans every method and memory mode of this run's step.
+fn memory_command(config: &FinetuneConfig) -> String {
+    format!(
+        "`frugal memory --model {} --batch-size {} --seq-len {}` plans each method and mode",
+        config.args.model.display(),
+        config.args.batch_size,
+        config.seq_len()
     )
-    .ok()
-    .and_then(|m| m.steps.into_iter().find(|s| s.selected))
-    .map(|s| {
-        format!(
-            "about {:.0} MiB: weights, optimizer state, and the gradients and activations of micro-batches of {batch} × {seq} tokens in f32 (`frugal memory --model {} --batch-size {batch} --seq-len {seq}` plans each method and mode)",
-            s.peak_bytes as f64 / (1024.0 * 1024.0),
-            args.model.display()
-        )
-    })
-    .unwrap_or_else(|| "more than the device has".into());
+}
+
+/// What a device that ran out of memory was asked for: the planned peak of the run's step
+/// (see `frugal memory`), and what to change.
+pub fn out_of_memory_note(config: &FinetuneConfig, world: usize, device: &Device) -> String {
+    let planned = match planned_step(config, world) {
+        Ok(plan) => format!(
+            "{} ({})",
+            plan.describe(config.args.batch_size, config.seq_len()),
+            memory_command(config)
+        ),
+        Err(_) => "more than the device has".into(),
+    };
     format!(
         "{} ran out of memory; the run needs {planned}. Lower --batch-size (and raise --grad-accum to keep the batch) or --max-len, or use --memory low",
         crate::device::name(device)
@@ -887,6 +911,14 @@ fn finetune(
         );
     }
 
+    let planned = planned_step(&config, world)?;
+    say!(
+        lead,
+        "memory: planned peak {}{}; {}",
+        planned.describe(args.batch_size, config.seq_len()),
+        if world > 1 { " per rank" } else { "" },
+        memory_command(&config)
+    );
     for line in args.memory.backward().notes(args.grad_accum, args.clip) {
         say!(lead, "note: {line}");
     }
@@ -972,6 +1004,7 @@ fn finetune(
         optimizer_state_total_bytes: opt.state_bytes().total(),
         optimizer_state_bytes_per_rank: parallel.per_rank(opt.state_bytes().total()),
         world_size: world,
+        planned_peak_bytes: Some(planned.peak_bytes),
         peak_rss_bytes: peak_rss_bytes(),
         peak_rss_bytes_per_rank: parallel
             .per_rank(peak_rss_bytes() as usize)

@@ -1,11 +1,12 @@
-//! Command-line interface: subcommands and their flags. The flags of `train`, `eval` and
-//! `compare` are the settings types of `frugal-train`.
+//! Command-line interface: subcommands and their flags. The flags of `train`, `eval`,
+//! `generate` and `compare` are the settings types of `frugal-train`.
 
 use clap::{Args, Parser, Subcommand};
 use frugal_train::compare::finetune::FinetuneCompareSettings;
 use frugal_train::compare::CompareSettings;
 use frugal_train::eval::EvalSettings;
 use frugal_train::finetune::run::FinetuneSettings;
+use frugal_train::generate::GenerateSettings;
 use frugal_train::settings::MemorySettings;
 use frugal_train::{OptimizerSettings, TrainSettings};
 
@@ -41,6 +42,9 @@ pub enum Command {
     Finetune(Box<FinetuneSettings>),
     /// Validation loss and perplexity of a checkpoint.
     Eval(EvalSettings),
+    /// Continue a prompt with a trained model (a checkpoint, a run, or a Hugging Face LLaMA
+    /// folder), token by token.
+    Generate(Box<GenerateSettings>),
     /// Exact memory of weights, gradients and optimizer state, without training.
     Memory(Box<MemoryArgs>),
     /// Train several optimizer configurations on the same data and compare them (`compare

@@ -277,6 +277,10 @@ fn run(matches: &ArgMatches, cli: Cli, device: Device, comm: &Arc<dyn Collective
             );
             Ok(())
         })?,
+        Command::Generate(args) => in_pool(args.threads, args.matmul, || {
+            frugal_train::generate::generate(&args, &device, &mut std::io::stdout().lock())
+                .map(drop)
+        })?,
         Command::Finetune(args) => in_pool(args.threads, args.matmul, || {
             let merged = args.merge(&given("finetune"))?;
             let resume = merged.resume.clone();

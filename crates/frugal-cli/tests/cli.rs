@@ -114,6 +114,68 @@ fn training_writes_the_run_directory_and_lowers_perplexity() {
     assert_eq!(all_tokens, val_tokens + 1024);
     let mean = (val_loss * val_tokens as f64 + train_loss * 1024.0) / all_tokens as f64;
     assert!((all_loss - mean).abs() < 2e-4, "all {all_loss} vs {mean}");
+
+    // `frugal generate` continues a prompt from the run's latest checkpoint (or the checkpoint
+    // folder itself), the same text for the same seed.
+    let generate = |checkpoint: &Path, flags: &[&str]| {
+        let out = run_ok(
+            frugal(&dir)
+                .args([
+                    "generate",
+                    "--prompt",
+                    "The whale",
+                    "--max-new-tokens",
+                    "12",
+                ])
+                .args(flags)
+                .arg("--checkpoint")
+                .arg(checkpoint),
+        );
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (greedy, said) = generate(&run, &["--temperature", "0"]);
+    assert!(greedy.starts_with("The whale"), "{greedy}");
+    assert!(greedy.len() > "The whale\n".len(), "{greedy}");
+    assert!(said.contains("tokens/s); stopped: "), "{said}");
+    assert_eq!(generate(&ck, &["--temperature", "0"]).0, greedy);
+    let sampled = generate(&run, &["--seed", "5", "--samples", "2"]).0;
+    assert_eq!(sampled.matches("\n---\n").count(), 1, "{sampled}");
+    assert_eq!(
+        generate(&run, &["--seed", "5", "--samples", "2"]).0,
+        sampled
+    );
+    assert_ne!(
+        generate(&run, &["--seed", "6", "--samples", "2"]).0,
+        sampled
+    );
+    for (flags, named) in [
+        (vec!["--top-p", "0"], "--top-p"),
+        (vec!["--samples", "0"], "--samples"),
+        (vec!["--temperature=-1"], "--temperature"),
+    ] {
+        let out = frugal(&dir)
+            .arg("generate")
+            .args(&flags)
+            .arg("--checkpoint")
+            .arg(&run)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(named),
+            "{flags:?}: {err}"
+        );
+    }
+    let out = frugal(&dir)
+        .args(["generate", "--checkpoint"])
+        .arg(dir.join("nowhere"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("nowhere"), "{err}");
 }
 
 #[test]

@@ -10,6 +10,7 @@
 //! - [`settings`]: the settings of a run (the command line and TOML files, with the `cli` feature).
 //! - [`run`]: a pre-training run in a run directory: metrics, plots, checkpoints, resume.
 //! - [`finetune`]: fine-tuning pretrained encoders on text classification.
+//! - [`generate`]: text from a trained model, token by token.
 //! - [`compare`]: comparisons of optimizer configurations, with [`tune`]d settings.
 //! - [`checkpoint`], [`metrics`], [`eval`], [`memory_report`], [`plot`], [`run_dir`].
 
@@ -29,6 +30,7 @@ pub mod data_parallel;
 pub mod device;
 pub mod eval;
 pub mod finetune;
+pub mod generate;
 pub mod grads;
 pub mod memory_report;
 pub mod metrics;

@@ -3,9 +3,11 @@
 //! Parameter names follow Hugging Face's `LlamaForCausalLM`.
 
 mod config;
+mod decode;
 mod memory;
 
 pub use config::{LlamaConfig, BUILTIN};
+pub use decode::KvCache;
 
 use crate::attention::Attention;
 use crate::chunked_loss::{linear_cross_entropy, linear_cross_entropy_value, LossChunks};
@@ -282,7 +284,26 @@ impl Llama {
     }
 
     /// One decoder layer on hidden states `x` (batch, seq, hidden).
-    fn layer(&self, l: &Layer, x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
+    fn layer(&self, l: &Layer, x: &Tensor, tables: &(Tensor, Tensor)) -> Result<Tensor> {
+        self.layer_attending(l, x, tables, |q, k, v, scale| {
+            Ok(match self.attention {
+                Attention::Fused => causal_attention(q, k, v, scale)?,
+                Attention::Whole => whole_causal_attention(q, k, v, scale)?,
+            })
+        })
+    }
+
+    /// One decoder layer on hidden states `x` (batch, seq, hidden) at the positions of the
+    /// rotary tables, whose attention `attend` computes from the rotated queries (batch,
+    /// heads, seq, d), keys and values (batch, kv heads, seq, d) and the scale, as (batch, seq,
+    /// heads · d).
+    fn layer_attending(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        (cos, sin): &(Tensor, Tensor),
+        attend: impl FnOnce(&Tensor, &Tensor, &Tensor, f64) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
         let (heads, kv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
@@ -293,10 +314,7 @@ impl Llama {
         let v = linear(&h, &self.used(&l.v)?)?
             .reshape((b, t, kv, d))?
             .transpose(1, 2)?;
-        let att = match self.attention {
-            Attention::Fused => causal_attention(&q, &k, &v, scale)?,
-            Attention::Whole => whole_causal_attention(&q, &k, &v, scale)?,
-        };
+        let att = attend(&q, &k, &v, scale)?;
         let x = (x + linear(&att, &self.used(&l.o)?)?)?;
         let h = rms_norm(&x, &self.used(&l.post_norm)?, c.rms_norm_eps)?;
         let mlp = swiglu(

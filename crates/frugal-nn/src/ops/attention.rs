@@ -576,6 +576,50 @@ pub fn whole_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) ->
     merged(&probs.matmul(&repeated(&v.contiguous()?, sz)?)?, sz)
 }
 
+/// Attention softmax(scale·q·kᵀ)·v of queries `q` (batch, heads, n, d) that come after every
+/// key of `k` and `v` (batch, kv heads, t, d), t ≥ n, the last n keys being the queries' own
+/// tokens: query i sees the keys up to t − n + i. This is decoding with the earlier tokens'
+/// keys and values kept. As (batch, n, heads · d), computed with tensor operations (the
+/// scores are n × t).
+pub fn attention_after(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, n, d) = q.dims4()?;
+    let (kb, kv, t, kd) = k.dims4()?;
+    if (kb, kd) != (b, d) || v.dims() != k.dims() || kv == 0 || h % kv != 0 || t < n {
+        bail!(
+            "attention_after: queries {:?}, keys {:?} and values {:?} do not fit (batch, heads, n, d) after (batch, kv heads, t ≥ n, d)",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let sz = Sizes { b, h, kv, t, d };
+    let scores = (q.matmul(&repeated(&k.contiguous()?, sz)?.t()?)? * scale)?;
+    let scores = if n > 1 {
+        let hidden: Vec<f32> = (0..n)
+            .flat_map(|i| {
+                (0..t).map(move |j| {
+                    if j > t - n + i {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(hidden, (n, t), q.device())?.to_dtype(scores.dtype())?;
+        scores.broadcast_add(&mask)?
+    } else {
+        scores
+    };
+    let max = scores.max_keepdim(candle_core::D::Minus1)?;
+    let e = scores.broadcast_sub(&max)?.exp()?;
+    let probs = e.broadcast_div(&e.sum_keepdim(candle_core::D::Minus1)?)?;
+    merged(
+        &probs.matmul(&repeated(&v.contiguous()?, sz)?)?,
+        Sizes { t: n, ..sz },
+    )
+}
+
 /// Keys or values (batch, kv heads, t, d) repeated for their query heads (batch, heads, t, d).
 fn repeated(x: &Tensor, sz: Sizes) -> Result<Tensor> {
     if sz.kv == sz.h {

@@ -18,7 +18,8 @@ mod rope;
 mod swiglu;
 
 pub use attention::{
-    causal_attention, padded_attention, whole_causal_attention, whole_padded_attention,
+    attention_after, causal_attention, padded_attention, whole_causal_attention,
+    whole_padded_attention,
 };
 pub use bias::add_bias;
 pub use frozen_linear::frozen_linear;

@@ -1,0 +1,150 @@
+//! Decoding: the next token's logits after new tokens, with the keys and values of the tokens
+//! before them kept, so that each generated token costs one token's forward pass.
+
+use super::Llama;
+use crate::error::{Error, Result};
+use crate::ops::{attention_after, causal_attention, linear};
+use candle_core::Tensor;
+
+/// Tokens of room each layer's keys and values grow by.
+const GROW_BY: usize = 256;
+
+/// The keys and values of the tokens a [`Llama`] has read, per layer (batch, kv heads, tokens,
+/// head size), after rotation; each layer's grow in place, room for 256 more tokens at a
+/// time.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<candle_nn::kv_cache::KvCache>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache: the next tokens start at position 0.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Tokens read so far (the position of the next one).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True before any token was read.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Layer `i`'s keys and values with `k` and `v` (the new tokens') appended.
+    fn extend(&mut self, i: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        if i == self.layers.len() {
+            self.layers
+                .push(candle_nn::kv_cache::KvCache::new(2, GROW_BY));
+        }
+        Ok(self.layers[i].append(&k.contiguous()?, &v.contiguous()?)?)
+    }
+}
+
+impl Llama {
+    /// The logits (batch, vocab) of the token after `ids` (batch, t), tokens that follow the
+    /// ones `cache` holds; their keys and values join it. With an empty cache the tokens are
+    /// read as [`Llama::forward`] reads them (the same logits at the last position).
+    pub fn next_logits(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let (start, positions) = (cache.len, self.config.max_position_embeddings);
+        if t == 0 || start + t > positions {
+            return Err(Error::Input(format!(
+                "cannot read {t} more tokens after {start}: the model has {positions} positions (max_position_embeddings)"
+            )));
+        }
+        if !cache.layers.is_empty() && cache.layers.len() != self.layers.len() {
+            return Err(Error::Input(
+                "the key-value cache belongs to another model".into(),
+            ));
+        }
+        let (cos, sin) = self.tables(positions)?;
+        let tables = (cos.narrow(0, start, t)?, sin.narrow(0, start, t)?);
+        let mut x = self.embed(ids)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            x = self.layer_attending(l, &x, &tables, |q, k, v, scale| {
+                let (k, v) = cache.extend(i, k, v)?;
+                Ok(if start == 0 {
+                    causal_attention(q, &k, &v, scale)?
+                } else {
+                    attention_after(q, &k, &v, scale)?
+                })
+            })?;
+        }
+        cache.len = start + t;
+        let last = self.final_norm(&x.narrow(1, t - 1, 1)?)?;
+        Ok(linear(&last, &self.used(&self.head)?)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llama::LlamaConfig;
+    use candle_core::{DType, Device};
+
+    /// A model with grouped key-value heads (4 query heads read 2).
+    fn model() -> Llama {
+        let config = LlamaConfig {
+            vocab_size: 37,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            max_position_embeddings: 12,
+            ..LlamaConfig::builtin("tiny").unwrap()
+        };
+        Llama::init(&config, 7, &Device::Cpu, DType::F32).unwrap()
+    }
+
+    fn ids(tokens: &[u32]) -> Tensor {
+        Tensor::new(tokens, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn decoding_with_kept_keys_gives_the_whole_forward_pass_logits() {
+        let model = model();
+        let tokens: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % 37).collect();
+        let whole = model.forward(&ids(&tokens)).unwrap().squeeze(0).unwrap();
+        // A prompt of 5 tokens, then one token at a time, then the last 3 at once.
+        let mut cache = KvCache::new();
+        let mut got = vec![model.next_logits(&ids(&tokens[..5]), &mut cache).unwrap()];
+        for i in 5..9 {
+            got.push(
+                model
+                    .next_logits(&ids(&tokens[i..i + 1]), &mut cache)
+                    .unwrap(),
+            );
+        }
+        got.push(model.next_logits(&ids(&tokens[9..]), &mut cache).unwrap());
+        assert_eq!(cache.len(), 12);
+        for (logits, position) in got.iter().zip([4, 5, 6, 7, 8, 11]) {
+            let expected = whole.narrow(0, position, 1).unwrap();
+            let diff = max_diff(logits, &expected);
+            assert!(diff < 1e-5, "position {position}: {diff}");
+        }
+        // The cache is full: one more token has no position.
+        let err = model.next_logits(&ids(&[1]), &mut cache).unwrap_err();
+        assert!(err.to_string().contains("12 positions"), "{err}");
+    }
+}

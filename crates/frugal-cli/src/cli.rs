@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use frugal_train::compare::finetune::FinetuneCompareSettings;
 use frugal_train::compare::CompareSettings;
 use frugal_train::eval::EvalSettings;
+use frugal_train::finetune::classify::ClassifySettings;
 use frugal_train::finetune::run::FinetuneSettings;
 use frugal_train::generate::GenerateSettings;
 use frugal_train::settings::MemorySettings;
@@ -40,6 +41,8 @@ pub enum Command {
     /// Fine-tune a pretrained BERT or RoBERTa encoder on text classification (default: the
     /// paper's FRUGAL recipe).
     Finetune(Box<FinetuneSettings>),
+    /// Classify texts, or a task file, with a fine-tuned encoder (scored where labelled).
+    Classify(Box<ClassifySettings>),
     /// Validation loss and perplexity of a checkpoint.
     Eval(EvalSettings),
     /// Continue a prompt with a trained model (a checkpoint, a run, or a Hugging Face LLaMA

@@ -277,6 +277,14 @@ fn run(matches: &ArgMatches, cli: Cli, device: Device, comm: &Arc<dyn Collective
             );
             Ok(())
         })?,
+        Command::Classify(args) => in_pool(args.threads, args.matmul, || {
+            frugal_train::finetune::classify::classify(
+                &args,
+                &device,
+                &mut std::io::stdout().lock(),
+            )
+            .map(drop)
+        })?,
         Command::Generate(args) => in_pool(args.threads, args.matmul, || {
             frugal_train::generate::generate(&args, &device, &mut std::io::stdout().lock())
                 .map(drop)

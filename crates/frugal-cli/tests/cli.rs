@@ -754,6 +754,31 @@ fn finetune_names_what_is_missing_and_memory_plans_each_method() {
         !out.status.success() && err.contains("config.json") && err.contains("fetch-finetune.sh"),
         "{err}"
     );
+    // `frugal classify` names what it cannot use.
+    for (args, named) in [
+        (vec!["--text", "hi"], "names no classes (id2label)"),
+        (vec![], "nothing to classify"),
+    ] {
+        let out = frugal(&dir)
+            .arg("classify")
+            .arg("--model")
+            .arg(&model)
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(named), "{err}");
+    }
+    let out = frugal(&dir)
+        .args(["classify", "--text", "hi", "--model"])
+        .arg(dir.join("nowhere"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("neither a model folder"),
+        "{err}"
+    );
     // A comparison runs the methods of --methods, never one --method.
     let out = frugal(&dir)
         .args([

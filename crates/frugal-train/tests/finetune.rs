@@ -6,8 +6,10 @@ use candle_core::Device;
 use frugal_nn::encoder::Encoder;
 use frugal_nn::Attention;
 use frugal_train::data_parallel::DataParallel;
+use frugal_train::finetune::classify::FineTuned;
 use frugal_train::finetune::memory::{plan, StepShape};
 use frugal_train::finetune::run::{resolve, run, FinetuneSettings, FinetuneSummary};
+use frugal_train::finetune::task::{read_examples, Columns, Example, Task, TaskChoice};
 use frugal_train::settings::{BackwardSettings, MemoryMode};
 use frugal_train::StopToken;
 use rand::{Rng, SeedableRng};
@@ -131,7 +133,8 @@ fn losses(run: &Path) -> Vec<String> {
 #[test]
 fn full_fine_tuning_learns_the_task_and_a_resumed_run_continues_bit_for_bit() {
     let dir = scratch("learn");
-    let (out, summary) = train(settings(&dir, "adamw", "adamw", 100));
+    let run = settings(&dir, "adamw", "adamw", 100);
+    let (out, summary) = train(run.clone());
     let initial = summary.initial_val.unwrap();
     assert!(summary.val.accuracy >= 0.95, "{summary:?}");
     assert!(summary.val.accuracy > initial.accuracy + 0.4, "{summary:?}");
@@ -145,6 +148,30 @@ fn full_fine_tuning_learns_the_task_and_a_resumed_run_continues_bit_for_bit() {
         serde_json::from_str(&std::fs::read_to_string(ck.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["id2label"]["1"], "pos");
     assert_eq!(config["architectures"][0], "BertForSequenceClassification");
+    // `frugal classify` with the run (its latest checkpoint) scores the validation split as
+    // training did.
+    let model = FineTuned::load(&out, None, &Device::Cpu).unwrap();
+    assert_eq!(model.classes, ["neg", "pos"]);
+    let columns = Columns {
+        text: "text",
+        pair: None,
+        label: Some("label"),
+    };
+    let choice = TaskChoice {
+        labels: &[],
+        max_examples: None,
+        val_fraction: run.val_fraction,
+        test_fraction: run.test_fraction,
+    };
+    let task = Task::new(read_examples(&task_file(&dir), &columns).unwrap(), &choice).unwrap();
+    let val: Vec<Example> = task.val.iter().map(|(e, _)| e.clone()).collect();
+    let predictions = model.predict(&val, 7).unwrap();
+    let (scores, scored, unknown) = model.scores(&predictions).unwrap();
+    assert_eq!((scores, scored, unknown), (summary.val, val.len(), 0));
+    for p in &predictions {
+        let sum: f64 = p.probabilities.iter().sum();
+        assert!((sum - 1.0).abs() < 1e-5 && p.probability >= 0.5, "{p:?}");
+    }
 
     // 10 steps straight against 5, a pause, and 5 more.
     let (straight, _) = train(settings(&dir, "straight", "adamw", 10));
@@ -336,6 +363,29 @@ fn lora_trains_its_adapters_and_the_merged_folder_predicts_like_them() {
         .to_scalar::<f32>()
         .unwrap();
     assert!(diff < 1e-5, "{diff}");
+    // `frugal classify` reads the run's merged model, or a checkpoint with the run's adapters:
+    // the same probabilities.
+    let merged = FineTuned::load(&out, None, &Device::Cpu).unwrap();
+    assert!(merged.dir.ends_with("merged"));
+    let adapted = FineTuned::load(&out.join("checkpoints/step-100"), None, &Device::Cpu).unwrap();
+    assert!(adapted.model.encoder.lora().is_some());
+    let columns = Columns {
+        text: "text",
+        pair: None,
+        label: None,
+    };
+    let texts = read_examples(&task_file(&dir), &columns).unwrap();
+    let (m, a) = (
+        merged.predict(&texts[..40], 16).unwrap(),
+        adapted.predict(&texts[..40], 16).unwrap(),
+    );
+    for (m, a) in m.iter().zip(&a) {
+        for (x, y) in m.probabilities.iter().zip(&a.probabilities) {
+            assert!((x - y).abs() < 1e-5, "{m:?} against {a:?}");
+        }
+        assert_eq!(m.label, None);
+    }
+    assert!(merged.scores(&m).is_none());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -6,8 +6,10 @@
 //! - [`scores`]: accuracy and macro-F1.
 //! - [`memory`]: fine-tuning memory by method.
 //! - [`run`]: a fine-tuning run in a run directory: metrics, plots, checkpoints, resume.
+//! - [`classify`]: the classes a fine-tuned model gives texts or a task file.
 
 pub mod batches;
+pub mod classify;
 pub mod memory;
 pub mod run;
 pub mod scores;

@@ -766,7 +766,7 @@ fn finetune(
     let columns = Columns {
         text: &args.text_column,
         pair: args.text_pair_column.as_deref(),
-        label: &args.label_column,
+        label: Some(&args.label_column),
     };
     let labels: Vec<String> = args
         .labels

@@ -11,15 +11,17 @@ use std::path::Path;
 pub struct Example {
     pub text: String,
     pub pair: Option<String>,
+    /// Its label (empty where the columns name none).
     pub label: String,
 }
 
-/// The columns (or JSON fields) that hold the text, the optional second text and the label.
+/// The columns (or JSON fields) that hold the text, the optional second text and the label
+/// (none: unlabelled inputs).
 #[derive(Clone, Debug)]
 pub struct Columns<'a> {
     pub text: &'a str,
     pub pair: Option<&'a str>,
-    pub label: &'a str,
+    pub label: Option<&'a str>,
 }
 
 /// Reads every example of `path`: a `.csv`, `.tsv` or `.jsonl` file with a header / fields named
@@ -113,7 +115,10 @@ fn read_delimited(path: &Path, delimiter: u8, columns: &Columns) -> Result<Vec<E
         .pair
         .map(|p| find(p, "--text-pair-column"))
         .transpose()?;
-    let label = find(columns.label, "--label-column")?;
+    let label = columns
+        .label
+        .map(|l| find(l, "--label-column"))
+        .transpose()?;
     let mut out = Vec::new();
     // Bytes that are not UTF-8 (common in scraped text) become U+FFFD rather than an error.
     for (i, record) in reader.byte_records().enumerate() {
@@ -123,7 +128,7 @@ fn read_delimited(path: &Path, delimiter: u8, columns: &Columns) -> Result<Vec<E
         out.push(Example {
             text: field(text),
             pair: pair.map(field),
-            label: field(label).trim().to_string(),
+            label: label.map(field).unwrap_or_default().trim().to_string(),
         });
     }
     Ok(out)
@@ -159,7 +164,10 @@ fn read_jsonl(path: &Path, columns: &Columns) -> Result<Vec<Example>> {
                 .pair
                 .map(|p| field(p, "--text-pair-column"))
                 .transpose()?,
-            label: field(columns.label, "--label-column")?.trim().to_string(),
+            label: match columns.label {
+                Some(l) => field(l, "--label-column")?.trim().to_string(),
+                None => String::new(),
+            },
         });
     }
     Ok(out)
@@ -421,17 +429,30 @@ mod tests {
         let cols = Columns {
             text: "text",
             pair: None,
-            label: "label",
+            label: Some("label"),
         };
         let want = vec![ex("good, very", "pos"), ex("bad", "neg")];
         for f in ["t.csv", "t.tsv", "t.jsonl"] {
             assert_eq!(read_examples(&dir.join(f), &cols).unwrap(), want, "{f}");
         }
+        // Without a label column: the texts, unlabelled.
+        let unlabelled = Columns {
+            label: None,
+            ..cols.clone()
+        };
+        for f in ["t.csv", "t.jsonl"] {
+            let read = read_examples(&dir.join(f), &unlabelled).unwrap();
+            let texts: Vec<_> = read
+                .iter()
+                .map(|e| (e.text.as_str(), e.label.as_str()))
+                .collect();
+            assert_eq!(texts, [("good, very", ""), ("bad", "")], "{f}");
+        }
         let mut folder = read_examples(&dir.join("folder"), &cols).unwrap();
         folder.reverse(); // classes in sorted order: neg, pos
         assert_eq!(folder, want);
         let bad = Columns {
-            label: "sentiment",
+            label: Some("sentiment"),
             ..cols.clone()
         };
         let err = read_examples(&dir.join("t.csv"), &bad)

@@ -13,7 +13,9 @@
 #   7. the top 5 kernels of a profiled training step (nsys);
 #   8. the SVD refresh of `130m` and `350m` on the GPU: exact (host) and randomized (device);
 #   9. NCCL at world size 1: every collective against a single process's (frugal-dist's `nccl`
-#      test), and `tiny` trained as one torchrun-style rank against one process.
+#      test), and `tiny` trained as one torchrun-style rank against one process;
+#  10. `frugal generate` (keys and values kept on the device): greedy text of check 1's `tiny`
+#      on the GPU against the CPU, and tokens/s of the first large model.
 #
 # Build on a machine with Rust (no GPU needed), then carry target/cuda/gpu-check.tar.xz (the
 # binary, built with NCCL, the GPU tests and the benchmarks) to the GPU machine:
@@ -228,7 +230,32 @@ print(f"9. tiny frugal, 20 steps, one torchrun-style rank ({sys.argv[3]}) agains
       f"{'identical losses' if same else 'DIFFERENT'}; final {a[-1]:.4f} vs {b[-1]:.4f}")
 EOF
 }
-for check in ${CHECKS:-1 2 3 5 6 7 8 9}; do
+# 10. Decoding on the GPU: the same greedy text as on the CPU, and its speed.
+check10() {
+if [[ ! -d $out/tiny-cpu/checkpoints ]]; then
+  "$bin" train --steps 20 --eval-every 20 --eval-tokens 4096 --optimizer adamw --device cpu \
+    --out "$out/tiny-cpu" >"$out/tiny-cpu.log" 2>&1
+fi
+local g=(generate --checkpoint "$out/tiny-cpu" --prompt "The whale" --temperature 0 --max-new-tokens 64)
+"$bin" "${g[@]}" --device cpu >"$out/generate-cpu.txt" 2>"$out/generate-cpu.log"
+"$bin" "${g[@]}" --device "$device" >"$out/generate-gpu.txt" 2>"$out/generate-gpu.log"
+local model=${big[0]}
+"$bin" train --model "$model" --steps 1 --batch-size 1 --seq-len 64 --eval-tokens 64 \
+  --device "$device" --out "$out/generate-$model" >"$out/generate-$model-train.log" 2>&1
+"$bin" generate --checkpoint "$out/generate-$model" --temperature 0 --max-new-tokens 256 \
+  --device "$device" >/dev/null 2>"$out/generate-$model.log"
+"$python" - "$out" "$model" <<'EOF' | tee -a "$summary"
+import os, sys
+out, model = sys.argv[1], sys.argv[2]
+cpu, gpu = (open(os.path.join(out, f"generate-{d}.txt")).read() for d in ("cpu", "gpu"))
+common = next((i for i, (a, b) in enumerate(zip(cpu, gpu)) if a != b), min(len(cpu), len(gpu)))
+verdict = "identical" if cpu == gpu else f"the same for {common} of {len(cpu)} characters"
+speed = open(os.path.join(out, f"generate-{model}.log")).read().strip().splitlines()[-1:]
+print(f"10. generate, tiny greedy, 64 tokens: GPU text against CPU: {verdict}; "
+      f"{model} on the GPU: {speed[0] if speed else 'no output'}")
+EOF
+}
+for check in ${CHECKS:-1 2 3 5 6 7 8 9 10}; do
   "check$check"
 done
 say "done; logs and run directories in $out"

@@ -117,6 +117,41 @@ pub fn modes(grad_accum: usize, attention: Attention) -> Vec<(&'static str, Step
 
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// The line a run prints when it starts: the planned peak of its step in micro-batches of
+/// `batch` × `seq` tokens (per rank where `world` is more than one), and `command`, the `frugal
+/// memory` call that plans each mode.
+pub fn start_line(
+    plan: &ModePlan,
+    (batch, seq): (usize, usize),
+    world: usize,
+    command: &str,
+) -> String {
+    format!(
+        "memory: planned peak {}{}; {command}",
+        plan.describe(batch, seq),
+        if world > 1 { " per rank" } else { "" },
+    )
+}
+
+/// What a `device` that ran out of memory was asked for: the `planned` step, where it could be
+/// planned, with the `command` that plans each mode; then what to change (`advice`).
+pub fn out_of_memory_note(
+    device: &candle_core::Device,
+    planned: Option<&ModePlan>,
+    (batch, seq): (usize, usize),
+    command: &str,
+    advice: &str,
+) -> String {
+    let needs = match planned {
+        Some(plan) => format!("{} ({command})", plan.describe(batch, seq)),
+        None => "more than the device has".into(),
+    };
+    format!(
+        "{} ran out of memory; the run needs {needs}. {advice}",
+        crate::device::name(device)
+    )
+}
+
 impl MemoryReport {
     /// Plans the memory of `model` trained with `optimizer`.
     pub fn new(model: &LlamaConfig, optimizer: &OptimizerConfig) -> Result<Self> {

@@ -6,7 +6,7 @@ use crate::checkpoint;
 use crate::data::{Batches, Dataset, Format, Holdout, Source, TextTokenizer, TokenizerChoice};
 use crate::data_parallel::{keep_global_batch, DataParallel};
 use crate::eval::mean_loss;
-use crate::memory_report::{MemoryReport, ModePlan};
+use crate::memory_report::{start_line, MemoryReport, ModePlan};
 use crate::metrics::{peak_rss_bytes, EvalRecord, Metrics, Record, Summary, TrainRecord};
 use crate::schedule::Schedule;
 use crate::settings::{Precision, TrainSettings};
@@ -354,17 +354,12 @@ fn memory_command(run: &RunConfig) -> String {
 /// What a device that ran out of memory was asked for: the planned peak of the run's step
 /// (see `frugal memory`), and what to change.
 fn out_of_memory_note(run: &RunConfig, device: &Device) -> String {
-    let planned = match planned_step(run) {
-        Ok(plan) => format!(
-            "{} ({})",
-            plan.describe(run.args.batch_size, run.seq_len),
-            memory_command(run)
-        ),
-        Err(_) => "more than the device has".into(),
-    };
-    format!(
-        "{} ran out of memory; the run needs {planned}. Lower --batch-size (and raise --grad-accum to keep the batch), or use --dtype bf16 or --memory low",
-        crate::device::name(device)
+    crate::memory_report::out_of_memory_note(
+        device,
+        planned_step(run).ok().as_ref(),
+        (run.args.batch_size, run.seq_len),
+        &memory_command(run),
+        "Lower --batch-size (and raise --grad-accum to keep the batch), or use --dtype bf16 or --memory low",
     )
 }
 
@@ -541,12 +536,11 @@ fn train(
         }
     }
     let planned = planned_step(&run)?;
+    let shape = (args.batch_size, run.seq_len);
     say!(
         lead,
-        "memory: planned peak {}{}; {}",
-        planned.describe(args.batch_size, run.seq_len),
-        if world > 1 { " per rank" } else { "" },
-        memory_command(&run)
+        "{}",
+        start_line(&planned, shape, world, &memory_command(&run))
     );
     for line in run.step_mode_notes() {
         say!(lead, "note: {line}");

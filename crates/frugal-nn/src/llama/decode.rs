@@ -84,6 +84,7 @@ impl Llama {
 mod tests {
     use super::*;
     use crate::llama::LlamaConfig;
+    use crate::ops::tests::max_diff;
     use candle_core::{DType, Device};
 
     /// A model with grouped key-value heads (4 query heads read 2).
@@ -105,19 +106,6 @@ mod tests {
         Tensor::new(tokens, &Device::Cpu)
             .unwrap()
             .unsqueeze(0)
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
             .unwrap()
     }
 

@@ -8,7 +8,7 @@ use super::task::{read_examples, Columns, Task, TaskChoice};
 use super::tokenize::{ClassTokenizer, Encoded};
 use crate::checkpoint;
 use crate::data_parallel::{code_fingerprint, keep_global_batch, DataParallel};
-use crate::memory_report::ModePlan;
+use crate::memory_report::{start_line, ModePlan};
 use crate::metrics::{peak_rss_bytes, EvalRecord, Metrics, Record, TrainRecord};
 use crate::schedule::Schedule;
 use crate::settings::BackwardSettings;
@@ -719,17 +719,12 @@ fn memory_command(config: &FinetuneConfig) -> String {
 /// What a device that ran out of memory was asked for: the planned peak of the run's step
 /// (see `frugal memory`), and what to change.
 pub fn out_of_memory_note(config: &FinetuneConfig, world: usize, device: &Device) -> String {
-    let planned = match planned_step(config, world) {
-        Ok(plan) => format!(
-            "{} ({})",
-            plan.describe(config.args.batch_size, config.seq_len()),
-            memory_command(config)
-        ),
-        Err(_) => "more than the device has".into(),
-    };
-    format!(
-        "{} ran out of memory; the run needs {planned}. Lower --batch-size (and raise --grad-accum to keep the batch) or --max-len, or use --memory low",
-        crate::device::name(device)
+    crate::memory_report::out_of_memory_note(
+        device,
+        planned_step(config, world).ok().as_ref(),
+        (config.args.batch_size, config.seq_len()),
+        &memory_command(config),
+        "Lower --batch-size (and raise --grad-accum to keep the batch) or --max-len, or use --memory low",
     )
 }
 
@@ -912,12 +907,11 @@ fn finetune(
     }
 
     let planned = planned_step(&config, world)?;
+    let shape = (args.batch_size, config.seq_len());
     say!(
         lead,
-        "memory: planned peak {}{}; {}",
-        planned.describe(args.batch_size, config.seq_len()),
-        if world > 1 { " per rank" } else { "" },
-        memory_command(&config)
+        "{}",
+        start_line(&planned, shape, world, &memory_command(&config))
     );
     for line in args.memory.backward().notes(args.grad_accum, args.clip) {
         say!(lead, "note: {line}");

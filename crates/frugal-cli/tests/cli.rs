@@ -169,6 +169,23 @@ fn training_writes_the_run_directory_and_lowers_perplexity() {
             "{flags:?}: {err}"
         );
     }
+    // A prompt longer than the model's positions is refused before anything is printed.
+    let out = frugal(&dir)
+        .args([
+            "generate",
+            "--prompt",
+            &"whale ".repeat(300),
+            "--checkpoint",
+        ])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("max_position_embeddings"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
     let out = frugal(&dir)
         .args(["generate", "--checkpoint"])
         .arg(dir.join("nowhere"))

@@ -244,13 +244,8 @@ impl Generator {
         rng: &mut impl Rng,
         mut emit: impl FnMut(&str) -> Result<()>,
     ) -> Result<Continuation> {
+        self.check_prompt(prompt)?;
         let positions = self.model.config.max_position_embeddings;
-        if prompt.is_empty() || prompt.len() > positions {
-            bail!(
-                "the prompt is {} tokens; the model reads 1 to {positions} (max_position_embeddings)",
-                prompt.len()
-            );
-        }
         let device = self.model.device().clone();
         let mut cache = KvCache::new();
         let mut next = Tensor::new(prompt, &device)?.unsqueeze(0)?;
@@ -288,6 +283,18 @@ impl Generator {
         Ok(Continuation { ids, text, stop })
     }
 
+    /// Fails unless the model can read `prompt` (1 to max_position_embeddings token ids).
+    pub fn check_prompt(&self, prompt: &[u32]) -> Result<()> {
+        let positions = self.model.config.max_position_embeddings;
+        if prompt.is_empty() || prompt.len() > positions {
+            bail!(
+                "the prompt is {} tokens; the model reads 1 to {positions} (max_position_embeddings): shorten it",
+                prompt.len()
+            );
+        }
+        Ok(())
+    }
+
     fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer
             .inner
@@ -311,6 +318,7 @@ pub fn generate(
     let generator = Generator::load(&settings.checkpoint, device)
         .with_context(|| format!("--checkpoint {}", settings.checkpoint.display()))?;
     let prompt = generator.prompt_ids(&settings.prompt, settings.instruction)?;
+    generator.check_prompt(&prompt)?;
     let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
     let mut all = Vec::new();
     for sample in 0..settings.samples {

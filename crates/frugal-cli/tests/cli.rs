@@ -156,43 +156,34 @@ fn training_writes_the_run_directory_and_lowers_perplexity() {
         (vec!["--samples", "0"], "--samples"),
         (vec!["--temperature=-1"], "--temperature"),
     ] {
-        let out = frugal(&dir)
-            .arg("generate")
-            .args(&flags)
-            .arg("--checkpoint")
-            .arg(&run)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains(named),
-            "{flags:?}: {err}"
+        run_fails(
+            frugal(&dir)
+                .arg("generate")
+                .args(&flags)
+                .arg("--checkpoint")
+                .arg(&run),
+            named,
         );
     }
     // A prompt longer than the model's positions is refused before anything is printed.
-    let out = frugal(&dir)
-        .args([
-            "generate",
-            "--prompt",
-            &"whale ".repeat(300),
-            "--checkpoint",
-        ])
-        .arg(&run)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("max_position_embeddings"),
-        "{err}"
+    let out = run_fails(
+        frugal(&dir)
+            .args([
+                "generate",
+                "--prompt",
+                &"whale ".repeat(300),
+                "--checkpoint",
+            ])
+            .arg(&run),
+        "max_position_embeddings",
     );
     assert!(out.stdout.is_empty());
-    let out = frugal(&dir)
-        .args(["generate", "--checkpoint"])
-        .arg(dir.join("nowhere"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("nowhere"), "{err}");
+    run_fails(
+        frugal(&dir)
+            .args(["generate", "--checkpoint"])
+            .arg(dir.join("nowhere")),
+        "nowhere",
+    );
 }
 
 #[test]
@@ -448,12 +439,8 @@ fn torchrun_variables_run_one_rank_alone_and_refuse_cpu_ranks_without_mpi() {
     ];
     for (vars, says) in cases {
         let mut cmd = train(&dir, &dir.join("refused"), &["--steps", "1"]);
-        let out = cmd.envs(vars.iter().copied()).output().unwrap();
+        let out = run_fails(cmd.envs(vars.iter().copied()), says);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains(says),
-            "{vars:?}: {err}"
-        );
         assert_eq!(err.lines().count(), 1, "{err}");
     }
     assert!(!dir.join("refused").exists());
@@ -776,45 +763,34 @@ fn finetune_names_what_is_missing_and_memory_plans_each_method() {
         (vec!["--text", "hi"], "names no classes (id2label)"),
         (vec![], "nothing to classify"),
     ] {
-        let out = frugal(&dir)
-            .arg("classify")
-            .arg("--model")
-            .arg(&model)
-            .args(&args)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains(named), "{err}");
+        run_fails(
+            frugal(&dir)
+                .arg("classify")
+                .arg("--model")
+                .arg(&model)
+                .args(&args),
+            named,
+        );
     }
-    let out = frugal(&dir)
-        .args(["classify", "--text", "hi", "--model"])
-        .arg(dir.join("nowhere"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("neither a model folder"),
-        "{err}"
+    run_fails(
+        frugal(&dir)
+            .args(["classify", "--text", "hi", "--model"])
+            .arg(dir.join("nowhere")),
+        "neither a model folder",
     );
     // A comparison runs the methods of --methods, never one --method.
-    let out = frugal(&dir)
-        .args([
+    run_fails(
+        frugal(&dir).args([
             "compare", "finetune", "--method", "adamw", "--data", "x.csv",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("--methods"), "{err}");
-    let out = frugal(&dir)
-        .args(["compare", "finetune", "--methods", "adamw lora"])
-        .arg("--model")
-        .arg(&model)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("--data is required"),
-        "{err}"
+        ]),
+        "--methods",
+    );
+    run_fails(
+        frugal(&dir)
+            .args(["compare", "finetune", "--methods", "adamw lora"])
+            .arg("--model")
+            .arg(&model),
+        "--data is required",
     );
     let out = run_ok(
         frugal(&dir)
@@ -875,17 +851,13 @@ fn finetune_names_what_is_missing_and_memory_plans_each_method() {
             "a classifier's loss is never split",
         ),
     ] {
-        let out = frugal(&dir)
-            .arg("memory")
-            .arg("--model")
-            .arg(&model)
-            .args(flags)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains(wanted),
-            "{flags:?}: {err}"
+        run_fails(
+            frugal(&dir)
+                .arg("memory")
+                .arg("--model")
+                .arg(&model)
+                .args(flags),
+            wanted,
         );
     }
 }
@@ -939,17 +911,13 @@ fn bf16_mixed_precision_tracks_f32_and_gpus_need_the_cuda_build() {
         ]);
     }
     for (device, says) in refused {
-        let out = train(
-            &dir,
-            &dir.join("gpu"),
-            &["--steps", "1", "--device", device],
-        )
-        .output()
-        .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains(says),
-            "{device}: {err}"
+        run_fails(
+            &mut train(
+                &dir,
+                &dir.join("gpu"),
+                &["--steps", "1", "--device", device],
+            ),
+            says,
         );
     }
 }

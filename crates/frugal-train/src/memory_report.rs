@@ -54,6 +54,14 @@ pub struct ModePlan {
 }
 
 impl ModePlan {
+    /// The plan of the mode a run's settings select, out of `plans` (a report's modes).
+    pub fn selected(plans: Vec<ModePlan>) -> Result<ModePlan> {
+        plans
+            .into_iter()
+            .find(|s| s.selected)
+            .ok_or_else(|| anyhow::anyhow!("the run's memory mode has no plan"))
+    }
+
     /// The planned peak and its parts, for micro-batches of `batch` × `seq` tokens: "about N
     /// MiB: weights and optimizer state …, activations …, gradients … and working set … MiB …".
     pub fn describe(&self, batch: usize, seq: usize) -> String {

@@ -334,13 +334,10 @@ pub fn run(
 /// and working set.
 pub fn planned_step(run: &RunConfig) -> Result<ModePlan> {
     let (model, opt) = (&run.model, &run.optimizer);
-    MemoryReport::new(model, opt)?
+    let report = MemoryReport::new(model, opt)?
         .with_world_size(model, opt, run.world_size)?
-        .with_steps(model, run.args.batch_size, run.seq_len, run.step_mode())?
-        .steps
-        .into_iter()
-        .find(|s| s.selected)
-        .context("the run's memory mode has no plan")
+        .with_steps(model, run.args.batch_size, run.seq_len, run.step_mode())?;
+    ModePlan::selected(report.steps)
 }
 
 /// Where `frugal memory` plans every memory mode of this run's step.

@@ -65,6 +65,18 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// Runs `cmd`, which must fail with a message that names `named`.
+pub fn run_fails(cmd: &mut Command, named: &str) -> Output {
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(named),
+        "{:?} should fail naming `{named}`: {err}",
+        cmd.get_args().collect::<Vec<_>>()
+    );
+    out
+}
+
 pub fn train(cache: &Path, out: &Path, extra: &[&str]) -> Command {
     let mut c = frugal(cache);
     c.arg("train").args(FAST).arg("--out").arg(out).args(extra);

@@ -692,18 +692,15 @@ pub fn planned_step(config: &FinetuneConfig, world: usize) -> Result<ModePlan> {
         lora: config.lora,
     };
     let labels = config.classes.len().max(2);
-    super::memory::method_memory(
+    let plans = super::memory::method_memory(
         &config.encoder,
         labels,
         &args.method,
         &trained,
         world,
         Some(step),
-    )?
-    .steps
-    .into_iter()
-    .find(|s| s.selected)
-    .context("the run's memory mode has no plan")
+    )?;
+    ModePlan::selected(plans.steps)
 }
 
 /// Where `frugal memory` plans every method and memory mode of this run's step.

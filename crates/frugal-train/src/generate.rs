@@ -249,6 +249,10 @@ impl Generator {
         let device = self.model.device().clone();
         let mut cache = KvCache::new();
         let mut next = Tensor::new(prompt, &device)?.unsqueeze(0)?;
+        // Pieces of text as they decode (each from a short window of the latest tokens); a
+        // piece ending inside a multi-byte character waits for the next token. A decoder whose
+        // text is not a prefix of the next one's ends the streaming: the rest comes at the end.
+        let mut stream = Some(self.tokenizer.inner.decode_stream(true));
         let (mut ids, mut shown) = (Vec::new(), String::new());
         let stop = loop {
             if ids.len() == max_new {
@@ -264,13 +268,13 @@ impl Generator {
                 break Stop::EndOfText;
             }
             ids.push(id);
-            let text = self.decode(&ids)?;
-            // A piece ending inside a multi-byte character waits for the next token.
-            if let Some(piece) = text.strip_prefix(shown.as_str()) {
-                if !piece.is_empty() && !piece.ends_with('\u{FFFD}') {
-                    emit(piece)?;
-                    shown = text;
+            match stream.as_mut().map(|s| s.step(id)) {
+                Some(Ok(Some(piece))) => {
+                    emit(&piece)?;
+                    shown.push_str(&piece);
                 }
+                Some(Err(_)) => stream = None,
+                _ => {}
             }
             next = Tensor::new(&[id], &device)?.unsqueeze(0)?;
         };
@@ -425,6 +429,56 @@ mod tests {
         );
         // The same seed draws the same tokens.
         assert_eq!(frequencies(all, &logits), frequencies(all, &logits));
+    }
+
+    /// Continuations drawn at random from a random model (bytes that are not UTF-8 among
+    /// them): the streamed pieces add up to the continuation's text, the decoding of its ids.
+    #[test]
+    fn streamed_pieces_add_up_to_the_continuation() {
+        use frugal_nn::llama::LlamaConfig;
+        let docs = ["the whale swam under the ship, and the sea was grey — “so”"; 8];
+        let tokenizer = TextTokenizer::train(docs.iter(), 300).unwrap();
+        let config = LlamaConfig {
+            vocab_size: tokenizer.vocab_size(),
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            num_key_value_heads: Some(2),
+            max_position_embeddings: 96,
+            ..LlamaConfig::builtin("tiny").unwrap()
+        };
+        let generator = Generator {
+            model: Llama::init(&config, 1, &Device::Cpu, DType::F32).unwrap(),
+            tokenizer,
+            dir: PathBuf::new(),
+        };
+        let prompt = generator.prompt_ids("the whale", false).unwrap();
+        let sampling = Sampling {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        };
+        let mut lengths = Vec::new();
+        for seed in 0..6 {
+            let mut pieces = Vec::new();
+            let mut r = ChaCha8Rng::seed_from_u64(seed);
+            let c = generator
+                .continue_ids(&prompt, 80, &sampling, &mut r, |piece| {
+                    pieces.push(piece.to_string());
+                    Ok(())
+                })
+                .unwrap();
+            assert_eq!(pieces.concat(), c.text, "{pieces:?}");
+            let decoded = generator.tokenizer.inner.decode(&c.ids, true).unwrap();
+            assert_eq!(c.text, decoded);
+            lengths.push((c.ids.len(), pieces.len()));
+        }
+        // Most draws run long and stream in many pieces.
+        assert!(
+            lengths.iter().any(|&(ids, pieces)| ids > 20 && pieces > 5),
+            "{lengths:?}"
+        );
     }
 
     #[test]

@@ -518,4 +518,5 @@ fn a_device_out_of_memory_is_told_the_planned_peak() {
     // The note plans the run's own method: on this tiny encoder LoRA's adapters keep more
     // activations than training every weight does.
     assert!(peak(0) > peak(1), "{planned:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,13 +1,19 @@
 //! Row kernels in eight f32 lanes: e^x, and sums, maxima and dot products of rows, and the
 //! element-wise SwiGLU and GELU with their gradients, and a masked softmax of a row.
 //!
-//! Each kernel is written once over chunks of eight lanes and compiled twice: for AVX2, chosen at
-//! run time where the CPU has it, and for the x86-64 baseline (SSE2). Both compile the same
+//! Each kernel is written once and compiled three times: for AVX-512 and for AVX2, chosen at run
+//! time where the CPU has them, and for the x86-64 baseline (SSE2). All three compile the same
 //! additions and multiplications in the same order (no fused multiply-add), so they give the same
-//! bits on every machine; only the width of the registers differs.
+//! bits on every machine; only the width of the registers differs. Sums and maxima keep eight
+//! lane totals and read sixteen elements at a time, the first eight into the lanes before the
+//! second eight: the order of one chunk of eight after another, with the element-wise work
+//! sixteen wide.
 
-/// Lanes per chunk: one AVX2 register of f32.
+/// Lanes of the running totals: one AVX2 register of f32.
 const LANES: usize = 8;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
 
 /// e^x by range reduction, x = k·ln 2 + r with |r| ≤ ln 2 / 2, and the degree-7 Taylor polynomial
 /// of e^r (relative error below 2.4·10⁻⁷, two units in the last place). Results under
@@ -54,86 +60,150 @@ fn total(acc: [f32; LANES]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
-/// Σ f(a_i, b_i) in eight lanes (element i into lane i mod 8), then the lanes in a tree.
+/// Σ f(a_i, b_i) in eight lanes (element i into lane i mod 8, in order), then the lanes in a
+/// tree. Sixteen values are computed at a time, then added to the lanes in two halves.
 #[inline(always)]
 fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
-    let (mut ca, mut cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (mut ca, mut cb) = (a.chunks_exact(2 * LANES), b.chunks_exact(2 * LANES));
     for (ca, cb) in (&mut ca).zip(&mut cb) {
-        for ((acc, &a), &b) in acc.iter_mut().zip(ca).zip(cb) {
-            *acc += f(a, b);
+        let mut v = [0f32; 2 * LANES];
+        for ((v, &a), &b) in v.iter_mut().zip(ca).zip(cb) {
+            *v = f(a, b);
+        }
+        let (low, high) = v.split_at(LANES);
+        for ((acc, &low), &high) in acc.iter_mut().zip(low).zip(high) {
+            *acc = (*acc + low) + high;
         }
     }
-    for ((acc, &a), &b) in acc.iter_mut().zip(ca.remainder()).zip(cb.remainder()) {
-        *acc += f(a, b);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (i, (&a, &b)) in ra.iter().zip(rb).enumerate() {
+        acc[i % LANES] += f(a, b);
     }
     total(acc)
 }
 
-/// The largest element in eight lanes (element i into lane i mod 8), then across the lanes.
+/// The largest element in eight lanes (element i into lane i mod 8, in order), then across the
+/// lanes.
 #[inline(always)]
 fn lane_max(src: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
-    let mut chunks = src.chunks_exact(LANES);
+    let mut chunks = src.chunks_exact(2 * LANES);
     for chunk in &mut chunks {
-        for (a, &x) in acc.iter_mut().zip(chunk) {
-            *a = a.max(x);
+        let (low, high) = chunk.split_at(LANES);
+        for ((a, &low), &high) in acc.iter_mut().zip(low).zip(high) {
+            *a = a.max(low).max(high);
         }
     }
-    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
-        *a = a.max(x);
+    for (i, &x) in chunks.remainder().iter().enumerate() {
+        acc[i % LANES] = acc[i % LANES].max(x);
     }
     acc.iter().copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
-/// Defines `pub fn $name`, which runs `$on` with the AVX2 choice of this CPU, and
-/// `fn $on(avx2, ...)`, which runs the body compiled for AVX2 or for the baseline.
+/// The vector instructions the row kernels run with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RowKernels {
+    /// The x86-64 baseline (SSE2), or the portable build elsewhere.
+    Baseline,
+    /// AVX2 (eight f32 lanes).
+    Avx2,
+    /// AVX-512 (sixteen f32 lanes).
+    Avx512,
+}
+
+/// The widest row kernels allowed ([`limit_row_kernels`]); all by default.
+static WIDEST: AtomicU8 = AtomicU8::new(RowKernels::Avx512 as u8);
+
+/// Runs the row kernels no wider than `widest` from now on (they give the same bits at every
+/// width: this only changes their speed, e.g. to compare widths).
+pub fn limit_row_kernels(widest: RowKernels) {
+    WIDEST.store(widest as u8, Ordering::Relaxed);
+}
+
+impl RowKernels {
+    /// The widest this CPU runs (detected once), within [`limit_row_kernels`].
+    fn best() -> RowKernels {
+        static DETECTED: OnceLock<RowKernels> = OnceLock::new();
+        let detected = *DETECTED.get_or_init(|| *Self::available().last().unwrap());
+        let widest = match WIDEST.load(Ordering::Relaxed) {
+            0 => RowKernels::Baseline,
+            1 => RowKernels::Avx2,
+            _ => RowKernels::Avx512,
+        };
+        detected.min(widest)
+    }
+
+    /// Every width this CPU runs, narrowest first.
+    pub fn available() -> Vec<RowKernels> {
+        #[allow(unused_mut)]
+        let mut all = vec![RowKernels::Baseline];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                all.push(RowKernels::Avx2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                all.push(RowKernels::Avx512);
+            }
+        }
+        all
+    }
+
+    /// The name of the instructions: `"AVX-512"`, `"AVX2"` or `"SSE2"` (`"portable"` off
+    /// x86-64).
+    pub fn name(self) -> &'static str {
+        match self {
+            RowKernels::Avx512 => "AVX-512",
+            RowKernels::Avx2 => "AVX2",
+            RowKernels::Baseline if cfg!(target_arch = "x86_64") => "SSE2",
+            RowKernels::Baseline => "portable",
+        }
+    }
+}
+
+/// Defines `pub fn $name`, which runs `$on` with the widest instructions of this CPU, and
+/// `fn $on(isa, ...)`, which runs the body compiled for AVX-512, AVX2 or the baseline.
 macro_rules! dispatched {
     ($on:ident => $(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$doc])*
         pub fn $name($($arg: $ty),*) $(-> $ret)? {
-            $on(has_avx2(), $($arg),*)
+            $on(RowKernels::best(), $($arg),*)
         }
 
-        fn $on(avx2: bool, $($arg: $ty),*) $(-> $ret)? {
+        fn $on(isa: RowKernels, $($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn portable($($arg: $ty),*) $(-> $ret)? $body
 
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2")]
-            fn wide($($arg: $ty),*) $(-> $ret)? {
+            fn avx2($($arg: $ty),*) $(-> $ret)? {
                 portable($($arg),*)
             }
 
             #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: `avx2` is true only where the CPU has AVX2 (see `has_avx2`).
-                return unsafe { wide($($arg),*) };
+            #[target_feature(enable = "avx512f")]
+            fn avx512($($arg: $ty),*) $(-> $ret)? {
+                portable($($arg),*)
             }
-            let _ = avx2;
+
+            #[cfg(target_arch = "x86_64")]
+            match isa {
+                // SAFETY: `isa` is one of `RowKernels::available()`, what this CPU runs.
+                RowKernels::Avx512 => return unsafe { avx512($($arg),*) },
+                // SAFETY: as above.
+                RowKernels::Avx2 => return unsafe { avx2($($arg),*) },
+                RowKernels::Baseline => {}
+            }
+            let _ = isa;
             portable($($arg),*)
         }
     };
 }
 
-/// True when the CPU runs AVX2.
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx2");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// The instruction set the lane kernels run with on this CPU: `"AVX2"` or `"SSE2"` (the
-/// x86-64 baseline; the portable build elsewhere).
+/// The instruction set the row kernels run with now (see [`RowKernels::name`]).
 pub fn kernel_isa() -> &'static str {
-    if has_avx2() {
-        "AVX2"
-    } else if cfg!(target_arch = "x86_64") {
-        "SSE2"
-    } else {
-        "portable"
-    }
+    RowKernels::best().name()
 }
 
 dispatched! { exp_affine_on =>
@@ -328,8 +398,8 @@ mod tests {
     fn masked_softmax_matches_f64_and_gives_masked_keys_nothing() {
         let x = xs();
         let keep: Vec<bool> = (0..x.len()).map(|i| i % 5 != 2).collect();
-        // Rows of 1, 7, 8, 9 and 64 keys: the remainder alone, whole chunks, and both.
-        for k in [1, 7, 8, 9, 64] {
+        // Rows of 1 to 64 keys: the remainder alone, whole chunks, and both.
+        for k in [1, 7, 8, 9, 16, 17, 24, 64] {
             for (row, keep) in x.chunks_exact(k).zip(keep.chunks_exact(k)).take(20) {
                 if !keep.iter().any(|&k| k) {
                     continue;
@@ -359,28 +429,26 @@ mod tests {
         }
     }
 
-    /// The AVX2 build and the baseline build give the same bits (where the CPU has AVX2).
-    #[cfg(target_arch = "x86_64")]
+    /// The AVX-512, AVX2 and baseline builds give the same bits (those this CPU runs), for
+    /// rows with and without a remainder after whole chunks of sixteen.
     #[test]
-    fn avx2_and_baseline_agree_bit_for_bit() {
-        if !std::arch::is_x86_feature_detected!("avx2") {
-            return;
-        }
-        let x = xs();
-        let u: Vec<f32> = x.iter().map(|v| (v * 0.37).sin()).collect();
-        let run = |avx2: bool| {
+    fn every_width_gives_the_same_bits() {
+        let all = xs();
+        let run = |isa: RowKernels, n: usize| {
+            let x = &all[..n];
+            let u: Vec<f32> = x.iter().map(|v| (v * 0.37).sin()).collect();
             let mut dst = vec![0.0; x.len()];
-            let s = exp_affine_on(avx2, &x, 0.7, 1.5, &mut dst);
+            let s = exp_affine_on(isa, x, 0.7, 1.5, &mut dst);
             let (mut y, mut dg, mut du) =
                 (vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; x.len()]);
-            swiglu_on(avx2, &x, &u, &mut y);
-            swiglu_grad_on(avx2, &x, &u, &dst, &mut dg, &mut du);
+            swiglu_on(isa, x, &u, &mut y);
+            swiglu_grad_on(isa, x, &u, &dst, &mut dg, &mut du);
             let (mut gelu, mut gelu_dx) = (vec![0.0; x.len()], vec![0.0; x.len()]);
-            gelu_on(avx2, &x, &mut gelu);
-            gelu_grad_on(avx2, &x, &u, &mut gelu_dx);
+            gelu_on(isa, x, &mut gelu);
+            gelu_grad_on(isa, x, &u, &mut gelu_dx);
             let keep: Vec<bool> = (0..x.len()).map(|i| i % 3 != 1).collect();
             let mut softmax = vec![0.0; x.len()];
-            masked_softmax_on(avx2, &x, &keep, 0.3, &mut softmax);
+            masked_softmax_on(isa, x, &keep, 0.3, &mut softmax);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             (
                 [
@@ -394,13 +462,31 @@ mod tests {
                 ],
                 [
                     s,
-                    sum_exp_on(avx2, &x, 2.0),
-                    dot_on(avx2, &x, &dst),
-                    max_on(avx2, &x),
+                    sum_exp_on(isa, x, 2.0),
+                    dot_on(isa, x, &dst),
+                    max_on(isa, x),
                 ]
                 .map(f32::to_bits),
             )
         };
-        assert_eq!(run(true), run(false));
+        // Sums are those of element i into lane i mod 8, in order.
+        let lanes_in_order = |x: &[f32]| {
+            let mut acc = [0f32; LANES];
+            for (i, &v) in x.iter().enumerate() {
+                acc[i % LANES] += v * v;
+            }
+            total(acc)
+        };
+        for n in [all.len(), 24, 13] {
+            let dot = dot_on(RowKernels::Baseline, &all[..n], &all[..n]);
+            assert_eq!(dot.to_bits(), lanes_in_order(&all[..n]).to_bits(), "{n}");
+        }
+        // 2011 elements leave 11 after whole chunks of sixteen; 24 leave 8, 13 no whole chunk.
+        for n in [all.len(), 24, 13] {
+            let baseline = run(RowKernels::Baseline, n);
+            for isa in RowKernels::available() {
+                assert_eq!(run(isa, n), baseline, "{isa:?}, {n} elements");
+            }
+        }
     }
 }

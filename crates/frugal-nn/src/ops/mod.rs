@@ -25,6 +25,7 @@ pub use bias::add_bias;
 pub use frozen_linear::frozen_linear;
 pub use gelu::gelu_erf;
 pub use key_softmax::{key_masked_softmax, key_masked_softmax_dropout};
+pub use lanes::{limit_row_kernels, RowKernels};
 pub use layer_norm::layer_norm;
 pub use rope::rope_heads;
 pub use swiglu::swiglu;

@@ -141,6 +141,10 @@ fn training_writes_the_run_directory_and_lowers_perplexity() {
     assert!(greedy.len() > "The whale\n".len(), "{greedy}");
     assert!(said.contains("tokens/s); stopped: "), "{said}");
     assert_eq!(generate(&ck, &["--temperature", "0"]).0, greedy);
+    // Samples are generated together: greedy, each is the text of one sample alone.
+    let (twice, said) = generate(&run, &["--temperature", "0", "--samples", "2"]);
+    assert_eq!(twice, format!("{greedy}\n---\n{greedy}"));
+    assert!(said.contains("2 samples together: "), "{said}");
     let sampled = generate(&run, &["--seed", "5", "--samples", "2"]).0;
     assert_eq!(sampled.matches("\n---\n").count(), 1, "{sampled}");
     assert_eq!(

@@ -36,7 +36,8 @@ pub struct GenerateSettings {
     /// Seed of the draws.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
     pub seed: u64,
-    /// Continuations to generate, each from the prompt.
+    /// Continuations to generate, each from the prompt (together, as one batch: each token
+    /// reads the weights once for all of them).
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 1))]
     pub samples: usize,
     /// Worker threads [default: the physical cores].
@@ -181,6 +182,27 @@ pub struct Generator {
     pub dir: PathBuf,
 }
 
+/// The tokenizer's incremental decoder.
+type DecodeStream<'t> = tokenizers::DecodeStream<
+    't,
+    tokenizers::models::ModelWrapper,
+    tokenizers::normalizers::NormalizerWrapper,
+    tokenizers::pre_tokenizers::PreTokenizerWrapper,
+    tokenizers::processors::PostProcessorWrapper,
+    tokenizers::decoders::DecoderWrapper,
+>;
+
+/// A continuation being generated.
+struct Sample<'t> {
+    ids: Vec<u32>,
+    /// The text emitted so far.
+    shown: String,
+    /// Decodes the latest tokens into new text; `None` once the decoder's text stopped growing
+    /// as a prefix.
+    stream: Option<DecodeStream<'t>>,
+    stop: Option<Stop>,
+}
+
 impl Generator {
     /// Loads the model and tokenizer of `path` (see [`GenerateSettings::checkpoint`]) onto
     /// `device`.
@@ -244,47 +266,113 @@ impl Generator {
         rng: &mut impl Rng,
         mut emit: impl FnMut(&str) -> Result<()>,
     ) -> Result<Continuation> {
+        let mut all = self.continue_batch(
+            prompt,
+            max_new,
+            sampling,
+            std::slice::from_mut(rng),
+            |_, piece| emit(piece),
+        )?;
+        Ok(all.remove(0))
+    }
+
+    /// Continues `prompt` once for each generator of `rngs` (sample i draws with `rngs[i]`),
+    /// the samples read together as one batch: each token reads the weights once for all of
+    /// them. `emit(i, piece)` gets each new piece of sample i's text as soon as it decodes. A
+    /// sample that has ended waits (its rows are computed, not drawn from) until all have.
+    pub fn continue_batch<R: Rng>(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        sampling: &Sampling,
+        rngs: &mut [R],
+        mut emit: impl FnMut(usize, &str) -> Result<()>,
+    ) -> Result<Vec<Continuation>> {
         self.check_prompt(prompt)?;
         let positions = self.model.config.max_position_embeddings;
         let device = self.model.device().clone();
+        let eos = self.tokenizer.eos;
         let mut cache = KvCache::new();
-        let mut next = Tensor::new(prompt, &device)?.unsqueeze(0)?;
-        // Pieces of text as they decode (each from a short window of the latest tokens); a
-        // piece ending inside a multi-byte character waits for the next token. A decoder whose
-        // text is not a prefix of the next one's ends the streaming: the rest comes at the end.
-        let mut stream = Some(self.tokenizer.inner.decode_stream(true));
-        let (mut ids, mut shown) = (Vec::new(), String::new());
-        let stop = loop {
-            if ids.len() == max_new {
-                break Stop::MaxTokens;
+        let mut next = Tensor::new(prompt, &device)?
+            .unsqueeze(0)?
+            .repeat((rngs.len(), 1))?;
+        let mut samples: Vec<Sample<'_>> = rngs
+            .iter()
+            .map(|_| Sample {
+                ids: Vec::new(),
+                shown: String::new(),
+                stream: Some(self.tokenizer.inner.decode_stream(true)),
+                stop: None,
+            })
+            .collect();
+        loop {
+            for s in samples.iter_mut().filter(|s| s.stop.is_none()) {
+                if s.ids.len() == max_new {
+                    s.stop = Some(Stop::MaxTokens);
+                }
+            }
+            if samples.iter().all(|s| s.stop.is_some()) {
+                break;
             }
             if cache.len() + next.dim(1)? > positions {
-                break Stop::Positions;
+                for s in samples.iter_mut().filter(|s| s.stop.is_none()) {
+                    s.stop = Some(Stop::Positions);
+                }
+                break;
             }
             let logits = self.model.next_logits(&next, &mut cache)?;
-            let logits = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            let id = sampling.draw(&logits, rng);
-            if id == self.tokenizer.eos {
-                break Stop::EndOfText;
-            }
-            ids.push(id);
-            match stream.as_mut().map(|s| s.step(id)) {
-                Some(Ok(Some(piece))) => {
-                    emit(&piece)?;
-                    shown.push_str(&piece);
+            let vocab = logits.dims().last().copied().unwrap_or(0);
+            let logits = logits
+                .reshape((samples.len(), vocab))?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            let mut drawn = Vec::with_capacity(samples.len());
+            for (i, ((s, logits), rng)) in
+                samples.iter_mut().zip(&logits).zip(&mut *rngs).enumerate()
+            {
+                if s.stop.is_some() {
+                    drawn.push(eos);
+                    continue;
                 }
-                Some(Err(_)) => stream = None,
-                _ => {}
+                let id = sampling.draw(logits, rng);
+                drawn.push(id);
+                if id == eos {
+                    s.stop = Some(Stop::EndOfText);
+                    continue;
+                }
+                s.ids.push(id);
+                // Pieces of text as they decode (each from a short window of the latest
+                // tokens); a piece ending inside a multi-byte character waits for the next
+                // token. A decoder whose text is not a prefix of the next one's ends the
+                // streaming: the rest comes at the end.
+                match s.stream.as_mut().map(|stream| stream.step(id)) {
+                    Some(Ok(Some(piece))) => {
+                        emit(i, &piece)?;
+                        s.shown.push_str(&piece);
+                    }
+                    Some(Err(_)) => s.stream = None,
+                    _ => {}
+                }
             }
-            next = Tensor::new(&[id], &device)?.unsqueeze(0)?;
-        };
-        let text = self.decode(&ids)?;
-        if let Some(rest) = text.strip_prefix(shown.as_str()) {
-            if !rest.is_empty() {
-                emit(rest)?;
-            }
+            next = Tensor::new(drawn, &device)?.unsqueeze(1)?;
         }
-        Ok(Continuation { ids, text, stop })
+        samples
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let text = self.decode(&s.ids)?;
+                if let Some(rest) = text.strip_prefix(s.shown.as_str()) {
+                    if !rest.is_empty() {
+                        emit(i, rest)?;
+                    }
+                }
+                Ok(Continuation {
+                    ids: s.ids,
+                    text,
+                    stop: s.stop.unwrap_or(Stop::MaxTokens),
+                })
+            })
+            .collect()
     }
 
     /// Fails unless the model can read `prompt` (1 to max_position_embeddings token ids).
@@ -307,9 +395,10 @@ impl Generator {
     }
 }
 
-/// Runs `frugal generate`: loads the model, then writes the prompt and each continuation to
-/// `out` as they are generated (continuations apart by a line `---`), and a line per
-/// continuation to standard error.
+/// Runs `frugal generate`: loads the model, generates every sample together (one batch), and
+/// writes the prompt and the first continuation to `out` as it is generated, then the others
+/// once all have ended (continuations apart by a line `---`), and a line per continuation to
+/// standard error.
 pub fn generate(
     settings: &GenerateSettings,
     device: &Device,
@@ -323,34 +412,60 @@ pub fn generate(
         .with_context(|| format!("--checkpoint {}", settings.checkpoint.display()))?;
     let prompt = generator.prompt_ids(&settings.prompt, settings.instruction)?;
     generator.check_prompt(&prompt)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
-    let mut all = Vec::new();
-    for sample in 0..settings.samples {
-        if sample > 0 {
-            writeln!(out, "\n---")?;
-        }
-        write!(out, "{}", settings.prompt)?;
-        out.flush()?;
-        let started = Instant::now();
-        let continuation = generator.continue_ids(
-            &prompt,
-            settings.max_new_tokens,
-            &settings.sampling,
-            &mut rng,
-            |piece| {
+    // Sample i draws from stream i of the seed's generator: the first sample's draws are
+    // those of a run with one sample.
+    let mut rngs: Vec<ChaCha8Rng> = (0..settings.samples)
+        .map(|i| {
+            let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
+            rng.set_stream(i as u64);
+            rng
+        })
+        .collect();
+    // The first sample streams; the others are written after it, once all have ended.
+    write!(out, "{}", settings.prompt)?;
+    out.flush()?;
+    let started = Instant::now();
+    let all = generator.continue_batch(
+        &prompt,
+        settings.max_new_tokens,
+        &settings.sampling,
+        &mut rngs,
+        |sample, piece| {
+            if sample == 0 {
                 write!(out, "{piece}")?;
-                Ok(out.flush()?)
-            },
-        )?;
-        writeln!(out)?;
-        let seconds = started.elapsed().as_secs_f64();
+                out.flush()?;
+            }
+            Ok(())
+        },
+    )?;
+    writeln!(out)?;
+    for continuation in &all[1..] {
+        writeln!(out, "\n---")?;
+        writeln!(out, "{}{}", settings.prompt, continuation.text)?;
+    }
+    out.flush()?;
+    let seconds = started.elapsed().as_secs_f64().max(1e-9);
+    let tokens: usize = all.iter().map(|c| c.ids.len()).sum();
+    if let [one] = all.as_slice() {
         eprintln!(
-            "{} tokens in {seconds:.2}s ({:.1} tokens/s); stopped: {}",
-            continuation.ids.len(),
-            continuation.ids.len() as f64 / seconds.max(1e-9),
-            continuation.stop
+            "{tokens} tokens in {seconds:.2}s ({:.1} tokens/s); stopped: {}",
+            tokens as f64 / seconds,
+            one.stop
         );
-        all.push(continuation);
+    } else {
+        for (i, c) in all.iter().enumerate() {
+            eprintln!(
+                "sample {}: {} tokens; stopped: {}",
+                i + 1,
+                c.ids.len(),
+                c.stop
+            );
+        }
+        eprintln!(
+            "{} samples together: {tokens} tokens in {seconds:.2}s ({:.1} tokens/s)",
+            all.len(),
+            tokens as f64 / seconds
+        );
     }
     Ok(all)
 }
@@ -432,7 +547,8 @@ mod tests {
     }
 
     /// Continuations drawn at random from a random model (bytes that are not UTF-8 among
-    /// them): the streamed pieces add up to the continuation's text, the decoding of its ids.
+    /// them), six in one batch: each one's streamed pieces add up to its text, the decoding of
+    /// its ids, and it is the continuation drawn alone with the same generator.
     #[test]
     fn streamed_pieces_add_up_to_the_continuation() {
         use frugal_nn::llama::LlamaConfig;
@@ -459,19 +575,24 @@ mod tests {
             top_k: 0,
             top_p: 1.0,
         };
+        let rngs = |n: u64| (0..n).map(ChaCha8Rng::seed_from_u64).collect::<Vec<_>>();
+        let mut pieces = vec![Vec::new(); 6];
+        let batch = generator
+            .continue_batch(&prompt, 80, &sampling, &mut rngs(6), |i, piece| {
+                pieces[i].push(piece.to_string());
+                Ok(())
+            })
+            .unwrap();
         let mut lengths = Vec::new();
-        for seed in 0..6 {
-            let mut pieces = Vec::new();
-            let mut r = ChaCha8Rng::seed_from_u64(seed);
-            let c = generator
-                .continue_ids(&prompt, 80, &sampling, &mut r, |piece| {
-                    pieces.push(piece.to_string());
-                    Ok(())
-                })
-                .unwrap();
-            assert_eq!(pieces.concat(), c.text, "{pieces:?}");
+        for ((c, pieces), mut rng) in batch.iter().zip(&pieces).zip(rngs(6)) {
+            assert_eq!(&pieces.concat(), &c.text, "{pieces:?}");
             let decoded = generator.tokenizer.inner.decode(&c.ids, true).unwrap();
             assert_eq!(c.text, decoded);
+            // Read alone, a sample draws the same tokens.
+            let alone = generator
+                .continue_ids(&prompt, 80, &sampling, &mut rng, |_| Ok(()))
+                .unwrap();
+            assert_eq!(&alone, c);
             lengths.push((c.ids.len(), pieces.len()));
         }
         // Most draws run long and stream in many pieces.

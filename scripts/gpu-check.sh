@@ -15,7 +15,7 @@
 #   9. NCCL at world size 1: every collective against a single process's (frugal-dist's `nccl`
 #      test), and `tiny` trained as one torchrun-style rank against one process;
 #  10. `frugal generate` (keys and values kept on the device): greedy text of check 1's `tiny`
-#      on the GPU against the CPU, and tokens/s of the first large model.
+#      on the GPU against the CPU, and tokens/s of the first large model, one sample and 8 together.
 #
 # Build on a machine with Rust (no GPU needed), then carry target/cuda/gpu-check.tar.xz (the
 # binary, built with NCCL, the GPU tests and the benchmarks) to the GPU machine:
@@ -244,15 +244,18 @@ local model=${big[0]}
   --device "$device" --out "$out/generate-$model" >"$out/generate-$model-train.log" 2>&1
 "$bin" generate --checkpoint "$out/generate-$model" --temperature 0 --max-new-tokens 256 \
   --device "$device" >/dev/null 2>"$out/generate-$model.log"
+"$bin" generate --checkpoint "$out/generate-$model" --temperature 0.8 --max-new-tokens 256 \
+  --samples 8 --device "$device" >/dev/null 2>"$out/generate-$model-8.log"
 "$python" - "$out" "$model" <<'EOF' | tee -a "$summary"
 import os, sys
 out, model = sys.argv[1], sys.argv[2]
 cpu, gpu = (open(os.path.join(out, f"generate-{d}.txt")).read() for d in ("cpu", "gpu"))
 common = next((i for i, (a, b) in enumerate(zip(cpu, gpu)) if a != b), min(len(cpu), len(gpu)))
 verdict = "identical" if cpu == gpu else f"the same for {common} of {len(cpu)} characters"
-speed = open(os.path.join(out, f"generate-{model}.log")).read().strip().splitlines()[-1:]
+last = lambda name: (open(os.path.join(out, name)).read().strip().splitlines() or ["no output"])[-1]
 print(f"10. generate, tiny greedy, 64 tokens: GPU text against CPU: {verdict}; "
-      f"{model} on the GPU: {speed[0] if speed else 'no output'}")
+      f"{model} on the GPU: {last(f'generate-{model}.log')}; "
+      f"{last(f'generate-{model}-8.log')}")
 EOF
 }
 for check in ${CHECKS:-1 2 3 5 6 7 8 9 10}; do

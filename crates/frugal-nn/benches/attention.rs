@@ -9,27 +9,13 @@
 //!
 //! Run: `cargo bench -p frugal-nn --bench attention` (add `-- --quick` for fewer repetitions).
 
-use candle_core::{Device, Tensor, Var};
+mod common;
+
+use candle_core::Tensor;
+use common::{hashed_var, median_ms};
 use frugal_nn::ops::{causal_attention, whole_causal_attention};
-use std::time::Instant;
 
 type Attention = fn(&Tensor, &Tensor, &Tensor, f64) -> candle_core::Result<Tensor>;
-
-/// Milliseconds of a forward and backward pass of `attention`, median of `reps`.
-fn time(attention: Attention, q: &Var, k: &Var, v: &Var, reps: usize) -> f64 {
-    let mut times: Vec<f64> = (0..reps + 1)
-        .map(|_| {
-            let start = Instant::now();
-            let y = attention(q, k, v, 0.125).unwrap();
-            let grads = y.sum_all().unwrap().backward().unwrap();
-            assert!(grads.get(q).is_some());
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .skip(1)
-        .collect();
-    times.sort_by(|a, b| a.total_cmp(b));
-    times[times.len() / 2]
-}
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -42,17 +28,14 @@ fn main() {
     );
     let (heads, d) = (8, 64);
     for (batch, seq) in [(8, 256), (2, 1024), (1, 2048)] {
-        let var = |seed: u64| {
-            let n = batch * heads * seq * d;
-            let x: Vec<f32> = (0..n)
-                .map(|i| ((i as u64 * 2654435761 + seed) % 1000) as f32 / 500.0 - 1.0)
-                .collect();
-            Var::from_tensor(&Tensor::from_vec(x, (batch, heads, seq, d), &Device::Cpu).unwrap())
-                .unwrap()
-        };
+        let var = |seed: u64| hashed_var(&[batch, heads, seq, d], seed, 1.0);
         let (q, k, v) = (var(1), var(2), var(3));
-        let fused = time(causal_attention, &q, &k, &v, reps);
-        let whole = time(whole_causal_attention, &q, &k, &v, reps);
+        let time = |attention: Attention| {
+            median_ms(reps, &|| {
+                attention(&q, &k, &v, 0.125).unwrap().sum_all().unwrap()
+            })
+        };
+        let (fused, whole) = (time(causal_attention), time(whole_causal_attention));
         let kept = 2.0 * (batch * heads * seq * seq * 4) as f64 / (1 << 20) as f64;
         println!(
             "{batch:>6} {seq:>6} {fused:>10.1} {whole:>10.1} {:>8.2} {kept:>12.0}",

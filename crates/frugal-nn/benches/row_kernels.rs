@@ -10,35 +10,15 @@
 //!
 //! Run: `cargo bench -p frugal-nn --bench row_kernels` (add `-- --quick` for fewer repetitions).
 
-use candle_core::{Device, Tensor, Var};
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::{hashed_var, median_ms, Pass};
 use frugal_nn::ops::{causal_attention, cross_entropy, limit_row_kernels, swiglu, RowKernels};
-use std::time::Instant;
 
-/// A forward pass to a scalar, whose backward pass is timed with it.
-type Pass<'a> = dyn Fn() -> Tensor + 'a;
-
-/// Values in [−4, 4) from a hash of the index: deterministic, without a random generator.
-fn var(shape: &[usize], seed: u64) -> Var {
-    let n: usize = shape.iter().product();
-    let x: Vec<f32> = (0..n)
-        .map(|i| ((i as u64 * 2654435761 + seed) % 1000) as f32 / 125.0 - 4.0)
-        .collect();
-    Var::from_tensor(&Tensor::from_vec(x, shape, &Device::Cpu).unwrap()).unwrap()
-}
-
-/// Milliseconds of `pass` (a forward pass to a scalar, then its backward pass), median of
-/// `reps` after one warm-up.
-fn time(reps: usize, pass: &Pass<'_>) -> f64 {
-    let mut times: Vec<f64> = (0..reps + 1)
-        .map(|_| {
-            let start = Instant::now();
-            pass().backward().unwrap();
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .skip(1)
-        .collect();
-    times.sort_by(|a, b| a.total_cmp(b));
-    times[times.len() / 2]
+/// Values in [−4, 4).
+fn var(shape: &[usize], seed: u64) -> candle_core::Var {
+    hashed_var(shape, seed, 4.0)
 }
 
 fn main() {
@@ -93,7 +73,7 @@ fn main() {
         for _ in 0..2 {
             for (i, &w) in widths.iter().enumerate() {
                 limit_row_kernels(w);
-                ms[i] = ms[i].min(time(reps, pass.as_ref()));
+                ms[i] = ms[i].min(median_ms(reps, pass.as_ref()));
             }
         }
         let base = ms[widths.iter().position(|&w| w == reference).unwrap()];

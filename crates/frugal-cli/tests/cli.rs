@@ -145,6 +145,20 @@ fn training_writes_the_run_directory_and_lowers_perplexity() {
     let (twice, said) = generate(&run, &["--temperature", "0", "--samples", "2"]);
     assert_eq!(twice, format!("{greedy}\n---\n{greedy}"));
     assert!(said.contains("2 samples together: "), "{said}");
+    // A sample's text does not depend on the samples drawn with it.
+    let one_at_a_time = generate(
+        &run,
+        &["--seed", "5", "--samples", "3", "--batch-size", "1"],
+    );
+    assert!(
+        one_at_a_time.1.contains("3 samples 1 at a time: "),
+        "{}",
+        one_at_a_time.1
+    );
+    assert_eq!(
+        generate(&run, &["--seed", "5", "--samples", "3"]).0,
+        one_at_a_time.0
+    );
     let sampled = generate(&run, &["--seed", "5", "--samples", "2"]).0;
     assert_eq!(sampled.matches("\n---\n").count(), 1, "{sampled}");
     assert_eq!(
@@ -158,6 +172,7 @@ fn training_writes_the_run_directory_and_lowers_perplexity() {
     for (flags, named) in [
         (vec!["--top-p", "0"], "--top-p"),
         (vec!["--samples", "0"], "--samples"),
+        (vec!["--batch-size", "0"], "--batch-size"),
         (vec!["--temperature=-1"], "--temperature"),
     ] {
         run_fails(

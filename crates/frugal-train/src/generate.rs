@@ -36,10 +36,13 @@ pub struct GenerateSettings {
     /// Seed of the draws.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
     pub seed: u64,
-    /// Continuations to generate, each from the prompt (together, as one batch: each token
-    /// reads the weights once for all of them).
+    /// Continuations to generate, each from the prompt.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 1))]
     pub samples: usize,
+    /// Samples generated together, as one batch (each token reads the weights once for all of
+    /// them; each keeps its own keys and values).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = 8))]
+    pub batch_size: usize,
     /// Worker threads [default: the physical cores].
     #[cfg_attr(feature = "cli", arg(long))]
     pub threads: Option<usize>,
@@ -395,10 +398,10 @@ impl Generator {
     }
 }
 
-/// Runs `frugal generate`: loads the model, generates every sample together (one batch), and
-/// writes the prompt and the first continuation to `out` as it is generated, then the others
-/// once all have ended (continuations apart by a line `---`), and a line per continuation to
-/// standard error.
+/// Runs `frugal generate`: loads the model, generates the samples `--batch-size` at a time,
+/// and writes the prompt and the first continuation to `out` as it is generated, then the
+/// others of each batch once all of it has ended (continuations apart by a line `---`), and a
+/// line per continuation to standard error.
 pub fn generate(
     settings: &GenerateSettings,
     device: &Device,
@@ -407,6 +410,9 @@ pub fn generate(
     settings.sampling.validate()?;
     if settings.samples == 0 {
         bail!("--samples must be at least 1");
+    }
+    if settings.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
     }
     let generator = Generator::load(&settings.checkpoint, device)
         .with_context(|| format!("--checkpoint {}", settings.checkpoint.display()))?;
@@ -421,29 +427,36 @@ pub fn generate(
             rng
         })
         .collect();
-    // The first sample streams; the others are written after it, once all have ended.
+    // The first sample streams; the others of each batch are written once all have ended.
     write!(out, "{}", settings.prompt)?;
     out.flush()?;
     let started = Instant::now();
-    let all = generator.continue_batch(
-        &prompt,
-        settings.max_new_tokens,
-        &settings.sampling,
-        &mut rngs,
-        |sample, piece| {
-            if sample == 0 {
-                write!(out, "{piece}")?;
-                out.flush()?;
-            }
-            Ok(())
-        },
-    )?;
-    writeln!(out)?;
-    for continuation in &all[1..] {
-        writeln!(out, "\n---")?;
-        writeln!(out, "{}{}", settings.prompt, continuation.text)?;
+    let mut all = Vec::new();
+    for rngs in rngs.chunks_mut(settings.batch_size) {
+        let first = all.is_empty();
+        let batch = generator.continue_batch(
+            &prompt,
+            settings.max_new_tokens,
+            &settings.sampling,
+            rngs,
+            |sample, piece| {
+                if first && sample == 0 {
+                    write!(out, "{piece}")?;
+                    out.flush()?;
+                }
+                Ok(())
+            },
+        )?;
+        if first {
+            writeln!(out)?;
+        }
+        for continuation in &batch[usize::from(first)..] {
+            writeln!(out, "\n---")?;
+            writeln!(out, "{}{}", settings.prompt, continuation.text)?;
+        }
+        out.flush()?;
+        all.extend(batch);
     }
-    out.flush()?;
     let seconds = started.elapsed().as_secs_f64().max(1e-9);
     let tokens: usize = all.iter().map(|c| c.ids.len()).sum();
     if let [one] = all.as_slice() {
@@ -461,8 +474,12 @@ pub fn generate(
                 c.stop
             );
         }
+        let together = match settings.batch_size {
+            b if b >= all.len() => "together".to_string(),
+            b => format!("{b} at a time"),
+        };
         eprintln!(
-            "{} samples together: {tokens} tokens in {seconds:.2}s ({:.1} tokens/s)",
+            "{} samples {together}: {tokens} tokens in {seconds:.2}s ({:.1} tokens/s)",
             all.len(),
             tokens as f64 / seconds
         );

@@ -279,9 +279,9 @@ impl Generator {
         Ok(all.remove(0))
     }
 
-    /// Continues `prompt` once for each generator of `rngs` (sample i draws with `rngs[i]`),
-    /// the samples read together as one batch: each token reads the weights once for all of
-    /// them. `emit(i, piece)` gets each new piece of sample i's text as soon as it decodes. A
+    /// Continues `prompt` once for each generator of `rngs` (sample i draws with `rngs[i]`):
+    /// the prompt is read once, then the samples together as one batch, each token reading
+    /// the weights once for all of them. `emit(i, piece)` gets each new piece of sample i's text as soon as it decodes. A
     /// sample that has ended waits (its rows are computed, not drawn from) until all have.
     pub fn continue_batch<R: Rng>(
         &self,
@@ -296,9 +296,7 @@ impl Generator {
         let device = self.model.device().clone();
         let eos = self.tokenizer.eos;
         let mut cache = KvCache::new();
-        let mut next = Tensor::new(prompt, &device)?
-            .unsqueeze(0)?
-            .repeat((rngs.len(), 1))?;
+        let mut next = Tensor::new(prompt, &device)?.unsqueeze(0)?;
         let mut samples: Vec<Sample<'_>> = rngs
             .iter()
             .map(|_| Sample {
@@ -324,15 +322,19 @@ impl Generator {
                 break;
             }
             let logits = self.model.next_logits(&next, &mut cache)?;
-            let vocab = logits.dims().last().copied().unwrap_or(0);
+            let (rows, vocab) = (next.dim(0)?, logits.dims().last().copied().unwrap_or(0));
             let logits = logits
-                .reshape((samples.len(), vocab))?
+                .reshape((rows, vocab))?
                 .to_dtype(DType::F32)?
                 .to_vec2::<f32>()?;
+            if rows < samples.len() {
+                // The prompt was read once: every sample draws from its logits and continues
+                // from a copy of its keys and values.
+                cache = cache.repeat(samples.len())?;
+            }
             let mut drawn = Vec::with_capacity(samples.len());
-            for (i, ((s, logits), rng)) in
-                samples.iter_mut().zip(&logits).zip(&mut *rngs).enumerate()
-            {
+            for (i, (s, rng)) in samples.iter_mut().zip(&mut *rngs).enumerate() {
+                let logits = &logits[if rows == 1 { 0 } else { i }];
                 if s.stop.is_some() {
                     drawn.push(eos);
                     continue;

@@ -34,6 +34,29 @@ impl KvCache {
         self.len == 0
     }
 
+    /// The keys and values of every sequence repeated `n` times along the batch (sequence b's
+    /// copies at rows b·n to b·n + n − 1): `n` continuations of tokens read once.
+    pub fn repeat(&self, n: usize) -> Result<KvCache> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let mut copy = candle_nn::kv_cache::KvCache::new(2, GROW_BY);
+            if let (Some(k), Some(v)) = (layer.k()?, layer.v()?) {
+                let rows = |t: Tensor| -> Result<Tensor> {
+                    let (b, heads, len, d) = t.dims4()?;
+                    Ok(t.unsqueeze(1)?
+                        .broadcast_as((b, n, heads, len, d))?
+                        .reshape((b * n, heads, len, d))?)
+                };
+                copy.append(&rows(k)?, &rows(v)?)?;
+            }
+            layers.push(copy);
+        }
+        Ok(KvCache {
+            layers,
+            len: self.len,
+        })
+    }
+
     /// Layer `i`'s keys and values with `k` and `v` (the new tokens') appended.
     fn extend(&mut self, i: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         if i == self.layers.len() {
@@ -107,6 +130,39 @@ mod tests {
             .unwrap()
             .unsqueeze(0)
             .unwrap()
+    }
+
+    /// Two sequences read once, each continued twice from a repeated cache: every row's logits
+    /// are those of its sequence read whole.
+    #[test]
+    fn a_repeated_cache_continues_each_sequence_as_if_read_again() {
+        let model = model();
+        let a: Vec<u32> = (0..7).map(|i| (i * 5 + 1) % 37).collect();
+        let b: Vec<u32> = (0..7).map(|i| (i * 11 + 2) % 37).collect();
+        let prompts = Tensor::new([&a[..5], &b[..5]].concat(), &Device::Cpu)
+            .unwrap()
+            .reshape((2, 5))
+            .unwrap();
+        let mut cache = KvCache::new();
+        model.next_logits(&prompts, &mut cache).unwrap();
+        let mut repeated = cache.repeat(2).unwrap();
+        assert_eq!(repeated.len(), 5);
+        // Rows: a, a, b, b; the copies of a sequence take different next tokens.
+        let rows = [(&a, 5), (&a, 6), (&b, 5), (&b, 6)];
+        let next: Vec<u32> = rows.iter().map(|(s, i)| s[*i]).collect();
+        let next = Tensor::new(next, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
+        let got = model.next_logits(&next, &mut repeated).unwrap();
+        for (row, (s, i)) in rows.iter().enumerate() {
+            let mut whole: Vec<u32> = s[..5].to_vec();
+            whole.push(s[*i]);
+            let expected = model.forward(&ids(&whole)).unwrap().squeeze(0).unwrap();
+            let expected = expected.narrow(0, 5, 1).unwrap();
+            let diff = max_diff(&got.narrow(0, row, 1).unwrap(), &expected);
+            assert!(diff < 1e-5, "row {row}: {diff}");
+        }
     }
 
     #[test]

@@ -39,7 +39,9 @@ impl KvCache {
     pub fn repeat(&self, n: usize) -> Result<KvCache> {
         let mut layers = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            let mut copy = candle_nn::kv_cache::KvCache::new(2, GROW_BY);
+            // Room for the tokens read at once, in whole steps of GROW_BY (no regrowing).
+            let room = self.len.max(1).next_multiple_of(GROW_BY);
+            let mut copy = candle_nn::kv_cache::KvCache::new(2, room);
             if let (Some(k), Some(v)) = (layer.k()?, layer.v()?) {
                 let rows = |t: Tensor| -> Result<Tensor> {
                     let (b, heads, len, d) = t.dims4()?;

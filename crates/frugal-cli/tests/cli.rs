@@ -169,6 +169,90 @@ fn training_writes_the_run_directory_and_lowers_perplexity() {
         generate(&run, &["--seed", "6", "--samples", "2"]).0,
         sampled
     );
+    // Several prompts (flags, then a file) decoded together: each continuation is that of
+    // its prompt alone, in order.
+    let alone = |prompt: &str| {
+        let out = run_ok(
+            frugal(&dir)
+                .args(["generate", "--prompt", prompt, "--max-new-tokens", "12"])
+                .args(["--temperature", "0", "--checkpoint"])
+                .arg(&run),
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let prompts = dir.join("prompts.txt");
+    std::fs::write(&prompts, "It was\n\nCall me Ishmael.\n").unwrap();
+    let file = prompts.to_str().unwrap();
+    let (three, said) = generate(&run, &["--temperature", "0", "--prompts", file]);
+    let each = [greedy.clone(), alone("It was"), alone("Call me Ishmael.")];
+    assert_eq!(three, each.join("\n---\n"));
+    assert!(
+        said.contains("3 continuations of 3 prompts, together: "),
+        "{said}"
+    );
+    // --output: the same continuations as JSON lines, each prompt's samples in order.
+    let (text, _) = generate(&run, &["--seed", "5", "--samples", "2", "--prompts", file]);
+    let jsonl = dir.join("continuations.jsonl");
+    let (printed, said) = generate(
+        &run,
+        &[
+            "--seed",
+            "5",
+            "--samples",
+            "2",
+            "--prompts",
+            file,
+            "--output",
+            jsonl.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        printed.is_empty() && said.contains("written to"),
+        "{printed}{said}"
+    );
+    assert!(!dir.join("continuations.jsonl.partial").exists());
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&jsonl)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let parts: Vec<&str> = text.trim_end_matches('\n').split("\n\n---\n").collect();
+    assert_eq!(records.len(), 6);
+    assert_eq!(parts.len(), 6);
+    for (r, (record, part)) in records.iter().zip(parts).enumerate() {
+        let joined = format!(
+            "{}{}",
+            record["prompt"].as_str().unwrap(),
+            record["continuation"].as_str().unwrap()
+        );
+        assert_eq!(joined, part, "record {r}");
+        assert_eq!(record["prompt_index"], r / 2);
+        assert_eq!(record["sample"], r % 2);
+        assert_eq!(record["stop"], "max_tokens");
+        assert_eq!(record["tokens"], 12);
+    }
+    run_fails(
+        frugal(&dir)
+            .args([
+                "generate",
+                "--output",
+                "/nonexistent/o.jsonl",
+                "--checkpoint",
+            ])
+            .arg(&run),
+        "--output /nonexistent/o.jsonl",
+    );
+    run_fails(
+        frugal(&dir)
+            .args([
+                "generate",
+                "--prompts",
+                "/nonexistent/p.txt",
+                "--checkpoint",
+            ])
+            .arg(&run),
+        "--prompts /nonexistent/p.txt",
+    );
     for (flags, named) in [
         (vec!["--top-p", "0"], "--top-p"),
         (vec!["--samples", "0"], "--samples"),

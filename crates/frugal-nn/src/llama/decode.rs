@@ -11,8 +11,9 @@ const GROW_BY: usize = 256;
 
 /// The keys and values of the tokens a [`Llama`] has read, per layer (batch, kv heads, tokens,
 /// head size), after rotation; each layer's grow in place, room for 256 more tokens at a
-/// time.
-#[derive(Clone, Debug, Default)]
+/// time. (Not `Clone`: a copy would share the storage its tokens are written into; see
+/// [`KvCache::repeat`].)
+#[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<candle_nn::kv_cache::KvCache>,
     len: usize,
@@ -59,6 +60,14 @@ impl KvCache {
         })
     }
 
+    /// Sequences the cache holds (its batch), 0 before any token was read.
+    fn rows(&self) -> Result<usize> {
+        match self.layers.first().map(|l| l.k()).transpose()?.flatten() {
+            Some(k) => Ok(k.dim(0)?),
+            None => Ok(0),
+        }
+    }
+
     /// Layer `i`'s keys and values with `k` and `v` (the new tokens') appended.
     fn extend(&mut self, i: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         if i == self.layers.len() {
@@ -102,6 +111,63 @@ impl Llama {
         cache.len = start + t;
         let last = self.final_norm(&x.narrow(1, t - 1, 1)?)?;
         Ok(linear(&last, &self.used(&self.head)?)?)
+    }
+
+    /// The logits (rows, vocab) after one new token for each sequence: `tokens[r]` follows the
+    /// tokens of `caches[r]`, a cache of one sequence, which gets its keys and values. The
+    /// caches may hold different numbers of tokens: the rows share each layer's matrix products
+    /// (the weights are read once for all of them), and each attends to its own keys at its
+    /// own position.
+    pub fn next_logits_each(&self, tokens: &[u32], caches: &mut [KvCache]) -> Result<Tensor> {
+        let positions = self.config.max_position_embeddings;
+        if tokens.is_empty() || tokens.len() != caches.len() {
+            return Err(Error::Input(format!(
+                "next_logits_each: {} tokens for {} key-value caches; give one token per cache",
+                tokens.len(),
+                caches.len()
+            )));
+        }
+        let mut at = Vec::with_capacity(caches.len());
+        for cache in caches.iter() {
+            if cache.len >= positions {
+                return Err(Error::Input(format!(
+                    "cannot read a token after {}: the model has {positions} positions (max_position_embeddings)",
+                    cache.len
+                )));
+            }
+            if !cache.layers.is_empty() && cache.layers.len() != self.layers.len() {
+                return Err(Error::Input(
+                    "a key-value cache belongs to another model".into(),
+                ));
+            }
+            if cache.rows()? > 1 {
+                return Err(Error::Input(format!(
+                    "next_logits_each reads caches of one sequence; this one holds {} (split it with KvCache::repeat on each sequence's own cache)",
+                    cache.rows()?
+                )));
+            }
+            at.push(cache.len as u32);
+        }
+        // The new tokens are read as the positions of one sequence, each at its own row of
+        // the rotary tables; attention is per sequence.
+        let (cos, sin) = self.tables(positions)?;
+        let at = Tensor::new(at, self.device())?;
+        let tables = (cos.index_select(&at, 0)?, sin.index_select(&at, 0)?);
+        let mut x = self.embed(&Tensor::new(tokens, self.device())?.unsqueeze(0)?)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            x = self.layer_attending(l, &x, &tables, |q, k, v, scale| {
+                let mut rows = Vec::with_capacity(caches.len());
+                for (r, cache) in caches.iter_mut().enumerate() {
+                    let (k, v) = cache.extend(i, &k.narrow(2, r, 1)?, &v.narrow(2, r, 1)?)?;
+                    rows.push(attention_after(&q.narrow(2, r, 1)?, &k, &v, scale)?);
+                }
+                Ok(Tensor::cat(&rows, 1)?)
+            })?;
+        }
+        for cache in caches.iter_mut() {
+            cache.len += 1;
+        }
+        Ok(linear(&self.final_norm(&x)?, &self.used(&self.head)?)?)
     }
 }
 
@@ -165,6 +231,53 @@ mod tests {
             let diff = max_diff(&got.narrow(0, row, 1).unwrap(), &expected);
             assert!(diff < 1e-5, "row {row}: {diff}");
         }
+    }
+
+    /// Sequences read to different lengths (one not at all) decode together, two tokens each:
+    /// every row's logits are those of its sequence read whole.
+    #[test]
+    fn sequences_at_different_positions_decode_together_as_if_read_alone() {
+        let model = model();
+        let read = [2usize, 5, 0, 3];
+        let seqs: Vec<Vec<u32>> = (0..read.len() as u32)
+            .map(|s| (0..8).map(|i| (i * (3 + 2 * s) + s) % 37).collect())
+            .collect();
+        let mut caches: Vec<KvCache> = seqs
+            .iter()
+            .zip(read)
+            .map(|(s, n)| {
+                let mut cache = KvCache::new();
+                if n > 0 {
+                    model.next_logits(&ids(&s[..n]), &mut cache).unwrap();
+                }
+                cache
+            })
+            .collect();
+        for step in 0..2 {
+            let tokens: Vec<u32> = seqs.iter().zip(read).map(|(s, n)| s[n + step]).collect();
+            let got = model.next_logits_each(&tokens, &mut caches).unwrap();
+            for (r, (s, n)) in seqs.iter().zip(read).enumerate() {
+                let at = n + step;
+                assert_eq!(caches[r].len(), at + 1);
+                let whole = model.forward(&ids(&s[..=at])).unwrap().squeeze(0).unwrap();
+                let expected = whole.narrow(0, at, 1).unwrap();
+                let diff = max_diff(&got.narrow(0, r, 1).unwrap(), &expected);
+                assert!(diff < 1e-5, "row {r} at {at}: {diff}");
+            }
+        }
+        // One token per cache, caches of one sequence, and room for the token.
+        let err = model.next_logits_each(&[1], &mut caches).unwrap_err();
+        assert!(err.to_string().contains("one token per cache"), "{err}");
+        let mut two = KvCache::new();
+        let pair = Tensor::new(&[[1u32, 2], [3, 4]], &Device::Cpu).unwrap();
+        model.next_logits(&pair, &mut two).unwrap();
+        let err = model.next_logits_each(&[1], &mut [two]).unwrap_err();
+        assert!(err.to_string().contains("holds 2"), "{err}");
+        let mut full = KvCache::new();
+        model.next_logits(&ids(&seqs[0][..4]), &mut full).unwrap();
+        model.next_logits(&ids(&[1; 8]), &mut full).unwrap();
+        let err = model.next_logits_each(&[1], &mut [full]).unwrap_err();
+        assert!(err.to_string().contains("12 positions"), "{err}");
     }
 
     #[test]

@@ -20,8 +20,8 @@ pub struct Instruction {
     pub response: String,
 }
 
-const PROMPT_KEYS: &[&str] = &["instruction", "prompt", "question"];
-const INPUT_KEYS: &[&str] = &["input", "context"];
+pub(crate) const PROMPT_KEYS: &[&str] = &["instruction", "prompt", "question"];
+pub(crate) const INPUT_KEYS: &[&str] = &["input", "context"];
 const RESPONSE_KEYS: &[&str] = &["output", "response", "completion", "answer"];
 
 impl Instruction {

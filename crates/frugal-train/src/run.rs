@@ -187,8 +187,8 @@ pub fn resolve(mut args: TrainSettings) -> Result<RunConfig> {
     }
     optimizer.validate()?;
     let warmup = args.warmup.unwrap_or(args.steps / 10);
-    let eval_every = args.eval_every.unwrap_or((args.steps / 4).max(1)).max(1);
-    let save_every = args.save_every.unwrap_or(eval_every).max(1);
+    let eval_every = args.eval_every.unwrap_or((args.steps / 4).max(1));
+    let save_every = args.save_every.unwrap_or(eval_every);
     let run = RunConfig {
         tokens_per_step: args.batch_size * args.grad_accum * seq_len,
         args,

@@ -94,19 +94,21 @@ pub struct TrainSettings {
     /// Clip the global gradient norm to this value (0: off).
     #[cfg_attr(feature = "cli", arg(long, value_parser = non_negative, default_value_t = TrainSettings::default().clip))]
     pub clip: f64,
-    /// Evaluate every N steps (and at the end) [default: --steps / 4].
+    /// Evaluate every N steps (and at the end; 0: at the end only) [default: --steps / 4].
     #[cfg_attr(feature = "cli", arg(long))]
     pub eval_every: Option<usize>,
     /// Validation tokens per evaluation (0: the whole validation split).
     #[cfg_attr(feature = "cli", arg(long, default_value_t = TrainSettings::default().eval_tokens))]
     pub eval_tokens: usize,
-    /// Save a checkpoint every N steps (and at the end) [default: --eval-every].
+    /// Save a checkpoint every N steps (and at the end; 0: at the end only) [default:
+    /// --eval-every].
     #[cfg_attr(feature = "cli", arg(long))]
     pub save_every: Option<usize>,
     /// Write a metrics line every N steps.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = TrainSettings::default().log_every))]
     pub log_every: usize,
-    /// Checkpoints to keep (older ones are deleted after a newer one is complete).
+    /// Checkpoints to keep (older ones are deleted after a newer one is complete; the latest
+    /// is always kept).
     #[cfg_attr(feature = "cli", arg(long, default_value_t = TrainSettings::default().keep_checkpoints))]
     pub keep_checkpoints: usize,
     /// Run directory [default: runs/run-N, N the start time in Unix seconds].

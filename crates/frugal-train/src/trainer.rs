@@ -170,7 +170,10 @@ pub struct LoopSettings {
     /// Activation checkpointing and per-layer updates.
     pub backward: Backward,
     pub log_every: usize,
+    /// Evaluate every N steps and after the last (0: after the last only).
     pub eval_every: usize,
+    /// Save a checkpoint every N steps, after the last and when stopped (0: after the last and
+    /// when stopped only).
     pub save_every: usize,
 }
 
@@ -179,6 +182,11 @@ impl LoopSettings {
     pub fn tokens_per_step(&self) -> usize {
         self.batch_size * self.grad_accum * self.seq_len
     }
+}
+
+/// True when `step` is a multiple of `every` (never for 0).
+fn due(step: usize, every: usize) -> bool {
+    every > 0 && step.is_multiple_of(every)
 }
 
 /// What the loop reports to: every step, logged steps, evaluations and checkpoints.
@@ -275,8 +283,6 @@ impl<M: Model> Trainer<M> {
             ("batch_size", settings.batch_size),
             ("grad_accum", settings.grad_accum),
             ("log_every", settings.log_every),
-            ("eval_every", settings.eval_every),
-            ("save_every", settings.save_every),
         ])?;
         Ok(Trainer {
             params: model.params(),
@@ -324,11 +330,11 @@ impl<M: Model> Trainer<M> {
             if step % s.log_every == 0 || last {
                 hooks.log(&record)?;
             }
-            if step % s.eval_every == 0 || last || paused {
+            if due(step, s.eval_every) || last || paused {
                 hooks.evaluate(&self.model, &self.state)?;
             }
             let stopped = self.parallel.any(self.stop.is_stopped());
-            if stopped || paused || step % s.save_every == 0 || last {
+            if stopped || paused || due(step, s.save_every) || last {
                 hooks.checkpoint(self, stopped)?;
             }
             if stopped {
@@ -663,6 +669,24 @@ mod tests {
             (t.state.step, t.state.position, t.state.tokens),
             (12, 48, 48)
         );
+    }
+
+    #[test]
+    fn every_zero_steps_means_after_the_last_only() {
+        let mut t = trainer(5, 4, 1, StopToken::new());
+        (t.settings.eval_every, t.settings.save_every) = (0, 0);
+        let mut calls = Calls::default();
+        t.train(&mut Samples, &mut calls).unwrap();
+        assert_eq!(calls.evaluated, [5]);
+        assert_eq!(calls.saved, [(5, false)]);
+        // A stop still saves.
+        let stop = StopToken::new();
+        let mut t = trainer(5, 4, 1, stop.clone());
+        (t.settings.eval_every, t.settings.save_every) = (0, 0);
+        stop.stop();
+        let mut calls = Calls::default();
+        assert_eq!(t.train(&mut Samples, &mut calls).unwrap(), Outcome::Stopped);
+        assert_eq!(calls.saved, [(1, true)]);
     }
 
     #[test]

@@ -116,16 +116,19 @@ pub struct FinetuneSettings {
     /// Clip the global gradient norm to this value (0: off).
     #[cfg_attr(feature = "cli", arg(long, value_parser = crate::settings::non_negative, default_value_t = 1.0))]
     pub clip: f64,
-    /// Evaluate on the validation split every N steps (and at the end) [default: --steps / 5].
+    /// Evaluate on the validation split every N steps (and at the end; 0: at the end only)
+    /// [default: --steps / 5].
     #[cfg_attr(feature = "cli", arg(long))]
     pub eval_every: Option<usize>,
-    /// Save a checkpoint every N steps (and at the end) [default: --eval-every].
+    /// Save a checkpoint every N steps (and at the end; 0: at the end only) [default:
+    /// --eval-every].
     #[cfg_attr(feature = "cli", arg(long))]
     pub save_every: Option<usize>,
     /// Write a metrics line every N steps.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 10))]
     pub log_every: usize,
-    /// Checkpoints to keep.
+    /// Checkpoints to keep (older ones are deleted after a newer one is complete; the latest
+    /// is always kept).
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 2))]
     pub keep_checkpoints: usize,
     /// Run directory [default: runs/finetune-N, N the start time in Unix seconds].
@@ -460,8 +463,8 @@ pub fn resolve(args: FinetuneSettings) -> Result<FinetuneConfig> {
         &args.opt,
     )?;
     let warmup = args.warmup.unwrap_or(args.steps / 10);
-    let eval_every = args.eval_every.unwrap_or((args.steps / 5).max(1)).max(1);
-    let save_every = args.save_every.unwrap_or(eval_every).max(1);
+    let eval_every = args.eval_every.unwrap_or((args.steps / 5).max(1));
+    let save_every = args.save_every.unwrap_or(eval_every);
     let config = FinetuneConfig {
         args,
         encoder,

@@ -231,6 +231,17 @@ fn training_writes_the_run_directory_and_lowers_perplexity() {
         assert_eq!(record["stop"], "max_tokens");
         assert_eq!(record["tokens"], 12);
     }
+    // --stop cuts the text before the stop text, and says so.
+    let continued: Vec<char> = greedy["The whale".len()..greedy.len() - 1]
+        .chars()
+        .collect();
+    let stop: String = continued[continued.len() / 2..continued.len() / 2 + 3]
+        .iter()
+        .collect();
+    let (cut, said) = generate(&run, &["--temperature", "0", "--stop", &stop]);
+    let at = "The whale".len() + greedy["The whale".len()..].find(&stop).unwrap();
+    assert_eq!(cut, format!("{}\n", &greedy[..at]));
+    assert!(said.contains("stopped: a --stop text appeared"), "{said}");
     run_fails(
         frugal(&dir)
             .args([
@@ -258,6 +269,7 @@ fn training_writes_the_run_directory_and_lowers_perplexity() {
         (vec!["--samples", "0"], "--samples"),
         (vec!["--batch-size", "0"], "--batch-size"),
         (vec!["--temperature=-1"], "--temperature"),
+        (vec!["--stop", ""], "--stop"),
     ] {
         run_fails(
             frugal(&dir)

@@ -4,6 +4,7 @@
 
 use super::prompts::Prompt;
 use super::sampling::Sampling;
+use super::stops::StopTexts;
 use crate::checkpoint;
 use crate::data::instructions::Instruction;
 use crate::data::TextTokenizer;
@@ -33,6 +34,8 @@ pub enum Stop {
     MaxTokens,
     /// The model has no more positions.
     Positions,
+    /// A stop text appeared (the text ends before it).
+    StopText,
 }
 
 impl Stop {
@@ -42,6 +45,7 @@ impl Stop {
             Stop::EndOfText => "end_of_text",
             Stop::MaxTokens => "max_tokens",
             Stop::Positions => "positions",
+            Stop::StopText => "stop_text",
         }
     }
 }
@@ -52,6 +56,7 @@ impl std::fmt::Display for Stop {
             Stop::EndOfText => "the model ended the text",
             Stop::MaxTokens => "--max-new-tokens reached",
             Stop::Positions => "the model's positions are used up",
+            Stop::StopText => "a --stop text appeared",
         })
     }
 }
@@ -63,6 +68,19 @@ pub enum Event<'a> {
     Piece(usize, &'a str),
     /// Continuation `i` has ended (after all its pieces). Continuations end in any order.
     Done(usize, &'a Continuation),
+}
+
+/// How continuations are generated.
+#[derive(Clone, Debug)]
+pub struct Decoding {
+    /// Tokens to generate at most.
+    pub max_new: usize,
+    /// How each token is drawn.
+    pub sampling: Sampling,
+    /// Texts that end a continuation, cut before them.
+    pub stops: StopTexts,
+    /// Continuations decoded together.
+    pub batch_size: usize,
 }
 
 /// A model and its tokenizer, ready to continue prompts.
@@ -88,7 +106,9 @@ struct Row<'t> {
     /// Its place among the continuations asked for.
     index: usize,
     ids: Vec<u32>,
-    /// The text emitted so far.
+    /// The text decoded so far, as it streamed.
+    text: String,
+    /// The text emitted so far (all of `text` but the start of a stop text it may end in).
     shown: String,
     /// Decodes the latest tokens into new text; `None` once the decoder's text stopped growing
     /// as a prefix.
@@ -164,12 +184,16 @@ impl Generator {
         rng: &mut impl Rng,
         mut emit: impl FnMut(&str) -> Result<()>,
     ) -> Result<Continuation> {
+        let decoding = Decoding {
+            max_new,
+            sampling: *sampling,
+            stops: StopTexts::default(),
+            batch_size: 1,
+        };
         let mut all = self.continue_each(
             &[prompt],
-            max_new,
-            sampling,
             std::slice::from_mut(rng),
-            1,
+            &decoding,
             |event| match event {
                 Event::Piece(_, piece) => emit(piece),
                 Event::Done(..) => Ok(()),
@@ -178,21 +202,26 @@ impl Generator {
         Ok(all.remove(0))
     }
 
-    /// Continues each of `prompts` (token ids; continuation i draws with `rngs[i]`) by at most
-    /// `max_new` tokens, `batch_size` continuations at a time as one batch: each token reads
+    /// Continues each of `prompts` (token ids; continuation i draws with `rngs[i]`) as
+    /// `decoding` says, `batch_size` continuations at a time as one batch: each token reads
     /// the weights once for all of them, and when one ends the next one joins. A prompt that
     /// continuations next to each other share is read once. `event` hears of each piece of
-    /// text as soon as it decodes, and of each continuation as it ends. A continuation does
-    /// not depend on the others generated with it.
+    /// text as soon as it decodes (text that may start a stop text waits for the tokens that
+    /// tell), and of each continuation as it ends. A continuation does not depend on the
+    /// others generated with it.
     pub fn continue_each<R: Rng>(
         &self,
         prompts: &[&[u32]],
-        max_new: usize,
-        sampling: &Sampling,
         rngs: &mut [R],
-        batch_size: usize,
+        decoding: &Decoding,
         mut event: impl FnMut(Event<'_>) -> Result<()>,
     ) -> Result<Vec<Continuation>> {
+        let Decoding {
+            max_new,
+            sampling,
+            ref stops,
+            batch_size,
+        } = *decoding;
         if prompts.len() != rngs.len() || batch_size == 0 {
             bail!(
                 "continue_each: {} prompts for {} random generators, {batch_size} at a time; give one generator per prompt and a batch of at least 1",
@@ -223,6 +252,7 @@ impl Generator {
                 rows.push(Row {
                     index: next,
                     ids: Vec::new(),
+                    text: String::new(),
                     shown: String::new(),
                     stream: Some(self.tokenizer.inner.decode_stream(true)),
                     logits,
@@ -241,22 +271,15 @@ impl Generator {
                     continue;
                 }
                 row.ids.push(id);
-                // Pieces of text as they decode (each from a short window of the latest
-                // tokens); a piece ending inside a multi-byte character waits for the next
-                // token. A decoder whose text is not a prefix of the next one's ends the
-                // streaming: the rest comes at the end.
-                match row.stream.as_mut().map(|stream| stream.step(id)) {
-                    Some(Ok(Some(piece))) => {
-                        event(Event::Piece(row.index, &piece))?;
-                        row.shown.push_str(&piece);
-                    }
-                    Some(Err(_)) => row.stream = None,
-                    _ => {}
+                if let Some(piece) = self.read_token(row, id, stops)? {
+                    event(Event::Piece(row.index, &piece))?;
                 }
-                if row.ids.len() == max_new {
-                    row.stop = Some(Stop::MaxTokens);
-                } else if cache.len() == positions {
-                    row.stop = Some(Stop::Positions);
+                if row.stop.is_none() {
+                    if row.ids.len() == max_new {
+                        row.stop = Some(Stop::MaxTokens);
+                    } else if cache.len() == positions {
+                        row.stop = Some(Stop::Positions);
+                    }
                 }
             }
             let (mut going, mut their_caches) = (Vec::new(), Vec::new());
@@ -266,7 +289,7 @@ impl Generator {
                     their_caches.push(cache);
                     continue;
                 };
-                let continuation = self.finish(row.ids, &row.shown, stop, |rest| {
+                let continuation = self.finish(row.ids, &row.shown, stop, stops, |rest| {
                     event(Event::Piece(row.index, rest))
                 })?;
                 event(Event::Done(row.index, &continuation))?;
@@ -282,8 +305,43 @@ impl Generator {
             }
         }
         // Without new tokens to generate, every continuation is empty.
-        let empty = || self.finish(Vec::new(), "", Stop::MaxTokens, |_| Ok(()));
+        let empty = || self.finish(Vec::new(), "", Stop::MaxTokens, stops, |_| Ok(()));
         done.into_iter().map(|c| c.map_or_else(empty, Ok)).collect()
+    }
+
+    /// Takes token `id` into `row`'s text: the new text that can be shown, if any. Pieces of
+    /// text come as they decode (each from a short window of the latest tokens); a piece
+    /// ending inside a multi-byte character waits for the next token. A decoder whose text is
+    /// not a prefix of the next one's ends the streaming: the rest comes at the end, and stop
+    /// texts are looked for in the whole decoding. A stop text ends the row.
+    fn read_token(&self, row: &mut Row, id: u32, stops: &StopTexts) -> Result<Option<String>> {
+        match row.stream.as_mut().map(|stream| stream.step(id)) {
+            Some(Ok(Some(piece))) => row.text.push_str(&piece),
+            Some(Err(_)) => row.stream = None,
+            _ => {}
+        }
+        if !stops.is_empty() {
+            if row.stream.is_none() {
+                if stops.find(&self.decode(&row.ids)?).is_some() {
+                    row.stop = Some(Stop::StopText);
+                }
+                return Ok(None);
+            }
+            if let Some(at) = stops.find(&row.text) {
+                row.text.truncate(at);
+                row.stop = Some(Stop::StopText);
+            }
+        }
+        let shown = match row.stop {
+            Some(_) => row.text.len(),
+            None => row.text.len() - stops.held(&row.text),
+        };
+        if row.stream.is_none() || shown <= row.shown.len() {
+            return Ok(None);
+        }
+        let piece = row.text[row.shown.len()..shown].to_string();
+        row.shown.push_str(&piece);
+        Ok(Some(piece))
     }
 
     /// Reads `prompt` into a new key-value cache: the cache and the logits of the next token.
@@ -295,25 +353,33 @@ impl Generator {
         Ok((cache, logits))
     }
 
-    /// The continuation of `ids`, handing `emit` the end of its text that was not `shown`.
+    /// The continuation of `ids` (its text cut before a stop text), handing `emit` the end of
+    /// its text that was not `shown`.
     fn finish(
         &self,
         ids: Vec<u32>,
         shown: &str,
         stop: Stop,
+        stops: &StopTexts,
         mut emit: impl FnMut(&str) -> Result<()>,
     ) -> Result<Continuation> {
-        let text = self
-            .tokenizer
-            .inner
-            .decode(&ids, true)
-            .map_err(|e| anyhow::anyhow!("cannot decode generated tokens: {e}"))?;
+        let mut text = self.decode(&ids)?;
+        if let Some(at) = stops.find(&text) {
+            text.truncate(at);
+        }
         if let Some(rest) = text.strip_prefix(shown) {
             if !rest.is_empty() {
                 emit(rest)?;
             }
         }
         Ok(Continuation { ids, text, stop })
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .inner
+            .decode(ids, true)
+            .map_err(|e| anyhow::anyhow!("cannot decode generated tokens: {e}"))
     }
 
     /// Fails unless the model can read `prompt` (1 to max_position_embeddings token ids).
@@ -372,23 +438,29 @@ mod tests {
         (0..n).map(ChaCha8Rng::seed_from_u64).collect()
     }
 
-    /// Continues `prompts` `batch` at a time: the continuations, each one's streamed pieces,
+    fn decoding(max_new: usize, batch_size: usize, stops: &[&str]) -> Decoding {
+        Decoding {
+            max_new,
+            sampling: SAMPLED,
+            stops: StopTexts::new(stops.iter().map(|s| s.to_string()).collect()).unwrap(),
+            batch_size,
+        }
+    }
+
+    /// Continues `prompts` as `decoding` says: the continuations, each one's streamed pieces,
     /// and the order in which they ended.
     fn generate(
         generator: &Generator,
         prompts: &[&[u32]],
-        max_new: usize,
-        batch: usize,
+        decoding: &Decoding,
     ) -> (Vec<Continuation>, Vec<Vec<String>>, Vec<usize>) {
         let mut pieces = vec![Vec::new(); prompts.len()];
         let mut ended = Vec::new();
         let all = generator
             .continue_each(
                 prompts,
-                max_new,
-                &SAMPLED,
                 &mut rngs(prompts.len() as u64),
-                batch,
+                decoding,
                 |event| {
                     match event {
                         Event::Piece(i, piece) => pieces[i].push(piece.to_string()),
@@ -413,7 +485,8 @@ mod tests {
         let prompt = generator
             .prompt_ids(&Prompt::new("the whale", false))
             .unwrap();
-        let (batch, pieces, _) = generate(&generator, &[prompt.as_slice(); 6], 80, 6);
+        let (batch, pieces, _) =
+            generate(&generator, &[prompt.as_slice(); 6], &decoding(80, 6, &[]));
         let mut lengths = Vec::new();
         for ((c, pieces), mut rng) in batch.iter().zip(&pieces).zip(rngs(6)) {
             assert_eq!(&pieces.concat(), &c.text, "{pieces:?}");
@@ -443,7 +516,7 @@ mod tests {
         let (a, b) = (ids("the whale"), ids("the sea was grey, and the ship"));
         let long: Vec<u32> = b.iter().copied().cycle().take(90).collect();
         let prompts: Vec<&[u32]> = vec![&a, &b, &a, &long, &b, &a, &a];
-        let (all, _, mut ended) = generate(&generator, &prompts, 40, 2);
+        let (all, _, mut ended) = generate(&generator, &prompts, &decoding(40, 2, &[]));
         for (i, (c, mut rng)) in all.iter().zip(rngs(prompts.len() as u64)).enumerate() {
             let alone = generator
                 .continue_ids(prompts[i], 40, &SAMPLED, &mut rng, |_| Ok(()))
@@ -459,7 +532,7 @@ mod tests {
         ended.sort_unstable();
         assert_eq!(ended, (0..prompts.len()).collect::<Vec<_>>());
         // Nothing to generate: empty continuations, the prompts not read.
-        let (none, _, ended) = generate(&generator, &prompts, 0, 2);
+        let (none, _, ended) = generate(&generator, &prompts, &decoding(0, 2, &[]));
         assert!(none
             .iter()
             .all(|c| c.ids.is_empty() && c.stop == Stop::MaxTokens));
@@ -467,8 +540,41 @@ mod tests {
         // Every prompt is checked before any is read.
         let too_long = vec![1; 97];
         let err = generator
-            .continue_each(&[&a, &too_long], 4, &SAMPLED, &mut rngs(2), 2, |_| Ok(()))
+            .continue_each(&[&a, &too_long], &mut rngs(2), &decoding(4, 2, &[]), |_| {
+                Ok(())
+            })
             .unwrap_err();
         assert!(err.to_string().contains("97 tokens"), "{err}");
+    }
+
+    /// A stop text cuts each continuation it appears in before its first appearance, as
+    /// streamed and as returned, after the same draws; the others are unchanged.
+    #[test]
+    fn a_stop_text_ends_the_continuations_it_appears_in() {
+        let generator = generator();
+        let prompt = generator
+            .prompt_ids(&Prompt::new("the whale", false))
+            .unwrap();
+        let prompts = [prompt.as_slice(); 6];
+        let (free, _, _) = generate(&generator, &prompts, &decoding(80, 6, &[]));
+        // Six characters from the middle of the first continuation (over several tokens, so
+        // that its start streams before the tokens that complete it).
+        let chars: Vec<char> = free[0].text.chars().collect();
+        let stop: String = chars[chars.len() / 2..chars.len() / 2 + 6].iter().collect();
+        let (cut, pieces, _) = generate(&generator, &prompts, &decoding(80, 3, &[&stop]));
+        let mut stopped = 0;
+        for ((c, f), pieces) in cut.iter().zip(&free).zip(&pieces) {
+            assert_eq!(&pieces.concat(), &c.text, "{pieces:?}");
+            match f.text.find(&stop) {
+                Some(at) => {
+                    stopped += 1;
+                    assert_eq!(c.text, f.text[..at], "stop {stop:?}");
+                    assert_eq!(c.stop, Stop::StopText);
+                    assert!(f.ids.starts_with(&c.ids) && c.ids.len() < f.ids.len());
+                }
+                None => assert_eq!(c, f),
+            }
+        }
+        assert!(stopped >= 1);
     }
 }

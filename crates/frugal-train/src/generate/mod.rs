@@ -6,10 +6,12 @@ mod generator;
 mod output;
 mod prompts;
 mod sampling;
+mod stops;
 
-pub use generator::{Continuation, Event, Generator, Stop};
+pub use generator::{Continuation, Decoding, Event, Generator, Stop};
 pub use prompts::{read_prompts, Prompt};
 pub use sampling::Sampling;
+pub use stops::StopTexts;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -45,6 +47,10 @@ pub struct GenerateSettings {
     pub max_new_tokens: usize,
     #[cfg_attr(feature = "cli", command(flatten))]
     pub sampling: Sampling,
+    /// End a continuation where this text appears, cut before it (repeatable; `\n`, `\t`
+    /// and `\\` stand for a new line, a tab and a backslash).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "TEXT"))]
+    pub stop: Vec<String>,
     /// Seed of the draws.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
     pub seed: u64,
@@ -106,6 +112,18 @@ pub fn generate(
         bail!("--batch-size must be at least 1");
     }
     let prompts = settings.prompts()?;
+    let decoding = Decoding {
+        max_new: settings.max_new_tokens,
+        sampling: settings.sampling,
+        stops: StopTexts::new(
+            settings
+                .stop
+                .iter()
+                .map(|s| StopTexts::unescape(s))
+                .collect(),
+        )?,
+        batch_size: settings.batch_size,
+    };
     let generator = Generator::load(&settings.checkpoint, device)
         .with_context(|| format!("--checkpoint {}", settings.checkpoint.display()))?;
     let name = |p: usize| match prompts.len() {
@@ -138,14 +156,7 @@ pub fn generate(
     let shown: Vec<String> = prompts.iter().map(Prompt::shown).collect();
     let mut output = Output::new(settings.output.as_deref(), out, &shown, samples)?;
     let started = Instant::now();
-    let all = generator.continue_each(
-        &rows,
-        settings.max_new_tokens,
-        &settings.sampling,
-        &mut rngs,
-        settings.batch_size,
-        |event| output.event(event),
-    )?;
+    let all = generator.continue_each(&rows, &mut rngs, &decoding, |event| output.event(event))?;
     let seconds = started.elapsed().as_secs_f64().max(1e-9);
     output.finish()?;
     report(&all, prompts.len(), samples, settings.batch_size, seconds);
@@ -174,7 +185,12 @@ fn report(all: &[Continuation], prompts: usize, samples: usize, batch: usize, se
             eprintln!("{name}: {} tokens; stopped: {}", c.ids.len(), c.stop);
         }
     } else {
-        for stop in [Stop::EndOfText, Stop::MaxTokens, Stop::Positions] {
+        for stop in [
+            Stop::EndOfText,
+            Stop::StopText,
+            Stop::MaxTokens,
+            Stop::Positions,
+        ] {
             let n = all.iter().filter(|c| c.stop == stop).count();
             if n > 0 {
                 eprintln!("{n} stopped: {stop}");

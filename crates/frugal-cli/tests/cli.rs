@@ -190,6 +190,32 @@ fn training_writes_the_run_directory_and_lowers_perplexity() {
         said.contains("3 continuations of 3 prompts, together: "),
         "{said}"
     );
+    // `--prompts -` reads them from standard input.
+    let mut piped = frugal(&dir)
+        .args([
+            "generate",
+            "--prompt",
+            "The whale",
+            "--max-new-tokens",
+            "12",
+        ])
+        .args(["--temperature", "0", "--prompts", "-", "--checkpoint"])
+        .arg(&run)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = piped.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"It was\n\nCall me Ishmael.\n").unwrap();
+    drop(stdin);
+    let out = piped.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), three);
     // --output: the same continuations as JSON lines, each prompt's samples in order.
     let (text, _) = generate(&run, &["--seed", "5", "--samples", "2", "--prompts", file]);
     let jsonl = dir.join("continuations.jsonl");

@@ -33,9 +33,9 @@ pub struct GenerateSettings {
     /// from its start).
     #[cfg_attr(feature = "cli", arg(long))]
     pub prompt: Vec<String>,
-    /// A file of prompts, after those of --prompt: one per line, or JSON lines / a JSON array
-    /// of records with a "prompt" (or "text") field; with --instruction, "instruction" and an
-    /// optional "input".
+    /// A file of prompts, after those of --prompt: one per line (`-`: standard input), or
+    /// JSON lines / a JSON array of records (.jsonl, .json) with a "prompt" (or "text") field;
+    /// with --instruction, "instruction" and an optional "input".
     #[cfg_attr(feature = "cli", arg(long, value_name = "FILE"))]
     pub prompts: Option<PathBuf>,
     /// The prompts are instructions: wrap them in the template of `train --instructions`.

@@ -3,6 +3,7 @@
 use crate::data::corpus::json_records;
 use crate::data::instructions::{INPUT_KEYS, PROMPT_KEYS};
 use anyhow::{bail, Context, Result};
+use std::io::Read;
 use std::path::Path;
 
 /// What a continuation starts from.
@@ -43,12 +44,20 @@ impl Prompt {
 }
 
 /// The prompts of a file: records of a JSON array or of JSON lines (`.json`, `.jsonl`), or one
-/// prompt per line of text (any other name; blank lines skipped). A record's text is its
+/// prompt per line of text (any other name, and `-`, standard input; blank lines skipped). A record's text is its
 /// `prompt` (or `text`, `instruction`, `question`) field; as instructions, its `instruction`
 /// (or `prompt`, `question`) and optional `input` (or `context`).
 pub fn read_prompts(path: &Path, instruction: bool) -> Result<Vec<Prompt>> {
     let label = path.display().to_string();
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read --prompts {label}"))?;
+    let bytes = if path == Path::new("-") {
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .context("cannot read --prompts - (standard input)")?;
+        bytes
+    } else {
+        std::fs::read(path).with_context(|| format!("cannot read --prompts {label}"))?
+    };
     let text = std::str::from_utf8(&bytes)
         .map_err(|e| anyhow::anyhow!("--prompts {label} is not valid UTF-8: {e}"))?;
     let name = label.to_ascii_lowercase();

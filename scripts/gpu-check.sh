@@ -15,7 +15,8 @@
 #   9. NCCL at world size 1: every collective against a single process's (frugal-dist's `nccl`
 #      test), and `tiny` trained as one torchrun-style rank against one process;
 #  10. `frugal generate` (keys and values kept on the device): greedy text of check 1's `tiny`
-#      on the GPU against the CPU, and tokens/s of the first large model, one sample and 8 together.
+#      for three prompts of different lengths, decoded together, on the GPU against the CPU, and
+#      tokens/s of the first large model, one sample and 8 together.
 #
 # Build on a machine with Rust (no GPU needed), then carry target/cuda/gpu-check.tar.xz (the
 # binary, built with NCCL, the GPU tests and the benchmarks) to the GPU machine:
@@ -236,7 +237,8 @@ if [[ ! -d $out/tiny-cpu/checkpoints ]]; then
   "$bin" train --steps 20 --eval-every 20 --eval-tokens 4096 --optimizer adamw --device cpu \
     --out "$out/tiny-cpu" >"$out/tiny-cpu.log" 2>&1
 fi
-local g=(generate --checkpoint "$out/tiny-cpu" --prompt "The whale" --temperature 0 --max-new-tokens 64)
+local g=(generate --checkpoint "$out/tiny-cpu" --prompt "The whale" --temperature 0 --max-new-tokens 64
+  --prompt "Call me Ishmael. Some years ago, never mind how long" --prompt "It was")
 "$bin" "${g[@]}" --device cpu >"$out/generate-cpu.txt" 2>"$out/generate-cpu.log"
 "$bin" "${g[@]}" --device "$device" >"$out/generate-gpu.txt" 2>"$out/generate-gpu.log"
 local model=${big[0]}
@@ -253,7 +255,7 @@ cpu, gpu = (open(os.path.join(out, f"generate-{d}.txt")).read() for d in ("cpu",
 common = next((i for i, (a, b) in enumerate(zip(cpu, gpu)) if a != b), min(len(cpu), len(gpu)))
 verdict = "identical" if cpu == gpu else f"the same for {common} of {len(cpu)} characters"
 last = lambda name: (open(os.path.join(out, name)).read().strip().splitlines() or ["no output"])[-1]
-print(f"10. generate, tiny greedy, 64 tokens: GPU text against CPU: {verdict}; "
+print(f"10. generate, tiny greedy, 3 prompts × 64 tokens: GPU text against CPU: {verdict}; "
       f"{model} on the GPU: {last(f'generate-{model}.log')}; "
       f"{last(f'generate-{model}-8.log')}")
 EOF

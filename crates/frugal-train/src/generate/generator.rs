@@ -115,6 +115,8 @@ struct Row<'t> {
     stream: Option<DecodeStream<'t>>,
     /// The logits of its next token.
     logits: Vec<f32>,
+    /// The distinct tokens of its prompt and text, in order, under a repetition penalty.
+    seen: Vec<u32>,
     stop: Option<Stop>,
 }
 
@@ -256,6 +258,10 @@ impl Generator {
                     shown: String::new(),
                     stream: Some(self.tokenizer.inner.decode_stream(true)),
                     logits,
+                    seen: match sampling.penalizes() {
+                        true => distinct(prompt),
+                        false => Vec::new(),
+                    },
                     stop: None,
                 });
                 caches.push(cache);
@@ -265,7 +271,13 @@ impl Generator {
                 break;
             }
             for (row, cache) in rows.iter_mut().zip(&caches) {
+                if sampling.penalizes() {
+                    sampling.penalize(&mut row.logits, &row.seen);
+                }
                 let id = sampling.draw(&row.logits, &mut rngs[row.index]);
+                if let (true, Err(at)) = (sampling.penalizes(), row.seen.binary_search(&id)) {
+                    row.seen.insert(at, id);
+                }
                 if id == eos {
                     row.stop = Some(Stop::EndOfText);
                     continue;
@@ -395,6 +407,14 @@ impl Generator {
     }
 }
 
+/// The distinct ids of `ids`, in order.
+fn distinct(ids: &[u32]) -> Vec<u32> {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// The rows of logits (rows, vocab) as f32 vectors.
 fn rows_of(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
@@ -432,6 +452,7 @@ mod tests {
         temperature: 1.0,
         top_k: 0,
         top_p: 1.0,
+        repetition_penalty: 1.0,
     };
 
     fn rngs(n: u64) -> Vec<ChaCha8Rng> {
@@ -576,5 +597,36 @@ mod tests {
             }
         }
         assert!(stopped >= 1);
+    }
+
+    /// Under a repetition penalty every draw is the draw from penalized logits: greedy with a
+    /// large penalty takes no token twice while unseen ones remain likelier, and the text
+    /// differs from the unpenalized one.
+    #[test]
+    fn a_repetition_penalty_steers_away_from_tokens_seen() {
+        let generator = generator();
+        let prompt = generator
+            .prompt_ids(&Prompt::new("the whale", false))
+            .unwrap();
+        let greedy = |penalty: f64| {
+            let decoding = Decoding {
+                sampling: Sampling {
+                    repetition_penalty: penalty,
+                    ..Sampling::GREEDY
+                },
+                ..decoding(30, 1, &[])
+            };
+            let (all, _, _) = generate(&generator, &[prompt.as_slice()], &decoding);
+            all[0].clone()
+        };
+        let (plain, penalized) = (greedy(1.0), greedy(1e6));
+        assert_ne!(plain.ids, penalized.ids);
+        // A penalty of 10⁶ takes every seen token's logit to about 0 or far below it, under
+        // the best unseen one (some of this random model's logits are positive at every step).
+        let mut seen = distinct(&prompt);
+        for &id in &penalized.ids {
+            assert!(seen.binary_search(&id).is_err(), "{id} drawn again");
+            seen.insert(seen.binary_search(&id).unwrap_err(), id);
+        }
     }
 }

@@ -216,6 +216,30 @@ fn training_writes_the_run_directory_and_lowers_perplexity() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8(out.stdout).unwrap(), three);
+    // --interactive continues each line as it comes, as a prompt of its own.
+    let mut session = frugal(&dir)
+        .args(["generate", "--interactive", "--max-new-tokens", "12"])
+        .args(["--temperature", "0", "--checkpoint"])
+        .arg(&run)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = session.stdin.take().unwrap();
+    let lines = format!("It was\n\n{}\nCall me Ishmael.\n", "whale ".repeat(300));
+    std::io::Write::write_all(&mut stdin, lines.as_bytes()).unwrap();
+    drop(stdin);
+    let out = session.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        printed,
+        format!("{}{}", alone("It was"), alone("Call me Ishmael."))
+    );
+    // A line too long for the model is reported, and the session goes on.
+    assert!(said.contains("max_position_embeddings"), "{said}");
     // --output: the same continuations as JSON lines, each prompt's samples in order.
     let (text, _) = generate(&run, &["--seed", "5", "--samples", "2", "--prompts", file]);
     let jsonl = dir.join("continuations.jsonl");

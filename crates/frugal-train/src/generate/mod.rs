@@ -66,6 +66,11 @@ pub struct GenerateSettings {
     /// are written (until then, FILE.partial).
     #[cfg_attr(feature = "cli", arg(long, value_name = "FILE"))]
     pub output: Option<PathBuf>,
+    /// After the prompts given, read one from each line of standard input and continue it at
+    /// once, the model loaded once (each line a prompt on its own, blank ones skipped; end
+    /// with Ctrl-D).
+    #[cfg_attr(feature = "cli", arg(long, conflicts_with_all = ["prompts", "output"]))]
+    pub interactive: bool,
     /// Worker threads [default: the physical cores].
     #[cfg_attr(feature = "cli", arg(long))]
     pub threads: Option<usize>,
@@ -76,8 +81,8 @@ pub struct GenerateSettings {
 }
 
 impl GenerateSettings {
-    /// The prompts asked for: those of `--prompt`, then those of `--prompts`; none given, an
-    /// empty one.
+    /// The prompts asked for: those of `--prompt`, then those of `--prompts`; none given (and
+    /// not `--interactive`), an empty one.
     pub fn prompts(&self) -> Result<Vec<Prompt>> {
         let mut prompts: Vec<Prompt> = self
             .prompt
@@ -87,7 +92,7 @@ impl GenerateSettings {
         if let Some(file) = &self.prompts {
             prompts.extend(read_prompts(file, self.instruction)?);
         }
-        if prompts.is_empty() {
+        if prompts.is_empty() && !self.interactive {
             prompts.push(Prompt::new("", self.instruction));
         }
         Ok(prompts)
@@ -98,7 +103,8 @@ impl GenerateSettings {
 /// continuations of each, `--batch-size` at a time. Without `--output` it writes each prompt
 /// and its continuation to `out` (continuations apart by a line `---`), the first as it is
 /// generated, the others in order as they end; with it, JSON lines to that file. A line per
-/// continuation (or a count per reason to stop) and the speed go to standard error.
+/// continuation (or a count per reason to stop) and the speed go to standard error. With
+/// `--interactive`, each line of standard input is then a prompt of its own.
 pub fn generate(
     settings: &GenerateSettings,
     device: &Device,
@@ -126,6 +132,41 @@ pub fn generate(
     };
     let generator = Generator::load(&settings.checkpoint, device)
         .with_context(|| format!("--checkpoint {}", settings.checkpoint.display()))?;
+    let mut all = Vec::new();
+    if !prompts.is_empty() {
+        all = continue_prompts(&generator, settings, &decoding, &prompts, out)?;
+    }
+    if settings.interactive {
+        let mut line = String::new();
+        loop {
+            eprint!("> ");
+            line.clear();
+            if std::io::stdin().read_line(&mut line)? == 0 {
+                break;
+            }
+            let text = line.trim_end_matches(['\n', '\r']);
+            if text.trim().is_empty() {
+                continue;
+            }
+            let prompt = [Prompt::new(text, settings.instruction)];
+            // A prompt the model cannot read is reported; the next line is read.
+            match continue_prompts(&generator, settings, &decoding, &prompt, out) {
+                Ok(these) => all.extend(these),
+                Err(e) => eprintln!("error: {e:#}"),
+            }
+        }
+    }
+    Ok(all)
+}
+
+/// Generates the continuations of `prompts` and writes them (see [`generate`]).
+fn continue_prompts(
+    generator: &Generator,
+    settings: &GenerateSettings,
+    decoding: &Decoding,
+    prompts: &[Prompt],
+    out: &mut impl std::io::Write,
+) -> Result<Vec<Continuation>> {
     let name = |p: usize| match prompts.len() {
         1 => "the prompt".to_string(),
         _ => format!("prompt {}", p + 1),
@@ -156,7 +197,7 @@ pub fn generate(
     let shown: Vec<String> = prompts.iter().map(Prompt::shown).collect();
     let mut output = Output::new(settings.output.as_deref(), out, &shown, samples)?;
     let started = Instant::now();
-    let all = generator.continue_each(&rows, &mut rngs, &decoding, |event| output.event(event))?;
+    let all = generator.continue_each(&rows, &mut rngs, decoding, |event| output.event(event))?;
     let seconds = started.elapsed().as_secs_f64().max(1e-9);
     output.finish()?;
     report(&all, prompts.len(), samples, settings.batch_size, seconds);

@@ -258,9 +258,10 @@ impl Generator {
                     shown: String::new(),
                     stream: Some(self.tokenizer.inner.decode_stream(true)),
                     logits,
-                    seen: match sampling.penalizes() {
-                        true => distinct(prompt),
-                        false => Vec::new(),
+                    seen: if sampling.penalizes() {
+                        distinct(prompt)
+                    } else {
+                        Vec::new()
                     },
                     stop: None,
                 });

@@ -45,8 +45,8 @@ pub enum Command {
     Classify(Box<ClassifySettings>),
     /// Validation loss and perplexity of a checkpoint.
     Eval(EvalSettings),
-    /// Continue a prompt with a trained model (a checkpoint, a run, or a Hugging Face LLaMA
-    /// folder), token by token.
+    /// Continue prompts with a trained model (a checkpoint, a run, or a Hugging Face LLaMA
+    /// folder), token by token, many at once.
     Generate(Box<GenerateSettings>),
     /// Exact memory of weights, gradients and optimizer state, without training.
     Memory(Box<MemoryArgs>),

@@ -34,8 +34,8 @@ pub struct GenerateSettings {
     #[cfg_attr(feature = "cli", arg(long))]
     pub prompt: Vec<String>,
     /// A file of prompts, after those of --prompt: one per line (`-`: standard input), or
-    /// JSON lines / a JSON array of records (.jsonl, .json) with a "prompt" (or "text") field;
-    /// with --instruction, "instruction" and an optional "input".
+    /// JSON lines / a JSON array (.jsonl, .json) of strings or of records with a "prompt" (or
+    /// "text") field; with --instruction, "instruction" and an optional "input".
     #[cfg_attr(feature = "cli", arg(long, value_name = "FILE"))]
     pub prompts: Option<PathBuf>,
     /// The prompts are instructions: wrap them in the template of `train --instructions`.

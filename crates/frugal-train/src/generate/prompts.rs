@@ -44,9 +44,10 @@ impl Prompt {
 }
 
 /// The prompts of a file: records of a JSON array or of JSON lines (`.json`, `.jsonl`), or one
-/// prompt per line of text (any other name, and `-`, standard input; blank lines skipped). A record's text is its
-/// `prompt` (or `text`, `instruction`, `question`) field; as instructions, its `instruction`
-/// (or `prompt`, `question`) and optional `input` (or `context`).
+/// prompt per line of text (any other name, and `-`, standard input; blank lines skipped). A
+/// record is a JSON string, or an object whose text is its `prompt` (or `text`,
+/// `instruction`, `question`) field; as instructions, its `instruction` (or `prompt`,
+/// `question`) and optional `input` (or `context`).
 pub fn read_prompts(path: &Path, instruction: bool) -> Result<Vec<Prompt>> {
     let label = path.display().to_string();
     let bytes = if path == Path::new("-") {
@@ -78,8 +79,11 @@ pub fn read_prompts(path: &Path, instruction: bool) -> Result<Vec<Prompt>> {
     Ok(prompts)
 }
 
-/// The prompt of one JSON record.
+/// The prompt of one JSON record (or of a JSON string).
 fn record(v: &serde_json::Value, instruction: bool, label: &str, place: &str) -> Result<Prompt> {
+    if let Some(text) = v.as_str() {
+        return Ok(Prompt::new(text, instruction));
+    }
     let field = |keys: &[&str]| {
         keys.iter()
             .find_map(|k| v.get(*k).and_then(|x| x.as_str()))
@@ -151,8 +155,7 @@ mod tests {
             read_prompts(&jsonl, false).unwrap(),
             [Prompt::Text("a\nb".into()), Prompt::Text("c".into())]
         );
-        let records =
-            r#"[{"instruction": "Add.", "input": "2 and 3", "output": "5"}, {"question": "Why?"}]"#;
+        let records = r#"[{"instruction": "Add.", "input": "2 and 3", "output": "5"}, "Why?"]"#;
         let json = scratch.file("p.json", records);
         let prompts = read_prompts(&json, true).unwrap();
         assert_eq!(

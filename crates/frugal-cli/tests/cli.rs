@@ -117,20 +117,23 @@ fn training_writes_the_run_directory_and_lowers_perplexity() {
 
     // `frugal generate` continues a prompt from the run's latest checkpoint (or the checkpoint
     // folder itself), the same text for the same seed.
+    let command = |checkpoint: &Path, flags: &[&str]| {
+        let mut command = frugal(&dir);
+        command
+            .args([
+                "generate",
+                "--prompt",
+                "The whale",
+                "--max-new-tokens",
+                "12",
+            ])
+            .args(flags)
+            .arg("--checkpoint")
+            .arg(checkpoint);
+        command
+    };
     let generate = |checkpoint: &Path, flags: &[&str]| {
-        let out = run_ok(
-            frugal(&dir)
-                .args([
-                    "generate",
-                    "--prompt",
-                    "The whale",
-                    "--max-new-tokens",
-                    "12",
-                ])
-                .args(flags)
-                .arg("--checkpoint")
-                .arg(checkpoint),
-        );
+        let out = run_ok(&mut command(checkpoint, flags));
         (
             String::from_utf8(out.stdout).unwrap(),
             String::from_utf8_lossy(&out.stderr).to_string(),
@@ -191,48 +194,21 @@ fn training_writes_the_run_directory_and_lowers_perplexity() {
         "{said}"
     );
     // `--prompts -` reads them from standard input.
-    let mut piped = frugal(&dir)
-        .args([
-            "generate",
-            "--prompt",
-            "The whale",
-            "--max-new-tokens",
-            "12",
-        ])
-        .args(["--temperature", "0", "--prompts", "-", "--checkpoint"])
-        .arg(&run)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = piped.stdin.take().unwrap();
-    std::io::Write::write_all(&mut stdin, b"It was\n\nCall me Ishmael.\n").unwrap();
-    drop(stdin);
-    let out = piped.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_with_input(
+        &mut command(&run, &["--temperature", "0", "--prompts", "-"]),
+        b"It was\n\nCall me Ishmael.\n",
     );
     assert_eq!(String::from_utf8(out.stdout).unwrap(), three);
     // --interactive continues each line as it comes, as a prompt of its own.
-    let mut session = frugal(&dir)
-        .args(["generate", "--interactive", "--max-new-tokens", "12"])
-        .args(["--temperature", "0", "--checkpoint"])
-        .arg(&run)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = session.stdin.take().unwrap();
     let lines = format!("It was\n\n{}\nCall me Ishmael.\n", "whale ".repeat(300));
-    std::io::Write::write_all(&mut stdin, lines.as_bytes()).unwrap();
-    drop(stdin);
-    let out = session.wait_with_output().unwrap();
+    let out = run_with_input(
+        frugal(&dir)
+            .args(["generate", "--interactive", "--max-new-tokens", "12"])
+            .args(["--temperature", "0", "--checkpoint"])
+            .arg(&run),
+        lines.as_bytes(),
+    );
     let said = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{said}");
     let printed = String::from_utf8(out.stdout).unwrap();
     assert_eq!(
         printed,

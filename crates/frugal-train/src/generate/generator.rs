@@ -449,6 +449,11 @@ mod tests {
         }
     }
 
+    /// The token ids of `text` as a prompt.
+    fn ids(generator: &Generator, text: &str) -> Vec<u32> {
+        generator.prompt_ids(&Prompt::new(text, false)).unwrap()
+    }
+
     const SAMPLED: Sampling = Sampling {
         temperature: 1.0,
         top_k: 0,
@@ -504,9 +509,7 @@ mod tests {
     #[test]
     fn streamed_pieces_add_up_to_the_continuation() {
         let generator = generator();
-        let prompt = generator
-            .prompt_ids(&Prompt::new("the whale", false))
-            .unwrap();
+        let prompt = ids(&generator, "the whale");
         let (batch, pieces, _) =
             generate(&generator, &[prompt.as_slice(); 6], &decoding(80, 6, &[]));
         let mut lengths = Vec::new();
@@ -534,8 +537,10 @@ mod tests {
     #[test]
     fn continuations_of_different_prompts_join_as_others_end() {
         let generator = generator();
-        let ids = |text: &str| generator.prompt_ids(&Prompt::new(text, false)).unwrap();
-        let (a, b) = (ids("the whale"), ids("the sea was grey, and the ship"));
+        let (a, b) = (
+            ids(&generator, "the whale"),
+            ids(&generator, "the sea was grey, and the ship"),
+        );
         let long: Vec<u32> = b.iter().copied().cycle().take(90).collect();
         let prompts: Vec<&[u32]> = vec![&a, &b, &a, &long, &b, &a, &a];
         let (all, _, mut ended) = generate(&generator, &prompts, &decoding(40, 2, &[]));
@@ -574,9 +579,7 @@ mod tests {
     #[test]
     fn a_stop_text_ends_the_continuations_it_appears_in() {
         let generator = generator();
-        let prompt = generator
-            .prompt_ids(&Prompt::new("the whale", false))
-            .unwrap();
+        let prompt = ids(&generator, "the whale");
         let prompts = [prompt.as_slice(); 6];
         let (free, _, _) = generate(&generator, &prompts, &decoding(80, 6, &[]));
         // Six characters from the middle of the first continuation (over several tokens, so
@@ -606,9 +609,7 @@ mod tests {
     #[test]
     fn a_repetition_penalty_steers_away_from_tokens_seen() {
         let generator = generator();
-        let prompt = generator
-            .prompt_ids(&Prompt::new("the whale", false))
-            .unwrap();
+        let prompt = ids(&generator, "the whale");
         let greedy = |penalty: f64| {
             let decoding = Decoding {
                 sampling: Sampling {

@@ -140,10 +140,10 @@ impl Llama {
                     "a key-value cache belongs to another model".into(),
                 ));
             }
-            if cache.rows()? > 1 {
+            let rows = cache.rows()?;
+            if rows > 1 {
                 return Err(Error::Input(format!(
-                    "next_logits_each reads caches of one sequence; this one holds {} (split it with KvCache::repeat on each sequence's own cache)",
-                    cache.rows()?
+                    "next_logits_each reads caches of one sequence; this one holds {rows}: read each sequence into a cache of its own"
                 )));
             }
             at.push(cache.len as u32);

@@ -148,7 +148,9 @@ impl Generator {
 
     /// The token ids the model reads first: an instruction in the template of `train
     /// --instructions` (with the tokenizer's special tokens, as training read it), or text as
-    /// the start of a document (after an end-of-text token, as in a packed corpus).
+    /// the start of a document: after the tokens the tokenizer's template puts before a text
+    /// (a Hugging Face LLaMA's beginning-of-text token), or, where it puts none, after an
+    /// end-of-text token, as in a packed corpus.
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
         let encode = |text: String, special: bool| -> Result<Vec<u32>> {
             Ok(self
@@ -169,9 +171,15 @@ impl Generator {
                 encode(record.prompt(), true)?
             }
             Prompt::Text(text) => {
-                let mut ids = vec![self.tokenizer.eos];
-                ids.extend(encode(text.clone(), false)?);
-                ids
+                let (plain, templated) =
+                    (encode(text.clone(), false)?, encode(text.clone(), true)?);
+                if templated.len() > plain.len() && templated.ends_with(&plain) {
+                    templated
+                } else {
+                    let mut ids = vec![self.tokenizer.eos];
+                    ids.extend(plain);
+                    ids
+                }
             }
         })
     }
@@ -630,5 +638,33 @@ mod tests {
             assert!(seen.binary_search(&id).is_err(), "{id} drawn again");
             seen.insert(seen.binary_search(&id).unwrap_err(), id);
         }
+    }
+
+    /// Text starts after the beginning-of-text token a tokenizer's template puts before it,
+    /// and after the end-of-text token where the template puts nothing before it (or only
+    /// something after it).
+    #[test]
+    fn a_text_prompt_starts_as_the_tokenizer_starts_a_text() {
+        use tokenizers::processors::template::TemplateProcessing;
+        let mut generator = generator();
+        let plain = ids(&generator, "the whale");
+        let eos = generator.tokenizer.eos;
+        assert_eq!(plain[0], eos);
+        let with = |template: &str| {
+            TemplateProcessing::builder()
+                .try_single(template)
+                .unwrap()
+                .special_tokens(vec![("<|endoftext|>", eos)])
+                .build()
+                .unwrap()
+        };
+        let inner = &mut generator.tokenizer.inner;
+        inner.with_post_processor(Some(with("<|endoftext|> <|endoftext|> $A")));
+        let mut twice = vec![eos];
+        twice.extend(&plain);
+        assert_eq!(ids(&generator, "the whale"), twice);
+        let inner = &mut generator.tokenizer.inner;
+        inner.with_post_processor(Some(with("$A <|endoftext|>")));
+        assert_eq!(ids(&generator, "the whale"), plain);
     }
 }

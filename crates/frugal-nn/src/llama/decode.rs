@@ -79,11 +79,8 @@ impl KvCache {
 }
 
 impl Llama {
-    /// The logits (batch, vocab) of the token after `ids` (batch, t), tokens that follow the
-    /// ones `cache` holds; their keys and values join it. With an empty cache the tokens are
-    /// read as [`Llama::forward`] reads them (the same logits at the last position).
-    pub fn next_logits(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (_, t) = ids.dims2()?;
+    /// Fails unless `cache` belongs to this model and has room for `t` (≥ 1) more tokens.
+    fn check_cache(&self, cache: &KvCache, t: usize) -> Result<()> {
         let (start, positions) = (cache.len, self.config.max_position_embeddings);
         if t == 0 || start + t > positions {
             return Err(Error::Input(format!(
@@ -95,6 +92,16 @@ impl Llama {
                 "the key-value cache belongs to another model".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// The logits (batch, vocab) of the token after `ids` (batch, t), tokens that follow the
+    /// ones `cache` holds; their keys and values join it. With an empty cache the tokens are
+    /// read as [`Llama::forward`] reads them (the same logits at the last position).
+    pub fn next_logits(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let (start, positions) = (cache.len, self.config.max_position_embeddings);
+        self.check_cache(cache, t)?;
         let (cos, sin) = self.tables(positions)?;
         let tables = (cos.narrow(0, start, t)?, sin.narrow(0, start, t)?);
         let mut x = self.embed(ids)?;
@@ -129,17 +136,7 @@ impl Llama {
         }
         let mut at = Vec::with_capacity(caches.len());
         for cache in caches.iter() {
-            if cache.len >= positions {
-                return Err(Error::Input(format!(
-                    "cannot read a token after {}: the model has {positions} positions (max_position_embeddings)",
-                    cache.len
-                )));
-            }
-            if !cache.layers.is_empty() && cache.layers.len() != self.layers.len() {
-                return Err(Error::Input(
-                    "a key-value cache belongs to another model".into(),
-                ));
-            }
+            self.check_cache(cache, 1)?;
             let rows = cache.rows()?;
             if rows > 1 {
                 return Err(Error::Input(format!(

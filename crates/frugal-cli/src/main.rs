@@ -149,9 +149,12 @@ fn memory(args: &cli::MemoryArgs) -> Result<()> {
     }
     let model = LlamaConfig::resolve(&args.model)?;
     // The plan is the peak (ρ at the start), whatever the horizon of a decaying density.
-    let opt = args.opt.resolve(0, 1)?;
-    let mut report =
-        MemoryReport::new(&model, &opt)?.with_world_size(&model, &opt, args.world_size)?;
+    let (opt, lora) = args.opt.resolve_for(&model, false, 0, 1)?;
+    let mut report = MemoryReport::new(&model, &opt, lora.as_ref())?.with_world_size(
+        &model,
+        &opt,
+        args.world_size,
+    )?;
     args.memory.validate()?;
     if let Some(batch) = args.batch_size {
         let seq = args
@@ -180,6 +183,9 @@ fn memory(args: &cli::MemoryArgs) -> Result<()> {
             opt.moment_storage,
             opt.state_free
         );
+        if let Some(l) = &lora {
+            println!("{}", frugal_train::run::lora_line(l, &model));
+        }
         print!("{}", report.table());
         if let Some(end) = &report.end_state {
             println!(

@@ -408,6 +408,139 @@ fn resume_after_sigkill_is_bit_identical() {
 }
 
 #[test]
+fn lora_trains_adapters_resumes_exactly_and_reads_merged() {
+    let dir = scratch("lora");
+    let flags = [
+        "--steps",
+        "8",
+        "--save-every",
+        "4",
+        "--eval-every",
+        "4",
+        "--lr",
+        "0.01",
+        "--optimizer",
+        "lora:rank=4,alpha=8,targets=qv",
+    ];
+    let straight = dir.join("straight");
+    let out = run_ok(&mut train(&dir, &straight, &flags));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("lora: adapters of rank 4, alpha 8 on q_proj and v_proj"),
+        "{log}"
+    );
+    let s = summary(&straight);
+    let (start, end) = (
+        s["initial_val_ppl"].as_f64().unwrap(),
+        s["val_ppl"].as_f64().unwrap(),
+    );
+    assert!(end < 0.5 * start, "perplexity {start} → {end}");
+    // The checkpoint is a Hugging Face LLaMA (the frozen linears as they started) with a PEFT
+    // adapter beside it; the optimizer holds state for the adapters and the other weights only.
+    let ck = straight.join("checkpoints/step-8");
+    let peft = json(&ck.join("adapter_config.json"));
+    assert_eq!(
+        (peft["r"].as_u64(), peft["lora_alpha"].as_f64()),
+        (Some(4), Some(8.0))
+    );
+    assert_eq!(
+        peft["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
+    let config: Value = json(&straight.join("config.json"));
+    assert_eq!(config["optimizer"]["preset"], "adamw");
+    assert_eq!(config["lora"]["train_others"], true);
+    let report = run_ok(frugal(&dir).args([
+        "memory",
+        "--model",
+        "tiny",
+        "--optimizer",
+        "lora:rank=4,alpha=8,targets=qv",
+        "--json",
+    ]));
+    let report: Value = serde_json::from_slice(&report.stdout).unwrap();
+    assert_eq!(
+        report["total"]["state"]["moments"].as_u64(),
+        s["optimizer_state_bytes"]["moments"].as_u64(),
+        "the plan is the state held"
+    );
+    assert!(report["frozen"]["parameters"].as_u64().unwrap() > 0);
+
+    // Paused and resumed with per-layer updates: the same losses, bit for bit.
+    let paused = dir.join("paused");
+    run_ok(&mut train(
+        &dir,
+        &paused,
+        &[&flags[..], &["--stop-after", "4"]].concat(),
+    ));
+    run_ok(
+        frugal(&dir)
+            .args(["train", "--per-layer-updates", "--resume"])
+            .arg(&paused),
+    );
+    assert_eq!(losses(&paused), losses(&straight));
+    assert_eq!(summary(&paused)["val_loss"], summary(&straight)["val_loss"]);
+
+    // `eval` and `generate` read the checkpoint with the adapters merged into the weights.
+    let out = run_ok(
+        frugal(&dir)
+            .args(["eval", "--eval-tokens", "512", "--checkpoint"])
+            .arg(&straight),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ppl: f64 = text
+        .split("perplexity ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        (ppl - end).abs() / end < 1e-3,
+        "eval {ppl} vs training {end}"
+    );
+    run_ok(
+        frugal(&dir)
+            .args([
+                "generate",
+                "--prompt",
+                "The whale",
+                "--max-new-tokens",
+                "4",
+                "--checkpoint",
+            ])
+            .arg(&ck),
+    );
+    // Continued from the checkpoint as a pretrained model: merged, then trained as a whole.
+    run_ok(&mut train(
+        &dir,
+        &dir.join("continued"),
+        &[
+            "--steps",
+            "1",
+            "--optimizer",
+            "adamw",
+            "--init-from",
+            ck.to_str().unwrap(),
+        ],
+    ));
+
+    // Bad settings name themselves.
+    for (spec, named) in [
+        ("lora:others=some", "others `some` is not train or frozen"),
+        ("lora:dropout=0.1", "use dropout=0"),
+        ("lora:rank=0", "rank must be at least 1"),
+        ("lora:targets=mlp", "targets `mlp` is not qv or all"),
+        ("lora:rnak=4", "rnak"),
+    ] {
+        run_fails(
+            &mut train(&dir, &dir.join("bad"), &["--optimizer", spec]),
+            named,
+        );
+    }
+}
+
+#[test]
 fn sgd_preset_equals_frugal_with_sgd_on_both_sides() {
     let dir = scratch("sgd");
     let (a, b) = (dir.join("a"), dir.join("b"));

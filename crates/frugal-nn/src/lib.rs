@@ -38,6 +38,7 @@ pub mod init;
 pub mod labels;
 mod layered;
 pub mod llama;
+pub mod lora;
 pub mod matmul;
 pub mod ops;
 pub mod step_memory;

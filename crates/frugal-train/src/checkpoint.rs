@@ -87,6 +87,7 @@ pub fn save(
 ) -> Result<PathBuf> {
     save_with(run, t, keep, |tmp| {
         t.model.save(&tmp.join(MODEL))?;
+        t.model.save_adapters(tmp)?;
         let hf = t.model.config.to_hf_json(tokenizer.eos);
         std::fs::write(tmp.join(MODEL_CONFIG), serde_json::to_string_pretty(&hf)?)?;
         std::fs::write(tmp.join(TOKENIZER), tokenizer.to_json()?)?;

@@ -6,7 +6,7 @@ use crate::data::{Batches, Dataset, Format, Holdout, Source, TokenizerChoice};
 use crate::data_parallel::DataParallel;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
-use frugal_nn::llama::{Llama, LlamaConfig};
+use frugal_nn::llama::Llama;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -186,8 +186,8 @@ fn run_seq_len(checkpoint: &Path) -> Option<usize> {
 /// Loss and perplexity of a checkpoint on a split of a corpus, on `device`.
 pub fn evaluate(settings: &EvalSettings, device: &Device) -> Result<EvalReport> {
     let dir = checkpoint::locate(&settings.checkpoint)?;
-    let config = LlamaConfig::from_file(&dir.join(checkpoint::MODEL_CONFIG))?;
-    let model = Llama::load(&config, &dir.join(checkpoint::MODEL), device, DType::F32)?;
+    // A checkpoint of a LoRA run is read with its adapters merged.
+    let (config, model) = Llama::from_hf(&dir, device, DType::F32)?;
     let source = Source::resolve(&settings.data)?;
     let cache = settings
         .cache_dir

@@ -7,7 +7,7 @@ use frugal::labels::RoleCounts;
 use frugal::memory::{by_role, plan};
 use frugal::{OptimizerConfig, StateBytes};
 use frugal_nn::chunked_loss::LossChunks;
-use frugal_nn::llama::LlamaConfig;
+use frugal_nn::llama::{DecoderLora, LlamaConfig};
 use frugal_nn::Attention;
 use frugal_nn::{StepMemory, StepMode};
 use serde::Serialize;
@@ -26,7 +26,11 @@ pub struct ClassMemory {
 pub struct MemoryReport {
     pub state_full: ClassMemory,
     pub projectable: ClassMemory,
+    /// Weights that are not trained (under LoRA): no gradient, no state.
+    pub frozen: ClassMemory,
     pub total: ClassMemory,
+    /// LoRA adapters on the frozen linears, when they are what is trained.
+    pub lora: Option<DecoderLora>,
     /// With a decaying density: the state once ρ has reached its minimum (the figures above
     /// are the peak, at the start).
     pub end_state: Option<StateBytes>,
@@ -161,9 +165,15 @@ pub fn out_of_memory_note(
 }
 
 impl MemoryReport {
-    /// Plans the memory of `model` trained with `optimizer`.
-    pub fn new(model: &LlamaConfig, optimizer: &OptimizerConfig) -> Result<Self> {
-        let planned = plan(optimizer, &model.labelled_shapes())?;
+    /// Plans the memory of `model` trained with `optimizer`: every weight, or with `lora` its
+    /// adapters (and what else it trains).
+    pub fn new(
+        model: &LlamaConfig,
+        optimizer: &OptimizerConfig,
+        lora: Option<&DecoderLora>,
+    ) -> Result<Self> {
+        let shapes = model.trained_shapes(lora);
+        let planned = plan(optimizer, &shapes)?;
         let infos: Vec<_> = planned.iter().map(|(i, _)| i.clone()).collect();
         let counts = RoleCounts::of(&infos);
         let (full_state, proj_state) = by_role(&planned);
@@ -177,7 +187,19 @@ impl MemoryReport {
         let proj = class(counts.projectable, proj_state);
         let mut total_state = full_state;
         total_state += proj_state;
-        let total = class(full.parameters + proj.parameters, total_state);
+        let trained = full.parameters + proj.parameters;
+        let adapters = lora.map_or(0, |l| l.adapter_count(model));
+        let frozen = model.num_params() + adapters - trained;
+        let frozen = ClassMemory {
+            parameters: frozen,
+            parameter_bytes: 4 * frozen,
+            ..ClassMemory::default()
+        };
+        let total = ClassMemory {
+            parameters: trained + frozen.parameters,
+            parameter_bytes: 4 * (trained + frozen.parameters),
+            ..class(trained, total_state)
+        };
         let end_state = match optimizer.density_schedule {
             DensitySchedule::Constant => None,
             _ => {
@@ -186,7 +208,7 @@ impl MemoryReport {
                     density_schedule: DensitySchedule::Constant,
                     ..optimizer.clone()
                 };
-                let (mut sum, proj) = by_role(&plan(&end, &model.labelled_shapes())?);
+                let (mut sum, proj) = by_role(&plan(&end, &shapes)?);
                 sum += proj;
                 Some(sum)
             }
@@ -194,7 +216,9 @@ impl MemoryReport {
         Ok(MemoryReport {
             state_full: full,
             projectable: proj,
+            frozen,
             total,
+            lora: lora.cloned(),
             end_state,
             steps: Vec::new(),
             adamw_normal_peak_bytes: None,
@@ -214,7 +238,7 @@ impl MemoryReport {
         if world < 2 {
             return Ok(self);
         }
-        let shapes = model.labelled_shapes();
+        let shapes = model.trained_shapes(self.lora.as_ref());
         self.state_per_rank = frugal::sharding::state_per_rank(optimizer, &shapes, world)?;
         let plan = frugal::sharding::plan_shards(optimizer, &shapes, world)?;
         self.split_tensors = shapes
@@ -247,9 +271,9 @@ impl MemoryReport {
         let all = modes(selected.grad_accum, selected.attention);
         let fixed = self.total.parameter_bytes + self.largest_state();
         self.steps = ModePlan::of_modes(all, selected, fixed, |mode| {
-            model.step_memory(batch, seq, mode)
+            model.step_memory(batch, seq, mode, self.lora.as_ref())
         });
-        let adamw = MemoryReport::new(model, &OptimizerConfig::preset("adamw")?)?;
+        let adamw = MemoryReport::new(model, &OptimizerConfig::preset("adamw")?, None)?;
         let normal = StepMode {
             grad_accum: selected.grad_accum,
             attention: selected.attention,
@@ -258,7 +282,7 @@ impl MemoryReport {
         self.adamw_normal_peak_bytes = Some(
             adamw.total.parameter_bytes
                 + adamw.total.state.total()
-                + model.step_memory(batch, seq, normal).peak,
+                + model.step_memory(batch, seq, normal, None).peak,
         );
         Ok(self)
     }
@@ -280,11 +304,14 @@ impl MemoryReport {
             "{:<12} {:>12} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10}\n",
             "class", "parameters", "weights", "grads", "moments", "projections", "indices", "state"
         );
-        for (name, c) in [
-            ("state-full", &self.state_full),
-            ("projectable", &self.projectable),
-            ("total", &self.total),
-        ] {
+        let frozen = (self.frozen.parameters > 0).then_some(("frozen", &self.frozen));
+        let classes = [
+            Some(("state-full", &self.state_full)),
+            Some(("projectable", &self.projectable)),
+            frozen,
+            Some(("total", &self.total)),
+        ];
+        for (name, c) in classes.into_iter().flatten() {
             out += &format!(
                 "{:<12} {:>12} {:>10.1} {:>10.1} {:>12.1} {:>12.1} {:>10.2} {:>10.1}\n",
                 name,

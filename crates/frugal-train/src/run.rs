@@ -18,7 +18,7 @@ use candle_core::{DType, Device};
 use frugal::labels::RoleCounts;
 use frugal::Frugal;
 use frugal_dist::{Collectives, Solo};
-use frugal_nn::llama::{Llama, LlamaConfig};
+use frugal_nn::llama::{DecoderLora, Llama, LlamaConfig};
 use frugal_nn::StepMode;
 use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
@@ -39,7 +39,34 @@ pub struct RunConfig {
     /// Ranks the run was started on (data parallelism; `batch_size` is per rank).
     #[serde(default = "one")]
     pub world_size: usize,
+    /// LoRA adapters on the frozen linears (`--optimizer lora`), trained with `optimizer`.
+    #[serde(default)]
+    pub lora: Option<DecoderLora>,
 }
+
+/// What a run under LoRA trains, for its log.
+pub fn lora_line(lora: &DecoderLora, model: &LlamaConfig) -> String {
+    let a = &lora.adapters;
+    let trained: usize = lora
+        .trained_shapes(model)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    format!(
+        "lora: adapters of rank {}, alpha {} on {} of every layer (the linears frozen); embeddings, norms and head {}; {} parameters trained",
+        a.rank,
+        a.alpha,
+        match a.targets {
+            frugal_nn::lora::LoraTargets::All => "every linear",
+            frugal_nn::lora::LoraTargets::Qv => "q_proj and v_proj",
+        },
+        if lora.train_others { "trained" } else { "frozen" },
+        trained
+    )
+}
+
+/// What the seed of a run's LoRA adapters differs from its seed by.
+const LORA_SEED: u64 = 0x4c6f5241;
 
 /// One rank: the world size of runs written before data parallelism.
 pub(crate) fn one() -> usize {
@@ -81,6 +108,11 @@ impl RunConfig {
     pub fn step_mode_notes(&self) -> Vec<String> {
         let a = &self.args;
         a.memory.backward.backward().notes(a.grad_accum, a.clip)
+    }
+
+    /// The trained parameters' shapes and labels: every weight, or what `lora` trains.
+    pub fn trained_shapes(&self) -> Vec<frugal::labels::ParamShape> {
+        self.model.trained_shapes(self.lora.as_ref())
     }
 
     /// Sequences per optimizer step, over all ranks.
@@ -181,7 +213,9 @@ pub fn resolve(mut args: TrainSettings) -> Result<RunConfig> {
     if args.stop_after == Some(0) {
         bail!("--stop-after must be at least 1 (it is a step after which to pause)");
     }
-    let mut optimizer = args.opt.resolve(args.seed, args.steps)?;
+    let (mut optimizer, lora) =
+        args.opt
+            .resolve_for(&model, args.init_from.is_some(), args.seed, args.steps)?;
     if let Some(lr) = args.lr {
         optimizer.set("lr", &lr.to_string())?;
     }
@@ -199,6 +233,7 @@ pub fn resolve(mut args: TrainSettings) -> Result<RunConfig> {
         eval_every,
         save_every,
         world_size: 1,
+        lora,
     };
     run.schedule()?;
     Ok(run)
@@ -294,8 +329,7 @@ impl Hooks<Llama> for RunHooks<'_> {
 
 /// The optimizer state each of `world` ranks holds after the first step, planned.
 pub fn sharded_plan(run: &RunConfig, world: usize) -> Result<Vec<usize>> {
-    let shares =
-        frugal::sharding::state_per_rank(&run.optimizer, &run.model.labelled_shapes(), world)?;
+    let shares = frugal::sharding::state_per_rank(&run.optimizer, &run.trained_shapes(), world)?;
     Ok(shares.iter().map(|s| s.total()).collect())
 }
 
@@ -334,7 +368,7 @@ pub fn run(
 /// and working set.
 pub fn planned_step(run: &RunConfig) -> Result<ModePlan> {
     let (model, opt) = (&run.model, &run.optimizer);
-    let report = MemoryReport::new(model, opt)?
+    let report = MemoryReport::new(model, opt, run.lora.as_ref())?
         .with_world_size(model, opt, run.world_size)?
         .with_steps(model, run.args.batch_size, run.seq_len, run.step_mode())?;
     ModePlan::selected(report.steps)
@@ -458,7 +492,11 @@ fn train(
     // Model, optimizer, loop state.
     let (mut model, opt, state) = match &resume_from {
         Some((_, ck)) => {
-            let model = Llama::load(&run.model, &ck.join(checkpoint::MODEL), &device, DType::F32)?;
+            let mut model =
+                Llama::load(&run.model, &ck.join(checkpoint::MODEL), &device, DType::F32)?;
+            if let Some(lora) = &run.lora {
+                model = model.with_saved_adapters(lora, ck)?;
+            }
             let shard = (parallel.rank(), world);
             let (opt, state) =
                 checkpoint::restore(model.params(), run.optimizer.clone(), ck, shard)?;
@@ -471,6 +509,10 @@ fn train(
                     Llama::from_hf(dir, &device, DType::F32)?.1
                 }
                 None => Llama::init(&run.model, args.seed, &device, DType::F32)?,
+            };
+            let model = match &run.lora {
+                Some(lora) => model.with_lora(lora, args.seed ^ LORA_SEED)?,
+                None => model,
             };
             let opt = Frugal::from_params(model.params(), run.optimizer.clone())?;
             (model, opt, TrainerState::default())
@@ -492,8 +534,9 @@ fn train(
         )?;
     }
     let counts = RoleCounts::of(&opt.params().cloned().collect::<Vec<_>>());
-    let n_params = run.model.num_params();
-    let planned: usize = frugal::memory::plan(&run.optimizer, &run.model.labelled_shapes())?
+    let n_params =
+        run.model.num_params() + run.lora.as_ref().map_or(0, |l| l.adapter_count(&run.model));
+    let planned: usize = frugal::memory::plan(&run.optimizer, &run.trained_shapes())?
         .iter()
         .map(|(_, bytes)| bytes.total())
         .sum();
@@ -521,8 +564,11 @@ fn train(
             None => String::new(),
         }
     );
+    if let Some(lora) = &run.lora {
+        say!(lead, "{}", lora_line(lora, &run.model));
+    }
     if let Some(b) = opt.block_schedule() {
-        if b.active_count == 0 && run.optimizer.density > 0.0 {
+        if b.active_count == 0 && b.blocks > 0 && run.optimizer.density > 0.0 {
             say!(
                 lead,
                 "warning: density {} of {} blocks rounds to no active block; every projectable tensor is {}",

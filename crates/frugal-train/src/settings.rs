@@ -343,7 +343,9 @@ impl Default for TrainSettings {
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct OptimizerSettings {
     /// Preset (adamw, frugal, frugal-svd, galore, badam, signsgd, sgd, fira, apollo,
-    /// apollo-mini), optionally with overrides: `frugal:density=0.125,projection=svd`.
+    /// apollo-mini, lora), optionally with overrides: `frugal:density=0.125,projection=svd`,
+    /// `lora:rank=64,alpha=16,targets=qv,others=frozen` (AdamW on LoRA adapters of the frozen
+    /// linears; rank hidden/4, alpha 32, every linear, the others trained unless --init-from).
     #[cfg_attr(feature = "cli", arg(long, default_value_t = OptimizerSettings::default().optimizer))]
     pub optimizer: String,
     /// Projection: svd, random, randperm, columns, rows, randk, blocks.
@@ -477,6 +479,78 @@ impl OptimizerSettings {
         }
         c.validate()?;
         Ok(c)
+    }
+}
+
+impl OptimizerSettings {
+    /// [`OptimizerSettings::resolve`] for a decoder of `model`, where the preset may also be
+    /// `lora[:rank=R,alpha=A,targets=all|qv,others=train|frozen,<AdamW settings>]`: AdamW on
+    /// LoRA adapters of the frozen linears. Its defaults follow GaLore's pre-training
+    /// comparison: rank hidden_size / 4, alpha 32, every linear, the embeddings, norms and head
+    /// trained; from a `pretrained` model the others are frozen, as PEFT fine-tunes.
+    pub fn resolve_for(
+        &self,
+        model: &frugal_nn::llama::LlamaConfig,
+        pretrained: bool,
+        seed: u64,
+        steps: usize,
+    ) -> Result<(
+        frugal::OptimizerConfig,
+        Option<frugal_nn::llama::DecoderLora>,
+    )> {
+        let (name, options) = self
+            .optimizer
+            .split_once(':')
+            .unwrap_or((&self.optimizer, ""));
+        if name.trim() != "lora" {
+            return Ok((self.resolve(seed, steps)?, None));
+        }
+        let mut lora = frugal_nn::llama::DecoderLora {
+            adapters: frugal_nn::lora::LoraConfig {
+                rank: (model.hidden_size / 4).max(1),
+                alpha: 32.0,
+                dropout: 0.0,
+                targets: frugal_nn::lora::LoraTargets::All,
+            },
+            train_others: !pretrained,
+        };
+        let mut rest = Vec::new();
+        for kv in options.split(',').filter(|s| !s.trim().is_empty()) {
+            let (k, v) = kv.split_once('=').with_context(|| {
+                format!(
+                    "--optimizer {}: expected key=value, got `{kv}`",
+                    self.optimizer
+                )
+            })?;
+            let (k, v) = (k.trim(), v.trim());
+            if k == "others" {
+                lora.train_others = match v {
+                    "train" => true,
+                    "frozen" => false,
+                    _ => bail!(
+                        "--optimizer {}: others `{v}` is not train or frozen",
+                        self.optimizer
+                    ),
+                };
+            } else if !lora
+                .adapters
+                .set(k, v)
+                .with_context(|| format!("--optimizer {}", self.optimizer))?
+            {
+                rest.push(kv.trim());
+            }
+        }
+        lora.validate()
+            .with_context(|| format!("--optimizer {}", self.optimizer))?;
+        let adamw = OptimizerSettings {
+            optimizer: std::iter::once("adamw")
+                .chain(rest.iter().copied())
+                .collect::<Vec<_>>()
+                .join(",")
+                .replacen(',', ":", 1),
+            ..self.clone()
+        };
+        Ok((adamw.resolve(seed, steps)?, Some(lora)))
     }
 }
 

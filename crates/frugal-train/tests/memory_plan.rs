@@ -8,7 +8,7 @@ use frugal_nn::chunked_loss::LossChunks;
 use frugal_nn::encoder::{
     Classifier, Encoder, EncoderBatch, EncoderConfig, LoraConfig, LoraTargets, Pooling,
 };
-use frugal_nn::llama::{Llama, LlamaConfig};
+use frugal_nn::llama::{DecoderLora, Llama, LlamaConfig};
 use frugal_nn::Attention;
 use frugal_nn::StepMode;
 use frugal_train::schedule::Schedule;
@@ -105,16 +105,29 @@ fn measured_peak<M: Model>(
     PEAK.load(Ordering::SeqCst) - before
 }
 
-/// The LLaMA model's measured step peak.
-fn llama_peak(c: &LlamaConfig, mode: StepMode, batch: usize, seq: usize) -> usize {
+/// The LLaMA model's measured step peak, training every weight with FRUGAL or, with `lora`,
+/// what it trains with AdamW.
+fn llama_peak(
+    c: &LlamaConfig,
+    mode: StepMode,
+    batch: usize,
+    seq: usize,
+    lora: Option<&DecoderLora>,
+) -> usize {
     let mut model = Llama::init(c, 0, &Device::Cpu, DType::F32).unwrap();
+    let spec = match lora {
+        Some(l) => {
+            model = model.with_lora(l, 1).unwrap();
+            "adamw"
+        }
+        None => "frugal:update_gap=100",
+    };
     model.set_loss_chunks(mode.loss_chunks);
     model.set_attention(mode.attention);
     let mut data = Tokens {
         seq,
         vocab: c.vocab_size as u64,
     };
-    let spec = "frugal:update_gap=100";
     measured_peak(model, spec, mode, (batch, seq), &mut data)
 }
 
@@ -126,8 +139,8 @@ fn off_plan(name: &str, plan: usize, real: usize, band: f64) -> Option<String> {
         .then(|| format!("{name}: planned {plan} bytes, counted {real}"))
 }
 
-#[test]
-fn the_planned_peak_matches_counted_allocations_in_every_mode() {
+/// Two small LLaMA shapes with the micro-batch each is measured on.
+fn llama_shapes() -> [(LlamaConfig, usize, usize); 2] {
     let small = LlamaConfig {
         vocab_size: 2048,
         hidden_size: 64,
@@ -150,6 +163,11 @@ fn the_planned_peak_matches_counted_allocations_in_every_mode() {
         max_position_embeddings: 48,
         ..small.clone()
     };
+    [(small, 4, 64), (grouped, 6, 48)]
+}
+
+/// The memory modes the LLaMA plans are checked in.
+fn llama_modes() -> [(&'static str, StepMode); 10] {
     let mode = |checkpointing, per_layer_updates, tokens, grad_accum| StepMode {
         checkpointing,
         per_layer_updates,
@@ -161,7 +179,7 @@ fn the_planned_peak_matches_counted_allocations_in_every_mode() {
         attention: Attention::Whole,
         ..mode
     };
-    let modes = [
+    [
         ("normal", mode(false, false, 1, 1)),
         ("loss in chunks", mode(false, false, 4, 1)),
         ("checkpointing", mode(true, false, 1, 1)),
@@ -184,13 +202,19 @@ fn the_planned_peak_matches_counted_allocations_in_every_mode() {
             "checkpointing, whole attention",
             whole(mode(true, false, 1, 1)),
         ),
-    ];
+    ]
+}
+
+#[test]
+fn the_planned_peak_matches_counted_allocations_in_every_mode() {
+    let modes = llama_modes();
     let _counting = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
     let (mut peaks, mut off) = (Vec::new(), Vec::new());
-    for (c, batch, seq) in [(&small, 4, 64), (&grouped, 6, 48)] {
+    for (c, batch, seq) in &llama_shapes() {
+        let (c, batch, seq) = (c, *batch, *seq);
         for (name, mode) in modes {
-            let plan = c.step_memory(batch / mode.grad_accum, seq, mode);
-            let real = llama_peak(c, mode, batch, seq);
+            let plan = c.step_memory(batch / mode.grad_accum, seq, mode, None);
+            let real = llama_peak(c, mode, batch, seq, None);
             off.extend(off_plan(name, plan.peak, real, 0.15));
             peaks.push(real);
         }
@@ -198,6 +222,39 @@ fn the_planned_peak_matches_counted_allocations_in_every_mode() {
         let run = &peaks[peaks.len() - modes.len()..];
         assert!(run[1..5].iter().all(|p| *p < run[0]), "{run:?}");
         assert!(run[4] < run[1] && run[4] < run[2], "{run:?}");
+    }
+    assert!(off.is_empty(), "{off:#?}");
+}
+
+#[test]
+fn the_lora_plan_matches_counted_allocations_in_every_mode() {
+    let lora = |targets, train_others| DecoderLora {
+        adapters: LoraConfig {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets,
+        },
+        train_others,
+    };
+    let _counting = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+    let mut off = Vec::new();
+    for (c, batch, seq) in &llama_shapes() {
+        for l in [lora(LoraTargets::All, true), lora(LoraTargets::Qv, false)] {
+            let mut peaks = Vec::new();
+            for (name, mode) in llama_modes() {
+                let plan = c.step_memory(batch / mode.grad_accum, *seq, mode, Some(&l));
+                let real = llama_peak(c, mode, *batch, *seq, Some(&l));
+                let name = format!(
+                    "lora {:?}, others trained {}, {name}",
+                    l.adapters.targets, l.train_others
+                );
+                off.extend(off_plan(&name, plan.peak, real, 0.15));
+                peaks.push(real);
+            }
+            // Checkpointing and the low mode save memory under LoRA too.
+            assert!(peaks[2] < peaks[0] && peaks[4] < peaks[0], "{peaks:?}");
+        }
     }
     assert!(off.is_empty(), "{off:#?}");
 }

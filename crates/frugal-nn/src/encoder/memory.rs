@@ -54,7 +54,13 @@ impl EncoderConfig {
                 count("embeddings.", self.parameter_shapes()),
                 count("encoder.layer.0.", self.parameter_shapes()),
             ),
-            Some(l) => (0.0, count("encoder.layer.0.", l.adapter_shapes(self))),
+            Some(l) => (
+                0.0,
+                count(
+                    "encoder.layer.0.",
+                    l.adapter_shapes(self.parameter_shapes()),
+                ),
+            ),
         };
         let p_head = labels as f64 * (h + 1.0);
         let p_all = p_embed + layers * p_layer + p_head;

@@ -6,15 +6,14 @@
 mod batch;
 mod classifier;
 mod config;
-mod lora;
 mod memory;
 
+pub use crate::lora::{LoraConfig, LoraTargets};
 pub use batch::EncoderBatch;
 pub use classifier::{Classifier, Pooling};
 pub use config::EncoderConfig;
-pub use lora::{LoraConfig, LoraTargets};
 
-use lora::Adapter;
+use crate::lora::Adapter;
 
 use crate::dropout::{maybe, Dropout};
 use crate::error::{Error, Result};

@@ -8,15 +8,27 @@
 //! matrix multiplications' packing buffers) is modelled per layer as a·n·f + b·n·h + c·P, with
 //! coefficients measured on this implementation; the plan's test checks the resulting peak
 //! against counted allocations.
+//!
+//! Under LoRA only the trained tensors get gradients (the adapters, and the embeddings, norms
+//! and head where they train); each adapter keeps x·Aᵀ, its product with Bᵀ, the scaled copy
+//! and the sum with the frozen product. The loss still forms the head's gradient (a working
+//! tensor then).
 
-use super::LlamaConfig;
+use super::{DecoderLora, LlamaConfig};
 use crate::step_memory::{StepMemory, StepMode};
 use crate::Attention;
 
 impl LlamaConfig {
     /// Plans the memory of a training step on micro-batches of `batch` sequences of `seq`
-    /// tokens (beyond weights and optimizer state).
-    pub fn step_memory(&self, batch: usize, seq: usize, mode: StepMode) -> StepMemory {
+    /// tokens (beyond weights and optimizer state), training every weight or, with `lora`,
+    /// what it trains.
+    pub fn step_memory(
+        &self,
+        batch: usize,
+        seq: usize,
+        mode: StepMode,
+        lora: Option<&DecoderLora>,
+    ) -> StepMemory {
         let n = (batch * seq) as f64;
         let h = self.hidden_size as f64;
         let f = self.intermediate_size as f64;
@@ -30,21 +42,55 @@ impl LlamaConfig {
             0.0
         };
         let chunks = mode.loss_chunks;
-        let p_layer = 2.0 * h * h + 2.0 * kv * h + 3.0 * h * f + 2.0 * h;
-        let p_vocab = vocab * h;
-        let p_all = 2.0 * p_vocab + layers * p_layer + h;
+        // Trained values of a layer, of the embeddings (as many as the head's), of the head
+        // and final norm, and in all.
+        let (p_layer, p_vocab, p_top, p_all) = match lora {
+            None => {
+                let p_layer = 2.0 * h * h + 2.0 * kv * h + 3.0 * h * f + 2.0 * h;
+                let p_vocab = vocab * h;
+                (
+                    p_layer,
+                    p_vocab,
+                    p_vocab + h,
+                    2.0 * p_vocab + layers * p_layer + h,
+                )
+            }
+            Some(l) => {
+                let trained = |prefix: &str| -> f64 {
+                    l.trained_shapes(self)
+                        .iter()
+                        .filter(|(name, _)| name.starts_with(prefix))
+                        .map(|(_, s)| s.iter().product::<usize>() as f64)
+                        .sum()
+                };
+                let p_layer = trained("model.layers.0.");
+                let p_vocab = trained("model.embed_tokens.");
+                let p_top = trained("lm_head.") + trained("model.norm.");
+                (p_layer, p_vocab, p_top, trained(""))
+            }
+        };
         // Kept by each layer: norms, projections and their rotated heads, the attention
         // output, the MLP's gate, up and gated products, and the two residual sums. Attention
         // computed whole also keeps the values' head-major copy, the key-value heads repeated
         // for grouped queries, the scores and probabilities, and the output's row-major copy;
         // fused, two numbers per query row.
-        let a_layer = 9.0 * n * h
+        let mut a_layer = 9.0 * n * h
             + 3.0 * n * kv
             + 3.0 * n * f
             + match mode.attention {
                 Attention::Whole => n * h + n * kv + grouped * n * h + 2.0 * scores,
                 Attention::Fused => 2.0 * n * self.num_attention_heads as f64,
             };
+        if let Some(l) = lora {
+            for (name, shape) in l.adapters.adapter_shapes(self.parameter_shapes()) {
+                if name.starts_with("model.layers.0.") && name.ends_with("lora_B.weight") {
+                    let (outputs, rank) = (shape[0] as f64, shape[1] as f64);
+                    a_layer += n * rank + 3.0 * n * outputs;
+                }
+            }
+        }
+        // The loss forms the head's gradient whether or not the head trains.
+        let head = vocab * h;
         let rows = (n / chunks.tokens.max(1) as f64).ceil();
         let (a_top, w_top) = if chunks.is_whole() {
             // The final norm and the logits; their gradient, and part of a second one while
@@ -53,13 +99,10 @@ impl LlamaConfig {
         } else if chunks.vocab <= 1 {
             // The final norm and the gradients the one pass made; a chunk's logits and their
             // gradient, and the head gradient's running sum.
-            (
-                2.0 * n * h + p_vocab,
-                2.0 * rows * vocab + p_vocab + 3.0 * n * h,
-            )
+            (2.0 * n * h + head, 2.0 * rows * vocab + head + 3.0 * n * h)
         } else {
             let chunk = rows * (vocab / chunks.vocab as f64).ceil();
-            (n * h + n, p_vocab + 3.0 * n * h + 3.0 * chunk)
+            (n * h + n, head + 3.0 * n * h + 3.0 * chunk)
         };
         let w_embed = p_vocab + 2.0 * n * h;
         // Gradients held at each phase (head, a layer, the embeddings) besides the working set
@@ -72,14 +115,14 @@ impl LlamaConfig {
             let w_layer = 3.5 * n * f + 10.0 * n * h;
             let forward = saved + a_layer + accumulated;
             let top = saved + n * h + a_top + w_top + held(0.0, p_all);
-            let layer = saved + n * h + a_layer + w_layer + held(p_vocab + h, p_all - p_vocab);
+            let layer = saved + n * h + a_layer + w_layer + held(p_top, p_all - p_vocab);
             let embed = 2.0 * n * h + w_embed + held(p_all - p_vocab, p_vocab);
             (saved + n * h + a_top, [forward, top, layer, embed])
         } else {
             let kept = n * h + layers * a_layer + a_top;
             let w_layer = 3.5 * n * f + 3.0 * n * h + 3.0 * p_layer;
             let top = kept + w_top + accumulated;
-            let layer = kept + p_vocab + h + w_layer + accumulated;
+            let layer = kept + p_top + w_layer + accumulated;
             let embed = kept + p_all - p_vocab + w_embed + accumulated;
             (kept, [kept + accumulated, top, layer, embed])
         };

@@ -4,17 +4,21 @@
 
 mod config;
 mod decode;
+mod lora;
 mod memory;
 
 pub use config::{LlamaConfig, BUILTIN};
 pub use decode::KvCache;
+pub use lora::{DecoderLora, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 
 use crate::attention::Attention;
 use crate::chunked_loss::{linear_cross_entropy, linear_cross_entropy_value, LossChunks};
 use crate::error::{Error, Result};
 use crate::layered::{backward_from, only, take, top_backward};
+use crate::lora::Adapter;
 use crate::ops::{
-    causal_attention, cross_entropy, linear, rms_norm, rope_heads, swiglu, whole_causal_attention,
+    causal_attention, cross_entropy, frozen_linear, linear, rms_norm, rope_heads, swiglu,
+    whole_causal_attention,
 };
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -25,33 +29,52 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::path::Path;
 
+/// A linear layer y = x·Wᵀ, with a LoRA adapter on a frozen W or not.
+struct Linear {
+    w: Tensor,
+    lora: Option<Adapter>,
+}
+
+impl Linear {
+    /// The trained tensors: W, or the adapter's A and B.
+    fn trained(&self) -> Vec<&Tensor> {
+        let adapter = self
+            .lora
+            .iter()
+            .flat_map(|a| [a.a.as_tensor(), a.b.as_tensor()]);
+        std::iter::once(&self.w)
+            .chain(adapter)
+            .filter(|t| t.is_variable())
+            .collect()
+    }
+}
+
 /// Weights of one decoder layer.
 struct Layer {
     input_norm: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
     post_norm: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 impl Layer {
-    /// The weights in Hugging Face order.
-    fn weights(&self) -> [&Tensor; 9] {
-        [
-            &self.input_norm,
-            &self.q,
-            &self.k,
-            &self.v,
-            &self.o,
-            &self.post_norm,
-            &self.gate,
-            &self.up,
-            &self.down,
-        ]
+    /// The trained tensors in Hugging Face order (a linear's adapter in its place).
+    fn trained(&self) -> Vec<&Tensor> {
+        let mut out = vec![&self.input_norm];
+        for l in [&self.q, &self.k, &self.v, &self.o] {
+            out.extend(l.trained());
+        }
+        out.push(&self.post_norm);
+        for l in [&self.gate, &self.up, &self.down] {
+            out.extend(l.trained());
+        }
+        out.retain(|t| t.is_variable());
+        out
     }
 }
 
@@ -72,6 +95,8 @@ pub struct Llama {
     compute: DType,
     /// Rotary tables (cos, sin) per sequence length.
     tables: std::sync::Mutex<HashMap<usize, (Tensor, Tensor)>>,
+    /// LoRA adapters on frozen linears, when the model has them.
+    lora: Option<DecoderLora>,
 }
 
 impl Llama {
@@ -90,7 +115,7 @@ impl Llama {
             };
             tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
         }
-        Self::from_tensors(config, tensors, device, dtype)
+        Self::from_tensors(config, tensors, device, dtype, None)
     }
 
     /// Loads `model.safetensors` (Hugging Face names) for the given configuration onto `device`
@@ -98,17 +123,20 @@ impl Llama {
     pub fn load(config: &LlamaConfig, path: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let tensors = candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| Error::file(path, format!("cannot read model weights: {e}")))?;
-        Self::from_tensors(config, tensors, device, dtype)
+        Self::from_tensors(config, tensors, device, dtype, None)
     }
 
     /// Loads a Hugging Face LLaMA folder (`config.json`, and `model.safetensors` or shards
     /// listed in `model.safetensors.index.json`) onto `device` in `dtype`: its configuration and
     /// weights. A tied LM head (`tie_word_embeddings`, no `lm_head.weight`) starts as a copy of
-    /// the embeddings and is trained apart from them. Tensors it would not use are errors, as
-    /// are architectures it does not implement ([`LlamaConfig::from_file`]).
+    /// the embeddings and is trained apart from them. LoRA adapters saved beside the weights
+    /// (`adapter_config.json` and `adapter_model.safetensors`, as PEFT writes them) are merged
+    /// into them. Tensors it would not use are errors, as are architectures it does not
+    /// implement ([`LlamaConfig::from_file`]).
     pub fn from_hf(dir: &Path, device: &Device, dtype: DType) -> Result<(LlamaConfig, Self)> {
         let (config, raw) = LlamaConfig::from_file_with_json(&dir.join("config.json"))?;
         let mut tensors = crate::hf::read_weights(dir)?;
+        lora::merge_saved_adapters(dir, &mut tensors)?;
         tensors.retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
         if !tensors.contains_key("lm_head.weight")
             && raw["tie_word_embeddings"].as_bool() == Some(true)
@@ -133,16 +161,20 @@ impl Llama {
                 unused[0]
             )));
         }
-        let model = Self::from_tensors(&config, tensors, device, dtype)
+        let model = Self::from_tensors(&config, tensors, device, dtype, None)
             .map_err(|e| Error::Weights(format!("{}: {e}", dir.display())))?;
         Ok((config, model))
     }
 
+    /// The model of `tensors` (Hugging Face names). With `lora`, its adapters' A and B (named
+    /// `….lora_A.weight`, `….lora_B.weight` after the linear's module) are trained, and the
+    /// weights it does not train are frozen: plain tensors that get no gradient.
     fn from_tensors(
         config: &LlamaConfig,
         mut tensors: HashMap<String, Tensor>,
         device: &Device,
         dtype: DType,
+        lora: Option<(&DecoderLora, HashMap<String, Tensor>)>,
     ) -> Result<Self> {
         let varmap = VarMap::new();
         let mut vars = HashMap::new();
@@ -161,24 +193,37 @@ impl Llama {
                 )));
             }
             let var = Var::from_tensor(&t.to_dtype(dtype)?.to_device(device)?)?;
-            vars.insert(name.clone(), var.as_tensor().clone());
+            // A frozen weight is used detached (the same storage): it gets no gradient.
+            let used = match &lora {
+                Some((l, _)) if !l.trains(&name) => var.as_tensor().detach(),
+                _ => var.as_tensor().clone(),
+            };
+            vars.insert(name.clone(), used);
             data.insert(name, var);
         }
         drop(data);
+        let mut adapters = match &lora {
+            Some((l, saved)) => lora::adapters(l, config, saved, device, dtype)?,
+            None => HashMap::new(),
+        };
         let get = |n: &str| vars[n].clone();
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = |s: &str| get(&format!("model.layers.{i}.{s}.weight"));
+                let mut linear = |s: &str| Linear {
+                    w: p(s),
+                    lora: adapters.remove(&format!("model.layers.{i}.{s}")),
+                };
                 Layer {
                     input_norm: p("input_layernorm"),
-                    q: p("self_attn.q_proj"),
-                    k: p("self_attn.k_proj"),
-                    v: p("self_attn.v_proj"),
-                    o: p("self_attn.o_proj"),
+                    q: linear("self_attn.q_proj"),
+                    k: linear("self_attn.k_proj"),
+                    v: linear("self_attn.v_proj"),
+                    o: linear("self_attn.o_proj"),
                     post_norm: p("post_attention_layernorm"),
-                    gate: p("mlp.gate_proj"),
-                    up: p("mlp.up_proj"),
-                    down: p("mlp.down_proj"),
+                    gate: linear("mlp.gate_proj"),
+                    up: linear("mlp.up_proj"),
+                    down: linear("mlp.down_proj"),
                 }
             })
             .collect();
@@ -194,6 +239,7 @@ impl Llama {
             attention: Attention::default(),
             compute: dtype,
             tables: Default::default(),
+            lora: lora.map(|(l, _)| l.clone()),
         })
     }
 
@@ -222,6 +268,21 @@ impl Llama {
     /// A weight as the computation uses it (cast to the compute dtype).
     fn used(&self, w: &Tensor) -> candle_core::Result<Tensor> {
         w.to_dtype(self.compute)
+    }
+
+    /// x·Wᵀ of a linear layer (a frozen W gets no gradient formed), plus its adapter's
+    /// (α/r)·(x·Aᵀ)·Bᵀ.
+    fn project(&self, l: &Linear, x: &Tensor) -> Result<Tensor> {
+        let w = self.used(&l.w)?;
+        let y = if l.w.is_variable() {
+            linear(x, &w)?
+        } else {
+            frozen_linear(x, &w)?
+        };
+        Ok(match &l.lora {
+            None => y,
+            Some(adapter) => (y + adapter.apply(x)?)?,
+        })
     }
 
     /// Writes the weights as `model.safetensors` with Hugging Face names.
@@ -309,19 +370,17 @@ impl Llama {
         let (heads, kv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
         let scale = 1.0 / (d as f64).sqrt();
         let h = rms_norm(x, &self.used(&l.input_norm)?, c.rms_norm_eps)?;
-        let q = rope_heads(&linear(&h, &self.used(&l.q)?)?, heads, cos, sin)?;
-        let k = rope_heads(&linear(&h, &self.used(&l.k)?)?, kv, cos, sin)?;
-        let v = linear(&h, &self.used(&l.v)?)?
+        let q = rope_heads(&self.project(&l.q, &h)?, heads, cos, sin)?;
+        let k = rope_heads(&self.project(&l.k, &h)?, kv, cos, sin)?;
+        let v = self
+            .project(&l.v, &h)?
             .reshape((b, t, kv, d))?
             .transpose(1, 2)?;
         let att = attend(&q, &k, &v, scale)?;
-        let x = (x + linear(&att, &self.used(&l.o)?)?)?;
+        let x = (x + self.project(&l.o, &att)?)?;
         let h = rms_norm(&x, &self.used(&l.post_norm)?, c.rms_norm_eps)?;
-        let mlp = swiglu(
-            &linear(&h, &self.used(&l.gate)?)?,
-            &linear(&h, &self.used(&l.up)?)?,
-        )?;
-        Ok((x + linear(&mlp, &self.used(&l.down)?)?)?)
+        let mlp = swiglu(&self.project(&l.gate, &h)?, &self.project(&l.up, &h)?)?;
+        Ok((x + self.project(&l.down, &mlp)?)?)
     }
 
     /// The final norm of the last hidden states (batch, seq, hidden) as (batch·seq, hidden).
@@ -440,40 +499,79 @@ impl Llama {
             let y = self.layer(l, &input, &tables)?;
             let mut grads = backward_from(&y, &dy)?;
             dy = take(&mut grads, input.as_tensor())?;
-            sink(only(grads, &l.weights()))?;
+            sink(only(grads, &l.trained()))?;
         }
-        let grads = backward_from(&self.embed(ids)?, &dy)?;
-        sink(only(grads, &[&self.embed]))?;
+        if self.embed.is_variable() {
+            let grads = backward_from(&self.embed(ids)?, &dy)?;
+            sink(only(grads, &[&self.embed]))?;
+        }
         Ok(value)
     }
 
-    /// The parameters with their LLaMA labels, in model order (see
-    /// [`LlamaConfig::parameter_shapes`]).
+    /// The trained parameters with their LLaMA labels, in model order (see
+    /// [`LlamaConfig::parameter_shapes`]): every weight, or under LoRA the adapters (each
+    /// after its linear's place, without weight decay) and the weights it trains.
     pub fn params(&self) -> Vec<Param> {
         let data = match self.varmap.data().lock() {
             Ok(d) => d,
             Err(poisoned) => poisoned.into_inner(),
         };
-        self.config
-            .parameter_shapes()
-            .into_iter()
-            .filter_map(|(name, _)| {
-                let var = data.get(&name)?.clone();
-                Some(Param::new(name.clone(), var, crate::labels::llama(&name)))
+        let adapters: HashMap<String, &Adapter> = self.adapters().into_iter().collect();
+        let mut params = Vec::new();
+        for (name, _) in self.config.parameter_shapes() {
+            if self.lora.as_ref().is_none_or(|l| l.trains(&name)) {
+                if let Some(var) = data.get(&name) {
+                    params.push(Param::new(
+                        name.clone(),
+                        var.clone(),
+                        crate::labels::llama(&name),
+                    ));
+                }
+            }
+            let module = name.strip_suffix(".weight").unwrap_or(&name);
+            if let Some(adapter) = adapters.get(module) {
+                for (part, var) in [("lora_A", &adapter.a), ("lora_B", &adapter.b)] {
+                    let name = format!("{module}.{part}.weight");
+                    params.push(Param::new(name.clone(), var.clone(), lora::label(&name)));
+                }
+            }
+        }
+        params
+    }
+
+    /// The adapters by module (`model.layers.0.self_attn.q_proj`), in model order.
+    fn adapters(&self) -> Vec<(String, &Adapter)> {
+        let names = [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ];
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| {
+                let linears = [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down];
+                names.iter().zip(linears).filter_map(move |(n, lin)| {
+                    Some((format!("model.layers.{i}.{n}"), lin.lora.as_ref()?))
+                })
             })
             .collect()
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn init(config: &LlamaConfig, seed: u64) -> Llama {
         Llama::init(config, seed, &Device::Cpu, DType::F32).unwrap()
     }
 
-    fn micro() -> LlamaConfig {
+    pub(crate) fn micro() -> LlamaConfig {
         LlamaConfig {
             vocab_size: 50,
             hidden_size: 16,
@@ -487,7 +585,7 @@ mod tests {
         }
     }
 
-    fn batch() -> (Tensor, Tensor) {
+    pub(crate) fn batch() -> (Tensor, Tensor) {
         let ids: Vec<u32> = (0..2 * 9).map(|i| (i * 7 + 3) % 50).collect();
         let x = Tensor::from_vec(ids[..16].to_vec(), (2, 8), &Device::Cpu).unwrap();
         let y = Tensor::from_vec(ids[2..].to_vec(), (2, 8), &Device::Cpu).unwrap();
@@ -590,7 +688,7 @@ mod tests {
     }
 
     /// Gradients of every parameter, by name, from a store.
-    fn by_name(model: &Llama, grads: &GradStore) -> Vec<(String, Vec<f32>)> {
+    pub(crate) fn by_name(model: &Llama, grads: &GradStore) -> Vec<(String, Vec<f32>)> {
         model
             .params()
             .iter()

@@ -115,7 +115,7 @@ pub fn method_memory(
     let Method { optimizer, lora } = trained;
     let adapters: Vec<ParamShape> = lora
         .map(|l| {
-            l.adapter_shapes(config)
+            l.adapter_shapes(config.parameter_shapes())
                 .into_iter()
                 .map(|(n, s)| shape(format!("{prefix}{n}"), s))
                 .collect()

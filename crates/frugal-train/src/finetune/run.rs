@@ -241,26 +241,8 @@ fn lora_method(
         let Some((k, v)) = kv.split_once('=') else {
             bail!("method {method}: expected key=value, got `{kv}`");
         };
-        let number = || {
-            v.parse::<f64>()
-                .with_context(|| format!("method {method}: {k} `{v}` is not a number"))
-        };
-        match k {
-            "rank" => {
-                lora.rank = v
-                    .parse()
-                    .with_context(|| format!("method {method}: rank `{v}` is not a whole number"))?
-            }
-            "alpha" => lora.alpha = number()?,
-            "dropout" => lora.dropout = number()?,
-            "targets" => {
-                lora.targets = match v {
-                    "qv" => LoraTargets::Qv,
-                    "all" => LoraTargets::All,
-                    _ => bail!("method {method}: targets `{v}` is not qv or all"),
-                }
-            }
-            _ => pairs.push((k.into(), v.into())),
+        if !lora.set(k, v).with_context(|| format!("method {method}"))? {
+            pairs.push((k.into(), v.into()));
         }
     }
     lora.validate()?;

@@ -1,8 +1,8 @@
-//! LoRA adapters on an encoder's frozen linears: y = x·Wᵀ + b + (α/r)·(dropout(x)·Aᵀ)·Bᵀ, with
-//! A (r × in) uniform in ±1/√in and B (out × r) zero, so training starts from the pretrained
-//! model. Merging adds (α/r)·B·A into W.
+//! LoRA adapters on a model's frozen linears: y = x·Wᵀ + b + (α/r)·(dropout(x)·Aᵀ)·Bᵀ, with
+//! A (r × in) uniform in ±1/√in and B (out × r) zero, so training starts from the model as it
+//! was. Merging adds (α/r)·B·A into W. The encoders' linears (`encoder.layer.N.…`) and the
+//! LLaMA's (`model.layers.N.…`) are named as Hugging Face names them.
 
-use super::EncoderConfig;
 use crate::dropout::{maybe, Dropout};
 use crate::error::{Error, Result};
 use crate::ops::linear;
@@ -18,7 +18,7 @@ pub enum LoraTargets {
     /// Attention query and value (the LoRA paper's choice).
     #[default]
     Qv,
-    /// Every linear of every layer.
+    /// Every linear of every layer (attention and MLP).
     All,
 }
 
@@ -47,28 +47,69 @@ impl LoraConfig {
         Ok(())
     }
 
-    /// True if the linear `module` (`attention.self.query`, `intermediate.dense`, …) gets an
-    /// adapter.
+    /// Sets `key` (rank, alpha, dropout or targets) to `value`; false for another key.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<bool> {
+        let number = || {
+            value
+                .parse::<f64>()
+                .map_err(|_| Error::Config(format!("LoRA {key} `{value}` is not a number")))
+        };
+        match key {
+            "rank" => {
+                self.rank = value.parse().map_err(|_| {
+                    Error::Config(format!("LoRA rank `{value}` is not a whole number"))
+                })?
+            }
+            "alpha" => self.alpha = number()?,
+            "dropout" => self.dropout = number()?,
+            "targets" => {
+                self.targets = match value {
+                    "qv" => LoraTargets::Qv,
+                    "all" => LoraTargets::All,
+                    _ => {
+                        return Err(Error::Config(format!(
+                            "LoRA targets `{value}` is not qv or all"
+                        )))
+                    }
+                }
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// True if the linear `module` of a layer (`attention.self.query`, `intermediate.dense`,
+    /// `self_attn.q_proj`, `mlp.down_proj`, …) gets an adapter.
     pub fn targets(&self, module: &str) -> bool {
         match self.targets {
-            LoraTargets::Qv => matches!(module, "attention.self.query" | "attention.self.value"),
+            LoraTargets::Qv => matches!(
+                module,
+                "attention.self.query"
+                    | "attention.self.value"
+                    | "self_attn.q_proj"
+                    | "self_attn.v_proj"
+            ),
             LoraTargets::All => true,
         }
     }
 
     /// The module of a weight these settings adapt (`encoder.layer.0.attention.self.query` for
-    /// `encoder.layer.0.attention.self.query.weight`).
+    /// `encoder.layer.0.attention.self.query.weight`, `model.layers.0.mlp.up_proj` for
+    /// `model.layers.0.mlp.up_proj.weight`); norms are not adapted.
     pub fn module<'a>(&self, weight: &'a str) -> Option<&'a str> {
         let module = weight.strip_suffix(".weight")?;
-        let (_, rest) = module.strip_prefix("encoder.layer.")?.split_once('.')?;
-        (!rest.ends_with("LayerNorm") && self.targets(rest)).then_some(module)
+        let layer = ["encoder.layer.", "model.layers."]
+            .iter()
+            .find_map(|prefix| module.strip_prefix(prefix))?;
+        let (_, rest) = layer.split_once('.')?;
+        let norm = rest.to_ascii_lowercase().contains("norm");
+        (!norm && self.targets(rest)).then_some(module)
     }
 
-    /// The adapters of an encoder of `config`: (name without prefix, shape), A then B of each
-    /// adapted linear in model order.
-    pub fn adapter_shapes(&self, config: &EncoderConfig) -> Vec<(String, Vec<usize>)> {
-        config
-            .parameter_shapes()
+    /// The adapters of a model whose weights have `shapes` (names without prefix, in model
+    /// order): (name, shape), A then B of each adapted linear.
+    pub fn adapter_shapes(&self, shapes: Vec<(String, Vec<usize>)>) -> Vec<(String, Vec<usize>)> {
+        shapes
             .into_iter()
             .filter_map(|(name, shape)| {
                 let module = self.module(&name)?.to_string();
@@ -83,7 +124,7 @@ impl LoraConfig {
 }
 
 /// The trainable low-rank update of one linear.
-pub(super) struct Adapter {
+pub(crate) struct Adapter {
     pub a: Var,
     pub b: Var,
     scale: f64,
@@ -128,8 +169,13 @@ impl Adapter {
 
     /// (α/r)·(dropout(x)·Aᵀ)·Bᵀ.
     pub fn forward(&self, x: &Tensor, dropout: &mut Option<&mut Dropout>) -> Result<Tensor> {
-        let x = maybe(dropout, x, self.dropout)?;
-        Ok((linear(&linear(&x, self.a.as_tensor())?, self.b.as_tensor())? * self.scale)?)
+        self.apply(&maybe(dropout, x, self.dropout)?)
+    }
+
+    /// (α/r)·(x·Aᵀ)·Bᵀ, with A and B used in x's dtype (their gradients arrive in theirs).
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let used = |v: &Var| v.as_tensor().to_dtype(x.dtype());
+        Ok((linear(&linear(x, &used(&self.a)?)?, &used(&self.b)?)? * self.scale)?)
     }
 
     /// (α/r)·B·A, the update of W.

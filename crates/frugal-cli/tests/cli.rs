@@ -511,19 +511,24 @@ fn lora_trains_adapters_resumes_exactly_and_reads_merged() {
             ])
             .arg(&ck),
     );
-    // Continued from the checkpoint as a pretrained model: merged, then trained as a whole.
-    run_ok(&mut train(
-        &dir,
-        &dir.join("continued"),
-        &[
+    // Continued from the checkpoint as a pretrained model: merged, then trained as a whole, or
+    // with new adapters and, from a pretrained model, the other weights frozen.
+    let from = ck.to_str().unwrap();
+    for (out, optimizer) in [("continued", "adamw"), ("tuned", "lora:rank=2")] {
+        let flags = [
             "--steps",
             "1",
             "--optimizer",
-            "adamw",
+            optimizer,
             "--init-from",
-            ck.to_str().unwrap(),
-        ],
-    ));
+            from,
+        ];
+        run_ok(&mut train(&dir, &dir.join(out), &flags));
+    }
+    let tuned = dir.join("tuned");
+    let config: Value = json(&tuned.join("config.json"));
+    assert_eq!(config["lora"]["train_others"], false);
+    assert_eq!(config["lora"]["targets"], "all");
 
     // Bad settings name themselves.
     for (spec, named) in [

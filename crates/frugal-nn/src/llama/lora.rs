@@ -95,10 +95,32 @@ impl DecoderLora {
                 raw["peft_type"]
             )));
         }
-        for key in ["use_rslora", "use_dora"] {
-            if raw[key].as_bool() == Some(true) {
-                return Err(bad(format!("`{key}` adapters are not supported; merge them into the weights first (PEFT's merge_and_unload)")));
-            }
+        // PEFT features beyond plain adapters of one rank on whole linears.
+        let unsupported = |key: &str| match &raw[key] {
+            serde_json::Value::Null => false,
+            serde_json::Value::Bool(on) => *on,
+            serde_json::Value::String(s) => key != "bias" || s != "none",
+            serde_json::Value::Object(o) => !o.is_empty(),
+            serde_json::Value::Array(a) => !a.is_empty(),
+            serde_json::Value::Number(_) => true,
+        };
+        let keys = [
+            "use_rslora",
+            "use_dora",
+            "use_qalora",
+            "lora_bias",
+            "bias",
+            "rank_pattern",
+            "alpha_pattern",
+            "layers_to_transform",
+            "modules_to_save",
+            "target_parameters",
+        ];
+        if let Some(key) = keys.into_iter().find(|k| unsupported(k)) {
+            return Err(bad(format!(
+                "`{key}` {} is not supported (frugal reads adapters of one rank on whole linears); merge the adapter into the weights first (PEFT's merge_and_unload)",
+                raw[key]
+            )));
         }
         let rank = raw["r"]
             .as_u64()

@@ -169,13 +169,13 @@ impl Adapter {
 
     /// (α/r)·(dropout(x)·Aᵀ)·Bᵀ.
     pub fn forward(&self, x: &Tensor, dropout: &mut Option<&mut Dropout>) -> Result<Tensor> {
-        self.apply(&maybe(dropout, x, self.dropout)?)
+        let x = maybe(dropout, x, self.dropout)?;
+        Ok((linear(&linear(&x, self.a.as_tensor())?, self.b.as_tensor())? * self.scale)?)
     }
 
-    /// (α/r)·(x·Aᵀ)·Bᵀ, with A and B used in x's dtype (their gradients arrive in theirs).
-    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let used = |v: &Var| v.as_tensor().to_dtype(x.dtype());
-        Ok((linear(&linear(x, &used(&self.a)?)?, &used(&self.b)?)? * self.scale)?)
+    /// α/r, the adapter's scale.
+    pub fn scale(&self) -> f64 {
+        self.scale
     }
 
     /// (α/r)·B·A, the update of W.

@@ -484,10 +484,8 @@ impl OptimizerSettings {
 
 impl OptimizerSettings {
     /// [`OptimizerSettings::resolve`] for a decoder of `model`, where the preset may also be
-    /// `lora[:rank=R,alpha=A,targets=all|qv,others=train|frozen,<AdamW settings>]`: AdamW on
-    /// LoRA adapters of the frozen linears. Its defaults follow GaLore's pre-training
-    /// comparison: rank hidden_size / 4, alpha 32, every linear, the embeddings, norms and head
-    /// trained; from a `pretrained` model the others are frozen, as PEFT fine-tunes.
+    /// LoRA (see [`split_lora`]; its rank defaults to hidden_size / 4, and from a `pretrained`
+    /// model the other weights are frozen).
     pub fn resolve_for(
         &self,
         model: &frugal_nn::llama::LlamaConfig,
@@ -498,60 +496,80 @@ impl OptimizerSettings {
         frugal::OptimizerConfig,
         Option<frugal_nn::llama::DecoderLora>,
     )> {
-        let (name, options) = self
-            .optimizer
-            .split_once(':')
-            .unwrap_or((&self.optimizer, ""));
-        if name.trim() != "lora" {
-            return Ok((self.resolve(seed, steps)?, None));
-        }
-        let mut lora = frugal_nn::llama::DecoderLora {
-            adapters: frugal_nn::lora::LoraConfig {
-                rank: (model.hidden_size / 4).max(1),
-                alpha: 32.0,
-                dropout: 0.0,
-                targets: frugal_nn::lora::LoraTargets::All,
-            },
-            train_others: !pretrained,
-        };
-        let mut rest = Vec::new();
-        for kv in options.split(',').filter(|s| !s.trim().is_empty()) {
-            let (k, v) = kv.split_once('=').with_context(|| {
-                format!(
-                    "--optimizer {}: expected key=value, got `{kv}`",
-                    self.optimizer
-                )
-            })?;
-            let (k, v) = (k.trim(), v.trim());
-            if k == "others" {
-                lora.train_others = match v {
-                    "train" => true,
-                    "frozen" => false,
-                    _ => bail!(
-                        "--optimizer {}: others `{v}` is not train or frozen",
-                        self.optimizer
-                    ),
+        let rank = (model.hidden_size / 4).max(1);
+        match split_lora(&self.optimizer, rank, pretrained)? {
+            None => Ok((self.resolve(seed, steps)?, None)),
+            Some((lora, adamw)) => {
+                let adamw = OptimizerSettings {
+                    optimizer: adamw,
+                    ..self.clone()
                 };
-            } else if !lora
-                .adapters
-                .set(k, v)
-                .with_context(|| format!("--optimizer {}", self.optimizer))?
-            {
-                rest.push(kv.trim());
+                Ok((adamw.resolve(seed, steps)?, Some(lora)))
             }
         }
-        lora.validate()
-            .with_context(|| format!("--optimizer {}", self.optimizer))?;
-        let adamw = OptimizerSettings {
-            optimizer: std::iter::once("adamw")
-                .chain(rest.iter().copied())
-                .collect::<Vec<_>>()
-                .join(",")
-                .replacen(',', ":", 1),
-            ..self.clone()
-        };
-        Ok((adamw.resolve(seed, steps)?, Some(lora)))
     }
+}
+
+/// The LoRA settings and the AdamW spec of `lora[:rank=R,alpha=A,targets=all|qv,
+/// others=train|frozen,<AdamW settings>]` (AdamW on LoRA adapters of the frozen linears), or
+/// `None` for another preset. The defaults follow GaLore's pre-training comparison: rank
+/// `rank`, alpha 32, every linear, the embeddings, norms and head trained, or frozen when the
+/// model is `pretrained`, as PEFT fine-tunes.
+pub fn split_lora(
+    spec: &str,
+    rank: usize,
+    pretrained: bool,
+) -> Result<Option<(frugal_nn::llama::DecoderLora, String)>> {
+    let (name, options) = spec.split_once(':').unwrap_or((spec, ""));
+    if name.trim() != "lora" {
+        return Ok(None);
+    }
+    let mut lora = frugal_nn::llama::DecoderLora {
+        adapters: frugal_nn::lora::LoraConfig {
+            rank,
+            alpha: 32.0,
+            dropout: 0.0,
+            targets: frugal_nn::lora::LoraTargets::All,
+        },
+        train_others: !pretrained,
+    };
+    let mut adamw = Vec::new();
+    for kv in options.split(',').filter(|s| !s.trim().is_empty()) {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--optimizer {spec}: expected key=value, got `{kv}`"))?;
+        let (k, v) = (k.trim(), v.trim());
+        if k == "others" {
+            lora.train_others = match v {
+                "train" => true,
+                "frozen" => false,
+                _ => bail!("--optimizer {spec}: others `{v}` is not train or frozen"),
+            };
+        } else if !lora
+            .adapters
+            .set(k, v)
+            .with_context(|| format!("--optimizer {spec}"))?
+        {
+            adamw.push(format!("{k}={v}"));
+        }
+    }
+    lora.validate()
+        .with_context(|| format!("--optimizer {spec}"))?;
+    let adamw = match adamw.is_empty() {
+        true => "adamw".to_string(),
+        false => format!("adamw:{}", adamw.join(",")),
+    };
+    Ok(Some((lora, adamw)))
+}
+
+/// Checks an optimizer spec as `--optimizer` takes it (a preset with settings, or LoRA).
+pub fn check_optimizer_spec(spec: &str) -> Result<()> {
+    let spec = match split_lora(spec, 1, false)? {
+        Some((_, adamw)) => adamw,
+        None => spec.to_string(),
+    };
+    frugal::OptimizerConfig::parse_spec(&spec)?;
+    Ok(())
 }
 
 /// The setting `key` of serialised settings (top level or optimizer settings).
@@ -741,6 +759,57 @@ mod tests {
             ..Default::default()
         };
         assert!(format!("{:#}", bad.resolve(0, 1).unwrap_err()).contains("key=value"));
+    }
+
+    #[test]
+    fn lora_specs_split_into_adapters_and_adamw() {
+        use frugal_nn::lora::LoraTargets;
+        let (lora, adamw) = split_lora("lora", 64, false).unwrap().unwrap();
+        assert_eq!(
+            (
+                lora.adapters.rank,
+                lora.adapters.alpha,
+                lora.adapters.targets
+            ),
+            (64, 32.0, LoraTargets::All)
+        );
+        assert!(lora.train_others);
+        assert_eq!(adamw, "adamw");
+        let spec = "lora:rank=8,lr=3e-4,targets=qv,alpha=16,others=train,weight_decay=0.1";
+        let (lora, adamw) = split_lora(spec, 64, true).unwrap().unwrap();
+        assert_eq!(
+            (
+                lora.adapters.rank,
+                lora.adapters.alpha,
+                lora.adapters.targets
+            ),
+            (8, 16.0, LoraTargets::Qv)
+        );
+        assert!(
+            lora.train_others,
+            "others=train wins over the pretrained default"
+        );
+        assert_eq!(adamw, "adamw:lr=3e-4,weight_decay=0.1");
+        assert!(
+            !split_lora("lora:rank=2", 64, true)
+                .unwrap()
+                .unwrap()
+                .0
+                .train_others
+        );
+        assert!(split_lora("frugal:density=0.5", 64, false)
+            .unwrap()
+            .is_none());
+        check_optimizer_spec("lora:rank=4,lr=1e-3").unwrap();
+        check_optimizer_spec("galore").unwrap();
+        for bad in [
+            "lora:rank=x",
+            "lora:rank",
+            "lora:bogus=1",
+            "lora:others=all",
+        ] {
+            assert!(check_optimizer_spec(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -10,9 +10,9 @@
 //! against counted allocations.
 //!
 //! Under LoRA only the trained tensors get gradients (the adapters, and the embeddings, norms
-//! and head where they train); each adapter keeps x·Aᵀ, its product with Bᵀ, the scaled copy
-//! and the sum with the frozen product. The loss still forms the head's gradient (a working
-//! tensor then).
+//! and head where they train); an adapted linear is one operation that keeps what the linear
+//! keeps (its input and output). The loss still forms the head's gradient (a working tensor
+//! then).
 
 use super::{DecoderLora, LlamaConfig};
 use crate::step_memory::{StepMemory, StepMode};
@@ -74,21 +74,13 @@ impl LlamaConfig {
         // computed whole also keeps the values' head-major copy, the key-value heads repeated
         // for grouped queries, the scores and probabilities, and the output's row-major copy;
         // fused, two numbers per query row.
-        let mut a_layer = 9.0 * n * h
+        let a_layer = 9.0 * n * h
             + 3.0 * n * kv
             + 3.0 * n * f
             + match mode.attention {
                 Attention::Whole => n * h + n * kv + grouped * n * h + 2.0 * scores,
                 Attention::Fused => 2.0 * n * self.num_attention_heads as f64,
             };
-        if let Some(l) = lora {
-            for (name, shape) in l.adapters.adapter_shapes(self.parameter_shapes()) {
-                if name.starts_with("model.layers.0.") && name.ends_with("lora_B.weight") {
-                    let (outputs, rank) = (shape[0] as f64, shape[1] as f64);
-                    a_layer += n * rank + 3.0 * n * outputs;
-                }
-            }
-        }
         // The loss forms the head's gradient whether or not the head trains.
         let head = vocab * h;
         let rows = (n / chunks.tokens.max(1) as f64).ceil();
@@ -112,7 +104,13 @@ impl LlamaConfig {
         let held = |so_far: f64, left: f64| mode.held(so_far, left, p_all);
         let (activations, phases) = if mode.layered() {
             let saved = layers * n * h;
-            let w_layer = 3.5 * n * f + 10.0 * n * h;
+            // Frozen linears form no weight gradient in the recomputed layer's backward pass
+            // (measured without accumulation; with it the sums' working set dominates).
+            let frozen = match lora {
+                Some(_) if !accumulating => 2.0 * h * h + 2.0 * kv * h + 3.0 * h * f,
+                _ => 0.0,
+            };
+            let w_layer = 3.5 * n * f + 10.0 * n * h - 1.5 * frozen;
             let forward = saved + a_layer + accumulated;
             let top = saved + n * h + a_top + w_top + held(0.0, p_all);
             let layer = saved + n * h + a_layer + w_layer + held(p_top, p_all - p_vocab);

@@ -17,8 +17,8 @@ use crate::error::{Error, Result};
 use crate::layered::{backward_from, only, take, top_backward};
 use crate::lora::Adapter;
 use crate::ops::{
-    causal_attention, cross_entropy, frozen_linear, linear, rms_norm, rope_heads, swiglu,
-    whole_causal_attention,
+    causal_attention, cross_entropy, frozen_linear, linear, lora_linear, rms_norm, rope_heads,
+    swiglu, whole_causal_attention,
 };
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -270,18 +270,20 @@ impl Llama {
         w.to_dtype(self.compute)
     }
 
-    /// x·Wᵀ of a linear layer (a frozen W gets no gradient formed), plus its adapter's
-    /// (α/r)·(x·Aᵀ)·Bᵀ.
+    /// x·Wᵀ of a linear layer (a frozen W gets no gradient formed), or with its adapter
+    /// x·Wᵀ + (α/r)·(x·Aᵀ)·Bᵀ as one operation.
     fn project(&self, l: &Linear, x: &Tensor) -> Result<Tensor> {
         let w = self.used(&l.w)?;
-        let y = if l.w.is_variable() {
-            linear(x, &w)?
-        } else {
-            frozen_linear(x, &w)?
-        };
         Ok(match &l.lora {
-            None => y,
-            Some(adapter) => (y + adapter.apply(x)?)?,
+            Some(adapter) => lora_linear(
+                x,
+                &w,
+                adapter.a.as_tensor(),
+                adapter.b.as_tensor(),
+                adapter.scale(),
+            )?,
+            None if l.w.is_variable() => linear(x, &w)?,
+            None => frozen_linear(x, &w)?,
         })
     }
 

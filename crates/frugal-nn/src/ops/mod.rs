@@ -14,6 +14,7 @@ pub mod generic;
 mod key_softmax;
 pub(crate) mod lanes;
 mod layer_norm;
+mod lora_linear;
 mod rope;
 mod swiglu;
 
@@ -27,6 +28,7 @@ pub use gelu::gelu_erf;
 pub use key_softmax::{key_masked_softmax, key_masked_softmax_dropout};
 pub use lanes::{limit_row_kernels, RowKernels};
 pub use layer_norm::layer_norm;
+pub use lora_linear::lora_linear;
 pub use rope::rope_heads;
 pub use swiglu::swiglu;
 

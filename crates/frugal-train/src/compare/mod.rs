@@ -125,7 +125,7 @@ pub fn methods(args: &CompareSettings) -> Result<Vec<Method>> {
         list = swept;
     }
     for m in &list {
-        frugal::OptimizerConfig::parse_spec(&m.spec)
+        crate::settings::check_optimizer_spec(&m.spec)
             .with_context(|| format!("method `{}`", m.spec))?;
     }
     Ok(list)
@@ -408,7 +408,7 @@ pub fn run(
             &methods,
             args.train.steps,
             args.halving_rate,
-            |spec| Ok(frugal::OptimizerConfig::parse_spec(spec).map(|_| ())?),
+            crate::settings::check_optimizer_spec,
         )?;
     }
     let out = parallel.on_lead(|| {

@@ -101,8 +101,9 @@ fn softmax_grad(o: &mut [f32], row: &[f32], lse: f32, target: u32, v0: usize, sc
 trait LossGrads: Send + Sync {
     /// The operation's name.
     const NAME: &'static str;
-    /// The gradients of `h` and `w` for the incoming gradient `grad` of the loss.
-    fn grads(&self, h: &Tensor, w: &Tensor, grad: f32) -> Result<(Tensor, Tensor)>;
+    /// The gradients of `h` and `w` (none for a `w` that is not a variable) for the incoming
+    /// gradient `grad` of the loss.
+    fn grads(&self, h: &Tensor, w: &Tensor, grad: f32) -> Result<(Tensor, Option<Tensor>)>;
 }
 
 /// The loss as a candle operation on (hidden states, head weight): its value was computed
@@ -135,25 +136,26 @@ impl<G: LossGrads> CustomOp2 for Loss<G> {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dh, dw) = self.grads.grads(h, w, grad.to_scalar::<f32>()?)?;
-        Ok((Some(dh), Some(dw)))
+        Ok((Some(dh), dw))
     }
 }
 
 /// Gradients the forward pass already formed, scaled by the incoming one.
 struct Waiting {
     dh: Tensor,
-    dw: Tensor,
+    dw: Option<Tensor>,
 }
 
 impl LossGrads for Waiting {
     const NAME: &'static str = "linear-cross-entropy-one-pass";
 
-    fn grads(&self, _h: &Tensor, _w: &Tensor, grad: f32) -> Result<(Tensor, Tensor)> {
+    fn grads(&self, _h: &Tensor, _w: &Tensor, grad: f32) -> Result<(Tensor, Option<Tensor>)> {
         if grad == 1.0 {
             return Ok((self.dh.clone(), self.dw.clone()));
         }
         let g = grad as f64;
-        Ok(((&self.dh * g)?, (&self.dw * g)?))
+        let dw = self.dw.as_ref().map(|dw| dw * g).transpose()?;
+        Ok(((&self.dh * g)?, dw))
     }
 }
 
@@ -188,13 +190,15 @@ fn one_pass(h: &Tensor, w: &Tensor, targets: &[u32], tokens: usize) -> Result<Te
         drop(z);
         let dz = Tensor::from_vec(dz, (rn, vocab), h.device())?;
         dh.push(dz.matmul(&wd)?);
-        add_to(&mut dw, dz.t()?.matmul(&hc)?)?;
+        if w.is_variable() {
+            add_to(&mut dw, dz.t()?.matmul(&hc)?)?;
+        }
     }
     // Summed sequentially in f64, like the fused loss: independent of scheduling.
     let loss = (losses.iter().sum::<f64>() / counted as f64) as f32;
     let grads = Waiting {
         dh: Tensor::cat(&dh, 0)?,
-        dw: total(dw)?,
+        dw,
     };
     h.apply_op2(w, Loss { loss, grads })
 }
@@ -271,7 +275,7 @@ struct Recomputed {
 impl LossGrads for Recomputed {
     const NAME: &'static str = "linear-cross-entropy-two-pass";
 
-    fn grads(&self, h: &Tensor, w: &Tensor, grad: f32) -> Result<(Tensor, Tensor)> {
+    fn grads(&self, h: &Tensor, w: &Tensor, grad: f32) -> Result<(Tensor, Option<Tensor>)> {
         let (n, _) = h.dims2()?;
         let vocab = w.dim(0)?;
         let scale = grad / counted(&self.targets) as f32;
@@ -297,12 +301,20 @@ impl LossGrads for Recomputed {
                 })?;
                 let dz = Tensor::from_vec(dz, (rn, vn), h.device())?;
                 add_to(slot, dz.matmul(&wc)?)?;
-                add_to(&mut dwc, dz.t()?.matmul(&hc)?)?;
+                if w.is_variable() {
+                    add_to(&mut dwc, dz.t()?.matmul(&hc)?)?;
+                }
             }
-            dw.push(total(dwc)?);
+            if w.is_variable() {
+                dw.push(total(dwc)?);
+            }
         }
         let dh = dh.into_iter().map(total).collect::<Result<Vec<_>>>()?;
-        Ok((Tensor::cat(&dh, 0)?, Tensor::cat(&dw, 0)?))
+        let dw = match dw.is_empty() {
+            true => None,
+            false => Some(Tensor::cat(&dw, 0)?),
+        };
+        Ok((Tensor::cat(&dh, 0)?, dw))
     }
 }
 
@@ -333,7 +345,8 @@ fn checked_targets(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Vec<u32>>
 
 /// Mean cross-entropy of the logits h·wᵀ, for hidden states `h` (n, d), head weight `w`
 /// (vocab, d) and `targets` (n, u32), in `chunks`: at most (n / tokens) × (vocab / vocab
-/// chunks) logits exist at a time. It backpropagates to `h` and `w`. With one vocabulary chunk
+/// chunks) logits exist at a time. It backpropagates to `h` and `w` (to `w` where it is a
+/// variable: a frozen head gets no gradient formed). With one vocabulary chunk
 /// the gradients are formed in the forward pass (no logits are computed twice); with more,
 /// the backward pass recomputes the logits chunk by chunk. Off the CPU, or in another dtype than
 /// f32, it is the whole-logits loss (the chunks are a CPU kernel).
@@ -426,6 +439,12 @@ mod tests {
                 assert_eq!(a.dims(), b.dims());
                 assert!(max_diff(a, b) < 1e-5, "{chunks:?}");
             }
+            // A frozen head: the same gradient of h, none formed for the head.
+            let frozen = w.as_tensor().detach();
+            let loss = linear_cross_entropy(&h, &frozen, &targets, chunks).unwrap();
+            let gf = (&loss * 2.5).unwrap().backward().unwrap();
+            assert!(gf.get(&frozen).is_none(), "{chunks:?}");
+            assert_eq!(max_diff(gf.get(&h).unwrap(), gc.get(&h).unwrap()), 0.0);
         }
         let bad = Tensor::new(&[vocab as u32; 13], &Device::Cpu).unwrap();
         let chunks = LossChunks {

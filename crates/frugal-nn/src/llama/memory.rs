@@ -11,8 +11,7 @@
 //!
 //! Under LoRA only the trained tensors get gradients (the adapters, and the embeddings, norms
 //! and head where they train); an adapted linear is one operation that keeps what the linear
-//! keeps (its input and output). The loss still forms the head's gradient (a working tensor
-//! then).
+//! keeps (its input and output).
 
 use super::{DecoderLora, LlamaConfig};
 use crate::step_memory::{StepMemory, StepMode};
@@ -42,18 +41,14 @@ impl LlamaConfig {
             0.0
         };
         let chunks = mode.loss_chunks;
-        // Trained values of a layer, of the embeddings (as many as the head's), of the head
-        // and final norm, and in all.
-        let (p_layer, p_vocab, p_top, p_all) = match lora {
+        // Trained values of a layer, of the embeddings, of the head, of the head and final
+        // norm, and in all.
+        let (p_layer, p_vocab, head, p_top, p_all) = match lora {
             None => {
                 let p_layer = 2.0 * h * h + 2.0 * kv * h + 3.0 * h * f + 2.0 * h;
                 let p_vocab = vocab * h;
-                (
-                    p_layer,
-                    p_vocab,
-                    p_vocab + h,
-                    2.0 * p_vocab + layers * p_layer + h,
-                )
+                let p_all = 2.0 * p_vocab + layers * p_layer + h;
+                (p_layer, p_vocab, p_vocab, p_vocab + h, p_all)
             }
             Some(l) => {
                 let trained = |prefix: &str| -> f64 {
@@ -65,8 +60,9 @@ impl LlamaConfig {
                 };
                 let p_layer = trained("model.layers.0.");
                 let p_vocab = trained("model.embed_tokens.");
-                let p_top = trained("lm_head.") + trained("model.norm.");
-                (p_layer, p_vocab, p_top, trained(""))
+                let head = trained("lm_head.");
+                let p_top = head + trained("model.norm.");
+                (p_layer, p_vocab, head, p_top, trained(""))
             }
         };
         // Kept by each layer: norms, projections and their rotated heads, the attention
@@ -81,13 +77,12 @@ impl LlamaConfig {
                 Attention::Whole => n * h + n * kv + grouped * n * h + 2.0 * scores,
                 Attention::Fused => 2.0 * n * self.num_attention_heads as f64,
             };
-        // The loss forms the head's gradient whether or not the head trains.
-        let head = vocab * h;
         let rows = (n / chunks.tokens.max(1) as f64).ceil();
         let (a_top, w_top) = if chunks.is_whole() {
-            // The final norm and the logits; their gradient, and part of a second one while
-            // the head's matrix products run.
-            (n * h + n * vocab, 1.5 * n * vocab)
+            // The final norm and the logits; their gradient, and (when the head trains) part
+            // of a second one while the head's matrix products run.
+            let second = if head > 0.0 { 0.5 } else { 0.0 };
+            (n * h + n * vocab, (1.0 + second) * n * vocab)
         } else if chunks.vocab <= 1 {
             // The final norm and the gradients the one pass made; a chunk's logits and their
             // gradient, and the head gradient's running sum.

@@ -397,7 +397,12 @@ impl Llama {
         let h = self.final_norm(x)?;
         let targets = targets.flatten_all()?;
         Ok(if self.loss_chunks.is_whole() {
-            cross_entropy(&linear(&h, &self.used(&self.head)?)?, &targets)?
+            let head = self.used(&self.head)?;
+            let logits = match self.head.is_variable() {
+                true => linear(&h, &head)?,
+                false => frozen_linear(&h, &head)?,
+            };
+            cross_entropy(&logits, &targets)?
         } else {
             linear_cross_entropy(&h, &self.head, &targets, self.loss_chunks)?
         })

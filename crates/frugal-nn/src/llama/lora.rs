@@ -696,6 +696,52 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    /// The device-generic operations (f64 compute takes them on the CPU, as a GPU does) give
+    /// the fused adapted linears' loss and gradients.
+    #[test]
+    fn adapters_computed_generically_match_the_fused_operation() {
+        let (x, y) = batch();
+        let mut m = model(8)
+            .with_lora(&lora(LoraTargets::All, false), 6)
+            .unwrap();
+        perturb(&m, 6);
+        let grads_of = |m: &Llama| -> (f64, Vec<Vec<f64>>) {
+            let loss = m.loss(&x, &y).unwrap();
+            let grads = loss.backward().unwrap();
+            let value = loss
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            let g = m
+                .params()
+                .iter()
+                .map(|p| {
+                    let g = grads.get(p.var.as_tensor()).unwrap();
+                    g.to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                })
+                .collect();
+            (value, g)
+        };
+        let (fused_loss, fused) = grads_of(&m);
+        m.set_compute_dtype(DType::F64);
+        let (loss, generic) = grads_of(&m);
+        assert!(
+            (loss - fused_loss).abs() < 1e-5 * fused_loss,
+            "{loss} vs {fused_loss}"
+        );
+        for (a, b) in fused.iter().zip(&generic) {
+            let scale = a.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
+            let d = a.iter().zip(b).fold(0f64, |m, (p, q)| m.max((p - q).abs())) / scale;
+            assert!(d < 1e-4, "gradients differ by {d}");
+        }
+    }
+
     #[test]
     fn a_model_with_adapters_decodes_as_it_reads() {
         let m = model(7)

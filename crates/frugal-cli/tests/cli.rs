@@ -9,6 +9,44 @@ mod common;
 
 use common::*;
 
+/// Resumes the paused run `paused` with per-layer updates and checks that it ends as the run
+/// `straight` did, bit for bit.
+fn resumes_onto(dir: &Path, paused: &Path, straight: &Path) {
+    run_ok(
+        frugal(dir)
+            .args(["train", "--per-layer-updates", "--resume"])
+            .arg(paused),
+    );
+    assert_eq!(losses(paused), losses(straight));
+    assert_eq!(summary(paused)["val_loss"], summary(straight)["val_loss"]);
+}
+
+/// The final validation perplexity of a run's summary, checked to be below half the first.
+fn halved_perplexity(summary: &Value) -> f64 {
+    let (start, end) = (
+        summary["initial_val_ppl"].as_f64().unwrap(),
+        summary["val_ppl"].as_f64().unwrap(),
+    );
+    assert!(end < 0.5 * start, "perplexity {start} → {end}");
+    end
+}
+
+/// The validation perplexity `frugal eval` gives the latest checkpoint of `run` (512 tokens).
+fn evaluated_perplexity(dir: &Path, run: &Path) -> f64 {
+    let out = run_ok(
+        frugal(dir)
+            .args(["eval", "--eval-tokens", "512", "--checkpoint"])
+            .arg(run),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("perplexity ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn training_writes_the_run_directory_and_lowers_perplexity() {
     let dir = scratch("basic");
@@ -49,30 +87,14 @@ fn training_writes_the_run_directory_and_lowers_perplexity() {
         "evaluations at 0, 8, 16"
     );
     let s = summary(&run);
-    let (start, end) = (
-        s["initial_val_ppl"].as_f64().unwrap(),
-        s["val_ppl"].as_f64().unwrap(),
-    );
-    assert!(end < 0.5 * start, "perplexity {start} → {end}");
+    let end = halved_perplexity(&s);
     assert!(s["optimizer_state_bytes"]["moments"].as_u64().unwrap() > 0);
     let hf: Value = json(&ck.join("config.json"));
     assert_eq!(hf["model_type"], "llama");
 
     // `frugal eval` on the same split (and the run's sequence length) reproduces the final
     // validation perplexity.
-    let out = run_ok(
-        frugal(&dir)
-            .args(["eval", "--eval-tokens", "512", "--checkpoint"])
-            .arg(&run),
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let ppl: f64 = text
-        .split("perplexity ")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let ppl = evaluated_perplexity(&dir, &run);
     assert!(
         (ppl - end).abs() / end < 1e-3,
         "eval {ppl} vs training {end}"
@@ -389,13 +411,7 @@ fn resume_after_sigkill_is_bit_identical() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--update-gap 5 differs from the run"), "{err}");
-    run_ok(
-        frugal(&dir)
-            .args(["train", "--per-layer-updates", "--resume"])
-            .arg(&paused),
-    );
-    assert_eq!(losses(&paused), losses(&straight));
-    assert_eq!(summary(&paused)["val_loss"], summary(&straight)["val_loss"]);
+    resumes_onto(&dir, &paused, &straight);
 
     // A resume that contradicts the run's settings is refused.
     let out = frugal(&dir)
@@ -430,11 +446,7 @@ fn lora_trains_adapters_resumes_exactly_and_reads_merged() {
         "{log}"
     );
     let s = summary(&straight);
-    let (start, end) = (
-        s["initial_val_ppl"].as_f64().unwrap(),
-        s["val_ppl"].as_f64().unwrap(),
-    );
-    assert!(end < 0.5 * start, "perplexity {start} → {end}");
+    let end = halved_perplexity(&s);
     // The checkpoint is a Hugging Face LLaMA (the frozen linears as they started) with a PEFT
     // adapter beside it; the optimizer holds state for the adapters and the other weights only.
     let ck = straight.join("checkpoints/step-8");
@@ -473,28 +485,10 @@ fn lora_trains_adapters_resumes_exactly_and_reads_merged() {
         &paused,
         &[&flags[..], &["--stop-after", "4"]].concat(),
     ));
-    run_ok(
-        frugal(&dir)
-            .args(["train", "--per-layer-updates", "--resume"])
-            .arg(&paused),
-    );
-    assert_eq!(losses(&paused), losses(&straight));
-    assert_eq!(summary(&paused)["val_loss"], summary(&straight)["val_loss"]);
+    resumes_onto(&dir, &paused, &straight);
 
     // `eval` and `generate` read the checkpoint with the adapters merged into the weights.
-    let out = run_ok(
-        frugal(&dir)
-            .args(["eval", "--eval-tokens", "512", "--checkpoint"])
-            .arg(&straight),
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let ppl: f64 = text
-        .split("perplexity ")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let ppl = evaluated_perplexity(&dir, &straight);
     assert!(
         (ppl - end).abs() / end < 1e-3,
         "eval {ppl} vs training {end}"

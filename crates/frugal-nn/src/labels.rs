@@ -5,7 +5,8 @@
 use frugal::labels::layer_in_name;
 use frugal::Label;
 
-const LLAMA_LINEARS: &[&str] = &[
+/// The linears of a LLaMA layer, as Hugging Face (and PEFT's `target_modules`) name them.
+pub(crate) const LLAMA_LINEARS: &[&str] = &[
     "q_proj",
     "k_proj",
     "v_proj",

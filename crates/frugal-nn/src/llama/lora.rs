@@ -20,15 +20,7 @@ pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 /// The prefix PEFT gives a causal LM's tensors.
 const PEFT_PREFIX: &str = "base_model.model.";
 /// The modules PEFT names in `target_modules`, in model order.
-const LINEARS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+const LINEARS: &[&str] = crate::labels::LLAMA_LINEARS;
 
 /// LoRA on a decoder: adapters on its linears, and whether the weights that are not linears of
 /// a layer (embeddings, norms, LM head) are trained too, as in GaLore's pre-training comparison,
@@ -460,7 +452,8 @@ impl Llama {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llama::tests::{batch, by_name, micro};
+    use crate::llama::tests::{batch, by_name, check_gradient, loss_and_grads, micro, rel_diff};
+    use crate::ops::tests::max_diff;
 
     fn lora(targets: LoraTargets, train_others: bool) -> DecoderLora {
         DecoderLora {
@@ -565,33 +558,10 @@ mod tests {
         let grads = m.loss(&x, &y).unwrap().backward().unwrap();
         for p in m.params().iter().filter(|p| p.name.contains("lora")) {
             let g = grads.get(p.var.as_tensor()).unwrap();
-            let norm = g
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt();
-            assert!(norm > 0.0, "{}: zero gradient", p.name);
             // A step small against the curvature, large against f32 rounding of the loss.
-            let eps = (2e-4 / norm as f64).clamp(1e-3, 0.1);
-            let dir = (g / norm as f64).unwrap();
-            let original = p.var.as_tensor().copy().unwrap();
-            let at = |s: f64| {
-                p.var
-                    .set(&(&original + (&dir * s).unwrap()).unwrap())
-                    .unwrap();
-                m.loss(&x, &y).unwrap().to_scalar::<f32>().unwrap() as f64
-            };
-            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
-            p.var.set(&original).unwrap();
-            let rel = (fd - norm as f64).abs() / norm as f64;
-            assert!(
-                rel < 2e-2,
-                "{}: finite difference {fd} vs autograd {norm}",
-                p.name
-            );
+            check_gradient(&m, &p.name, &p.var, g, |norm| {
+                (2e-4 / norm).clamp(1e-3, 0.1)
+            });
         }
     }
 
@@ -700,45 +670,19 @@ mod tests {
     /// the fused adapted linears' loss and gradients.
     #[test]
     fn adapters_computed_generically_match_the_fused_operation() {
-        let (x, y) = batch();
         let mut m = model(8)
             .with_lora(&lora(LoraTargets::All, false), 6)
             .unwrap();
         perturb(&m, 6);
-        let grads_of = |m: &Llama| -> (f64, Vec<Vec<f64>>) {
-            let loss = m.loss(&x, &y).unwrap();
-            let grads = loss.backward().unwrap();
-            let value = loss
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            let g = m
-                .params()
-                .iter()
-                .map(|p| {
-                    let g = grads.get(p.var.as_tensor()).unwrap();
-                    g.to_dtype(DType::F64)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap()
-                })
-                .collect();
-            (value, g)
-        };
-        let (fused_loss, fused) = grads_of(&m);
-        m.set_compute_dtype(DType::F64);
-        let (loss, generic) = grads_of(&m);
+        let (fused_loss, fused) = loss_and_grads(&mut m, DType::F32);
+        let (loss, generic) = loss_and_grads(&mut m, DType::F64);
         assert!(
             (loss - fused_loss).abs() < 1e-5 * fused_loss,
             "{loss} vs {fused_loss}"
         );
-        for (a, b) in fused.iter().zip(&generic) {
-            let scale = a.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
-            let d = a.iter().zip(b).fold(0f64, |m, (p, q)| m.max((p - q).abs())) / scale;
-            assert!(d < 1e-4, "gradients differ by {d}");
+        for ((name, a), (_, b)) in fused.iter().zip(&generic) {
+            let d = rel_diff(a, b);
+            assert!(d < 1e-4, "{name}: gradients differ by {d}");
         }
     }
 
@@ -759,14 +703,7 @@ mod tests {
             .unwrap();
         for (got, at) in [(first, 4), (next, 5)] {
             let want = whole.narrow(1, at, 1).unwrap().squeeze(1).unwrap();
-            let d = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_diff(&got, &want);
             assert!(d < 1e-5, "position {at}: {d}");
         }
     }

@@ -599,6 +599,42 @@ pub(super) mod tests {
         (x, y)
     }
 
+    /// Checks that the loss's derivative along the normalised gradient `g` of `var` equals
+    /// the gradient's norm, by central differences with a step of `step(norm)`, within 2%.
+    pub(crate) fn check_gradient(
+        model: &Llama,
+        name: &str,
+        var: &Var,
+        g: &Tensor,
+        step: impl Fn(f64) -> f64,
+    ) {
+        let (x, y) = batch();
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
+        assert!(norm > 0.0, "{name}: zero gradient");
+        let eps = step(norm as f64);
+        let dir = (g / norm as f64).unwrap();
+        let original = var.as_tensor().copy().unwrap();
+        let at = |s: f64| {
+            var.set(&(&original + (&dir * s).unwrap()).unwrap())
+                .unwrap();
+            model.loss(&x, &y).unwrap().to_scalar::<f32>().unwrap() as f64
+        };
+        let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+        var.set(&original).unwrap();
+        let rel = (fd - norm as f64).abs() / norm as f64;
+        assert!(
+            rel < 2e-2,
+            "{name}: finite difference {fd} vs autograd {norm}"
+        );
+    }
+
     #[test]
     fn every_parameter_gets_a_gradient_that_matches_finite_differences() {
         let model = init(&micro(), 3);
@@ -611,37 +647,16 @@ pub(super) mod tests {
             let g = grads
                 .get(var)
                 .unwrap_or_else(|| panic!("{name} has no gradient"));
-            let norm = g
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt();
-            assert!(norm > 0.0, "{name}: zero gradient");
-            // Directional derivative along the normalised gradient equals its norm. The step is
-            // large enough for the loss change to stand well above f32 rounding.
-            let eps = (2e-3 / norm as f64).clamp(1e-2, 1.0);
-            let dir = (g / norm as f64).unwrap();
-            let original = var.as_tensor().copy().unwrap();
-            let at = |s: f64| {
-                var.set(&(&original + (&dir * s).unwrap()).unwrap())
-                    .unwrap();
-                model.loss(&x, &y).unwrap().to_scalar::<f32>().unwrap() as f64
-            };
-            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
-            var.set(&original).unwrap();
-            let rel = (fd - norm as f64).abs() / norm as f64;
-            assert!(
-                rel < 2e-2,
-                "{name}: finite difference {fd} vs autograd {norm}"
-            );
+            // The step is large enough for the loss change to stand well above f32 rounding.
+            check_gradient(&model, name, var, g, |norm| (2e-3 / norm).clamp(1e-2, 1.0));
         }
     }
 
     /// Loss and gradients (as f64 values by name) of the model computing in `dtype`.
-    fn loss_and_grads(model: &mut Llama, dtype: DType) -> (f64, Vec<(String, Vec<f64>)>) {
+    pub(crate) fn loss_and_grads(
+        model: &mut Llama,
+        dtype: DType,
+    ) -> (f64, Vec<(String, Vec<f64>)>) {
         model.set_compute_dtype(dtype);
         let (x, y) = batch();
         let loss = model.loss(&x, &y).unwrap();
@@ -670,7 +685,7 @@ pub(super) mod tests {
     }
 
     /// The largest difference of two gradients relative to the larger one's largest entry.
-    fn rel_diff(a: &[f64], b: &[f64]) -> f64 {
+    pub(crate) fn rel_diff(a: &[f64], b: &[f64]) -> f64 {
         let scale = a.iter().chain(b).fold(1e-12f64, |m, x| m.max(x.abs()));
         a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
     }

@@ -16,7 +16,10 @@
 #      test), and `tiny` trained as one torchrun-style rank against one process;
 #  10. `frugal generate` (keys and values kept on the device): greedy text of check 1's `tiny`
 #      for three prompts of different lengths, decoded together, on the GPU against the CPU, and
-#      tokens/s of the first large model, one sample and 8 together.
+#      tokens/s of the first large model, one sample and 8 together;
+#  11. LoRA (`--optimizer lora`, the adapted linears through candle's operations on the GPU):
+#      20 steps of `tiny` on the CPU and on the GPU agree as in check 1, and `frugal eval` of the
+#      GPU run's checkpoint (adapters merged) gives its last validation loss.
 #
 # Build on a machine with Rust (no GPU needed), then carry target/cuda/gpu-check.tar.xz (the
 # binary, built with NCCL, the GPU tests and the benchmarks) to the GPU machine:
@@ -86,21 +89,27 @@ with_peak_memory() {
 }
 peak() { sort -g "$1" | tail -1 | grep . || echo "n/a"; }
 
-# 1. tiny, CPU against GPU, f32.
-check1() {
-flags=(--steps 20 --eval-every 20 --eval-tokens 4096 --log-every 1 --optimizer adamw)
-"$bin" train "${flags[@]}" --device cpu --out "$out/tiny-cpu" >"$out/tiny-cpu.log" 2>&1
-"$bin" train "${flags[@]}" --device "$device" --out "$out/tiny-gpu" >"$out/tiny-gpu.log" 2>&1
-"$python" - "$out/tiny-cpu" "$out/tiny-gpu" <<'EOF' | tee -a "$summary"
+# 20 steps of `tiny` in f32 with optimizer $2 on the CPU and on the GPU, into $out/$3-cpu and
+# $out/$3-gpu: the losses agree (reported as check $1).
+cpu_against_gpu() {
+local flags=(--steps 20 --eval-every 20 --eval-tokens 4096 --log-every 1 --optimizer "$2")
+"$bin" train "${flags[@]}" --device cpu --out "$out/$3-cpu" >"$out/$3-cpu.log" 2>&1
+"$bin" train "${flags[@]}" --device "$device" --out "$out/$3-gpu" >"$out/$3-gpu.log" 2>&1
+"$python" - "$out/$3-cpu" "$out/$3-gpu" "$1" "$2" <<'EOF' | tee -a "$summary"
 import json, sys
 def losses(run):
     return [json.loads(l)["loss"] for l in open(f"{run}/metrics.jsonl") if '"loss"' in l]
 a, b = losses(sys.argv[1]), losses(sys.argv[2])
 worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
 verdict = "ok" if len(a) == len(b) == 20 and worst < 1e-3 else "DIFFERENT"
-print(f"1. tiny f32 adamw, 20 steps: largest relative loss difference CPU vs GPU {worst:.2e} "
-      f"(tolerance 1e-3): {verdict}; final {a[-1]:.4f} vs {b[-1]:.4f}")
+print(f"{sys.argv[3]}. tiny f32 {sys.argv[4]}, 20 steps: largest relative loss difference CPU vs GPU "
+      f"{worst:.2e} (tolerance 1e-3): {verdict}; final {a[-1]:.4f} vs {b[-1]:.4f}")
 EOF
+}
+
+# 1. tiny, CPU against GPU, f32.
+check1() {
+cpu_against_gpu 1 adamw tiny
 }
 
 # 2. The optimizer's step on the GPU for every preset and projection.
@@ -260,7 +269,24 @@ print(f"10. generate, tiny greedy, 3 prompts × 64 tokens: GPU text against CPU:
       f"{last(f'generate-{model}-8.log')}")
 EOF
 }
-for check in ${CHECKS:-1 2 3 5 6 7 8 9 10}; do
+# 11. LoRA on the GPU: against the CPU, and its checkpoint evaluated with the adapters merged.
+check11() {
+cpu_against_gpu 11 lora lora
+"$bin" eval --checkpoint "$out/lora-gpu" --eval-tokens 4096 --device "$device" \
+  >"$out/lora-eval.txt" 2>"$out/lora-eval.log"
+"$python" - "$out" <<'EOF' | tee -a "$summary"
+import json, os, sys
+out = sys.argv[1]
+trained = [json.loads(l)["val_loss"] for l in open(f"{out}/lora-gpu/metrics.jsonl") if "val_loss" in l]
+text = open(os.path.join(out, "lora-eval.txt")).read()
+evaluated = float(text.split("loss ")[1].split()[0]) if "loss " in text else float("nan")
+last = trained[-1] if trained else float("nan")
+verdict = "ok" if abs(evaluated - last) < 1e-3 * abs(last) else "DIFFERENT"
+print(f"11. eval of the GPU LoRA checkpoint, adapters merged: loss {evaluated:.4f} against the "
+      f"run's last validation loss {last:.4f}: {verdict}")
+EOF
+}
+for check in ${CHECKS:-1 2 3 5 6 7 8 9 10 11}; do
   "check$check"
 done
 say "done; logs and run directories in $out"

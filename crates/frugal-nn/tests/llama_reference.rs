@@ -13,6 +13,21 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A copy of fixture `name` in a scratch folder of its own (`tag` names it), to alter.
+fn copied(name: &str, tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("frugal-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 fn check(name: &str) {
     let (config, model) = Llama::from_hf(&fixture(name), &Device::Cpu, DType::F32).unwrap();
     assert_eq!((config.kv_heads(), config.num_attention_heads), (2, 4));
@@ -41,8 +56,7 @@ fn check_model(name: &str, model: &Llama) {
 /// The fixture's token ids and expected outputs.
 fn expected(name: &str) -> (Tensor, serde_json::Value) {
     let dir = fixture(name);
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let expected = read_json(&dir.join("expected.json"));
     let ids: Vec<Vec<u32>> = serde_json::from_value(expected["ids"].clone()).unwrap();
     (Tensor::new(ids, &Device::Cpu).unwrap(), expected)
 }
@@ -114,15 +128,8 @@ fn a_peft_lora_adapter_matches_peft_merged_and_apart() {
     let diff = logit_diff("tiny-llama-lora", &base);
     assert!(diff > 0.1, "the adapter changes the logits by {diff} only");
     // PEFT features frugal does not read are refused by name.
-    let copy = std::env::temp_dir().join(format!("frugal-peft-{}", std::process::id()));
-    std::fs::create_dir_all(&copy).unwrap();
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, copy.join(path.file_name().unwrap())).unwrap();
-    }
-    let peft: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
-            .unwrap();
+    let copy = copied("tiny-llama-lora", "peft");
+    let peft = read_json(&dir.join("adapter_config.json"));
     for (key, value) in [
         ("use_dora", serde_json::json!(true)),
         ("rank_pattern", serde_json::json!({"q_proj": 8})),
@@ -142,16 +149,9 @@ fn a_peft_lora_adapter_matches_peft_merged_and_apart() {
 
 #[test]
 fn scaled_rotary_embeddings_and_other_architectures_are_refused_by_name() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
-    let dir = std::env::temp_dir().join(format!("frugal-llama-ref-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(&fixture).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
-    }
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap())
-            .unwrap();
+    let fixture = fixture("tiny-llama");
+    let dir = copied("tiny-llama", "llama-ref");
+    let config = read_json(&fixture.join("config.json"));
     for (key, value, named) in [
         (
             "rope_parameters",

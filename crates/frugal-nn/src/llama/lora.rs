@@ -394,16 +394,11 @@ impl Llama {
                 .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
                 .collect()
         };
-        let dtype = tensors
-            .values()
-            .next()
-            .map(|t| t.dtype())
-            .unwrap_or(DType::F32);
         let mut model = Self::from_tensors(
             &self.config,
             tensors,
             &self.device,
-            dtype,
+            self.embed.dtype(),
             Some((lora, saved)),
         )?;
         model.loss_chunks = self.loss_chunks;
@@ -490,6 +485,17 @@ mod tests {
             a.b.set(&Tensor::from_vec(values, dims, &Device::Cpu).unwrap())
                 .unwrap();
         }
+    }
+
+    /// The base weights saved in `dir`, without adapters.
+    fn base(dir: &Path) -> Llama {
+        Llama::load(
+            &micro(),
+            &dir.join("model.safetensors"),
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap()
     }
 
     fn scratch(name: &str) -> std::path::PathBuf {
@@ -611,15 +617,9 @@ mod tests {
         assert!(saved.contains_key("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"));
         assert_eq!(saved.len(), 2 * 7 * micro().num_hidden_layers);
         // Resumed: the base weights and the adapters, bit for bit.
-        let resumed = Llama::load(
-            &micro(),
-            &dir.join("model.safetensors"),
-            &Device::Cpu,
-            DType::F32,
-        )
-        .unwrap()
-        .with_saved_adapters(&lora(LoraTargets::All, true), &dir)
-        .unwrap();
+        let resumed = base(&dir)
+            .with_saved_adapters(&lora(LoraTargets::All, true), &dir)
+            .unwrap();
         assert_eq!(logits(&resumed), adapted);
         // Loaded as a Hugging Face folder: merged into the weights.
         let (_, merged) = Llama::from_hf(&dir, &Device::Cpu, DType::F32).unwrap();
@@ -636,17 +636,11 @@ mod tests {
         );
         // Refusals: other settings, another target set, dropout.
         let err = |e: Error| e.to_string();
-        let other = Llama::load(
-            &micro(),
-            &dir.join("model.safetensors"),
-            &Device::Cpu,
-            DType::F32,
-        )
-        .unwrap()
-        .with_saved_adapters(&lora(LoraTargets::Qv, true), &dir)
-        .err()
-        .map(err)
-        .unwrap();
+        let other = base(&dir)
+            .with_saved_adapters(&lora(LoraTargets::Qv, true), &dir)
+            .err()
+            .map(err)
+            .unwrap();
         assert!(other.contains("but the run has rank 3"), "{other}");
         let mut peft = peft;
         peft["target_modules"] = serde_json::json!(["q_proj", "k_proj"]);

@@ -51,8 +51,9 @@ impl LlamaConfig {
                 (p_layer, p_vocab, p_vocab, p_vocab + h, p_all)
             }
             Some(l) => {
+                let shapes = l.trained_shapes(self);
                 let trained = |prefix: &str| -> f64 {
-                    l.trained_shapes(self)
+                    shapes
                         .iter()
                         .filter(|(name, _)| name.starts_with(prefix))
                         .map(|(_, s)| s.iter().product::<usize>() as f64)

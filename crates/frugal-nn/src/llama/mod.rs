@@ -31,22 +31,10 @@ use std::path::Path;
 
 /// A linear layer y = x·Wᵀ, with a LoRA adapter on a frozen W or not.
 struct Linear {
+    /// Its module (`model.layers.0.self_attn.q_proj`).
+    module: String,
     w: Tensor,
     lora: Option<Adapter>,
-}
-
-impl Linear {
-    /// The trained tensors: W, or the adapter's A and B.
-    fn trained(&self) -> Vec<&Tensor> {
-        let adapter = self
-            .lora
-            .iter()
-            .flat_map(|a| [a.a.as_tensor(), a.b.as_tensor()]);
-        std::iter::once(&self.w)
-            .chain(adapter)
-            .filter(|t| t.is_variable())
-            .collect()
-    }
 }
 
 /// Weights of one decoder layer.
@@ -63,18 +51,27 @@ struct Layer {
 }
 
 impl Layer {
-    /// The trained tensors in Hugging Face order (a linear's adapter in its place).
+    /// The linears in Hugging Face order.
+    fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+    }
+
+    /// The trained tensors: the norms, and each linear's weight or adapter (A and B).
     fn trained(&self) -> Vec<&Tensor> {
-        let mut out = vec![&self.input_norm];
-        for l in [&self.q, &self.k, &self.v, &self.o] {
-            out.extend(l.trained());
-        }
-        out.push(&self.post_norm);
-        for l in [&self.gate, &self.up, &self.down] {
-            out.extend(l.trained());
-        }
-        out.retain(|t| t.is_variable());
-        out
+        let linears = self.linears().into_iter().flat_map(|l| {
+            let adapter = l
+                .lora
+                .iter()
+                .flat_map(|a| [a.a.as_tensor(), a.b.as_tensor()]);
+            std::iter::once(&l.w).chain(adapter)
+        });
+        [&self.input_norm, &self.post_norm]
+            .into_iter()
+            .chain(linears)
+            .filter(|t| t.is_variable())
+            .collect()
     }
 }
 
@@ -210,9 +207,13 @@ impl Llama {
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = |s: &str| get(&format!("model.layers.{i}.{s}.weight"));
-                let mut linear = |s: &str| Linear {
-                    w: p(s),
-                    lora: adapters.remove(&format!("model.layers.{i}.{s}")),
+                let mut linear = |s: &str| {
+                    let module = format!("model.layers.{i}.{s}");
+                    Linear {
+                        w: p(s),
+                        lora: adapters.remove(&module),
+                        module,
+                    }
                 };
                 Layer {
                     input_norm: p("input_layernorm"),
@@ -523,7 +524,7 @@ impl Llama {
             Ok(d) => d,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let adapters: HashMap<String, &Adapter> = self.adapters().into_iter().collect();
+        let adapters: HashMap<&str, &Adapter> = self.adapters().into_iter().collect();
         let mut params = Vec::new();
         for (name, _) in self.config.parameter_shapes() {
             if self.lora.as_ref().is_none_or(|l| l.trains(&name)) {
@@ -547,25 +548,11 @@ impl Llama {
     }
 
     /// The adapters by module (`model.layers.0.self_attn.q_proj`), in model order.
-    fn adapters(&self) -> Vec<(String, &Adapter)> {
-        let names = [
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        ];
+    fn adapters(&self) -> Vec<(&str, &Adapter)> {
         self.layers
             .iter()
-            .enumerate()
-            .flat_map(|(i, l)| {
-                let linears = [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down];
-                names.iter().zip(linears).filter_map(move |(n, lin)| {
-                    Some((format!("model.layers.{i}.{n}"), lin.lora.as_ref()?))
-                })
-            })
+            .flat_map(|l| l.linears())
+            .filter_map(|l| Some((l.module.as_str(), l.lora.as_ref()?)))
             .collect()
     }
 }

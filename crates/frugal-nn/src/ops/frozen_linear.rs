@@ -2,8 +2,7 @@
 //! the weight's gradient too (a second matmul as large as the first, into a fresh buffer), even
 //! for a weight that is not trained, as under LoRA.
 
-use super::linear;
-use candle_core::{bail, CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 struct FrozenLinear {
     w: Tensor,
@@ -15,16 +14,8 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(all) = s else {
-            bail!("frozen-linear: expects f32 inputs");
-        };
-        let Some((start, end)) = l.contiguous_offsets() else {
-            bail!("frozen-linear: expects a contiguous input");
-        };
-        let x = Tensor::from_slice(&all[start..end], l.shape(), &Device::Cpu)?;
-        let y = linear(&x, &self.w)?;
-        let shape = y.shape().clone();
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1()?), shape))
+        super::f32s(s, l, "frozen-linear")?;
+        super::cpu_linear_by(s, l, &self.w)
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
@@ -49,6 +40,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::linear;
     use crate::ops::tests::{max_diff, randn};
     use candle_core::Var;
 
@@ -63,5 +55,26 @@ mod tests {
         let ga = (&a * &dy).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (&b * &dy).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap()) < 1e-6);
+    }
+
+    #[test]
+    fn frozen_linear_reads_an_input_inside_its_storage_and_a_transposed_weight() {
+        // Rows 3..9 of a (4·3, 5) storage, and W stored as its transpose.
+        let x = randn(&[4, 3, 5], 54).narrow(0, 1, 2).unwrap();
+        let w = randn(&[5, 4], 55).t().unwrap();
+        let y = frozen_linear(&x, &w).unwrap().to_vec3::<f32>().unwrap();
+        let (xs, ws) = (x.to_vec3::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+        for (b, rows) in xs.iter().enumerate() {
+            for (t, row) in rows.iter().enumerate() {
+                for (o, w_row) in ws.iter().enumerate() {
+                    let want: f64 = row
+                        .iter()
+                        .zip(w_row)
+                        .map(|(&x, &w)| x as f64 * w as f64)
+                        .sum();
+                    assert!((y[b][t][o] as f64 - want).abs() < 1e-5, "{b} {t} {o}");
+                }
+            }
+        }
     }
 }

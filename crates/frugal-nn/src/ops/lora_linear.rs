@@ -4,17 +4,11 @@
 //! more tensors of the output's size per adapted linear.
 
 use super::linear;
-use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 struct LoraLinear {
     w: Tensor,
     scale: f64,
-}
-
-/// The contiguous f32 contents of a storage as a tensor on the CPU (a copy).
-fn tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
-    let v = super::f32s(s, l, "lora-linear")?;
-    Tensor::from_slice(v, l.shape(), &Device::Cpu)
 }
 
 impl CustomOp3 for LoraLinear {
@@ -31,10 +25,16 @@ impl CustomOp3 for LoraLinear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, a, b) = (tensor(s1, l1)?, tensor(s2, l2)?, tensor(s3, l3)?);
-        let y = (linear(&x, &self.w)? + (linear(&linear(&x, &a)?, &b)? * self.scale)?)?;
-        let shape = y.shape().clone();
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1()?), shape))
+        super::f32s(s1, l1, "lora-linear")?;
+        let (mut y, shape) = super::cpu_linear_by(s1, l1, &self.w)?;
+        let (u, u_shape) = super::cpu_linear(s1, l1, s2, l2)?;
+        let (v, _) = super::cpu_linear(&u, &Layout::contiguous(u_shape), s3, l3)?;
+        let (CpuStorage::F32(y32), CpuStorage::F32(v)) = (&mut y, &v) else {
+            bail!("lora-linear: expects f32 inputs");
+        };
+        let scale = self.scale as f32;
+        y32.iter_mut().zip(v).for_each(|(y, v)| *y += v * scale);
+        Ok((y, shape))
     }
 
     fn bwd(

@@ -74,6 +74,55 @@ pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> 
     }
 }
 
+/// x·Wᵀ for the contiguous f32 input `x` (..., in) of a CPU operation and a W (out, in) on the
+/// CPU, written straight into a new storage: the product [`linear`] computes, bit for bit,
+/// without copying the input into a tensor or the output out of one.
+pub(crate) fn cpu_linear(
+    x: &CpuStorage,
+    xl: &Layout,
+    w: &CpuStorage,
+    wl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (Some((start, _)), [outputs, inputs]) = (xl.contiguous_offsets(), wl.dims()) else {
+        bail!("cpu-linear: expects a contiguous input and a matrix");
+    };
+    let dims = xl.dims();
+    let Some((last, lead)) = dims.split_last() else {
+        bail!("cpu-linear: the input is a scalar");
+    };
+    if last != inputs {
+        bail!(
+            "cpu-linear: an input of width {last} for a weight of shape {:?}",
+            wl.dims()
+        );
+    }
+    let rows: usize = lead.iter().product();
+    let x_rows = Layout::contiguous_with_offset((rows, *inputs), start);
+    let y = candle_core::backend::BackendStorage::matmul(
+        x,
+        w,
+        (1, rows, *outputs, *inputs),
+        &x_rows,
+        &wl.transpose(0, 1)?,
+    )?;
+    let mut shape = lead.to_vec();
+    shape.push(*outputs);
+    Ok((y, Shape::from(shape)))
+}
+
+/// [`cpu_linear`] with W a tensor on the CPU.
+pub(crate) fn cpu_linear_by(
+    x: &CpuStorage,
+    xl: &Layout,
+    w: &Tensor,
+) -> Result<(CpuStorage, Shape)> {
+    let (storage, wl) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(w) = &*storage else {
+        bail!("cpu-linear: expects the weight on the CPU");
+    };
+    cpu_linear(x, xl, w, wl)
+}
+
 /// The CPU's kernels on this machine: the matrix products' library (see [`crate::matmul`])
 /// and the instruction set of the fused row kernels.
 pub fn cpu_kernels() -> String {

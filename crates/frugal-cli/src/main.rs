@@ -9,9 +9,9 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use cli::{Cli, Command};
 use frugal_dist::{Collectives, Launch};
 use frugal_nn::llama::LlamaConfig;
-use frugal_nn::matmul::MatmulLibrary;
 use frugal_train::data_parallel::{DataParallel, SharedError};
 use frugal_train::memory_report::MemoryReport;
+use frugal_train::threads::CpuSettings;
 use frugal_train::{data, StopToken};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,12 +29,8 @@ fn local_ranks() -> usize {
 
 /// Runs `work` on the worker pool (see [`frugal_train::threads::in_pool`]), its threads
 /// shared among the ranks on this machine by default.
-fn in_pool<R: Send>(
-    threads: Option<usize>,
-    matmul: MatmulLibrary,
-    work: impl FnOnce() -> Result<R> + Send,
-) -> Result<R> {
-    frugal_train::threads::in_pool(threads, matmul, local_ranks(), work)
+fn in_pool<R: Send>(cpu: CpuSettings, work: impl FnOnce() -> Result<R> + Send) -> Result<R> {
+    frugal_train::threads::in_pool(cpu, local_ranks(), work)
 }
 
 /// Names of the flags given explicitly on the command line.
@@ -221,7 +217,7 @@ fn compare_pretraining(
     device: &Device,
     parallel: &DataParallel,
 ) -> Result<()> {
-    in_pool(args.train.threads, args.train.matmul, || {
+    in_pool(args.train.cpu, || {
         // --resume names the comparison directory, not a single run.
         let resume = args.train.resume.take();
         let given: Vec<String> = given.into_iter().filter(|k| k != "resume").collect();
@@ -252,7 +248,7 @@ fn run(matches: &ArgMatches, cli: Cli, device: Device, comm: &Arc<dyn Collective
         .into());
     }
     match cli.command {
-        Command::Train(args) => in_pool(args.threads, args.matmul, || {
+        Command::Train(args) => in_pool(args.cpu, || {
             let merged = args.merge(&given("train"))?;
             let cache = merged
                 .cache_dir
@@ -271,7 +267,7 @@ fn run(matches: &ArgMatches, cli: Cli, device: Device, comm: &Arc<dyn Collective
             )
             .map(drop)
         })?,
-        Command::Eval(args) => in_pool(args.threads, args.matmul, || {
+        Command::Eval(args) => in_pool(args.cpu, || {
             let r = frugal_train::eval::evaluate(&args, &device)?;
             println!(
                 "checkpoint {}  split {}  tokens {}  loss {:.4}  perplexity {:.2}",
@@ -283,7 +279,7 @@ fn run(matches: &ArgMatches, cli: Cli, device: Device, comm: &Arc<dyn Collective
             );
             Ok(())
         })?,
-        Command::Classify(args) => in_pool(args.threads, args.matmul, || {
+        Command::Classify(args) => in_pool(args.cpu, || {
             frugal_train::finetune::classify::classify(
                 &args,
                 &device,
@@ -291,11 +287,11 @@ fn run(matches: &ArgMatches, cli: Cli, device: Device, comm: &Arc<dyn Collective
             )
             .map(drop)
         })?,
-        Command::Generate(args) => in_pool(args.threads, args.matmul, || {
+        Command::Generate(args) => in_pool(args.cpu, || {
             frugal_train::generate::generate(&args, &device, &mut std::io::stdout().lock())
                 .map(drop)
         })?,
-        Command::Finetune(args) => in_pool(args.threads, args.matmul, || {
+        Command::Finetune(args) => in_pool(args.cpu, || {
             let merged = args.merge(&given("finetune"))?;
             let resume = merged.resume.clone();
             return_freed_memory(&merged.memory);
@@ -326,7 +322,7 @@ fn run(matches: &ArgMatches, cli: Cli, device: Device, comm: &Arc<dyn Collective
                     if given.iter().any(|k| k == "method") {
                         bail!("compare finetune runs the methods of --methods; --method names one run's (frugal finetune)");
                     }
-                    in_pool(args.finetune.threads, args.finetune.matmul, || {
+                    in_pool(args.finetune.cpu, || {
                         // --resume names the comparison directory, not a single run.
                         let resume = args.finetune.resume.take();
                         let given: Vec<String> =

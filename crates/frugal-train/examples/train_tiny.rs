@@ -47,7 +47,7 @@ impl Hooks<Llama> for Print<'_> {
 fn main() -> Result<()> {
     // One worker pool for candle, the fused operations and the optimizer (all cores).
     frugal_train::threads::limit_elementwise_spinning();
-    frugal_train::threads::in_pool(None, Default::default(), 1, train_tiny)
+    frugal_train::threads::in_pool(Default::default(), 1, train_tiny)
 }
 
 fn train_tiny() -> Result<()> {

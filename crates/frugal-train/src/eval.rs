@@ -158,13 +158,9 @@ pub struct EvalSettings {
     /// Token cache directory [default: $FRUGAL_CACHE or ~/.cache/frugal].
     #[cfg_attr(feature = "cli", arg(long))]
     pub cache_dir: Option<PathBuf>,
-    /// Worker threads [default: the physical cores, shared by the ranks on this machine].
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub threads: Option<usize>,
-    /// Library of the CPU's f32 matrix products: auto (OpenBLAS where it is installed, found as
-    /// $FRUGAL_OPENBLAS or libopenblas.so.0, else gemm), gemm or openblas.
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = frugal_nn::matmul::MatmulLibrary::Auto))]
-    pub matmul: frugal_nn::matmul::MatmulLibrary,
+    /// Worker threads and the matrix-product library.
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub cpu: crate::threads::CpuSettings,
 }
 
 /// The result of evaluating a checkpoint.

@@ -126,15 +126,10 @@ pub struct TrainSettings {
     /// Seed of initialisation, data order and the optimizer's random choices.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = TrainSettings::default().seed))]
     pub seed: u64,
-    /// Worker threads [default: the physical cores, shared by the ranks on this machine].
-    #[cfg_attr(feature = "cli", arg(long))]
+    /// Worker threads and the matrix-product library.
+    #[cfg_attr(feature = "cli", command(flatten))]
     #[serde(skip)]
-    pub threads: Option<usize>,
-    /// Library of the CPU's f32 matrix products: auto (OpenBLAS where it is installed, found as
-    /// $FRUGAL_OPENBLAS or libopenblas.so.0, else gemm), gemm or openblas.
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = frugal_nn::matmul::MatmulLibrary::Auto))]
-    #[serde(skip)]
-    pub matmul: frugal_nn::matmul::MatmulLibrary,
+    pub cpu: crate::threads::CpuSettings,
     /// Token cache directory [default: $FRUGAL_CACHE or ~/.cache/frugal].
     #[cfg_attr(feature = "cli", arg(long))]
     #[serde(skip)]
@@ -328,8 +323,7 @@ impl Default for TrainSettings {
             resume: None,
             dtype: Precision::F32,
             seed: 0,
-            threads: None,
-            matmul: Default::default(),
+            cpu: Default::default(),
             cache_dir: None,
             memory: MemorySettings::default(),
             opt: OptimizerSettings::default(),
@@ -685,8 +679,7 @@ impl TrainSettings {
             serde_json::from_value(value).context("invalid settings")?;
         merged.config = self.config;
         merged.resume = self.resume;
-        merged.threads = self.threads;
-        merged.matmul = self.matmul;
+        merged.cpu = self.cpu;
         merged.stop_after = self.stop_after;
         merged.cache_dir = self.cache_dir;
         Ok(merged)

@@ -141,15 +141,10 @@ pub struct FinetuneSettings {
     /// Seed of the head, the data order, dropout and the optimizer's random choices.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 0))]
     pub seed: u64,
-    /// Worker threads [default: the physical cores, shared by the ranks on this machine].
-    #[cfg_attr(feature = "cli", arg(long))]
+    /// Worker threads and the matrix-product library.
+    #[cfg_attr(feature = "cli", command(flatten))]
     #[serde(skip)]
-    pub threads: Option<usize>,
-    /// Library of the CPU's f32 matrix products: auto (OpenBLAS where it is installed, found as
-    /// $FRUGAL_OPENBLAS or libopenblas.so.0, else gemm), gemm or openblas.
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = frugal_nn::matmul::MatmulLibrary::Auto))]
-    #[serde(skip)]
-    pub matmul: frugal_nn::matmul::MatmulLibrary,
+    pub cpu: crate::threads::CpuSettings,
     #[cfg_attr(feature = "cli", command(flatten))]
     #[serde(flatten)]
     pub memory: BackwardSettings,
@@ -189,8 +184,7 @@ impl Default for FinetuneSettings {
             out: None,
             resume: None,
             seed: 0,
-            threads: None,
-            matmul: Default::default(),
+            cpu: Default::default(),
             memory: Default::default(),
         }
     }
@@ -210,8 +204,7 @@ impl FinetuneSettings {
             serde_json::from_value(value).context("invalid settings")?;
         merged.config = self.config;
         merged.resume = self.resume;
-        merged.threads = self.threads;
-        merged.matmul = self.matmul;
+        merged.cpu = self.cpu;
         merged.stop_after = self.stop_after;
         Ok(merged)
     }

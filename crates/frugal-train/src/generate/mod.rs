@@ -71,13 +71,9 @@ pub struct GenerateSettings {
     /// with Ctrl-D).
     #[cfg_attr(feature = "cli", arg(long, conflicts_with_all = ["prompts", "output"]))]
     pub interactive: bool,
-    /// Worker threads [default: the physical cores].
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub threads: Option<usize>,
-    /// Library of the CPU's f32 matrix products: auto (OpenBLAS where it is installed, found as
-    /// $FRUGAL_OPENBLAS or libopenblas.so.0, else gemm), gemm or openblas.
-    #[cfg_attr(feature = "cli", arg(long, default_value_t = frugal_nn::matmul::MatmulLibrary::Auto))]
-    pub matmul: frugal_nn::matmul::MatmulLibrary,
+    /// Worker threads and the matrix-product library.
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub cpu: crate::threads::CpuSettings,
 }
 
 impl GenerateSettings {

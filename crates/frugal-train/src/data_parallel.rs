@@ -401,6 +401,13 @@ impl DataParallel {
             .collect()
     }
 
+    /// Every rank's peak resident memory ([`crate::metrics::peak_rss_bytes`]), in rank order;
+    /// nothing in one process.
+    pub fn peak_rss_per_rank(&self) -> Vec<u64> {
+        let peak = crate::metrics::peak_rss_bytes() as usize;
+        self.per_rank(peak).into_iter().map(|b| b as u64).collect()
+    }
+
     /// Runs `f` on rank 0 only and hands its result to every rank; where it fails, the other
     /// ranks fail with a [`SharedError`] (rank 0 reports the failure).
     pub fn on_lead<T: Serialize + DeserializeOwned>(

@@ -7,7 +7,8 @@ use crate::data::{Batches, Dataset, Format, Holdout, Source, TextTokenizer, Toke
 use crate::data_parallel::{keep_global_batch, DataParallel};
 use crate::eval::mean_loss;
 use crate::memory_report::{start_line, MemoryReport, ModePlan};
-use crate::metrics::{peak_rss_bytes, EvalRecord, Metrics, Record, Summary, TrainRecord};
+use crate::metrics::{peak_rss_bytes, EvalRecord, Summary, TrainRecord};
+use crate::run_dir::RunLog;
 use crate::schedule::Schedule;
 use crate::settings::{Precision, TrainSettings};
 use crate::trainer::{
@@ -20,7 +21,6 @@ use frugal::Frugal;
 use frugal_dist::{Collectives, Solo};
 use frugal_nn::llama::{DecoderLora, Llama, LlamaConfig};
 use frugal_nn::StepMode;
-use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -243,10 +243,7 @@ pub fn resolve(mut args: TrainSettings) -> Result<RunConfig> {
 struct RunHooks<'a> {
     out: &'a Path,
     run: &'a RunConfig,
-    /// The metrics file, on rank 0 only: the other ranks of a data-parallel run only take
-    /// their share of evaluations.
-    metrics: Option<Metrics>,
-    bar: ProgressBar,
+    log: RunLog<'a>,
     val: Batches<'a>,
     parallel: &'a DataParallel,
     tokenizer: &'a TextTokenizer,
@@ -269,59 +266,34 @@ impl RunHooks<'_> {
         }
         Ok(l)
     }
-
-    fn plot(&self) -> Result<()> {
-        let title = format!("{} · {}", self.run.args.model, self.run.optimizer.preset);
-        match &self.metrics {
-            Some(m) => m.plot(&self.out.join("loss.png"), &title),
-            None => Ok(()),
-        }
-    }
 }
 
 impl Hooks<Llama> for RunHooks<'_> {
     fn step_done(&mut self, r: &TrainRecord) {
-        self.bar.set_position(r.step as u64);
-        self.bar
-            .set_message(format!("loss {:.4} {:.0} tok/s", r.loss, r.tok_per_s));
+        self.log.step_done(r, &format!("{:.0} tok/s", r.tok_per_s));
     }
 
     fn log(&mut self, r: &TrainRecord) -> Result<()> {
-        match &mut self.metrics {
-            Some(m) => m.log(Record::Train(r.clone())),
-            None => Ok(()),
-        }
+        self.log.log(r)
     }
 
     fn evaluate(&mut self, model: &Llama, state: &TrainerState) -> Result<()> {
         let l = self.validation_loss(model)?;
         self.last_val = Some(l);
-        let Some(metrics) = &mut self.metrics else {
-            return Ok(());
-        };
-        metrics.log(Record::Eval(EvalRecord::new(state.step, l)))?;
-        self.bar.suspend(|| {
-            eprintln!(
-                "step {}: validation loss {l:.4}, perplexity {:.2}",
-                state.step,
-                l.exp()
-            )
-        });
-        self.plot()
+        let line = format!(
+            "step {}: validation loss {l:.4}, perplexity {:.2}",
+            state.step,
+            l.exp()
+        );
+        self.log.evaluated(EvalRecord::new(state.step, l), &line)?;
+        self.log.plot()
     }
 
     fn checkpoint(&mut self, t: &Trainer<Llama>, stopped: bool) -> Result<()> {
         let keep = self.run.args.keep_checkpoints;
         let dir = checkpoint::save(self.out, t, self.tokenizer, keep)?;
-        // Rank 0 alone reports.
-        if stopped && self.metrics.is_some() {
-            self.bar.suspend(|| {
-                eprintln!(
-                    "interrupted: saved {}; continue with `frugal train --resume {}`",
-                    dir.display(),
-                    self.out.display()
-                )
-            });
+        if stopped {
+            self.log.interrupted(&dir, "train");
         }
         Ok(())
     }
@@ -606,19 +578,11 @@ fn train(
         );
     }
 
-    let bar = if lead {
-        crate::run_dir::progress_bar(args.steps, state.step)
-    } else {
-        ProgressBar::hidden()
-    };
+    let title = format!("{} · {}", args.model, run.optimizer.preset);
     let mut hooks = RunHooks {
         out: &out,
         run: &run,
-        metrics: match lead {
-            true => Some(Metrics::open(&out.join("metrics.jsonl"), state.step)?),
-            false => None,
-        },
-        bar,
+        log: RunLog::open(&out, lead, (state.step, args.steps), title)?,
         val: val_batches,
         parallel,
         tokenizer: &data.tokenizer,
@@ -628,14 +592,8 @@ fn train(
     if state.step == 0 {
         let l = hooks.validation_loss(&model)?;
         initial_val = Some(l.exp());
-        if let Some(m) = &mut hooks.metrics {
-            m.log(Record::Eval(EvalRecord::new(0, l)))?;
-        }
-        say!(
-            lead,
-            "step 0: validation loss {l:.4}, perplexity {:.1}",
-            l.exp()
-        );
+        let line = format!("step 0: validation loss {l:.4}, perplexity {:.1}", l.exp());
+        hooks.log.evaluated(EvalRecord::new(0, l), &line)?;
     }
     let session = Instant::now();
     let mut trainer = Trainer::new(
@@ -648,7 +606,7 @@ fn train(
     )?
     .with_data_parallel(parallel.clone())?;
     let outcome = trainer.train(&mut train_batches, &mut hooks)?;
-    hooks.bar.finish_and_clear();
+    hooks.log.finish();
 
     let val_loss = match hooks.last_val {
         Some(l) => l,
@@ -691,18 +649,14 @@ fn train(
         gradient_bytes: planned.step.gradients,
         planned_peak_bytes: Some(planned.peak_bytes),
         peak_rss_bytes: peak_rss_bytes(),
-        peak_rss_bytes_per_rank: parallel
-            .per_rank(peak_rss_bytes() as usize)
-            .into_iter()
-            .map(|b| b as u64)
-            .collect(),
+        peak_rss_bytes_per_rank: parallel.peak_rss_per_rank(),
         wall_s: state.elapsed_s,
         tokens_per_s: state.tokens as f64 / state.train_s.max(1e-9),
         interrupted: outcome != Outcome::Finished,
     };
     // Rank 0 writes the summary; every rank returns once it is written.
     parallel.on_lead(|| {
-        hooks.plot()?;
+        hooks.log.plot()?;
         let paused = (outcome == Outcome::Paused).then_some((state.step, args.steps));
         crate::run_dir::write_summary(&out, &summary, paused, "train")?;
         eprintln!(

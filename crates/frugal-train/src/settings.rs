@@ -586,11 +586,22 @@ fn toml_value(key: &str, v: toml::Value, file: &Path) -> Result<serde_json::Valu
     }
 }
 
-/// The settings `value` (a command line's, as JSON) with those of the TOML file `config` for the
-/// keys not `given` on the command line, or, when resuming, the run in `resume`'s saved settings
-/// (a `given` key that differs from them is an error, but for the memory modes, which a resumed
-/// run may change).
-pub(crate) fn merged_value(
+/// The `settings` of a command line with those of the TOML file `config` for the keys not
+/// `given` on the command line, or, when resuming, the run in `resume`'s saved settings (a
+/// `given` key that differs from them is an error, but for the memory modes, which a resumed
+/// run may change). The fields that are not saved come back at their defaults.
+pub(crate) fn merged<T: Serialize + serde::de::DeserializeOwned>(
+    settings: &T,
+    config: Option<&Path>,
+    resume: Option<&Path>,
+    given: &[String],
+) -> Result<T> {
+    let value = merged_value(serde_json::to_value(settings)?, config, resume, given)?;
+    serde_json::from_value(value).context("invalid settings")
+}
+
+/// [`merged`] on the settings as JSON.
+fn merged_value(
     mut value: serde_json::Value,
     config: Option<&Path>,
     resume: Option<&Path>,
@@ -669,14 +680,7 @@ impl TrainSettings {
     /// `given`, win) and, for `resume`, the saved settings of that run (given settings that
     /// contradict them are an error).
     pub fn merge(self, given: &[String]) -> Result<TrainSettings> {
-        let value = merged_value(
-            serde_json::to_value(&self)?,
-            self.config.as_deref(),
-            self.resume.as_deref(),
-            given,
-        )?;
-        let mut merged: TrainSettings =
-            serde_json::from_value(value).context("invalid settings")?;
+        let mut merged = merged(&self, self.config.as_deref(), self.resume.as_deref(), given)?;
         merged.config = self.config;
         merged.resume = self.resume;
         merged.cpu = self.cpu;

@@ -3,7 +3,7 @@
 
 use super::run::{load_classifier, FinetuneConfig};
 use super::scores::Scores;
-use super::task::{read_examples, Columns, Example};
+use super::task::{read_examples, Example, TextColumns};
 use super::tokenize::ClassTokenizer;
 use crate::checkpoint;
 use anyhow::{bail, Context, Result};
@@ -27,12 +27,8 @@ pub struct ClassifySettings {
     /// whose texts to classify.
     #[cfg_attr(feature = "cli", arg(long))]
     pub data: Option<PathBuf>,
-    /// Column (or JSON field) of the text.
-    #[cfg_attr(feature = "cli", arg(long, default_value = "text"))]
-    pub text_column: String,
-    /// Column of a second text, for pair tasks.
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub text_pair_column: Option<String>,
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub columns: TextColumns,
     /// Column of the labels: the predictions are then scored (a folder's subfolders are its
     /// labels).
     #[cfg_attr(feature = "cli", arg(long))]
@@ -228,11 +224,9 @@ pub fn classify(
         })
         .collect();
     if let Some(data) = &settings.data {
-        let columns = Columns {
-            text: &settings.text_column,
-            pair: settings.text_pair_column.as_deref(),
-            label: settings.label_column.as_deref(),
-        };
+        let columns = settings
+            .columns
+            .with_label(settings.label_column.as_deref());
         examples.extend(read_examples(data, &columns)?);
     }
     if examples.is_empty() {

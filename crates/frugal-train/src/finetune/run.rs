@@ -4,12 +4,13 @@
 
 use super::batches::{evaluate, ClassBatches};
 use super::scores::Scores;
-use super::task::{read_examples, Columns, Task, TaskChoice};
+use super::task::{read_examples, Task, TaskChoice, TextColumns};
 use super::tokenize::{ClassTokenizer, Encoded};
 use crate::checkpoint;
 use crate::data_parallel::{code_fingerprint, keep_global_batch, DataParallel};
 use crate::memory_report::{start_line, ModePlan};
-use crate::metrics::{peak_rss_bytes, EvalRecord, Metrics, Record, TrainRecord};
+use crate::metrics::{peak_rss_bytes, EvalRecord, TrainRecord};
+use crate::run_dir::RunLog;
 use crate::schedule::Schedule;
 use crate::settings::BackwardSettings;
 use crate::trainer::{
@@ -21,7 +22,6 @@ use frugal::labels::RoleCounts;
 use frugal::sharding::state_per_rank;
 use frugal::{Frugal, OptimizerConfig};
 use frugal_nn::encoder::{Classifier, Encoder, EncoderConfig, LoraConfig, LoraTargets, Pooling};
-use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -44,12 +44,9 @@ pub struct FinetuneSettings {
     /// per class.
     #[cfg_attr(feature = "cli", arg(long))]
     pub data: Option<PathBuf>,
-    /// Column (or JSON field) with the text.
-    #[cfg_attr(feature = "cli", arg(long, default_value = "text"))]
-    pub text_column: String,
-    /// Column with the second text of sentence pairs.
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub text_pair_column: Option<String>,
+    #[cfg_attr(feature = "cli", command(flatten))]
+    #[serde(flatten)]
+    pub columns: TextColumns,
     /// Column with the label.
     #[cfg_attr(feature = "cli", arg(long, default_value = "label"))]
     pub label_column: String,
@@ -156,8 +153,7 @@ impl Default for FinetuneSettings {
             config: None,
             model: "data/finetune/all-MiniLM-L6-v2".into(),
             data: None,
-            text_column: "text".into(),
-            text_pair_column: None,
+            columns: Default::default(),
             label_column: "label".into(),
             labels: None,
             max_examples: None,
@@ -194,14 +190,8 @@ impl FinetuneSettings {
     /// Applies the TOML file named by `config` and, for `resume`, the run's saved settings (see
     /// [`crate::settings::TrainSettings::merge`]).
     pub fn merge(self, given: &[String]) -> Result<FinetuneSettings> {
-        let value = crate::settings::merged_value(
-            serde_json::to_value(&self)?,
-            self.config.as_deref(),
-            self.resume.as_deref(),
-            given,
-        )?;
-        let mut merged: FinetuneSettings =
-            serde_json::from_value(value).context("invalid settings")?;
+        let (config, resume) = (self.config.as_deref(), self.resume.as_deref());
+        let mut merged = crate::settings::merged(&self, config, resume, given)?;
         merged.config = self.config;
         merged.resume = self.resume;
         merged.cpu = self.cpu;
@@ -558,41 +548,20 @@ struct FinetuneHooks<'a> {
     out: &'a Path,
     config: &'a FinetuneConfig,
     tokenizer: &'a Path,
-    /// The metrics file, on rank 0 only: the other ranks of a data-parallel run only take
-    /// their share of evaluations.
-    metrics: Option<Metrics>,
-    bar: ProgressBar,
+    log: RunLog<'a>,
     val: &'a Encoded,
     parallel: &'a DataParallel,
     last_val: Option<(f64, Scores)>,
 }
 
-impl FinetuneHooks<'_> {
-    fn plot(&self) -> Result<()> {
-        let title = format!(
-            "{} · {}",
-            self.config.args.model.display(),
-            self.config.args.method
-        );
-        match &self.metrics {
-            Some(m) => m.plot(&self.out.join("loss.png"), &title),
-            None => Ok(()),
-        }
-    }
-}
-
 impl Hooks<Classifier> for FinetuneHooks<'_> {
     fn step_done(&mut self, r: &TrainRecord) {
-        self.bar.set_position(r.step as u64);
-        self.bar
-            .set_message(format!("loss {:.4} {:.1} examples/s", r.loss, r.tok_per_s));
+        self.log
+            .step_done(r, &format!("{:.1} examples/s", r.tok_per_s));
     }
 
     fn log(&mut self, r: &TrainRecord) -> Result<()> {
-        match &mut self.metrics {
-            Some(m) => m.log(Record::Train(r.clone())),
-            None => Ok(()),
-        }
+        self.log.log(r)
     }
 
     fn evaluate(&mut self, model: &Classifier, state: &TrainerState) -> Result<()> {
@@ -602,19 +571,13 @@ impl Hooks<Classifier> for FinetuneHooks<'_> {
             bail!("the validation loss became {loss}: the weights diverged; lower --lr");
         }
         self.last_val = Some((loss, scores));
-        let Some(metrics) = &mut self.metrics else {
-            return Ok(());
-        };
-        metrics.log(Record::Eval(
-            EvalRecord::new(state.step, loss).with_scores(scores),
-        ))?;
-        self.bar.suspend(|| {
-            eprintln!(
-                "step {}: validation loss {loss:.4}, accuracy {:.4}, macro-F1 {:.4}",
-                state.step, scores.accuracy, scores.macro_f1
-            )
-        });
-        self.plot()
+        let line = format!(
+            "step {}: validation loss {loss:.4}, accuracy {:.4}, macro-F1 {:.4}",
+            state.step, scores.accuracy, scores.macro_f1
+        );
+        let record = EvalRecord::new(state.step, loss).with_scores(scores);
+        self.log.evaluated(record, &line)?;
+        self.log.plot()
     }
 
     fn checkpoint(&mut self, t: &Trainer<Classifier>, stopped: bool) -> Result<()> {
@@ -622,15 +585,8 @@ impl Hooks<Classifier> for FinetuneHooks<'_> {
         let dir = checkpoint::save_with(self.out, t, keep, |tmp| {
             write_model(tmp, t.model.named_tensors(), self.config, self.tokenizer)
         })?;
-        // Rank 0 alone reports.
-        if stopped && self.metrics.is_some() {
-            self.bar.suspend(|| {
-                eprintln!(
-                    "interrupted: saved {}; continue with `frugal finetune --resume {}`",
-                    dir.display(),
-                    self.out.display()
-                )
-            });
+        if stopped {
+            self.log.interrupted(&dir, "finetune");
         }
         Ok(())
     }
@@ -733,11 +689,7 @@ fn finetune(
     // The task.
     let started = Instant::now();
     let data = args.data.as_deref().context("--data is required")?;
-    let columns = Columns {
-        text: &args.text_column,
-        pair: args.text_pair_column.as_deref(),
-        label: Some(&args.label_column),
-    };
+    let columns = args.columns.with_label(Some(&args.label_column));
     let labels: Vec<String> = args
         .labels
         .as_deref()
@@ -892,18 +844,12 @@ fn finetune(
         say!(lead, "note: {line}");
     }
 
+    let title = format!("{} · {}", args.model.display(), args.method);
     let mut hooks = FinetuneHooks {
         out: &out,
         config: &config,
         tokenizer: &tokenizer_path,
-        metrics: match lead {
-            true => Some(Metrics::open(&out.join("metrics.jsonl"), state.step)?),
-            false => None,
-        },
-        bar: match lead {
-            true => crate::run_dir::progress_bar(args.steps, state.step),
-            false => ProgressBar::hidden(),
-        },
+        log: RunLog::open(&out, lead, (state.step, args.steps), title)?,
         val: &val,
         parallel,
         last_val: None,
@@ -912,15 +858,13 @@ fn finetune(
     if state.step == 0 {
         let (loss, scores) = evaluate(&model, &val, args.batch_size, parallel)?;
         initial = Some(scores);
-        if let Some(m) = &mut hooks.metrics {
-            m.log(Record::Eval(EvalRecord::new(0, loss).with_scores(scores)))?;
-        }
-        say!(
-            lead,
+        let line = format!(
             "step 0: validation loss {loss:.4}, accuracy {:.4}, macro-F1 {:.4}",
-            scores.accuracy,
-            scores.macro_f1
+            scores.accuracy, scores.macro_f1
         );
+        hooks
+            .log
+            .evaluated(EvalRecord::new(0, loss).with_scores(scores), &line)?;
     }
     let mut batches = ClassBatches::new(&train, &config.encoder, args.seed, device);
     let mut trainer = Trainer::new(
@@ -933,7 +877,7 @@ fn finetune(
     )?
     .with_data_parallel(parallel.clone())?;
     let outcome = trainer.train(&mut batches, &mut hooks)?;
-    hooks.bar.finish_and_clear();
+    hooks.log.finish();
     let (val_loss, val_scores) = match hooks.last_val {
         Some(v) => v,
         None => evaluate(&trainer.model, &val, args.batch_size, parallel)?,
@@ -975,11 +919,7 @@ fn finetune(
         world_size: world,
         planned_peak_bytes: Some(planned.peak_bytes),
         peak_rss_bytes: peak_rss_bytes(),
-        peak_rss_bytes_per_rank: parallel
-            .per_rank(peak_rss_bytes() as usize)
-            .into_iter()
-            .map(|b| b as u64)
-            .collect(),
+        peak_rss_bytes_per_rank: parallel.peak_rss_per_rank(),
         wall_s: state.elapsed_s,
         examples_per_s: state.tokens as f64 / state.train_s.max(1e-9),
         truncated,
@@ -1001,7 +941,7 @@ fn finetune(
                 merged.display()
             );
         }
-        hooks.plot()?;
+        hooks.log.plot()?;
         let paused = (outcome == Outcome::Paused).then_some((state.step, args.steps));
         crate::run_dir::write_summary(&out, &summary, paused, "finetune")?;
         eprintln!(

@@ -15,6 +15,38 @@ pub struct Example {
     pub label: String,
 }
 
+/// The columns of a task file that hold the inputs, as the command line names them.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct TextColumns {
+    /// Column (or JSON field) with the text.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "text"))]
+    pub text_column: String,
+    /// Column with the second text of sentence pairs.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub text_pair_column: Option<String>,
+}
+
+impl Default for TextColumns {
+    fn default() -> Self {
+        TextColumns {
+            text_column: "text".into(),
+            text_pair_column: None,
+        }
+    }
+}
+
+impl TextColumns {
+    /// These columns, with the labels in `label` (none: unlabelled inputs).
+    pub fn with_label<'a>(&'a self, label: Option<&'a str>) -> Columns<'a> {
+        Columns {
+            text: &self.text_column,
+            pair: self.text_pair_column.as_deref(),
+            label,
+        }
+    }
+}
+
 /// The columns (or JSON fields) that hold the text, the optional second text and the label
 /// (none: unlabelled inputs).
 #[derive(Clone, Debug)]

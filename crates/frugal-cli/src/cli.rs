@@ -19,11 +19,17 @@ pub struct Cli {
     pub command: Command,
     /// Across ranks (`mpirun`, or torchrun-style variables): seconds a rank waits in a
     /// collective, or for the others to start, before it ends the job (a rank died or hangs).
-    #[arg(long, global = true, default_value_t = 600.0, value_parser = collective_timeout)]
+    #[arg(long, global = true, default_value_t = 600.0, value_parser = collective_timeout,
+          help_heading = "Device and ranks")]
     pub collective_timeout: f64,
     /// Device to train and evaluate on: cpu, cuda or cuda:N (GPUs need the CUDA binary, built
     /// by scripts/build-cuda.sh). Across ranks, `cuda` is the GPU of the rank's LOCAL_RANK.
-    #[arg(long, global = true, default_value = "cpu")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "cpu",
+        help_heading = "Device and ranks"
+    )]
     pub device: String,
 }
 

@@ -5,7 +5,8 @@
 #   2. every preset's and projection's optimizer step on the GPU against the CPU (the `cuda`
 #      test binary of the frugal crate, when present);
 #   3. bf16 mixed-precision training of `60m` for 200 steps: the loss falls;
-#   4. the device memory in use at the peak (nvidia-smi, sampled) next to `frugal memory`'s plan;
+#   4. the device memory in use at the peak (nvidia-smi, sampled) next to `frugal memory`'s plan,
+#      and with --memory low;
 #   5. tokens/s of `60m` and `130m` with `adamw` and `frugal`, f32 and bf16, next to the PyTorch
 #      twin (scripts/torch-llama-twin.py) of the same model and loop, in the same run.
 #
@@ -144,6 +145,12 @@ EOF
 "$bin" memory --model "$bf16_model" --batch-size "$batch" --seq-len "$seq" --json >"$out/plan.json"
 planned=$("$python" -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(max(s['peak_bytes'] for s in r['steps'] if s['selected'])/2**20))" "$out/plan.json")
 say "4. device memory at the peak: $(peak "$out/memory-bf16.txt") MiB in use (nvidia-smi, including the CUDA context and the allocator's cache); planned peak $planned MiB (f32 activations)"
+# The same step with --memory low (checkpointing, per-layer updates, the loss in chunks).
+low=$out/$bf16_model-bf16-low
+with_peak_memory "$out/memory-bf16-low.txt" "$bin" train --device "$device" --dtype bf16 \
+  --model "$bf16_model" --memory low --steps 20 --batch-size "$batch" --seq-len "$seq" \
+  --eval-every 20 --eval-tokens 16384 --out "$low" >"$low.log" 2>&1
+say "4. with --memory low: $(peak "$out/memory-bf16-low.txt") MiB in use at the peak, $(tok_per_s "$low") tok/s"
 }
 
 # 5. Speed against the PyTorch twin, interleaved, same batch and sequence length.

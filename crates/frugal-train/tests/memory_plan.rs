@@ -105,16 +105,17 @@ fn measured_peak<M: Model>(
     PEAK.load(Ordering::SeqCst) - before
 }
 
-/// The LLaMA model's measured step peak, training every weight with FRUGAL or, with `lora`,
-/// what it trains with AdamW.
+/// The LLaMA model's measured step peak computing in `compute` (f32 weights), training every
+/// weight with FRUGAL or, with `lora`, what it trains with AdamW.
 fn llama_peak(
     c: &LlamaConfig,
     mode: StepMode,
-    batch: usize,
-    seq: usize,
+    (batch, seq): (usize, usize),
     lora: Option<&DecoderLora>,
+    compute: DType,
 ) -> usize {
     let mut model = Llama::init(c, 0, &Device::Cpu, DType::F32).unwrap();
+    model.set_compute_dtype(compute);
     let spec = match lora {
         Some(l) => {
             model = model.with_lora(l, 1).unwrap();
@@ -214,7 +215,7 @@ fn the_planned_peak_matches_counted_allocations_in_every_mode() {
         let (c, batch, seq) = (c, *batch, *seq);
         for (name, mode) in modes {
             let plan = c.step_memory(batch / mode.grad_accum, seq, mode, None);
-            let real = llama_peak(c, mode, batch, seq, None);
+            let real = llama_peak(c, mode, (batch, seq), None, DType::F32);
             off.extend(off_plan(name, plan.peak, real, 0.15));
             peaks.push(real);
         }
@@ -244,7 +245,7 @@ fn the_lora_plan_matches_counted_allocations_in_every_mode() {
             let mut peaks = Vec::new();
             for (name, mode) in llama_modes() {
                 let plan = c.step_memory(batch / mode.grad_accum, *seq, mode, Some(&l));
-                let real = llama_peak(c, mode, *batch, *seq, Some(&l));
+                let real = llama_peak(c, mode, (*batch, *seq), Some(&l), DType::F32);
                 let name = format!(
                     "lora {:?}, others trained {}, {name}",
                     l.adapters.targets, l.train_others
@@ -257,6 +258,22 @@ fn the_lora_plan_matches_counted_allocations_in_every_mode() {
         }
     }
     assert!(off.is_empty(), "{off:#?}");
+}
+
+/// Off the CPU's f32 kernels (bf16 here, as on CUDA) the loss runs in chunks too: the step's
+/// counted peak falls with them, whole or layer by layer.
+#[test]
+fn loss_chunks_save_memory_in_bf16() {
+    let _counting = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+    let (c, batch, seq) = &llama_shapes()[0];
+    let modes = llama_modes();
+    let [normal, chunked, checkpointing, low] =
+        [0, 1, 2, 4].map(|i| llama_peak(c, modes[i].1, (*batch, *seq), None, DType::BF16));
+    eprintln!(
+        "bf16: normal {normal}, loss in chunks {chunked}, checkpointing {checkpointing}, low {low}"
+    );
+    assert!(10 * chunked < 7 * normal, "{chunked} against {normal}");
+    assert!(2 * low < checkpointing, "{low} against {checkpointing}");
 }
 
 /// Classification inputs of `seq` tokens (every other one 3/4 as long: padded) with dropout.

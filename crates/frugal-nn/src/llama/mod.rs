@@ -678,21 +678,24 @@ pub(super) mod tests {
     }
 
     /// The device-generic operations (f64 compute takes them on the CPU) give the fused f32
-    /// model's loss and gradients; bf16 mixed precision stays close to them.
+    /// model's loss and gradients, whole or with the loss in chunks; bf16 mixed precision stays
+    /// close to them.
     #[test]
     fn generic_and_bf16_computation_match_the_fused_model() {
         let mut model = init(&micro(), 5);
         let (loss, grads) = loss_and_grads(&mut model, DType::F32);
-        for (dtype, tol) in [(DType::F64, 1e-5), (DType::BF16, 6e-2)] {
-            let (l, g) = loss_and_grads(&mut model, dtype);
-            assert!(
-                (l - loss).abs() < tol * loss,
-                "{dtype:?}: loss {l} vs {loss}"
-            );
-            for ((name, a), (_, b)) in grads.iter().zip(&g) {
-                let d = rel_diff(a, b);
-                assert!(d < tol, "{dtype:?}: gradient of {name} differs by {d}");
+        for (tokens, vocab) in [(1, 1), (3, 1), (3, 4)] {
+            model.set_loss_chunks(LossChunks { tokens, vocab });
+            for (dtype, tol) in [(DType::F64, 1e-5), (DType::BF16, 6e-2)] {
+                let (l, g) = loss_and_grads(&mut model, dtype);
+                let at = format!("{dtype:?}, {tokens} × {vocab} chunks");
+                assert!((l - loss).abs() < tol * loss, "{at}: loss {l} vs {loss}");
+                for ((name, a), (_, b)) in grads.iter().zip(&g) {
+                    let d = rel_diff(a, b);
+                    assert!(d < tol, "{at}: gradient of {name} differs by {d}");
+                }
             }
+            model.set_compute_dtype(DType::F32);
         }
     }
 

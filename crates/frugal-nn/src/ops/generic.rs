@@ -8,7 +8,7 @@ use candle_core::{bail, DType, Device, Result, Tensor, D};
 use std::sync::{Arc, Mutex};
 
 /// `x` in at least f32 precision (16-bit floats widened, others unchanged).
-fn f32_of(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn f32_of(x: &Tensor) -> Result<Tensor> {
     match x.dtype() {
         DType::BF16 | DType::F16 => x.to_dtype(DType::F32),
         _ => Ok(x.clone()),

@@ -6,9 +6,12 @@
 //! chunk's logits are computed once, turned into softmax − onehot, and multiplied out into the
 //! gradients of the hidden states and the head, which wait for the backward pass. With
 //! vocabulary chunks as well, the forward pass keeps only each row's log-sum-exp and the
-//! backward pass computes the logits again, chunk by chunk.
+//! backward pass computes the logits again, chunk by chunk. Off the CPU's f32 kernels the
+//! chunks run as tensor operations (see `generic`).
 
-use crate::ops::{counted, cpu_f32, cross_entropy, fused_here, lanes, linear, log_sum_exp, IGNORE};
+mod generic;
+
+use crate::ops::{counted, cpu_f32, fused_here, lanes, log_sum_exp, IGNORE};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -349,7 +352,8 @@ fn checked_targets(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Vec<u32>>
 /// variable: a frozen head gets no gradient formed). With one vocabulary chunk
 /// the gradients are formed in the forward pass (no logits are computed twice); with more,
 /// the backward pass recomputes the logits chunk by chunk. Off the CPU, or in another dtype than
-/// f32, it is the whole-logits loss (the chunks are a CPU kernel).
+/// f32, the same chunks run as candle tensor operations, which form every gradient in the
+/// forward pass (a second pass over the vocabulary chunks gives the log-sum-exp first).
 pub fn linear_cross_entropy(
     h: &Tensor,
     w: &Tensor,
@@ -357,10 +361,7 @@ pub fn linear_cross_entropy(
     chunks: LossChunks,
 ) -> Result<Tensor> {
     if !fused_here(h) {
-        return cross_entropy(
-            &linear(h, &w.to_dtype(h.dtype())?)?,
-            &targets.flatten_all()?,
-        );
+        return generic::linear_cross_entropy(h, w, targets, chunks);
     }
     let targets = checked_targets(h, w, targets)?;
     let (h, w) = (h.contiguous()?, w.contiguous()?);
@@ -385,7 +386,7 @@ pub fn linear_cross_entropy_value(
     chunks: LossChunks,
 ) -> Result<f32> {
     if !fused_here(h) {
-        return linear_cross_entropy(&h.detach(), &w.detach(), targets, chunks)?.to_scalar();
+        return generic::linear_cross_entropy_value(h, w, targets, chunks);
     }
     let targets = checked_targets(h, w, targets)?;
     let (_, total) = lse_pass(&h.detach(), &w.detach(), &targets, chunks)?;
@@ -396,7 +397,8 @@ pub fn linear_cross_entropy_value(
 mod tests {
     use super::*;
     use crate::ops::tests::{max_diff, randn};
-    use candle_core::{Device, Var};
+    use crate::ops::{cross_entropy, linear};
+    use candle_core::{DType, Device, Var};
 
     #[test]
     fn ranges_cover_every_item_once() {
@@ -452,6 +454,68 @@ mod tests {
             vocab: 1,
         };
         assert!(linear_cross_entropy(&h, &w, &bad, chunks).is_err());
+    }
+
+    /// Off the fused kernels (f64 and bf16 on the CPU, as on CUDA) every chunking gives the
+    /// loss and gradients of the whole logits through the generic operations, with ignored
+    /// targets, a head kept in f32 as master weights are, and a frozen head that gets none.
+    #[test]
+    fn generic_chunks_match_the_whole_logits() {
+        let (n, d, vocab) = (13, 6, 23);
+        let ids: Vec<u32> = (0..n as u32)
+            .map(|i| match i % 4 {
+                1 => IGNORE,
+                _ => (i * 7 + 3) % vocab as u32,
+            })
+            .collect();
+        let targets = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
+        for (dtype, tol) in [(DType::F64, 1e-6), (DType::BF16, 1e-2)] {
+            let h = Var::from_tensor(&randn(&[n, d], 1).to_dtype(dtype).unwrap()).unwrap();
+            let w = Var::from_tensor(&randn(&[vocab, d], 2)).unwrap();
+            let as_h = |w: &Tensor| w.to_dtype(dtype).unwrap();
+            let whole = crate::ops::cross_entropy(&linear(&h, &as_h(&w)).unwrap(), &targets)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
+            let g = (&whole * 2.5).unwrap().backward().unwrap();
+            let scalar = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+            let diff = |a: &Tensor, b: &Tensor| {
+                scalar(&(a - b).unwrap().abs().unwrap().max_all().unwrap())
+            };
+            for (tokens, vocab) in [(1, 1), (5, 1), (13, 1), (2, 2), (5, 3), (13, 40)] {
+                let chunks = LossChunks { tokens, vocab };
+                let loss = linear_cross_entropy(&h, &w, &targets, chunks).unwrap();
+                let at = format!("{dtype:?} {chunks:?}");
+                assert!((scalar(&loss) - scalar(&whole)).abs() < tol, "{at}");
+                let value = linear_cross_entropy_value(&h, &w, &targets, chunks).unwrap();
+                assert!(
+                    (value as f64 - scalar(&whole)).abs() < tol.max(1e-6),
+                    "{at}"
+                );
+                let gc = (&loss * 2.5).unwrap().backward().unwrap();
+                for v in [&h, &w] {
+                    let (a, b) = (gc.get(v).unwrap(), g.get(v).unwrap());
+                    assert_eq!((a.dims(), a.dtype()), (b.dims(), b.dtype()), "{at}");
+                    let scale = scalar(&b.abs().unwrap().max_all().unwrap());
+                    assert!(diff(a, b) < tol * scale, "{at}: {} of {scale}", diff(a, b));
+                }
+                let dh = gc.get(&h).unwrap().to_dtype(DType::F32).unwrap();
+                let dh = dh.to_vec2::<f32>().unwrap();
+                assert!(dh[1].iter().chain(&dh[5]).all(|&x| x == 0.0), "{at}");
+                let frozen = w.as_tensor().detach();
+                let loss = linear_cross_entropy(&h, &frozen, &targets, chunks).unwrap();
+                let gf = (&loss * 2.5).unwrap().backward().unwrap();
+                assert!(gf.get(&frozen).is_none(), "{at}");
+                assert_eq!(diff(gf.get(&h).unwrap(), gc.get(&h).unwrap()), 0.0);
+            }
+            let bad = Tensor::new(&[vocab as u32; 13], &Device::Cpu).unwrap();
+            let chunks = LossChunks {
+                tokens: 2,
+                vocab: 1,
+            };
+            let err = linear_cross_entropy(&h, &w, &bad, chunks).unwrap_err();
+            assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+        }
     }
 
     /// Ignored targets add nothing: the loss and gradients are those of the other rows alone

@@ -142,15 +142,19 @@ ok = len(loss) > 10 and sum(loss[-10:]) < sum(loss[:10]) and ppl[-1] < ppl[0]
 print(f"3. bf16 training, {len(loss)} steps: loss {loss[0]:.3f} -> {loss[-1]:.3f}, "
       f"val perplexity {ppl[0]:.1f} -> {ppl[-1]:.1f}: {'falls' if ok else 'DOES NOT FALL'}")
 EOF
-"$bin" memory --model "$bf16_model" --batch-size "$batch" --seq-len "$seq" --json >"$out/plan.json"
-planned=$("$python" -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(max(s['peak_bytes'] for s in r['steps'] if s['selected'])/2**20))" "$out/plan.json")
-say "4. device memory at the peak: $(peak "$out/memory-bf16.txt") MiB in use (nvidia-smi, including the CUDA context and the allocator's cache); planned peak $planned MiB (f32 activations)"
+# The planned peak of the selected memory mode, bf16 through tensor operations (`frugal memory`).
+planned() {
+  "$bin" memory --device "$device" --dtype bf16 --model "$bf16_model" --batch-size "$batch" \
+    --seq-len "$seq" --json "$@" >"$out/plan.json"
+  "$python" -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(max(s['peak_bytes'] for s in r['steps'] if s['selected'])/2**20))" "$out/plan.json"
+}
+say "4. device memory at the peak: $(peak "$out/memory-bf16.txt") MiB in use (nvidia-smi, including the CUDA context and the allocator's cache); planned peak $(planned) MiB"
 # The same step with --memory low (checkpointing, per-layer updates, the loss in chunks).
 low=$out/$bf16_model-bf16-low
 with_peak_memory "$out/memory-bf16-low.txt" "$bin" train --device "$device" --dtype bf16 \
   --model "$bf16_model" --memory low --steps 20 --batch-size "$batch" --seq-len "$seq" \
   --eval-every 20 --eval-tokens 16384 --out "$low" >"$low.log" 2>&1
-say "4. with --memory low: $(peak "$out/memory-bf16-low.txt") MiB in use at the peak, $(tok_per_s "$low") tok/s"
+say "4. with --memory low: $(peak "$out/memory-bf16-low.txt") MiB in use at the peak (planned $(planned --memory low) MiB), $(tok_per_s "$low") tok/s"
 }
 
 # 5. Speed against the PyTorch twin, interleaved, same batch and sequence length.

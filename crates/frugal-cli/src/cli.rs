@@ -8,7 +8,7 @@ use frugal_train::eval::EvalSettings;
 use frugal_train::finetune::classify::ClassifySettings;
 use frugal_train::finetune::run::FinetuneSettings;
 use frugal_train::generate::GenerateSettings;
-use frugal_train::settings::MemorySettings;
+use frugal_train::settings::{MemorySettings, Precision};
 use frugal_train::{OptimizerSettings, TrainSettings};
 
 /// Memory-efficient training of LLaMA-style models with FRUGAL and its baselines.
@@ -113,6 +113,11 @@ pub struct MemoryArgs {
     /// Data-parallel ranks (`mpirun -np N`): the optimizer state each rank holds.
     #[arg(long, default_value_t = 1)]
     pub world_size: usize,
+    /// Compute precision of the planned step, as `frugal train --dtype`: f32 (the CPU's fused
+    /// kernels, or with --device cuda candle's tensor operations), or bf16 (tensor operations
+    /// on every device).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub dtype: Precision,
     #[command(flatten)]
     pub memory: MemorySettings,
     #[command(flatten)]

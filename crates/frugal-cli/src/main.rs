@@ -133,7 +133,7 @@ fn finetune_memory(args: &cli::MemoryArgs, dir: &std::path::Path) -> Result<()> 
 }
 
 /// `frugal memory`: prints the planned memory of a model and optimizer.
-fn memory(args: &cli::MemoryArgs) -> Result<()> {
+fn memory(args: &cli::MemoryArgs, device: &Device) -> Result<()> {
     frugal_train::trainer::at_least_one(&[("--world-size", args.world_size)])?;
     let dir = std::path::Path::new(&args.model);
     if dir.join("config.json").exists() {
@@ -161,7 +161,11 @@ fn memory(args: &cli::MemoryArgs) -> Result<()> {
             ("--seq-len", seq),
             ("--grad-accum", args.grad_accum),
         ])?;
-        report = report.with_steps(&model, batch, seq, args.memory.step_mode(args.grad_accum))?;
+        let mode = frugal_nn::StepMode {
+            kernels: frugal_nn::Kernels::on(device, args.dtype.compute_dtype()),
+            ..args.memory.step_mode(args.grad_accum)
+        };
+        report = report.with_steps(&model, batch, seq, mode)?;
     } else if args.seq_len.is_some() {
         bail!("--seq-len plans a step only with --batch-size");
     }
@@ -200,9 +204,10 @@ fn memory(args: &cli::MemoryArgs) -> Result<()> {
         );
         if !report.steps.is_empty() {
             println!(
-                "memory modes (MiB, micro-batch {} × {}): activations kept for the backward pass, gradients held at once, the backward working set, and the peak with weights and state; * = the mode of these flags",
+                "memory modes (MiB, micro-batch {} × {} {}): activations kept for the backward pass, gradients held at once, the backward working set, and the peak with weights and state; * = the mode of these flags",
                 args.batch_size.unwrap_or(0),
-                args.seq_len.unwrap_or(model.max_position_embeddings.min(256))
+                args.seq_len.unwrap_or(model.max_position_embeddings.min(256)),
+                report.steps[0].settings.kernels.describe()
             );
         }
     }
@@ -305,7 +310,7 @@ fn run(matches: &ArgMatches, cli: Cli, device: Device, comm: &Arc<dyn Collective
             )
             .map(drop)
         })?,
-        Command::Memory(args) => memory(&args)?,
+        Command::Memory(args) => memory(&args, &device)?,
         Command::Compare(args) => {
             let compare = matches.subcommand_matches("compare").expect("subcommand");
             let command = std::env::args().collect::<Vec<_>>().join(" ");

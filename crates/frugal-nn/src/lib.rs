@@ -45,4 +45,4 @@ pub mod step_memory;
 
 pub use attention::Attention;
 pub use error::{Error, Result};
-pub use step_memory::{StepMemory, StepMode};
+pub use step_memory::{Kernels, StepMemory, StepMode};

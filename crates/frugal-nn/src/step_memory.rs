@@ -7,6 +7,49 @@ use crate::chunked_loss::LossChunks;
 use crate::Attention;
 use serde::Serialize;
 
+/// The operations a step runs, which decide what its forward pass keeps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum Kernels {
+    /// The fused CPU kernels, in f32 (the CPU's default).
+    #[default]
+    Fused,
+    /// candle's tensor operations computing in f32 (CUDA, or the CPU with its kernels off).
+    GenericF32,
+    /// candle's tensor operations computing in bf16 over f32 weights (mixed precision).
+    GenericBf16,
+}
+
+impl Kernels {
+    /// The operations a step computing in `dtype` runs on `device`: the fused kernels for f32
+    /// on the CPU (unless [`crate::ops::use_fused_kernels`] turned them off), else the generic
+    /// ones.
+    pub fn on(device: &candle_core::Device, dtype: candle_core::DType) -> Kernels {
+        match dtype {
+            candle_core::DType::BF16 => Kernels::GenericBf16,
+            _ if device.is_cpu() && crate::ops::fused_kernels() => Kernels::Fused,
+            _ => Kernels::GenericF32,
+        }
+    }
+
+    /// How a plan names these operations: "in f32 with the CPU's fused kernels", ….
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kernels::Fused => "in f32 with the CPU's fused kernels",
+            Kernels::GenericF32 => "in f32 through tensor operations (as on CUDA)",
+            Kernels::GenericBf16 => "in bf16 through tensor operations over f32 weights",
+        }
+    }
+
+    /// Bytes of the compute dtype of the generic operations; none for the fused kernels.
+    pub fn generic_bytes(self) -> Option<f64> {
+        match self {
+            Kernels::Fused => None,
+            Kernels::GenericF32 => Some(4.0),
+            Kernels::GenericBf16 => Some(2.0),
+        }
+    }
+}
+
 /// How a step runs its backward pass.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct StepMode {
@@ -20,6 +63,8 @@ pub struct StepMode {
     pub grad_accum: usize,
     /// How attention runs: [`Attention::Whole`] keeps two t × t tensors per head and layer.
     pub attention: Attention,
+    /// The operations that run (the generic ones always compute attention whole).
+    pub kernels: Kernels,
 }
 
 impl StepMode {

@@ -145,7 +145,8 @@ fn assert_close(got: &Tensor, want: &[f64], what: &str) {
 
 /// The gradients of a product with a transposed operand, x·Wᵀ and Aᵀ·B, which the backward
 /// pass computes transposed when OpenBLAS is installed, so that W's and A's gradients come out
-/// contiguous with no copy, and in the plain form with gemm.
+/// contiguous with no copy, and in the plain form with gemm; none for an operand out of the
+/// graph.
 fn check_transposed_gradients() {
     let (m, k, n) = (37, 21, 53);
     let x = candle_core::Var::from_tensor(&tensor(&[m, k], 21)).unwrap();
@@ -181,5 +182,19 @@ fn check_transposed_gradients() {
         grads.get(&a).unwrap(),
         &product64(&v(&b), &ct, k, n, m),
         "dA",
+    );
+    // An operand out of the graph (a frozen weight, or B above) gets no gradient formed.
+    assert!(grads.get(&b).is_none());
+    let frozen = w.as_tensor().detach();
+    let loss = (x.matmul(&frozen.t().unwrap()).unwrap() * &c)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    assert!(grads.get(&frozen).is_none());
+    assert_close(
+        grads.get(&x).unwrap(),
+        &product64(&v(&c), &v(&w), m, n, k),
+        "dx, W frozen",
     );
 }

@@ -8,7 +8,6 @@ use frugal::memory::{by_role, plan};
 use frugal::{OptimizerConfig, StateBytes};
 use frugal_nn::chunked_loss::LossChunks;
 use frugal_nn::llama::{DecoderLora, LlamaConfig};
-use frugal_nn::Attention;
 use frugal_nn::{StepMemory, StepMode};
 use serde::Serialize;
 
@@ -72,12 +71,13 @@ impl ModePlan {
         let mib = |b: usize| b as f64 / MIB;
         let s = &self.step;
         format!(
-            "about {:.0} MiB: weights and optimizer state {:.0}, activations {:.0}, gradients {:.0} and working set {:.0} MiB for micro-batches of {batch} × {seq} tokens in f32",
+            "about {:.0} MiB: weights and optimizer state {:.0}, activations {:.0}, gradients {:.0} and working set {:.0} MiB for micro-batches of {batch} × {seq} tokens {}",
             mib(self.peak_bytes),
             mib(self.peak_bytes - s.peak),
             mib(s.activations),
             mib(s.gradients),
             mib(s.working),
+            self.settings.kernels.describe(),
         )
     }
 
@@ -109,14 +109,13 @@ impl ModePlan {
 }
 
 /// The memory modes a report plans, by name: each technique alone, and all of them, with
-/// attention computed as `attention` asks.
-pub fn modes(grad_accum: usize, attention: Attention) -> Vec<(&'static str, StepMode)> {
+/// the micro-batches, attention and operations of `run`.
+pub fn modes(run: StepMode) -> Vec<(&'static str, StepMode)> {
     let mode = |checkpointing, per_layer_updates, tokens| StepMode {
         checkpointing,
         per_layer_updates,
         loss_chunks: LossChunks { tokens, vocab: 1 },
-        grad_accum,
-        attention,
+        ..run
     };
     vec![
         ("normal", mode(false, false, 1)),
@@ -268,7 +267,7 @@ impl MemoryReport {
         seq: usize,
         selected: StepMode,
     ) -> Result<Self> {
-        let all = modes(selected.grad_accum, selected.attention);
+        let all = modes(selected);
         let fixed = self.total.parameter_bytes + self.largest_state();
         self.steps = ModePlan::of_modes(all, selected, fixed, |mode| {
             model.step_memory(batch, seq, mode, self.lora.as_ref())
@@ -277,6 +276,7 @@ impl MemoryReport {
         let normal = StepMode {
             grad_accum: selected.grad_accum,
             attention: selected.attention,
+            kernels: selected.kernels,
             ..StepMode::default()
         };
         self.adamw_normal_peak_bytes = Some(

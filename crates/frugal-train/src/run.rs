@@ -20,7 +20,7 @@ use frugal::labels::RoleCounts;
 use frugal::Frugal;
 use frugal_dist::{Collectives, Solo};
 use frugal_nn::llama::{DecoderLora, Llama, LlamaConfig};
-use frugal_nn::StepMode;
+use frugal_nn::{Kernels, StepMode};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -99,9 +99,12 @@ impl RunConfig {
         }
     }
 
-    /// How this run's steps use memory (what [`LlamaConfig::step_memory`] plans).
-    pub fn step_mode(&self) -> StepMode {
-        self.args.memory.step_mode(self.args.grad_accum)
+    /// How this run's steps use memory on `device` (what [`LlamaConfig::step_memory`] plans).
+    pub fn step_mode(&self, device: &Device) -> StepMode {
+        StepMode {
+            kernels: Kernels::on(device, self.args.dtype.compute_dtype()),
+            ..self.args.memory.step_mode(self.args.grad_accum)
+        }
     }
 
     /// What the memory settings cost or save under accumulation and clipping, one line each.
@@ -338,11 +341,16 @@ pub fn run(
 /// The planned memory of one rank's step in this run's memory mode, as `frugal memory` plans
 /// it: weights, the rank's share of the optimizer state, and the step's activations, gradients
 /// and working set.
-pub fn planned_step(run: &RunConfig) -> Result<ModePlan> {
+pub fn planned_step(run: &RunConfig, device: &Device) -> Result<ModePlan> {
     let (model, opt) = (&run.model, &run.optimizer);
     let report = MemoryReport::new(model, opt, run.lora.as_ref())?
         .with_world_size(model, opt, run.world_size)?
-        .with_steps(model, run.args.batch_size, run.seq_len, run.step_mode())?;
+        .with_steps(
+            model,
+            run.args.batch_size,
+            run.seq_len,
+            run.step_mode(device),
+        )?;
     ModePlan::selected(report.steps)
 }
 
@@ -359,7 +367,7 @@ fn memory_command(run: &RunConfig) -> String {
 fn out_of_memory_note(run: &RunConfig, device: &Device) -> String {
     crate::memory_report::out_of_memory_note(
         device,
-        planned_step(run).ok().as_ref(),
+        planned_step(run, device).ok().as_ref(),
         (run.args.batch_size, run.seq_len),
         &memory_command(run),
         "Lower --batch-size (and raise --grad-accum to keep the batch), or use --dtype bf16 or --memory low",
@@ -550,7 +558,7 @@ fn train(
             );
         }
     }
-    let planned = planned_step(&run)?;
+    let planned = planned_step(&run, &device)?;
     let shape = (args.batch_size, run.seq_len);
     say!(
         lead,

@@ -451,19 +451,23 @@ impl Tensor {
                         let external = grad.dtype() == crate::DType::F32
                             && grad.device().is_cpu()
                             && crate::cpu_backend::f32_matmul_installed();
-                        let lhs_grad = if external && is_transposed(lhs)? {
-                            rhs.matmul(&grad.t()?)?.t()?
-                        } else {
-                            grad.matmul(&rhs.t()?)?
-                        };
-                        grads.accumulate(lhs, &lhs_grad)?;
-
-                        let rhs_grad = if external && is_transposed(rhs)? {
-                            grad.t()?.matmul(lhs)?.t()?
-                        } else {
-                            lhs.t()?.matmul(&grad)?
-                        };
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        // An operand out of the graph (a frozen weight) gets no gradient.
+                        if lhs.track_op() {
+                            let lhs_grad = if external && is_transposed(lhs)? {
+                                rhs.matmul(&grad.t()?)?.t()?
+                            } else {
+                                grad.matmul(&rhs.t()?)?
+                            };
+                            grads.accumulate(lhs, &lhs_grad)?;
+                        }
+                        if rhs.track_op() {
+                            let rhs_grad = if external && is_transposed(rhs)? {
+                                grad.t()?.matmul(lhs)?.t()?
+                            } else {
+                                lhs.t()?.matmul(&grad)?
+                            };
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Cat(args, dim) => {
                         let mut start_idx = 0;

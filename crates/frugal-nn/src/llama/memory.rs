@@ -17,6 +17,16 @@ use super::{DecoderLora, LlamaConfig};
 use crate::step_memory::{StepMemory, StepMode};
 use crate::Attention;
 
+/// Values a step trains (gradients it forms): of a layer, of the embeddings, of the head, of
+/// the head and final norm, and in all.
+struct Trained {
+    layer: f64,
+    vocab: f64,
+    head: f64,
+    top: f64,
+    all: f64,
+}
+
 impl LlamaConfig {
     /// Plans the memory of a training step on micro-batches of `batch` sequences of `seq`
     /// tokens (beyond weights and optimizer state), training every weight or, with `lora`,
@@ -41,14 +51,207 @@ impl LlamaConfig {
             0.0
         };
         let chunks = mode.loss_chunks;
-        // Trained values of a layer, of the embeddings, of the head, of the head and final
-        // norm, and in all.
-        let (p_layer, p_vocab, head, p_top, p_all) = match lora {
+        let Trained {
+            layer: p_layer,
+            vocab: p_vocab,
+            head,
+            top: p_top,
+            all: p_all,
+        } = self.trained(lora);
+        let rows = (n / chunks.tokens.max(1) as f64).ceil();
+        let costs = match mode.kernels.generic_bytes() {
+            Some(c) => self.generic_costs(batch, seq, mode, (head, lora), c),
             None => {
-                let p_layer = 2.0 * h * h + 2.0 * kv * h + 3.0 * h * f + 2.0 * h;
-                let p_vocab = vocab * h;
-                let p_all = 2.0 * p_vocab + layers * p_layer + h;
-                (p_layer, p_vocab, p_vocab, p_vocab + h, p_all)
+                // Kept by each layer: norms, projections and their rotated heads, the attention
+                // output, the MLP's gate, up and gated products, and the two residual sums.
+                // Attention computed whole also keeps the values' head-major copy, the key-value
+                // heads repeated for grouped queries, the scores and probabilities, and the
+                // output's row-major copy; fused, two numbers per query row.
+                let a_layer = 9.0 * n * h
+                    + 3.0 * n * kv
+                    + 3.0 * n * f
+                    + match mode.attention {
+                        Attention::Whole => n * h + n * kv + grouped * n * h + 2.0 * scores,
+                        Attention::Fused => 2.0 * n * self.num_attention_heads as f64,
+                    };
+                let (a_top, w_top) = if chunks.is_whole() {
+                    // The final norm and the logits; their gradient, and (when the head
+                    // trains) part of a second one while the head's matrix products run.
+                    let second = if head > 0.0 { 0.5 } else { 0.0 };
+                    (n * h + n * vocab, (1.0 + second) * n * vocab)
+                } else if chunks.vocab <= 1 {
+                    // The final norm and the gradients the one pass made; a chunk's logits
+                    // and their gradient, and the head gradient's running sum.
+                    (2.0 * n * h + head, 2.0 * rows * vocab + head + 3.0 * n * h)
+                } else {
+                    let chunk = rows * (vocab / chunks.vocab as f64).ceil();
+                    (n * h + n, head + 3.0 * n * h + 3.0 * chunk)
+                };
+                Costs {
+                    a_layer,
+                    a_top,
+                    w_top,
+                    top_forward: 0.0,
+                    state: n * h,
+                    w_layer: 3.5 * n * f + 3.0 * n * h,
+                    w_layered: 3.5 * n * f + 10.0 * n * h,
+                }
+            }
+        };
+        let Costs {
+            a_layer,
+            a_top,
+            w_top,
+            top_forward,
+            state,
+            ..
+        } = costs;
+        let w_embed = p_vocab + 2.0 * n * h;
+        // Gradients held at each phase (head, a layer, the embeddings) besides the working set
+        // (see `StepMode::held`).
+        let accumulating = mode.grad_accum > 1;
+        let accumulated = if accumulating { p_all } else { 0.0 };
+        let held = |so_far: f64, left: f64| mode.held(so_far, left, p_all);
+        let (activations, phases) = if mode.layered() {
+            let saved = layers * state;
+            // Frozen linears form no weight gradient in the recomputed layer's backward pass
+            // (measured without accumulation; with it the sums' working set dominates).
+            let frozen = match lora {
+                Some(_) if !accumulating => self.linear_values(),
+                _ => 0.0,
+            };
+            let w_layer = costs.w_layered - 1.5 * frozen;
+            let forward = saved + a_layer + accumulated;
+            let top_forward = saved + state + top_forward + accumulated;
+            let top = saved + state + a_top + w_top + held(0.0, p_all);
+            let layer = saved + state + a_layer + w_layer + held(p_top, p_all - p_vocab);
+            let embed = 2.0 * state + w_embed + held(p_all - p_vocab, p_vocab);
+            (
+                saved + state + a_top,
+                vec![forward, top_forward, top, layer, embed],
+            )
+        } else {
+            let before_top = state + layers * a_layer;
+            let kept = before_top + a_top;
+            let w_layer = costs.w_layer + 3.0 * p_layer;
+            let top = kept + w_top + accumulated;
+            let layer = kept + p_top + w_layer + accumulated;
+            let embed = kept + p_all - p_vocab + w_embed + accumulated;
+            let top_forward = before_top + top_forward + accumulated;
+            (
+                kept,
+                vec![kept + accumulated, top_forward, top, layer, embed],
+            )
+        };
+        let gradients = if mode.per_layer_updates && !accumulating {
+            p_vocab.max(p_layer)
+        } else {
+            p_all
+        };
+        StepMemory::of_phases(activations, gradients, &phases)
+    }
+}
+
+/// What a step's pieces cost, in f32 values: the activations a layer keeps, those the top
+/// (final norm and loss) keeps and the top's backward working set, the peak of the top's
+/// forward pass beyond what the layers keep, a hidden state between layers, and a layer's
+/// backward working set, whole and recomputed.
+struct Costs {
+    a_layer: f64,
+    a_top: f64,
+    w_top: f64,
+    top_forward: f64,
+    state: f64,
+    w_layer: f64,
+    w_layered: f64,
+}
+
+impl LlamaConfig {
+    /// The costs of the generic operations (candle's tensor operations, on CUDA or in bf16)
+    /// computing in `c`-byte values (4: f32, 2: bf16 over f32 weights); attention is whole.
+    /// Counted from the tensors each operation keeps: reductions (norms, softmax, the loss)
+    /// widen 16-bit values to f32, and each linear's weight is cast to the compute dtype.
+    fn generic_costs(
+        &self,
+        batch: usize,
+        seq: usize,
+        mode: StepMode,
+        (head, lora): (f64, Option<&DecoderLora>),
+        c: f64,
+    ) -> Costs {
+        let n = (batch * seq) as f64;
+        let h = self.hidden_size as f64;
+        let f = self.intermediate_size as f64;
+        let kv = (self.kv_heads() * self.head_dim()) as f64;
+        let vocab = self.vocab_size as f64;
+        let scores = (batch * self.num_attention_heads * seq * seq) as f64;
+        let grouped = if self.kv_heads() != self.num_attention_heads {
+            2.0
+        } else {
+            0.0
+        };
+        let chunks = mode.loss_chunks;
+        let rows = (n / chunks.tokens.max(1) as f64).ceil();
+        // 1 where 16-bit values are widened for reductions and weights cast, else 0.
+        let up = if c < 4.0 { 1.0 } else { 0.0 };
+        // An RMSNorm keeps the widened input, its square, the normed rows, their product with
+        // the weight and the result narrowed; a causal softmax the widened scores, scaled,
+        // masked, shifted, their exponentials, the probabilities and those narrowed.
+        let norm = up * 4.0 + 12.0 + up * c;
+        let softmax = up * 4.0 + 20.0 + up * c;
+        // Per layer: two norms; q, its rotation (a head-major copy, the negated half, the
+        // rotated copy, two products and their sum), the attention output, its row-major
+        // copy, the output projection, the MLP's down projection and the two residual sums;
+        // the same rotation of k, v and its head-major copy; for grouped queries the repeated
+        // keys and values; the scores and softmax; gate, up, silu and their product; and the
+        // weights cast.
+        let bytes = 2.0 * norm * n * h
+            + c * n * h * (12.5 + grouped)
+            + c * n * kv * 8.5
+            + (c + softmax) * scores
+            + 4.0 * c * n * f
+            + up * c * self.linear_values()
+            + c * n * self.adapter_outputs(lora);
+        let head_copy = up * c * vocab * h;
+        let (a_top, w_top, top_forward) = if chunks.is_whole() {
+            // The final norm, the logits, widened, shifted and their exponentials, and the
+            // head cast; their gradients.
+            let a = norm * n * h + (c + up * 4.0 + 8.0) * n * vocab + head_copy;
+            (a, 24.5 * n * vocab, a)
+        } else {
+            // The final norm and the gradients formed in the forward pass, which at a
+            // chunk's peak also holds its logits, their exponentials, the one-hot rows and
+            // the gradient, widened or not, and the head cast.
+            let chunk = rows * (vocab / chunks.vocab as f64).ceil();
+            let a = norm * n * h + c * n * h + 4.0 * head;
+            (a, 2.0 * c * n * h, a + (24.0 + c) * chunk + head_copy)
+        };
+        Costs {
+            a_layer: bytes / 4.0,
+            a_top: a_top / 4.0,
+            w_top: w_top / 4.0,
+            top_forward: top_forward / 4.0,
+            state: c * n * h / 4.0,
+            w_layer: (8.0 * scores + (30.0 + 14.25 * c) * n * f + 6.0 * c * n * h) / 4.0,
+            w_layered: (8.0 * scores + 14.25 * c * n * f + 10.0 * c * n * h) / 4.0,
+        }
+    }
+
+    /// What a step trains: every weight, or what `lora` trains.
+    fn trained(&self, lora: Option<&DecoderLora>) -> Trained {
+        let h = self.hidden_size as f64;
+        match lora {
+            None => {
+                let layer = self.linear_values() + 2.0 * h;
+                let vocab = (self.vocab_size * self.hidden_size) as f64;
+                let all = 2.0 * vocab + self.num_hidden_layers as f64 * layer + h;
+                Trained {
+                    layer,
+                    vocab,
+                    head: vocab,
+                    top: vocab + h,
+                    all,
+                }
             }
             Some(l) => {
                 let shapes = l.trained_shapes(self);
@@ -59,72 +262,37 @@ impl LlamaConfig {
                         .map(|(_, s)| s.iter().product::<usize>() as f64)
                         .sum()
                 };
-                let p_layer = trained("model.layers.0.");
-                let p_vocab = trained("model.embed_tokens.");
                 let head = trained("lm_head.");
-                let p_top = head + trained("model.norm.");
-                (p_layer, p_vocab, head, p_top, trained(""))
+                Trained {
+                    layer: trained("model.layers.0."),
+                    vocab: trained("model.embed_tokens."),
+                    head,
+                    top: head + trained("model.norm."),
+                    all: trained(""),
+                }
             }
-        };
-        // Kept by each layer: norms, projections and their rotated heads, the attention
-        // output, the MLP's gate, up and gated products, and the two residual sums. Attention
-        // computed whole also keeps the values' head-major copy, the key-value heads repeated
-        // for grouped queries, the scores and probabilities, and the output's row-major copy;
-        // fused, two numbers per query row.
-        let a_layer = 9.0 * n * h
-            + 3.0 * n * kv
-            + 3.0 * n * f
-            + match mode.attention {
-                Attention::Whole => n * h + n * kv + grouped * n * h + 2.0 * scores,
-                Attention::Fused => 2.0 * n * self.num_attention_heads as f64,
-            };
-        let rows = (n / chunks.tokens.max(1) as f64).ceil();
-        let (a_top, w_top) = if chunks.is_whole() {
-            // The final norm and the logits; their gradient, and (when the head trains) part
-            // of a second one while the head's matrix products run.
-            let second = if head > 0.0 { 0.5 } else { 0.0 };
-            (n * h + n * vocab, (1.0 + second) * n * vocab)
-        } else if chunks.vocab <= 1 {
-            // The final norm and the gradients the one pass made; a chunk's logits and their
-            // gradient, and the head gradient's running sum.
-            (2.0 * n * h + head, 2.0 * rows * vocab + head + 3.0 * n * h)
-        } else {
-            let chunk = rows * (vocab / chunks.vocab as f64).ceil();
-            (n * h + n, head + 3.0 * n * h + 3.0 * chunk)
-        };
-        let w_embed = p_vocab + 2.0 * n * h;
-        // Gradients held at each phase (head, a layer, the embeddings) besides the working set
-        // (see `StepMode::held`).
-        let accumulating = mode.grad_accum > 1;
-        let accumulated = if accumulating { p_all } else { 0.0 };
-        let held = |so_far: f64, left: f64| mode.held(so_far, left, p_all);
-        let (activations, phases) = if mode.layered() {
-            let saved = layers * n * h;
-            // Frozen linears form no weight gradient in the recomputed layer's backward pass
-            // (measured without accumulation; with it the sums' working set dominates).
-            let frozen = match lora {
-                Some(_) if !accumulating => 2.0 * h * h + 2.0 * kv * h + 3.0 * h * f,
-                _ => 0.0,
-            };
-            let w_layer = 3.5 * n * f + 10.0 * n * h - 1.5 * frozen;
-            let forward = saved + a_layer + accumulated;
-            let top = saved + n * h + a_top + w_top + held(0.0, p_all);
-            let layer = saved + n * h + a_layer + w_layer + held(p_top, p_all - p_vocab);
-            let embed = 2.0 * n * h + w_embed + held(p_all - p_vocab, p_vocab);
-            (saved + n * h + a_top, [forward, top, layer, embed])
-        } else {
-            let kept = n * h + layers * a_layer + a_top;
-            let w_layer = 3.5 * n * f + 3.0 * n * h + 3.0 * p_layer;
-            let top = kept + w_top + accumulated;
-            let layer = kept + p_top + w_layer + accumulated;
-            let embed = kept + p_all - p_vocab + w_embed + accumulated;
-            (kept, [kept + accumulated, top, layer, embed])
-        };
-        let gradients = if mode.per_layer_updates && !accumulating {
-            p_vocab.max(p_layer)
-        } else {
-            p_all
-        };
-        StepMemory::of_phases(activations, gradients, &phases)
+        }
+    }
+
+    /// What a layer's adapters keep per token through the generic operations, in values: for
+    /// each adapted linear the frozen product, x·Aᵀ, its product with Bᵀ and that scaled
+    /// (the sum is the linear's output).
+    fn adapter_outputs(&self, lora: Option<&DecoderLora>) -> f64 {
+        let Some(l) = lora else { return 0.0 };
+        l.trained_shapes(self)
+            .iter()
+            .filter(|(name, _)| name.starts_with("model.layers.0."))
+            .filter_map(|(name, shape)| match shape[..] {
+                [out, rank] if name.contains("lora_B") => Some((3 * out + rank) as f64),
+                _ => None,
+            })
+            .sum()
+    }
+
+    /// Values of a layer's seven linears.
+    fn linear_values(&self) -> f64 {
+        let h = self.hidden_size as f64;
+        let kv = (self.kv_heads() * self.head_dim()) as f64;
+        2.0 * h * h + 2.0 * kv * h + 3.0 * h * self.intermediate_size as f64
     }
 }

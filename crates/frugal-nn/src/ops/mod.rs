@@ -133,9 +133,24 @@ pub fn cpu_kernels() -> String {
     )
 }
 
-/// True where the fused kernels run: `t` is an f32 tensor on the CPU.
+/// Off: every operation takes its device-generic form, even on the CPU in f32.
+static FUSED_KERNELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether the fused CPU kernels run where they apply (the default), or every operation takes
+/// the device-generic form it takes on CUDA or in bf16: candle tensor operations, which keep
+/// more for the backward pass. Off, the CPU checks and measures the device path in f32.
+pub fn use_fused_kernels(on: bool) {
+    FUSED_KERNELS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the fused CPU kernels are in use (see [`use_fused_kernels`]).
+pub fn fused_kernels() -> bool {
+    FUSED_KERNELS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// True where the fused kernels run: `t` is an f32 tensor on the CPU, and they are in use.
 pub(crate) fn fused_here(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && fused_kernels()
 }
 
 /// Checks that `t` is an f32 tensor on the CPU, where the fused operation `op` runs.

@@ -82,6 +82,9 @@ fn finetune_memory(args: &cli::MemoryArgs, dir: &std::path::Path) -> Result<()> 
     if args.memory.loss_chunks.is_some() || args.memory.loss_vocab_chunks.is_some() {
         bail!("--loss-chunks and --loss-vocab-chunks split a decoder's loss over its vocabulary; a classifier's loss is never split: leave them out for an encoder");
     }
+    if args.dtype != frugal_train::settings::Precision::F32 {
+        bail!("--dtype bf16 plans a LLaMA step; fine-tuning an encoder runs in f32: leave it out for an encoder");
+    }
     let step = match (args.batch_size, args.seq_len) {
         (Some(batch), seq) => {
             let seq = seq.unwrap_or(config.max_tokens().min(128));

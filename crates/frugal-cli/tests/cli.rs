@@ -978,21 +978,45 @@ fn low_memory_training_matches_the_normal_run_and_the_report_plans_every_mode() 
     // Each run's summary (and its first lines) give the peak `frugal memory` plans for its own
     // model (the vocabulary of --vocab-size), batch shape and memory mode.
     let config = low.join("checkpoints/step-4/config.json");
-    let planned = run_ok(
-        frugal(&dir)
-            .arg("memory")
-            .arg("--model")
-            .arg(&config)
-            .args(["--batch-size", "2", "--seq-len", "32", "--json"]),
-    );
-    let planned: Value = serde_json::from_slice(&planned.stdout).unwrap();
-    let peak_of = |mode: &str| {
-        let steps = planned["steps"].as_array().unwrap();
+    let plans = |dtype: &str| -> Value {
+        let out = run_ok(
+            frugal(&dir)
+                .arg("memory")
+                .arg("--model")
+                .arg(&config)
+                .args([
+                    "--batch-size",
+                    "2",
+                    "--seq-len",
+                    "32",
+                    "--dtype",
+                    dtype,
+                    "--json",
+                ]),
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (planned, planned_bf16) = (plans("f32"), plans("bf16"));
+    let peak_in = |report: &Value, mode: &str| {
+        let steps = report["steps"].as_array().unwrap();
         steps.iter().find(|s| s["mode"] == mode).unwrap()["peak_bytes"].clone()
     };
+    let peak_of = |mode: &str| peak_in(&planned, mode);
     assert_eq!(summary(&normal)["planned_peak_bytes"], peak_of("normal"));
     assert_eq!(summary(&low)["planned_peak_bytes"], peak_of("low"));
     assert_ne!(peak_of("low"), peak_of("normal"));
+    // A bf16 run plans the tensor operations it runs, which keep more than the fused kernels.
+    let bf16 = dir.join("bf16");
+    let args = ["--steps", "2", "--memory", "low", "--dtype", "bf16"];
+    let bf16_started = run_ok(&mut train(&dir, &bf16, &args));
+    let said = String::from_utf8_lossy(&bf16_started.stderr);
+    assert!(said.contains("in bf16 through tensor operations"), "{said}");
+    assert_eq!(
+        summary(&bf16)["planned_peak_bytes"],
+        peak_in(&planned_bf16, "low")
+    );
+    let bytes = |v: Value| v.as_u64().unwrap();
+    assert!(bytes(peak_in(&planned_bf16, "normal")) > bytes(peak_of("normal")));
     let mib = peak_of("low").as_f64().unwrap() / (1024.0 * 1024.0);
     let said = String::from_utf8_lossy(&started.stderr);
     assert!(

@@ -843,6 +843,13 @@ fn finetune(
     for line in args.memory.backward().notes(args.grad_accum, args.clip) {
         say!(lead, "note: {line}");
     }
+    if frugal_nn::Kernels::on(device, candle_core::DType::F32) != frugal_nn::Kernels::Fused {
+        say!(
+            lead,
+            "note: the encoder's plan counts the CPU's fused kernels; the tensor operations that run on {} keep more for the backward pass",
+            crate::device::name(device)
+        );
+    }
 
     let title = format!("{} · {}", args.model.display(), args.method);
     let mut hooks = FinetuneHooks {

@@ -12,6 +12,11 @@
 //! Under LoRA only the trained tensors get gradients (the adapters, and the embeddings, norms
 //! and head where they train); an adapted linear is one operation that keeps what the linear
 //! keeps (its input and output).
+//!
+//! The generic operations (CUDA, and bf16 on any device; [`crate::Kernels`]) keep more: each
+//! candle operation keeps its inputs. Their activations are counted the same way, per
+//! operation, and their working sets are modelled with coefficients measured on the CPU with
+//! the fused kernels off, where the same operations run.
 
 use super::{DecoderLora, LlamaConfig};
 use crate::step_memory::{StepMemory, StepMode};
@@ -215,7 +220,7 @@ impl LlamaConfig {
         let head_copy = up * c * vocab * h;
         let (a_top, w_top, top_forward) = if chunks.is_whole() {
             // The final norm, the logits, widened, shifted and their exponentials, and the
-            // head cast; their gradients.
+            // head cast; their gradients (measured).
             let a = norm * n * h + (c + up * 4.0 + 8.0) * n * vocab + head_copy;
             (a, 24.5 * n * vocab, a)
         } else {
@@ -226,6 +231,8 @@ impl LlamaConfig {
             let a = norm * n * h + c * n * h + 4.0 * head;
             (a, 2.0 * c * n * h, a + (24.0 + c) * chunk + head_copy)
         };
+        // The working sets: the softmax's and the MLP's gradients in flight dominate (measured
+        // coefficients).
         Costs {
             a_layer: bytes / 4.0,
             a_top: a_top / 4.0,

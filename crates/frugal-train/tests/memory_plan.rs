@@ -228,9 +228,9 @@ fn the_planned_peak_matches_counted_allocations_in_every_mode() {
     assert!(off.is_empty(), "{off:#?}");
 }
 
-#[test]
-fn the_lora_plan_matches_counted_allocations_in_every_mode() {
-    let lora = |targets, train_others| DecoderLora {
+/// Adapters of rank 8 on `targets`, the other weights trained or frozen.
+fn lora(targets: LoraTargets, train_others: bool) -> DecoderLora {
+    DecoderLora {
         adapters: LoraConfig {
             rank: 8,
             alpha: 16.0,
@@ -238,7 +238,11 @@ fn the_lora_plan_matches_counted_allocations_in_every_mode() {
             targets,
         },
         train_others,
-    };
+    }
+}
+
+#[test]
+fn the_lora_plan_matches_counted_allocations_in_every_mode() {
     let _counting = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
     let mut off = Vec::new();
     for (c, batch, seq) in &llama_shapes() {
@@ -481,15 +485,6 @@ impl Drop for GenericOperations {
 /// every weight trained or LoRA adapters. These keep 2–3.5 times what the fused kernels keep.
 #[test]
 fn the_generic_plan_matches_counted_allocations_in_every_mode() {
-    let lora = |targets, train_others| DecoderLora {
-        adapters: LoraConfig {
-            rank: 8,
-            alpha: 16.0,
-            dropout: 0.0,
-            targets,
-        },
-        train_others,
-    };
     let trained = [
         None,
         Some(lora(LoraTargets::All, true)),

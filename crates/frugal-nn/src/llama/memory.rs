@@ -43,18 +43,16 @@ impl LlamaConfig {
         mode: StepMode,
         lora: Option<&DecoderLora>,
     ) -> StepMemory {
-        let n = (batch * seq) as f64;
-        let h = self.hidden_size as f64;
-        let f = self.intermediate_size as f64;
-        let kv = (self.kv_heads() * self.head_dim()) as f64;
-        let vocab = self.vocab_size as f64;
+        let Sizes {
+            n,
+            h,
+            f,
+            kv,
+            vocab,
+            scores,
+            grouped,
+        } = self.sizes(batch, seq);
         let layers = self.num_hidden_layers as f64;
-        let scores = (batch * self.num_attention_heads * seq * seq) as f64;
-        let grouped = if self.kv_heads() != self.num_attention_heads {
-            2.0
-        } else {
-            0.0
-        };
         let chunks = mode.loss_chunks;
         let Trained {
             layer: p_layer,
@@ -157,6 +155,18 @@ impl LlamaConfig {
     }
 }
 
+/// A step's sizes: tokens, hidden width, MLP width, key-value width, vocabulary, attention
+/// scores, and 2 for grouped queries (their keys and values repeated), else 0.
+struct Sizes {
+    n: f64,
+    h: f64,
+    f: f64,
+    kv: f64,
+    vocab: f64,
+    scores: f64,
+    grouped: f64,
+}
+
 /// What a step's pieces cost, in f32 values: the activations a layer keeps, those the top
 /// (final norm and loss) keeps and the top's backward working set, the peak of the top's
 /// forward pass beyond what the layers keep, a hidden state between layers, and a layer's
@@ -184,17 +194,15 @@ impl LlamaConfig {
         (head, lora): (f64, Option<&DecoderLora>),
         c: f64,
     ) -> Costs {
-        let n = (batch * seq) as f64;
-        let h = self.hidden_size as f64;
-        let f = self.intermediate_size as f64;
-        let kv = (self.kv_heads() * self.head_dim()) as f64;
-        let vocab = self.vocab_size as f64;
-        let scores = (batch * self.num_attention_heads * seq * seq) as f64;
-        let grouped = if self.kv_heads() != self.num_attention_heads {
-            2.0
-        } else {
-            0.0
-        };
+        let Sizes {
+            n,
+            h,
+            f,
+            kv,
+            vocab,
+            scores,
+            grouped,
+        } = self.sizes(batch, seq);
         let chunks = mode.loss_chunks;
         let rows = (n / chunks.tokens.max(1) as f64).ceil();
         // 1 where 16-bit values are widened for reductions and weights cast, else 0.
@@ -241,6 +249,20 @@ impl LlamaConfig {
             state: c * n * h / 4.0,
             w_layer: (8.0 * scores + (30.0 + 14.25 * c) * n * f + 6.0 * c * n * h) / 4.0,
             w_layered: (8.0 * scores + 14.25 * c * n * f + 10.0 * c * n * h) / 4.0,
+        }
+    }
+
+    /// The sizes of a step on micro-batches of `batch` sequences of `seq` tokens.
+    fn sizes(&self, batch: usize, seq: usize) -> Sizes {
+        let grouped = self.kv_heads() != self.num_attention_heads;
+        Sizes {
+            n: (batch * seq) as f64,
+            h: self.hidden_size as f64,
+            f: self.intermediate_size as f64,
+            kv: (self.kv_heads() * self.head_dim()) as f64,
+            vocab: self.vocab_size as f64,
+            scores: (batch * self.num_attention_heads * seq * seq) as f64,
+            grouped: if grouped { 2.0 } else { 0.0 },
         }
     }
 

@@ -40,13 +40,13 @@ fn onehot(targets: &Tensor, v0: usize, vn: usize, dtype: DType) -> Result<Tensor
 
 /// The first pass over a token chunk `h` with targets `t` (u32, IGNORE where none): each row's
 /// log-sum-exp over the vocabulary chunks of `w` and its target logit. With one vocabulary
-/// chunk its logits are handed back for the second pass.
+/// chunk its logits and their one-hot rows are handed back for the second pass.
 fn row_terms(
     h: &Tensor,
     w: &Tensor,
     t: &Tensor,
     vocab_chunks: &[(usize, usize)],
-) -> Result<(RowTerms, Option<Tensor>)> {
+) -> Result<(RowTerms, Option<(Tensor, Tensor)>)> {
     let (mut max, mut sum, mut picked): (Option<Tensor>, Option<Tensor>, Option<Tensor>) =
         (None, None, None);
     let mut whole = None;
@@ -63,13 +63,14 @@ fn row_terms(
             _ => exps,
         });
         max = Some(new_max);
-        let here = (&z * onehot(t, v0, vn, z.dtype())?)?.sum_keepdim(D::Minus1)?;
+        let hot = onehot(t, v0, vn, z.dtype())?;
+        let here = (&z * &hot)?.sum_keepdim(D::Minus1)?;
         picked = Some(match picked {
             Some(p) => (p + here)?,
             None => here,
         });
         if vocab_chunks.len() == 1 {
-            whole = Some(z);
+            whole = Some((z, hot));
         }
     }
     let (Some(max), Some(sum), Some(picked)) = (max, sum, picked) else {
@@ -86,23 +87,55 @@ fn chunk_loss(terms: &RowTerms) -> Result<f64> {
     losses.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()
 }
 
-/// `h` and `w` as the loss reads them: out of the graph, the head in the hidden states' dtype.
-fn inputs(h: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
-    Ok((h.detach(), w.detach().to_dtype(h.dtype())?))
+/// The loss's inputs, out of the graph (the head in the hidden states' dtype), its targets as
+/// a flat u32 tensor checked against the vocabulary, how many of them count, and the chunks.
+struct Prepared {
+    h: Tensor,
+    w: Tensor,
+    targets: Tensor,
+    counted: f64,
+    tokens: Vec<(usize, usize)>,
+    vocab: Vec<(usize, usize)>,
 }
 
-/// The targets of `n` rows as a flat u32 tensor, checked against `vocab`, and how many count.
-fn checked(targets: &Tensor, n: usize, vocab: usize) -> Result<(Tensor, f64)> {
-    let targets = targets.flatten_all()?;
-    if targets.elem_count() != n {
-        candle_core::bail!(
-            "linear_cross_entropy: {n} rows but {} targets",
-            targets.elem_count()
-        );
+impl Prepared {
+    fn new(h: &Tensor, w: &Tensor, targets: &Tensor, chunks: LossChunks) -> Result<Self> {
+        let (n, _) = h.dims2()?;
+        let vocab = w.dim(0)?;
+        let targets = targets.flatten_all()?;
+        if targets.elem_count() != n {
+            candle_core::bail!(
+                "linear_cross_entropy: {n} rows but {} targets",
+                targets.elem_count()
+            );
+        }
+        check_targets(&targets, vocab)?;
+        let counted = targets.ne(IGNORE)?.to_dtype(DType::F64)?.sum_all()?;
+        Ok(Prepared {
+            h: h.detach(),
+            w: w.detach().to_dtype(h.dtype())?,
+            counted: counted.to_scalar::<f64>()?,
+            targets,
+            tokens: ranges(n, chunks.tokens),
+            vocab: ranges(vocab, chunks.vocab),
+        })
     }
-    check_targets(&targets, vocab)?;
-    let counted = targets.ne(IGNORE)?.to_dtype(DType::F64)?.sum_all()?;
-    Ok((targets, counted.to_scalar::<f64>()?))
+
+    /// Token chunk (`r0`, `rn`)'s rows and targets, and its first pass (see [`row_terms`]).
+    fn first_pass(&self, (r0, rn): (usize, usize)) -> Result<TokenChunk> {
+        let (h, t) = (self.h.narrow(0, r0, rn)?, self.targets.narrow(0, r0, rn)?);
+        let (terms, whole) = row_terms(&h, &self.w, &t, &self.vocab)?;
+        Ok(TokenChunk { h, t, terms, whole })
+    }
+}
+
+/// A token chunk after the first pass: its rows, targets and loss terms, and with one
+/// vocabulary chunk its logits and one-hot rows.
+struct TokenChunk {
+    h: Tensor,
+    t: Tensor,
+    terms: RowTerms,
+    whole: Option<(Tensor, Tensor)>,
 }
 
 /// The mean loss of the logits h·wᵀ over `targets` in `chunks`, with its gradients formed
@@ -113,30 +146,32 @@ pub fn linear_cross_entropy(
     targets: &Tensor,
     chunks: LossChunks,
 ) -> Result<Tensor> {
-    let (n, _) = h.dims2()?;
-    let vocab = w.dim(0)?;
-    let (targets, counted) = checked(targets, n, vocab)?;
-    let (hd, wd) = inputs(h, w)?;
-    let scale = 1.0 / counted.max(1.0);
-    let vocab_chunks = ranges(vocab, chunks.vocab);
+    let inputs = Prepared::new(h, w, targets, chunks)?;
+    let scale = 1.0 / inputs.counted.max(1.0);
     let mut total = 0f64;
-    let (mut dh, mut dw) = (Vec::new(), vec![None::<Tensor>; vocab_chunks.len()]);
-    for (r0, rn) in ranges(n, chunks.tokens) {
-        let (hc, tc) = (hd.narrow(0, r0, rn)?, targets.narrow(0, r0, rn)?);
-        let (terms, mut whole) = row_terms(&hc, &wd, &tc, &vocab_chunks)?;
+    let (mut dh, mut dw) = (Vec::new(), vec![None::<Tensor>; inputs.vocab.len()]);
+    for &rows in &inputs.tokens {
+        let TokenChunk {
+            h: hc,
+            t: tc,
+            terms,
+            mut whole,
+        } = inputs.first_pass(rows)?;
         total += chunk_loss(&terms)?;
         let row_scale = (&terms.kept * scale)?;
         let mut dhc: Option<Tensor> = None;
-        for (&(v0, vn), dwv) in vocab_chunks.iter().zip(&mut dw) {
-            let wv = wd.narrow(0, v0, vn)?;
-            let z = match whole.take() {
-                Some(z) => z,
-                None => logits(&hc, &wv)?,
+        for (&(v0, vn), dwv) in inputs.vocab.iter().zip(&mut dw) {
+            let wv = inputs.w.narrow(0, v0, vn)?;
+            let (z, hot) = match whole.take() {
+                Some(both) => both,
+                None => {
+                    let z = logits(&hc, &wv)?;
+                    let hot = onehot(&tc, v0, vn, z.dtype())?;
+                    (z, hot)
+                }
             };
             let p = z.broadcast_sub(&terms.lse)?.exp()?;
-            let dz = (p - onehot(&tc, v0, vn, z.dtype())?)?
-                .broadcast_mul(&row_scale)?
-                .to_dtype(hd.dtype())?;
+            let dz = (p - hot)?.broadcast_mul(&row_scale)?.to_dtype(h.dtype())?;
             let part = dz.matmul(&wv)?;
             dhc = Some(match dhc {
                 Some(d) => (d + part)?,
@@ -170,17 +205,12 @@ pub fn linear_cross_entropy_value(
     targets: &Tensor,
     chunks: LossChunks,
 ) -> Result<f32> {
-    let (n, _) = h.dims2()?;
-    let vocab = w.dim(0)?;
-    let (targets, counted) = checked(targets, n, vocab)?;
-    let (hd, wd) = inputs(h, w)?;
-    let vocab_chunks = ranges(vocab, chunks.vocab);
+    let inputs = Prepared::new(h, w, targets, chunks)?;
     let mut total = 0f64;
-    for (r0, rn) in ranges(n, chunks.tokens) {
-        let (hc, tc) = (hd.narrow(0, r0, rn)?, targets.narrow(0, r0, rn)?);
-        total += chunk_loss(&row_terms(&hc, &wd, &tc, &vocab_chunks)?.0)?;
+    for &rows in &inputs.tokens {
+        total += chunk_loss(&inputs.first_pass(rows)?.terms)?;
     }
-    Ok((total / counted.max(1.0)) as f32)
+    Ok((total / inputs.counted.max(1.0)) as f32)
 }
 
 /// The dtype the loss is reduced and returned in: f64 for f64 hidden states, else f32.

@@ -73,7 +73,7 @@ fn ctrl_c_token() -> StopToken {
 }
 
 /// Fine-tuning memory by method for the encoder folder `dir`.
-fn finetune_memory(args: &cli::MemoryArgs, dir: &std::path::Path) -> Result<()> {
+fn finetune_memory(args: &cli::MemoryArgs, dir: &std::path::Path, device: &Device) -> Result<()> {
     let config: frugal_nn::encoder::EncoderConfig = frugal_nn::hf::read_config(dir)?;
     config.validate()?;
     if args.labels < 2 {
@@ -99,7 +99,10 @@ fn finetune_memory(args: &cli::MemoryArgs, dir: &std::path::Path) -> Result<()> 
                     config.max_tokens()
                 );
             }
-            let mode = args.memory.backward.step_mode(args.grad_accum);
+            let mode = frugal_nn::StepMode {
+                kernels: frugal_nn::Kernels::on(device, candle_core::DType::F32),
+                ..args.memory.backward.step_mode(args.grad_accum)
+            };
             Some(frugal_train::finetune::memory::StepShape { batch, seq, mode })
         }
         (None, Some(_)) => bail!("--seq-len plans a step only with --batch-size"),
@@ -127,8 +130,13 @@ fn finetune_memory(args: &cli::MemoryArgs, dir: &std::path::Path) -> Result<()> 
         print!("{}", frugal_train::finetune::memory::table(&plans));
         if let Some(s) = step {
             println!(
-                "peaks in MiB (micro-batch {} × {}, attention {}): weights, optimizer state, and the step's activations, gradients and working set; * = the mode of these flags",
-                s.batch, s.seq, s.mode.attention
+                "peaks in MiB (micro-batch {} × {}, {}): weights, optimizer state, and the step's activations, gradients and working set; * = the mode of these flags",
+                s.batch,
+                s.seq,
+                match s.mode.kernels {
+                    frugal_nn::Kernels::Fused => format!("attention {}", s.mode.attention),
+                    kernels => kernels.describe().to_string(),
+                }
             );
         }
     }
@@ -143,7 +151,7 @@ fn memory(args: &cli::MemoryArgs, device: &Device) -> Result<()> {
         let kind: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
         if matches!(kind["model_type"].as_str(), Some("bert" | "roberta")) {
-            return finetune_memory(args, dir);
+            return finetune_memory(args, dir, device);
         }
     }
     let model = LlamaConfig::resolve(&args.model)?;

@@ -331,17 +331,37 @@ fn encoder_peak(
     measured_peak(model, "adamw", mode, (batch, seq), &mut data)
 }
 
+/// An encoder of hidden size `h`, MLP width `f`, `heads` heads, `layers` layers and a vocabulary
+/// of `vocab`, with dropout `dropout` on hidden states and attention probabilities.
+fn encoder(
+    h: usize,
+    f: usize,
+    heads: usize,
+    layers: usize,
+    vocab: usize,
+    dropout: f64,
+) -> EncoderConfig {
+    let json = format!(
+        r#"{{"hidden_size": {h}, "intermediate_size": {f}, "num_attention_heads": {heads},
+            "num_hidden_layers": {layers}, "vocab_size": {vocab},
+            "max_position_embeddings": 128, "hidden_dropout_prob": {dropout},
+            "attention_probs_dropout_prob": {dropout}}}"#
+    );
+    serde_json::from_str::<EncoderConfig>(&json).unwrap()
+}
+
+/// Rank-8 adapters with dropout on `targets`.
+fn encoder_lora(targets: LoraTargets) -> LoraConfig {
+    LoraConfig {
+        rank: 8,
+        alpha: 16.0,
+        dropout: 0.1,
+        targets,
+    }
+}
+
 #[test]
 fn the_encoder_plan_matches_counted_allocations_in_every_mode() {
-    let encoder = |h: usize, f: usize, heads: usize, layers: usize, vocab: usize, dropout: f64| {
-        let json = format!(
-            r#"{{"hidden_size": {h}, "intermediate_size": {f}, "num_attention_heads": {heads},
-                "num_hidden_layers": {layers}, "vocab_size": {vocab},
-                "max_position_embeddings": 128, "hidden_dropout_prob": {dropout},
-                "attention_probs_dropout_prob": {dropout}}}"#
-        );
-        serde_json::from_str::<EncoderConfig>(&json).unwrap()
-    };
     // A large vocabulary (the embeddings' gradient is the peak), a wider MLP and more layers,
     // many tokens for a small vocabulary (a layer's backward pass is the peak), and no dropout.
     let shapes = [
@@ -350,12 +370,6 @@ fn the_encoder_plan_matches_counted_allocations_in_every_mode() {
         (encoder(64, 256, 4, 2, 100, 0.1), 8, 128),
         (encoder(128, 384, 8, 2, 200, 0.0), 16, 64),
     ];
-    let lora = |targets| LoraConfig {
-        rank: 8,
-        alpha: 16.0,
-        dropout: 0.1,
-        targets,
-    };
     let mode = |checkpointing, per_layer_updates, grad_accum, attention| StepMode {
         checkpointing,
         per_layer_updates,
@@ -391,10 +405,10 @@ fn the_encoder_plan_matches_counted_allocations_in_every_mode() {
         let methods = match k {
             0 => vec![
                 None,
-                Some(lora(LoraTargets::Qv)),
-                Some(lora(LoraTargets::All)),
+                Some(encoder_lora(LoraTargets::Qv)),
+                Some(encoder_lora(LoraTargets::All)),
             ],
-            _ => vec![None, Some(lora(LoraTargets::Qv))],
+            _ => vec![None, Some(encoder_lora(LoraTargets::Qv))],
         };
         for l in &methods {
             let mut peaks = Vec::new();
@@ -414,7 +428,8 @@ fn the_encoder_plan_matches_counted_allocations_in_every_mode() {
 }
 
 /// The plan at all-MiniLM-L6-v2's shapes (random weights), batch 32 × 128 in three modes and
-/// 8 × 512 with both attention forms: about two minutes in a release build, so run on demand
+/// 8 × 512 with both attention forms, and the tensor operations at 32 × 128 (the GPU's path):
+/// about two minutes in a release build, so run on demand
 /// (`cargo test --release -p frugal-train --test memory_plan -- --ignored`).
 #[test]
 #[ignore]
@@ -459,6 +474,26 @@ fn the_encoder_plan_holds_at_minilm_scale() {
         let real = encoder_peak(&c, None, m, batch, seq);
         let name = format!("MiniLM {batch} × {seq}, {name}");
         off.extend(off_plan(&name, plan.peak, real, 0.05));
+    }
+    // The tensor operations (the GPU's path), every weight trained and LoRA on q and v.
+    let _generic = GenericOperations::new();
+    for (name, m, lora) in [
+        ("normal", mode(false, false, Attention::Whole), None),
+        ("checkpointing", mode(true, false, Attention::Whole), None),
+        (
+            "normal, LoRA",
+            mode(false, false, Attention::Whole),
+            Some(encoder_lora(LoraTargets::Qv)),
+        ),
+    ] {
+        let m = StepMode {
+            kernels: Kernels::GenericF32,
+            ..m
+        };
+        let plan = c.step_memory(32, 128, 3, lora.as_ref(), m);
+        let real = encoder_peak(&c, lora.as_ref(), m, 32, 128);
+        let name = format!("MiniLM 32 × 128, tensor operations, {name}");
+        off.extend(off_plan(&name, plan.peak, real, 0.1));
     }
     assert!(off.is_empty(), "{off:#?}");
 }
@@ -511,6 +546,61 @@ fn the_generic_plan_matches_counted_allocations_in_every_mode() {
                     off.extend(off_plan(&name, plan.peak, real, 0.15));
                 }
             }
+        }
+    }
+    assert!(off.is_empty(), "{off:#?}");
+}
+
+/// The encoder's plan for candle's tensor operations (CUDA's path, f32) against the bytes they
+/// allocate on the CPU with the fused kernels off: every memory mode, every weight trained or
+/// LoRA adapters, with and without dropout, and a vocabulary whose embeddings' gradient is the
+/// peak. These keep about twice what the fused kernels keep.
+#[test]
+fn the_encoder_generic_plan_matches_counted_allocations_in_every_mode() {
+    let shapes = [
+        (encoder(64, 256, 4, 3, 1000, 0.1), 6, 64),
+        (encoder(64, 256, 4, 2, 100, 0.1), 8, 128),
+        (encoder(128, 384, 8, 2, 200, 0.0), 16, 64),
+        (encoder(64, 128, 4, 1, 20000, 0.1), 4, 32),
+    ];
+    let mode = |checkpointing, per_layer_updates, grad_accum| StepMode {
+        checkpointing,
+        per_layer_updates,
+        grad_accum,
+        kernels: Kernels::GenericF32,
+        ..StepMode::default()
+    };
+    let modes = [
+        ("normal", mode(false, false, 1)),
+        ("checkpointing", mode(true, false, 1)),
+        ("per-layer updates", mode(false, true, 1)),
+        ("low", mode(true, true, 1)),
+        ("normal, 2 micro-batches", mode(false, false, 2)),
+        ("low, 2 micro-batches", mode(true, true, 2)),
+        ("per-layer updates, 3 micro-batches", mode(false, true, 3)),
+    ];
+    let methods = [
+        None,
+        Some(encoder_lora(LoraTargets::Qv)),
+        Some(encoder_lora(LoraTargets::All)),
+    ];
+    let _counting = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+    let _generic = GenericOperations::new();
+    let mut off = Vec::new();
+    for (k, (c, batch, seq)) in shapes.iter().enumerate() {
+        for l in &methods {
+            let mut peaks = Vec::new();
+            for (name, mode) in modes {
+                let plan = c.step_memory(batch / mode.grad_accum, *seq, 3, l.as_ref(), mode);
+                let real = encoder_peak(c, l.as_ref(), mode, *batch, *seq);
+                let name = format!("encoder {k}, lora {:?}, {name}", l.map(|l| l.targets));
+                off.extend(off_plan(&name, plan.peak, real, 0.1));
+                peaks.push((plan.peak, real));
+            }
+            // The plan tells whether recomputing layers saves memory (for LoRA on one layer
+            // it does not).
+            let ((plan_normal, normal), (plan_low, low)) = (peaks[0], peaks[3]);
+            assert_eq!(plan_low < plan_normal, low < normal, "{k} {l:?} {peaks:?}");
         }
     }
     assert!(off.is_empty(), "{off:#?}");

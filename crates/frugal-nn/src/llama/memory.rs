@@ -97,7 +97,7 @@ impl LlamaConfig {
                     top_forward: 0.0,
                     state: n * h,
                     w_layer: 3.5 * n * f + 3.0 * n * h,
-                    w_layered: 3.5 * n * f + 10.0 * n * h,
+                    w_layered: 3.5 * n * f + 8.0 * n * h,
                 }
             }
         };
@@ -117,13 +117,17 @@ impl LlamaConfig {
         let held = |so_far: f64, left: f64| mode.held(so_far, left, p_all);
         let (activations, phases) = if mode.layered() {
             let saved = layers * state;
-            // Frozen linears form no weight gradient in the recomputed layer's backward pass
-            // (measured without accumulation; with it the sums' working set dominates).
-            let frozen = match lora {
-                Some(_) if !accumulating => self.linear_values(),
-                _ => 0.0,
+            // Frozen linears form no weight gradient in the recomputed layer's backward pass:
+            // its working set is smaller by 1.5 times their values; under accumulation by 0.75
+            // times where only the adapters train, else the sums' working set dominates
+            // (measured).
+            let frozen = match (lora, accumulating) {
+                (None, _) => 0.0,
+                (Some(_), false) => 1.5 * self.linear_values(),
+                (Some(l), true) if !l.train_others => 0.75 * self.linear_values(),
+                (Some(_), true) => 0.0,
             };
-            let w_layer = costs.w_layered - 1.5 * frozen;
+            let w_layer = costs.w_layered - frozen;
             let forward = saved + a_layer + accumulated;
             let top_forward = saved + state + top_forward + accumulated;
             let top = saved + state + a_top + w_top + held(0.0, p_all);
@@ -230,7 +234,7 @@ impl LlamaConfig {
             // The final norm, the logits, widened, shifted and their exponentials, and the
             // head cast; their gradients (measured).
             let a = norm * n * h + (c + up * 4.0 + 8.0) * n * vocab + head_copy;
-            (a, 24.5 * n * vocab, a)
+            (a, 16.5 * n * vocab, a)
         } else {
             // The final norm and the gradients formed in the forward pass, which at a
             // chunk's peak also holds its logits, their exponentials, the one-hot rows and
@@ -239,16 +243,16 @@ impl LlamaConfig {
             let a = norm * n * h + c * n * h + 4.0 * head;
             (a, 2.0 * c * n * h, a + (24.0 + c) * chunk + head_copy)
         };
-        // The working sets: the softmax's and the MLP's gradients in flight dominate (measured
-        // coefficients).
+        // The working sets: the MLP's gradients in flight dominate, and in a recomputed layer
+        // the softmax's too (measured coefficients).
         Costs {
             a_layer: bytes / 4.0,
             a_top: a_top / 4.0,
             w_top: w_top / 4.0,
             top_forward: top_forward / 4.0,
             state: c * n * h / 4.0,
-            w_layer: (8.0 * scores + (30.0 + 14.25 * c) * n * f + 6.0 * c * n * h) / 4.0,
-            w_layered: (8.0 * scores + 14.25 * c * n * f + 10.0 * c * n * h) / 4.0,
+            w_layer: (23.0 + 7.5 * c) * n * f / 4.0,
+            w_layered: (8.0 * scores + 14.25 * c * n * f + (8.0 + 4.0 * c) * n * h) / 4.0,
         }
     }
 

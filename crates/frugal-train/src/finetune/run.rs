@@ -17,11 +17,12 @@ use crate::trainer::{
     at_least_one, Hooks, LoopSettings, Outcome, StopToken, Trainer, TrainerState,
 };
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use frugal::labels::RoleCounts;
 use frugal::sharding::state_per_rank;
 use frugal::{Frugal, OptimizerConfig};
 use frugal_nn::encoder::{Classifier, Encoder, EncoderConfig, LoraConfig, LoraTargets, Pooling};
+use frugal_nn::{Kernels, StepMode};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -611,15 +612,18 @@ pub fn run(
     })
 }
 
-/// The planned memory of one rank's step in this run's method and memory mode, as `frugal
-/// memory --model <encoder folder>` plans it (a head of two classes until the data has named
-/// them).
-pub fn planned_step(config: &FinetuneConfig, world: usize) -> Result<ModePlan> {
+/// The planned memory of one rank's step in this run's method and memory mode on `device`, as
+/// `frugal memory --model <encoder folder>` plans it (a head of two classes until the data has
+/// named them).
+pub fn planned_step(config: &FinetuneConfig, world: usize, device: &Device) -> Result<ModePlan> {
     let args = &config.args;
     let step = super::memory::StepShape {
         batch: args.batch_size,
         seq: config.seq_len(),
-        mode: args.memory.step_mode(args.grad_accum),
+        mode: StepMode {
+            kernels: Kernels::on(device, DType::F32),
+            ..args.memory.step_mode(args.grad_accum)
+        },
     };
     let trained = Method {
         optimizer: config.optimizer.clone(),
@@ -652,7 +656,7 @@ fn memory_command(config: &FinetuneConfig) -> String {
 pub fn out_of_memory_note(config: &FinetuneConfig, world: usize, device: &Device) -> String {
     crate::memory_report::out_of_memory_note(
         device,
-        planned_step(config, world).ok().as_ref(),
+        planned_step(config, world, device).ok().as_ref(),
         (config.args.batch_size, config.seq_len()),
         &memory_command(config),
         "Lower --batch-size (and raise --grad-accum to keep the batch) or --max-len, or use --memory low",
@@ -833,7 +837,7 @@ fn finetune(
         );
     }
 
-    let planned = planned_step(&config, world)?;
+    let planned = planned_step(&config, world, device)?;
     let shape = (args.batch_size, config.seq_len());
     say!(
         lead,
@@ -842,13 +846,6 @@ fn finetune(
     );
     for line in args.memory.backward().notes(args.grad_accum, args.clip) {
         say!(lead, "note: {line}");
-    }
-    if frugal_nn::Kernels::on(device, candle_core::DType::F32) != frugal_nn::Kernels::Fused {
-        say!(
-            lead,
-            "note: the encoder's plan counts the CPU's fused kernels; the tensor operations that run on {} keep more for the backward pass",
-            crate::device::name(device)
-        );
     }
 
     let title = format!("{} · {}", args.model.display(), args.method);

@@ -12,6 +12,21 @@ fn values(n: usize, seed: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The gradient of the sum of `y` with respect to `x`, checking that no constant got one.
+fn gradient(y: &Tensor, x: &Tensor, constants: &[&Tensor], what: &str) -> Vec<f32> {
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    for c in constants {
+        assert!(grads.get(c).is_none(), "{what}: a constant got a gradient");
+    }
+    grads
+        .get(x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 #[test]
 fn constants_get_no_gradient_and_tracked_operands_the_right_one() {
     let (rows, cols) = (3, 5);
@@ -41,24 +56,7 @@ fn constants_get_no_gradient_and_tracked_operands_the_right_one() {
         ("x * row", |x, _, r| x.broadcast_mul(r), |_, _, r| r),
     ];
     for (name, op, derivative) in cases {
-        let grads = op(xt, &ct, &rt)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        assert!(
-            grads.get(&ct).is_none(),
-            "{name}: the constant got a gradient"
-        );
-        assert!(grads.get(&rt).is_none(), "{name}: the row got a gradient");
-        let got: Vec<f32> = grads
-            .get(xt)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let got = gradient(&op(xt, &ct, &rt).unwrap(), xt, &[&ct, &rt], name);
         for (i, g) in got.iter().enumerate() {
             let want = derivative(x[i], c[i], row[i % cols]);
             assert!(
@@ -67,8 +65,7 @@ fn constants_get_no_gradient_and_tracked_operands_the_right_one() {
             );
         }
     }
-    // A mask chosen by a tracked condition's values, as in where_cond: the branch taken
-    // from a constant gets none.
+    // where_cond: the branch from a constant gets none, the tracked one the mask.
     let keep = Tensor::from_vec(
         (0..rows * cols)
             .map(|i| (i % 3 != 0) as u8)
@@ -77,21 +74,8 @@ fn constants_get_no_gradient_and_tracked_operands_the_right_one() {
         &Device::Cpu,
     )
     .unwrap();
-    let grads = keep
-        .where_cond(xt, &ct)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    assert!(grads.get(&ct).is_none());
-    let got: Vec<f32> = grads
-        .get(xt)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let y = keep.where_cond(xt, &ct).unwrap();
+    let got = gradient(&y, xt, &[&ct], "where_cond");
     let want: Vec<f32> = (0..rows * cols)
         .map(|i| (i % 3 != 0) as u8 as f32)
         .collect();

@@ -350,6 +350,20 @@ fn encoder(
     serde_json::from_str::<EncoderConfig>(&json).unwrap()
 }
 
+/// The encoder shapes the plans are checked on, with the micro-batch of each: a large
+/// vocabulary (the embeddings' gradient is the fused peak), a wider MLP and more layers, many
+/// tokens for a small vocabulary (a layer's backward pass is the peak), no dropout, and one
+/// layer with a vocabulary of 20000.
+fn encoder_shapes() -> [(EncoderConfig, usize, usize); 5] {
+    [
+        (encoder(64, 256, 4, 3, 1000, 0.1), 6, 64),
+        (encoder(96, 192, 6, 4, 3000, 0.1), 6, 48),
+        (encoder(64, 256, 4, 2, 100, 0.1), 8, 128),
+        (encoder(128, 384, 8, 2, 200, 0.0), 16, 64),
+        (encoder(64, 128, 4, 1, 20000, 0.1), 4, 32),
+    ]
+}
+
 /// Rank-8 adapters with dropout on `targets`.
 fn encoder_lora(targets: LoraTargets) -> LoraConfig {
     LoraConfig {
@@ -360,16 +374,30 @@ fn encoder_lora(targets: LoraTargets) -> LoraConfig {
     }
 }
 
+/// The planned and the counted peak of encoder shape `k` (`c` on `batch` × `seq`), trained
+/// with `lora` or every weight, in each of `modes`; the plans more than 10% off are added to
+/// `off`.
+fn encoder_peaks(
+    (k, c, batch, seq): (usize, &EncoderConfig, usize, usize),
+    lora: Option<&LoraConfig>,
+    modes: &[(&str, StepMode)],
+    off: &mut Vec<String>,
+) -> Vec<(usize, usize)> {
+    let mut peaks = Vec::new();
+    for (name, mode) in modes {
+        let plan = c.step_memory(batch / mode.grad_accum, seq, 3, lora, *mode);
+        let real = encoder_peak(c, lora, *mode, batch, seq);
+        let name = format!("encoder {k}, lora {:?}, {name}", lora.map(|l| l.targets));
+        off.extend(off_plan(&name, plan.peak, real, 0.1));
+        peaks.push((plan.peak, real));
+    }
+    peaks
+}
+
 #[test]
 fn the_encoder_plan_matches_counted_allocations_in_every_mode() {
-    // A large vocabulary (the embeddings' gradient is the peak), a wider MLP and more layers,
-    // many tokens for a small vocabulary (a layer's backward pass is the peak), and no dropout.
-    let shapes = [
-        (encoder(64, 256, 4, 3, 1000, 0.1), 6, 64),
-        (encoder(96, 192, 6, 4, 3000, 0.1), 6, 48),
-        (encoder(64, 256, 4, 2, 100, 0.1), 8, 128),
-        (encoder(128, 384, 8, 2, 200, 0.0), 16, 64),
-    ];
+    // The last shape has one layer: recomputing it saves nothing.
+    let shapes = &encoder_shapes()[..4];
     let mode = |checkpointing, per_layer_updates, grad_accum, attention| StepMode {
         checkpointing,
         per_layer_updates,
@@ -411,14 +439,11 @@ fn the_encoder_plan_matches_counted_allocations_in_every_mode() {
             _ => vec![None, Some(encoder_lora(LoraTargets::Qv))],
         };
         for l in &methods {
-            let mut peaks = Vec::new();
-            for (name, mode) in modes {
-                let plan = c.step_memory(batch / mode.grad_accum, *seq, 3, l.as_ref(), mode);
-                let real = encoder_peak(c, l.as_ref(), mode, *batch, *seq);
-                let name = format!("encoder {k}, lora {:?}, {name}", l.map(|l| l.targets));
-                off.extend(off_plan(&name, plan.peak, real, 0.1));
-                peaks.push(real);
-            }
+            let peaks: Vec<usize> =
+                encoder_peaks((k, c, *batch, *seq), l.as_ref(), &modes, &mut off)
+                    .iter()
+                    .map(|&(_, real)| real)
+                    .collect();
             // Recomputing layers saves memory; attention computed whole costs it.
             assert!(peaks[1] < peaks[0] && peaks[3] < peaks[0], "{peaks:?}");
             assert!(peaks[4] > peaks[0] && peaks[5] > peaks[1], "{peaks:?}");
@@ -552,17 +577,10 @@ fn the_generic_plan_matches_counted_allocations_in_every_mode() {
 }
 
 /// The encoder's plan for candle's tensor operations (CUDA's path, f32) against the bytes they
-/// allocate on the CPU with the fused kernels off: every memory mode, every weight trained or
-/// LoRA adapters, with and without dropout, and a vocabulary whose embeddings' gradient is the
-/// peak. These keep about twice what the fused kernels keep.
+/// allocate on the CPU with the fused kernels off: every shape and memory mode, every weight
+/// trained or LoRA adapters. These keep about twice what the fused kernels keep.
 #[test]
 fn the_encoder_generic_plan_matches_counted_allocations_in_every_mode() {
-    let shapes = [
-        (encoder(64, 256, 4, 3, 1000, 0.1), 6, 64),
-        (encoder(64, 256, 4, 2, 100, 0.1), 8, 128),
-        (encoder(128, 384, 8, 2, 200, 0.0), 16, 64),
-        (encoder(64, 128, 4, 1, 20000, 0.1), 4, 32),
-    ];
     let mode = |checkpointing, per_layer_updates, grad_accum| StepMode {
         checkpointing,
         per_layer_updates,
@@ -587,16 +605,9 @@ fn the_encoder_generic_plan_matches_counted_allocations_in_every_mode() {
     let _counting = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
     let _generic = GenericOperations::new();
     let mut off = Vec::new();
-    for (k, (c, batch, seq)) in shapes.iter().enumerate() {
+    for (k, (c, batch, seq)) in encoder_shapes().iter().enumerate() {
         for l in &methods {
-            let mut peaks = Vec::new();
-            for (name, mode) in modes {
-                let plan = c.step_memory(batch / mode.grad_accum, *seq, 3, l.as_ref(), mode);
-                let real = encoder_peak(c, l.as_ref(), mode, *batch, *seq);
-                let name = format!("encoder {k}, lora {:?}, {name}", l.map(|l| l.targets));
-                off.extend(off_plan(&name, plan.peak, real, 0.1));
-                peaks.push((plan.peak, real));
-            }
+            let peaks = encoder_peaks((k, c, *batch, *seq), l.as_ref(), &modes, &mut off);
             // The plan tells whether recomputing layers saves memory (for LoRA on one layer
             // it does not).
             let ((plan_normal, normal), (plan_low, low)) = (peaks[0], peaks[3]);

@@ -36,8 +36,7 @@ impl EncoderConfig {
         lora: Option<&LoraConfig>,
         mode: StepMode,
     ) -> StepMemory {
-        let n = (batch * seq) as f64;
-        let h = self.hidden_size as f64;
+        let Sizes { n, h, .. } = self.sizes(batch, seq);
         let layers = self.num_hidden_layers as f64;
         // Parameters by part: the embeddings, one layer, the head (trained ones only).
         let count = |prefix: &str, shapes: Vec<(String, Vec<usize>)>| -> f64 {
@@ -125,6 +124,15 @@ struct Costs {
     embed_extra: f64,
 }
 
+/// A step's sizes: tokens, hidden width, MLP width, query rows of all heads, attention scores.
+struct Sizes {
+    n: f64,
+    h: f64,
+    f: f64,
+    rows: f64,
+    scores: f64,
+}
+
 /// A dropped copy of x values and its mask, one bit per value (none without dropout).
 fn dropped(p: f64, x: f64) -> f64 {
     if p > 0.0 {
@@ -143,11 +151,13 @@ impl EncoderConfig {
         lora: Option<&LoraConfig>,
         attention: Attention,
     ) -> Costs {
-        let n = (batch * seq) as f64;
-        let h = self.hidden_size as f64;
-        let f = self.intermediate_size as f64;
-        let rows = (batch * self.num_attention_heads * seq) as f64;
-        let scores = rows * seq as f64;
+        let Sizes {
+            n,
+            h,
+            f,
+            rows,
+            scores,
+        } = self.sizes(batch, seq);
         let hidden_p = self.hidden_dropout_prob;
         let mask = match self.attention_probs_dropout_prob > 0.0 {
             true => scores / 32.0,
@@ -201,11 +211,13 @@ impl EncoderConfig {
     /// and v, the scores, scaled, masked, shifted, their exponentials and the probabilities
     /// (and two numbers per row), their product with v and its row-major copy.
     fn generic_costs(&self, batch: usize, seq: usize, lora: Option<&LoraConfig>) -> Costs {
-        let n = (batch * seq) as f64;
-        let h = self.hidden_size as f64;
-        let f = self.intermediate_size as f64;
-        let rows = (batch * self.num_attention_heads * seq) as f64;
-        let scores = rows * seq as f64;
+        let Sizes {
+            n,
+            h,
+            f,
+            rows,
+            scores,
+        } = self.sizes(batch, seq);
         let dropped = |p: f64, x: f64| if p > 0.0 { 2.0 * x } else { 0.0 };
         let hidden_p = self.hidden_dropout_prob;
         let norm = 5.0 * n * h + 5.0 * n;
@@ -248,6 +260,18 @@ impl EncoderConfig {
             w_layered: 15.0 * n * f + 4.5 * n * h,
             w_embed: self.vocab_size as f64 * h + 3.0 * n * h,
             embed_extra: 8.0 * n * h,
+        }
+    }
+
+    /// The sizes of a step on micro-batches of `batch` inputs of `seq` tokens.
+    fn sizes(&self, batch: usize, seq: usize) -> Sizes {
+        let rows = (batch * self.num_attention_heads * seq) as f64;
+        Sizes {
+            n: (batch * seq) as f64,
+            h: self.hidden_size as f64,
+            f: self.intermediate_size as f64,
+            rows,
+            scores: rows * seq as f64,
         }
     }
 

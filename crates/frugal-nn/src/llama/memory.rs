@@ -19,6 +19,7 @@
 //! the fused kernels off, where the same operations run.
 
 use super::{DecoderLora, LlamaConfig};
+use crate::chunked_loss::LossChunks;
 use crate::step_memory::{StepMemory, StepMode};
 use crate::Attention;
 
@@ -43,17 +44,9 @@ impl LlamaConfig {
         mode: StepMode,
         lora: Option<&DecoderLora>,
     ) -> StepMemory {
-        let Sizes {
-            n,
-            h,
-            f,
-            kv,
-            vocab,
-            scores,
-            grouped,
-        } = self.sizes(batch, seq);
+        let sizes = self.sizes(batch, seq, mode.loss_chunks);
+        let Sizes { n, h, .. } = sizes;
         let layers = self.num_hidden_layers as f64;
-        let chunks = mode.loss_chunks;
         let Trained {
             layer: p_layer,
             vocab: p_vocab,
@@ -61,45 +54,9 @@ impl LlamaConfig {
             top: p_top,
             all: p_all,
         } = self.trained(lora);
-        let rows = (n / chunks.tokens.max(1) as f64).ceil();
         let costs = match mode.kernels.generic_bytes() {
-            Some(c) => self.generic_costs(batch, seq, mode, (head, lora), c),
-            None => {
-                // Kept by each layer: norms, projections and their rotated heads, the attention
-                // output, the MLP's gate, up and gated products, and the two residual sums.
-                // Attention computed whole also keeps the values' head-major copy, the key-value
-                // heads repeated for grouped queries, the scores and probabilities, and the
-                // output's row-major copy; fused, two numbers per query row.
-                let a_layer = 9.0 * n * h
-                    + 3.0 * n * kv
-                    + 3.0 * n * f
-                    + match mode.attention {
-                        Attention::Whole => n * h + n * kv + grouped * n * h + 2.0 * scores,
-                        Attention::Fused => 2.0 * n * self.num_attention_heads as f64,
-                    };
-                let (a_top, w_top) = if chunks.is_whole() {
-                    // The final norm and the logits; their gradient, and (when the head
-                    // trains) part of a second one while the head's matrix products run.
-                    let second = if head > 0.0 { 0.5 } else { 0.0 };
-                    (n * h + n * vocab, (1.0 + second) * n * vocab)
-                } else if chunks.vocab <= 1 {
-                    // The final norm and the gradients the one pass made; a chunk's logits
-                    // and their gradient, and the head gradient's running sum.
-                    (2.0 * n * h + head, 2.0 * rows * vocab + head + 3.0 * n * h)
-                } else {
-                    let chunk = rows * (vocab / chunks.vocab as f64).ceil();
-                    (n * h + n, head + 3.0 * n * h + 3.0 * chunk)
-                };
-                Costs {
-                    a_layer,
-                    a_top,
-                    w_top,
-                    top_forward: 0.0,
-                    state: n * h,
-                    w_layer: 3.5 * n * f + 3.0 * n * h,
-                    w_layered: 3.5 * n * f + 8.0 * n * h,
-                }
-            }
+            Some(c) => self.generic_costs(&sizes, mode, (head, lora), c),
+            None => self.fused_costs(&sizes, mode, head),
         };
         let Costs {
             a_layer,
@@ -160,7 +117,8 @@ impl LlamaConfig {
 }
 
 /// A step's sizes: tokens, hidden width, MLP width, key-value width, vocabulary, attention
-/// scores, and 2 for grouped queries (their keys and values repeated), else 0.
+/// scores, 2 for grouped queries (their keys and values repeated) else 0, and the tokens of a
+/// loss chunk.
 struct Sizes {
     n: f64,
     h: f64,
@@ -169,6 +127,7 @@ struct Sizes {
     vocab: f64,
     scores: f64,
     grouped: f64,
+    rows: f64,
 }
 
 /// What a step's pieces cost, in f32 values: the activations a layer keeps, those the top
@@ -186,14 +145,63 @@ struct Costs {
 }
 
 impl LlamaConfig {
+    /// The costs of the fused CPU kernels, with attention as `mode` asks; `head` is the values
+    /// the head trains.
+    fn fused_costs(&self, sizes: &Sizes, mode: StepMode, head: f64) -> Costs {
+        let Sizes {
+            n,
+            h,
+            f,
+            kv,
+            vocab,
+            scores,
+            grouped,
+            rows,
+        } = *sizes;
+        let chunks = mode.loss_chunks;
+        // Kept by each layer: norms, projections and their rotated heads, the attention
+        // output, the MLP's gate, up and gated products, and the two residual sums.
+        // Attention computed whole also keeps the values' head-major copy, the key-value
+        // heads repeated for grouped queries, the scores and probabilities, and the
+        // output's row-major copy; fused, two numbers per query row.
+        let a_layer = 9.0 * n * h
+            + 3.0 * n * kv
+            + 3.0 * n * f
+            + match mode.attention {
+                Attention::Whole => n * h + n * kv + grouped * n * h + 2.0 * scores,
+                Attention::Fused => 2.0 * n * self.num_attention_heads as f64,
+            };
+        let (a_top, w_top) = if chunks.is_whole() {
+            // The final norm and the logits; their gradient, and (when the head
+            // trains) part of a second one while the head's matrix products run.
+            let second = if head > 0.0 { 0.5 } else { 0.0 };
+            (n * h + n * vocab, (1.0 + second) * n * vocab)
+        } else if chunks.vocab <= 1 {
+            // The final norm and the gradients the one pass made; a chunk's logits
+            // and their gradient, and the head gradient's running sum.
+            (2.0 * n * h + head, 2.0 * rows * vocab + head + 3.0 * n * h)
+        } else {
+            let chunk = rows * (vocab / chunks.vocab as f64).ceil();
+            (n * h + n, head + 3.0 * n * h + 3.0 * chunk)
+        };
+        Costs {
+            a_layer,
+            a_top,
+            w_top,
+            top_forward: 0.0,
+            state: n * h,
+            w_layer: 3.5 * n * f + 3.0 * n * h,
+            w_layered: 3.5 * n * f + 8.0 * n * h,
+        }
+    }
+
     /// The costs of the generic operations (candle's tensor operations, on CUDA or in bf16)
     /// computing in `c`-byte values (4: f32, 2: bf16 over f32 weights); attention is whole.
     /// Counted from the tensors each operation keeps: reductions (norms, softmax, the loss)
     /// widen 16-bit values to f32, and each linear's weight is cast to the compute dtype.
     fn generic_costs(
         &self,
-        batch: usize,
-        seq: usize,
+        sizes: &Sizes,
         mode: StepMode,
         (head, lora): (f64, Option<&DecoderLora>),
         c: f64,
@@ -206,9 +214,9 @@ impl LlamaConfig {
             vocab,
             scores,
             grouped,
-        } = self.sizes(batch, seq);
+            rows,
+        } = *sizes;
         let chunks = mode.loss_chunks;
-        let rows = (n / chunks.tokens.max(1) as f64).ceil();
         // 1 where 16-bit values are widened for reductions and weights cast, else 0.
         let up = if c < 4.0 { 1.0 } else { 0.0 };
         // An RMSNorm keeps the widened input, its square, the normed rows, their product with
@@ -256,17 +264,20 @@ impl LlamaConfig {
         }
     }
 
-    /// The sizes of a step on micro-batches of `batch` sequences of `seq` tokens.
-    fn sizes(&self, batch: usize, seq: usize) -> Sizes {
+    /// The sizes of a step on micro-batches of `batch` sequences of `seq` tokens, with the loss
+    /// split as `chunks` asks.
+    fn sizes(&self, batch: usize, seq: usize, chunks: LossChunks) -> Sizes {
         let grouped = self.kv_heads() != self.num_attention_heads;
+        let n = (batch * seq) as f64;
         Sizes {
-            n: (batch * seq) as f64,
+            n,
             h: self.hidden_size as f64,
             f: self.intermediate_size as f64,
             kv: (self.kv_heads() * self.head_dim()) as f64,
             vocab: self.vocab_size as f64,
             scores: (batch * self.num_attention_heads * seq * seq) as f64,
             grouped: if grouped { 2.0 } else { 0.0 },
+            rows: (n / chunks.tokens.max(1) as f64).ceil(),
         }
     }
 

@@ -99,10 +99,11 @@ fn finetune_memory(args: &cli::MemoryArgs, dir: &std::path::Path, device: &Devic
                     config.max_tokens()
                 );
             }
-            let mode = frugal_nn::StepMode {
-                kernels: frugal_nn::Kernels::on(device, candle_core::DType::F32),
-                ..args.memory.backward.step_mode(args.grad_accum)
-            };
+            let mode = args
+                .memory
+                .backward
+                .step_mode(args.grad_accum)
+                .on(device, candle_core::DType::F32);
             Some(frugal_train::finetune::memory::StepShape { batch, seq, mode })
         }
         (None, Some(_)) => bail!("--seq-len plans a step only with --batch-size"),
@@ -172,10 +173,10 @@ fn memory(args: &cli::MemoryArgs, device: &Device) -> Result<()> {
             ("--seq-len", seq),
             ("--grad-accum", args.grad_accum),
         ])?;
-        let mode = frugal_nn::StepMode {
-            kernels: frugal_nn::Kernels::on(device, args.dtype.compute_dtype()),
-            ..args.memory.step_mode(args.grad_accum)
-        };
+        let mode = args
+            .memory
+            .step_mode(args.grad_accum)
+            .on(device, args.dtype.compute_dtype());
         report = report.with_steps(&model, batch, seq, mode)?;
     } else if args.seq_len.is_some() {
         bail!("--seq-len plans a step only with --batch-size");

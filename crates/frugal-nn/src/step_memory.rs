@@ -68,6 +68,15 @@ pub struct StepMode {
 }
 
 impl StepMode {
+    /// This mode with the operations that a step computing in `dtype` runs on `device`
+    /// ([`Kernels::on`]).
+    pub fn on(self, device: &candle_core::Device, dtype: candle_core::DType) -> StepMode {
+        StepMode {
+            kernels: Kernels::on(device, dtype),
+            ..self
+        }
+    }
+
     /// True when the backward pass runs layer by layer (checkpointing or per-layer updates).
     pub fn layered(&self) -> bool {
         self.checkpointing || self.per_layer_updates

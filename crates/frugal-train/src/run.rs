@@ -20,7 +20,7 @@ use frugal::labels::RoleCounts;
 use frugal::Frugal;
 use frugal_dist::{Collectives, Solo};
 use frugal_nn::llama::{DecoderLora, Llama, LlamaConfig};
-use frugal_nn::{Kernels, StepMode};
+use frugal_nn::StepMode;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -101,10 +101,10 @@ impl RunConfig {
 
     /// How this run's steps use memory on `device` (what [`LlamaConfig::step_memory`] plans).
     pub fn step_mode(&self, device: &Device) -> StepMode {
-        StepMode {
-            kernels: Kernels::on(device, self.args.dtype.compute_dtype()),
-            ..self.args.memory.step_mode(self.args.grad_accum)
-        }
+        self.args
+            .memory
+            .step_mode(self.args.grad_accum)
+            .on(device, self.args.dtype.compute_dtype())
     }
 
     /// What the memory settings cost or save under accumulation and clipping, one line each.

@@ -22,7 +22,6 @@ use frugal::labels::RoleCounts;
 use frugal::sharding::state_per_rank;
 use frugal::{Frugal, OptimizerConfig};
 use frugal_nn::encoder::{Classifier, Encoder, EncoderConfig, LoraConfig, LoraTargets, Pooling};
-use frugal_nn::{Kernels, StepMode};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -620,10 +619,10 @@ pub fn planned_step(config: &FinetuneConfig, world: usize, device: &Device) -> R
     let step = super::memory::StepShape {
         batch: args.batch_size,
         seq: config.seq_len(),
-        mode: StepMode {
-            kernels: Kernels::on(device, DType::F32),
-            ..args.memory.step_mode(args.grad_accum)
-        },
+        mode: args
+            .memory
+            .step_mode(args.grad_accum)
+            .on(device, DType::F32),
     };
     let trained = Method {
         optimizer: config.optimizer.clone(),
